@@ -1,0 +1,149 @@
+"""The daemon: an APScheduler job per app, systemd notification, clean shutdown on signals.
+
+The scheduler sleeps until the next job is due (no polling). Each job runs the app's Refresher and
+then moves its own next run to the time the Refresher asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers import SchedulerNotRunningError
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from wxtoken import sdnotify
+from wxtoken.clock import human_delta
+from wxtoken.config import Config
+from wxtoken.errors import ConfigError
+from wxtoken.logs import get_logger
+from wxtoken.refresher import Outcome, Refresher
+from wxtoken.upstream import WeChatClient
+
+MAX_CONCURRENT_FETCHES = 8
+GOOD_STATES = {"fresh", "reused", "refreshed", "unchanged"}
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Daemon:
+    """Runs every app's refresher on its own schedule until stopped."""
+
+    def __init__(self, config: Config, client: WeChatClient | None = None,
+                 notify: Callable[[str], bool] = sdnotify.notify,
+                 clock: Callable[[], float] = time.time) -> None:
+        if config.redis is not None:
+            raise ConfigError([f"{config.path}: redis: the fleet mode is not implemented in this "
+                               "version; remove the [redis] table"])
+        self.config = config
+        self.client = client or WeChatClient(config.api_base, config.ca_bundle)
+        self.notify = notify
+        self.clock = clock
+        self.log = get_logger()
+        self.refreshers = {app.name: Refresher(config, app, self.client, clock=clock)
+                           for app in config.apps}
+        self.outcomes: dict[str, Outcome] = {}
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={
+                "default": ThreadPoolExecutor(min(MAX_CONCURRENT_FETCHES, len(config.apps))),
+                "watchdog": ThreadPoolExecutor(1),
+            },
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+
+    def start(self) -> None:
+        self.log.info("daemon.starting", apps=len(self.refreshers),
+                      state_dir=self.config.state_dir)
+        now = self.clock()
+        for name in self.refreshers:
+            self.scheduler.add_job(
+                self._tick, IntervalTrigger(seconds=self.config.refresh_interval),
+                args=[name], id=name, name=f"refresh {name}", next_run_time=_utc(now))
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            self.scheduler.add_job(self.notify, IntervalTrigger(seconds=interval),
+                                   args=["WATCHDOG=1"], id="_watchdog", executor="watchdog")
+        self.scheduler.start()
+
+    def _tick(self, name: str) -> None:
+        first = name not in self.outcomes
+        refresher = self.refreshers[name]
+        try:
+            outcome = refresher.run(first=first)
+        except Exception as exc:  # a bug or a disk problem must not kill the app's schedule
+            retry = max(1.0, min(60.0, self.config.renew_before / 4))
+            refresher.log.error("refresh.crashed", error=str(exc) or type(exc).__name__,
+                                next_in=retry)
+            outcome = Outcome("failed", self.clock() + retry)
+        with self._lock:
+            self.outcomes[name] = outcome
+            all_tried = len(self.outcomes) == len(self.refreshers)
+        try:
+            self.scheduler.modify_job(name, next_run_time=_utc(outcome.next_at))
+        except (JobLookupError, SchedulerNotRunningError):
+            return  # shutting down
+        if all_tried:
+            self.notify(f"STATUS={self.summary()}")
+            if not self.ready.is_set():
+                self.ready.set()
+                self.notify("READY=1")
+                self.log.info("daemon.ready", summary=self.summary())
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=, e.g. "2/2 apps fresh; next: main in 59m"."""
+        with self._lock:
+            outcomes = dict(self.outcomes)
+        now = self.clock()
+        good = sum(1 for o in outcomes.values()
+                   if o.state in GOOD_STATES and (o.expires_at or 0) > now)
+        text = f"{good}/{len(self.refreshers)} apps fresh"
+        failing = sorted(n for n, o in outcomes.items() if o.state not in GOOD_STATES)
+        if failing:
+            text += f"; failing: {', '.join(failing[:3])}" + ("…" if len(failing) > 3 else "")
+        if outcomes:
+            name, nxt = min(outcomes.items(), key=lambda kv: kv[1].next_at)
+            text += f"; next: {name} in {human_delta(nxt.next_at - now)}"
+        return text
+
+    def stop(self) -> None:
+        self.notify("STOPPING=1")
+        self.log.info("daemon.stopping")
+        with contextlib.suppress(SchedulerNotRunningError):
+            self.scheduler.shutdown(wait=True)  # lets a refresh in progress finish its write
+        self.client.close()
+        self.log.info("daemon.stopped")
+
+
+def run(config: Config) -> int:
+    """Run in the foreground until SIGTERM or SIGINT; return the exit code."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, on_signal)
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+        stop.wait()
+    finally:
+        daemon.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

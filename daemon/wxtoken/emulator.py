@@ -1,0 +1,469 @@
+"""A WeChat API emulator: a real HTTP server on 127.0.0.1 for tests, benchmarks and the demo.
+
+It follows the documented behaviour that matters for token sharing:
+
+- ``GET /cgi-bin/token``: every call issues a new token; the previous ones stay valid only
+  ``overlap`` seconds more.
+- ``POST /cgi-bin/stable_token``: normal mode returns the same token until the last
+  ``stable_window`` seconds of its life, then the next one (old and new both valid);
+  ``force_refresh`` issues a new one, at most ``force_per_day`` a day and ``force_spacing`` apart.
+- ``GET /cgi-bin/gettoken`` (WeCom): one token per (corpid, secret), the same one while valid.
+- ``GET /cgi-bin/get_api_domain_ip?access_token=``: a business API answering 40001/42001 for a
+  bad or expired token, so tests can prove a token really works.
+- daily quotas (45009), and fault injection: busy (-1), minute_quota (45011), quota (45009),
+  ip (40164), errcode:N, 5xx, garbage, reset, hang, empty_token.
+
+Control endpoints: ``GET /_emu/stats``, ``POST /_emu/faults`` (``DELETE`` clears),
+``POST /_emu/settings``, ``POST /_emu/apps``. Run it with ``python -m wxtoken.emulator``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import secrets
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+FAULT_MODES = ("busy", "minute_quota", "quota", "ip", "5xx", "garbage", "reset", "hang",
+               "empty_token")
+_FAULT_ERRCODES = {
+    "busy": (-1, "system error"),
+    "minute_quota": (45011, "api minute-quota reach limit"),
+    "quota": (45009, "reach max api daily quota limit"),
+    "ip": (40164, "invalid ip 127.0.0.1, not in whitelist"),
+}
+
+
+@dataclass
+class Settings:
+    """Time constants and limits; scale them down so tests run in seconds."""
+
+    token_ttl: int = 7200
+    overlap: float = 300.0
+    stable_window: float = 300.0
+    force_spacing: float = 30.0
+    force_per_day: int = 20
+    daily_quota: int = 2000
+    latency: float = 0.0
+    hang_seconds: float = 30.0
+
+
+@dataclass
+class Fault:
+    mode: str
+    count: int = -1  # how many requests it hits; -1 = until cleared
+    rate: float = 1.0  # probability it hits a matching request
+    appid: str | None = None  # None = every app
+
+
+@dataclass
+class _Issued:
+    token: str
+    key: tuple[str, str]  # (api, appid or corpid:secret)
+    issued_at: float
+    expires_at: float
+
+
+@dataclass
+class _Stable:
+    current: _Issued | None = None
+    last_force: float = 0.0
+    forces_today: int = 0
+
+
+@dataclass
+class State:
+    """Everything the emulator knows; guarded by ``lock``."""
+
+    settings: Settings = field(default_factory=Settings)
+    apps: dict[str, str] = field(default_factory=dict)  # appid -> secret
+    corps: dict[str, set[str]] = field(default_factory=dict)  # corpid -> agent secrets
+    tokens: dict[str, _Issued] = field(default_factory=dict)
+    latest: dict[tuple[str, str], _Issued] = field(default_factory=dict)
+    stable: dict[str, _Stable] = field(default_factory=dict)
+    calls: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> api -> n
+    issued: dict[str, int] = field(default_factory=dict)  # appid -> tokens issued
+    accepted: int = 0
+    rejected: int = 0
+    rejected_tokens: list[str] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class _Reply(Exception):
+    """Raised inside a handler to send a fault or an answer at once."""
+
+    def __init__(self, body: Any = None, status: int = 200, raw: bytes | None = None,
+                 action: str | None = None) -> None:
+        super().__init__(action or str(status))
+        self.body, self.status, self.raw, self.action = body, status, raw, action
+
+
+def _err(code: int, msg: str) -> _Reply:
+    return _Reply({"errcode": code, "errmsg": msg})
+
+
+class Emulator:
+    """The emulator server; ``start()`` serves in a background thread on 127.0.0.1."""
+
+    def __init__(self, apps: dict[str, str] | None = None,
+                 corps: dict[str, set[str]] | None = None, host: str = "127.0.0.1",
+                 port: int = 0, **settings: Any) -> None:
+        self.state = State(settings=Settings(**settings), apps=dict(apps or {}),
+                           corps={k: set(v) for k, v in (corps or {}).items()})
+        self.server = _Server((host, port), _Handler)
+        self.server.state = self.state
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Emulator:
+        self._thread = threading.Thread(target=self.server.serve_forever, name="emulator",
+                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- helpers for in-process tests --------------------------------------------------------
+    def calls(self, appid: str | None = None, api: str | None = None) -> int:
+        with self.state.lock:
+            return sum(n for a, per in self.state.calls.items() if appid in (None, a)
+                       for k, n in per.items() if api in (None, k))
+
+    def add_fault(self, mode: str, count: int = -1, rate: float = 1.0,
+                  appid: str | None = None) -> None:
+        if mode not in FAULT_MODES and not mode.startswith("errcode:"):
+            raise ValueError(f"unknown fault mode {mode!r}")
+        with self.state.lock:
+            self.state.faults.append(Fault(mode, count, rate, appid))
+
+    def clear_faults(self) -> None:
+        with self.state.lock:
+            self.state.faults.clear()
+
+    def token_status(self, token: str) -> int:
+        """0 when the business API would accept the token, else its errcode (40001 / 42001)."""
+        return _check_token(self.state, token, count=False)
+
+    def stats(self) -> dict[str, Any]:
+        return _stats(self.state)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    state: State
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # injected resets and client hang-ups are expected here
+
+
+def _stats(state: State) -> dict[str, Any]:
+    with state.lock:
+        return {"calls": {a: dict(per) for a, per in state.calls.items()},
+                "total_calls": sum(sum(per.values()) for per in state.calls.values()),
+                "issued": dict(state.issued), "accepted": state.accepted,
+                "rejected": state.rejected, "settings": asdict(state.settings),
+                "faults": [asdict(f) for f in state.faults]}
+
+
+def _check_token(state: State, token: str, count: bool = True) -> int:
+    with state.lock:
+        issued = state.tokens.get(token)
+        now = time.time()
+        code = 40001 if issued is None else (42001 if now >= issued.expires_at else 0)
+        if count:
+            if code:
+                state.rejected += 1
+                state.rejected_tokens.append(token[:8])
+            else:
+                state.accepted += 1
+        return code
+
+
+def _take_fault(state: State, appid: str) -> Fault | None:
+    for fault in state.faults:
+        if fault.appid not in (None, appid) or fault.count == 0:
+            continue
+        if state.rng.random() >= fault.rate:
+            continue
+        if fault.count > 0:
+            fault.count -= 1
+        return fault
+    return None
+
+
+def _apply_fault(state: State, fault: Fault) -> None:
+    mode = fault.mode
+    if mode in _FAULT_ERRCODES:
+        raise _err(*_FAULT_ERRCODES[mode])
+    if mode.startswith("errcode:"):
+        raise _err(int(mode.split(":", 1)[1]), "injected error")
+    if mode == "5xx":
+        raise _Reply(status=502, raw=b"<html>502 Bad Gateway</html>")
+    if mode == "garbage":
+        raise _Reply(raw=b"<html>not json</html>")
+    if mode == "empty_token":
+        raise _Reply({"access_token": "", "expires_in": state.settings.token_ttl})
+    raise _Reply(action=mode)  # reset / hang
+
+
+def _issue(state: State, key: tuple[str, str], appid: str, now: float) -> _Issued:
+    token = f"{len(state.tokens) % 100:02d}_{secrets.token_urlsafe(96)}"
+    issued = _Issued(token, key, now, now + state.settings.token_ttl)
+    state.tokens[token] = issued
+    state.issued[appid] = state.issued.get(appid, 0) + 1
+    return issued
+
+
+def _count_call(state: State, appid: str, api: str) -> None:
+    per = state.calls.setdefault(appid, {})
+    if sum(per.values()) >= state.settings.daily_quota:
+        raise _err(45009, "reach max api daily quota limit")
+    per[api] = per.get(api, 0) + 1
+
+
+def _token(state: State, query: dict[str, str]) -> dict[str, Any]:
+    appid, secret = query.get("appid", ""), query.get("secret", "")
+    if query.get("grant_type") != "client_credential":
+        raise _err(40002, "invalid grant_type")
+    if not appid:
+        raise _err(41002, "appid missing")
+    if not secret:
+        raise _err(41004, "appsecret missing")
+    with state.lock:
+        _count_call(state, appid, "token")
+        if appid not in state.apps:
+            raise _err(40013, "invalid appid")
+        if fault := _take_fault(state, appid):
+            _apply_fault(state, fault)
+        if state.apps[appid] != secret:
+            raise _err(40001, "invalid credential, access_token is invalid or not latest")
+        now = time.time()
+        key = ("token", appid)
+        previous = state.latest.get(key)
+        if previous is not None:
+            previous.expires_at = min(previous.expires_at, now + state.settings.overlap)
+        issued = state.latest[key] = _issue(state, key, appid, now)
+        return {"access_token": issued.token, "expires_in": state.settings.token_ttl}
+
+
+def _stable_token(state: State, body: dict[str, Any]) -> dict[str, Any]:
+    appid, secret = str(body.get("appid", "")), str(body.get("secret", ""))
+    force = body.get("force_refresh") is True
+    if body.get("grant_type") != "client_credential":
+        raise _err(40002, "invalid grant_type")
+    if not appid:
+        raise _err(41002, "appid missing")
+    if not secret:
+        raise _err(41004, "appsecret missing")
+    with state.lock:
+        _count_call(state, appid, "stable_token")
+        if appid not in state.apps:
+            raise _err(40013, "invalid appid")
+        if fault := _take_fault(state, appid):
+            _apply_fault(state, fault)
+        if state.apps[appid] != secret:
+            raise _err(40125, "invalid appsecret")
+        now = time.time()
+        st = state.stable.setdefault(appid, _Stable())
+        cur = st.current
+        s = state.settings
+        if force:
+            if now - st.last_force < s.force_spacing:
+                raise _err(45011, "api minute-quota reach limit (force_refresh spacing)")
+            if st.forces_today >= s.force_per_day:
+                raise _err(45009, "reach max api daily quota limit (force_refresh)")
+            st.last_force, st.forces_today = now, st.forces_today + 1
+            if cur is not None:
+                cur.expires_at = min(cur.expires_at, now + s.overlap)
+        elif cur is not None and now < cur.expires_at - s.stable_window:
+            return {"access_token": cur.token, "expires_in": int(cur.expires_at - now)}
+        # no token yet, inside the last window (old one stays valid to its end), or forced
+        st.current = _issue(state, ("stable_token", appid), appid, now)
+        return {"access_token": st.current.token, "expires_in": s.token_ttl}
+
+
+def _wecom(state: State, query: dict[str, str]) -> dict[str, Any]:
+    corpid, secret = query.get("corpid", ""), query.get("corpsecret", "")
+    if not corpid:
+        raise _err(41002, "corpid missing")
+    if not secret:
+        raise _err(41004, "corpsecret missing")
+    with state.lock:
+        _count_call(state, corpid, "wecom")
+        if corpid not in state.corps:
+            raise _err(40013, "invalid corpid")
+        if fault := _take_fault(state, corpid):
+            if fault.mode == "ip":
+                raise _err(60020, "not allow to access from your ip")
+            _apply_fault(state, fault)
+        if secret not in state.corps[corpid]:
+            raise _err(40001, "invalid secret")
+        now = time.time()
+        key = ("wecom", f"{corpid}:{secret}")
+        cur = state.latest.get(key)
+        if cur is None or now >= cur.expires_at:
+            cur = state.latest[key] = _issue(state, key, corpid, now)
+        return {"errcode": 0, "errmsg": "ok", "access_token": cur.token,
+                "expires_in": int(cur.expires_at - now)}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: request lines would carry secrets
+
+    def _send(self, status: int, raw: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _json_body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError:
+            raise _err(47001, "data format error") from None
+
+    def _dispatch(self, method: str) -> None:
+        state = self.server.state
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        try:
+            if parts.path.startswith("/_emu/"):
+                raise _Reply(self._control(method, parts.path, state))
+            if state.settings.latency:
+                time.sleep(state.settings.latency)
+            route = (method, parts.path)
+            if route == ("GET", "/cgi-bin/token"):
+                raise _Reply(_token(state, query))
+            if route == ("POST", "/cgi-bin/stable_token"):
+                raise _Reply(_stable_token(state, self._json_body()))
+            if route == ("GET", "/cgi-bin/gettoken"):
+                raise _Reply(_wecom(state, query))
+            if route == ("GET", "/cgi-bin/get_api_domain_ip"):
+                code = _check_token(state, query.get("access_token", ""))
+                if code == 42001:
+                    raise _err(42001, "access_token expired")
+                if code:
+                    raise _err(40001, "invalid credential, access_token is invalid or not latest")
+                raise _Reply({"ip_list": ["127.0.0.1"]})
+            raise _Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
+        except _Reply as reply:
+            if reply.action == "reset":
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+                return
+            if reply.action == "hang":
+                time.sleep(state.settings.hang_seconds)
+                self.close_connection = True
+                return
+            raw = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
+            ctype = "application/json" if reply.raw is None else "text/html"
+            self._send(reply.status, raw, ctype)
+
+    def _control(self, method: str, path: str, state: State) -> Any:
+        if path == "/_emu/stats":
+            return _stats(state)
+        if path == "/_emu/faults" and method == "DELETE":
+            with state.lock:
+                state.faults.clear()
+            return {"ok": True}
+        body = self._json_body() if method == "POST" else {}
+        if path == "/_emu/faults" and method == "POST":
+            specs = body if isinstance(body, list) else [body]
+            names = {f.name for f in fields(Fault)}
+            with state.lock:
+                for spec in specs:
+                    state.faults.append(Fault(**{k: v for k, v in spec.items() if k in names}))
+            return {"ok": True}
+        if path == "/_emu/settings" and method == "POST":
+            with state.lock:
+                for key, value in body.items():
+                    if hasattr(state.settings, key):
+                        setattr(state.settings, key, value)
+            return asdict(state.settings)
+        if path == "/_emu/apps" and method == "POST":
+            with state.lock:
+                state.apps[str(body["appid"])] = str(body["secret"])
+            return {"ok": True}
+        raise _Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, secret = text.partition(":")
+    if not sep or not key or not secret:
+        raise argparse.ArgumentTypeError(f"expected ID:SECRET, not {text!r}")
+    return key, secret
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wxtoken.emulator",
+                                     description="WeChat token API emulator on loopback")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--app", action="append", type=_pair, default=[],
+                        metavar="APPID:SECRET")
+    parser.add_argument("--wecom", action="append", type=_pair, default=[],
+                        metavar="CORPID:SECRET")
+    for f in fields(Settings):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
+                            type=type(getattr(Settings(), f.name)), default=None)
+    args = parser.parse_args(argv)
+    settings = {f.name: getattr(args, f.name) for f in fields(Settings)
+                if getattr(args, f.name) is not None}
+    corps: dict[str, set[str]] = {}
+    for corpid, secret in args.wecom:
+        corps.setdefault(corpid, set()).add(secret)
+    emu = Emulator(dict(args.app), corps, host=args.host, port=args.port, **settings)
+    print(emu.url, flush=True)
+    try:
+        emu.server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emu.server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

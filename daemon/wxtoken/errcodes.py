@@ -1,0 +1,56 @@
+"""The one table that classifies WeChat's errcodes, and what the refresher does with each class."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorClass(enum.Enum):
+    """How a failed fetch is handled."""
+
+    TRANSIENT = "transient"  # retry soon, capped exponential backoff with jitter
+    QUOTA_EXHAUSTED = "quota_exhausted"  # no more calls until WeChat's daily reset
+    PERMANENT = "permanent"  # configuration is wrong: long backoff, error log with a hint
+    NEEDS_HUMAN = "needs_human"  # the account needs an operator: long backoff, error log
+    TOKEN_INVALID = "token_invalid"  # noqa: S105 - only on business APIs: the token is no longer good
+
+
+# errcode -> (class, hint for the operator). On the token endpoints 40001 means "bad secret".
+FETCH_ERRCODES: dict[int, tuple[ErrorClass, str]] = {
+    -1: (ErrorClass.TRANSIENT, "WeChat is busy; retrying"),
+    45011: (ErrorClass.TRANSIENT, "API minute quota reached; retrying later"),
+    45009: (ErrorClass.QUOTA_EXHAUSTED,
+            "daily quota exhausted; no more calls until the daily reset (00:00 Asia/Shanghai)"),
+    40001: (ErrorClass.PERMANENT, "the secret is wrong (or was reset in the WeChat console)"),
+    40002: (ErrorClass.PERMANENT, "grant_type is invalid"),
+    40013: (ErrorClass.PERMANENT, "the appid/corpid is invalid"),
+    40125: (ErrorClass.PERMANENT, "the secret is invalid"),
+    40164: (ErrorClass.PERMANENT,
+            "this host's IP is not whitelisted: add it to the IP whitelist in the WeChat console"),
+    60020: (ErrorClass.PERMANENT,
+            "this host's IP is not allowed: add it to the WeCom app's trusted IPs"),
+    40243: (ErrorClass.PERMANENT, "the AppSecret is frozen: unfreeze it in the WeChat console"),
+    41002: (ErrorClass.PERMANENT, "appid is missing"),
+    41004: (ErrorClass.PERMANENT, "secret is missing"),
+    89501: (ErrorClass.NEEDS_HUMAN, "the account administrator must confirm this IP"),
+    89503: (ErrorClass.NEEDS_HUMAN, "the account administrator must confirm this IP"),
+    89506: (ErrorClass.NEEDS_HUMAN, "the administrator rejected this IP; wait 24 h or re-request"),
+    89507: (ErrorClass.NEEDS_HUMAN, "the administrator rejected this IP; wait 1 h or re-request"),
+}
+
+# On business APIs these errcodes mean "this access_token is no longer good": passive refresh.
+TOKEN_INVALID_ERRCODES: frozenset[int] = frozenset({40001, 40014, 42001})
+
+
+def classify(errcode: int) -> tuple[ErrorClass, str]:
+    """Class and operator hint for an errcode a token endpoint returned.
+
+    Unknown errcodes are treated as permanent: retrying something we do not understand at the
+    transient rate would spend quota for nothing.
+    """
+    return FETCH_ERRCODES.get(errcode, (ErrorClass.PERMANENT, "unknown errcode; see WeChat docs"))
+
+
+def business_token_invalid(errcode: int) -> bool:
+    """Whether a business API's errcode means the caller should report its token as invalid."""
+    return errcode in TOKEN_INVALID_ERRCODES

@@ -1,0 +1,69 @@
+"""Every exception wxtoken raises on purpose.
+
+Third-party errors (tomllib, requests, OSError) are translated where they enter, so callers only
+ever see this tree::
+
+    WxtokenError
+    ├── ConfigError          bad configuration; carries every problem found (exit code 78)
+    ├── TokenUnavailable     a reader cannot hand out a token (also a LookupError)
+    │   ├── TokenMissing     no token file for that app yet
+    │   ├── TokenCorrupt     the file is empty, not JSON, another schema or another app's
+    │   └── TokenExpired     the file's token is past its expires_at
+    ├── UpstreamError        WeChat (or the network to it) refused to hand out a token
+    └── StoreError           the state directory could not be written (disk full, read-only, …)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wxtoken.errcodes import ErrorClass
+
+
+class WxtokenError(Exception):
+    """Base class of every error wxtoken raises on purpose."""
+
+
+class ConfigError(WxtokenError, ValueError):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class TokenUnavailable(WxtokenError, LookupError):
+    """A reader cannot return a valid token for ``app``."""
+
+    def __init__(self, app: str, reason: str) -> None:
+        self.app = app
+        self.reason = reason
+        super().__init__(f"wxtoken: {app}: {reason}")
+
+
+class TokenMissing(TokenUnavailable):
+    """There is no token file for the app (the daemon has not written one yet)."""
+
+
+class TokenCorrupt(TokenUnavailable):
+    """The token file exists but is not a valid wxtoken file for this app."""
+
+
+class TokenExpired(TokenUnavailable):
+    """The token in the file is past its ``expires_at``."""
+
+
+class UpstreamError(WxtokenError):
+    """A token fetch failed; ``kind`` says how the refresher must react."""
+
+    def __init__(self, kind: ErrorClass, message: str, errcode: int | None = None,
+                 errmsg: str | None = None) -> None:
+        self.kind = kind
+        self.errcode = errcode
+        self.errmsg = errmsg
+        super().__init__(message)
+
+
+class StoreError(WxtokenError):
+    """Writing the state directory failed; the previous token file is untouched."""

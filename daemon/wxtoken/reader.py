@@ -1,0 +1,109 @@
+"""``read_token``: what every consumer calls. Standard library only, so importing it is cheap.
+
+The hot path is one dict lookup and one monotonic clock read: the file is re-validated (stat of
+inode, mtime, size) at most every ``CHECK_EVERY`` seconds. That is safe because WeChat keeps a
+routinely replaced token valid for about 5 minutes after its successor is issued, so a reader that
+hands out the previous token for up to 100 ms more is still handing out a working token. A token is
+never returned past its ``expires_at``: the cache entry's deadline is the earlier of the two.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import NamedTuple
+
+from wxtoken.errors import TokenCorrupt, TokenExpired, TokenMissing
+from wxtoken.record import TokenRecord, parse_record, token_path
+
+DEFAULT_STATE_DIR = "/var/lib/wxtoken"
+CHECK_EVERY = 0.1  # seconds between re-validations of the file
+
+
+class Token(str):
+    """An access_token: usable as a ``str``, with ``expires_at`` (Unix seconds) attached."""
+
+    expires_at: int
+    record: TokenRecord
+
+    def __new__(cls, record: TokenRecord) -> Token:
+        self = super().__new__(cls, record.access_token)
+        self.expires_at = record.expires_at
+        self.record = record
+        return self
+
+    @property
+    def access_token(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:  # never print a whole credential by accident
+        return f"<Token {self[:6]}… expires_at={self.expires_at}>"
+
+
+class _Entry(NamedTuple):
+    token: Token
+    valid_until: float  # monotonic deadline: next re-validation or expiry, whichever first
+    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_size
+
+
+_cache: dict[tuple[str, str], _Entry] = {}
+_lock = threading.Lock()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR) -> Token:
+    """Return the app's valid access_token from ``<state_dir>/<app>.json``.
+
+    Raises TokenMissing, TokenCorrupt or TokenExpired (all ``TokenUnavailable``, a LookupError).
+    """
+    entry = _cache.get((state_dir, app))
+    if entry is not None and time.monotonic() < entry.valid_until:
+        return entry.token
+    return _revalidate(app, state_dir, entry)
+
+
+def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
+    path = token_path(state_dir, app)
+    try:
+        st = os.stat(path)
+        if entry is not None and _identity(st) == entry.identity:
+            token = entry.token
+        else:
+            # open + fstat: the identity must describe the bytes we parse, not a later file
+            with open(path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                raw = fh.read()
+            token = Token(parse_record(raw, app))
+    except FileNotFoundError:
+        _cache.pop((state_dir, app), None)
+        raise TokenMissing(app, f"no token file {path} (is the wxtoken daemon running?)") from None
+    except IsADirectoryError:
+        raise TokenCorrupt(app, f"{path} is a directory") from None
+    except PermissionError:
+        raise TokenMissing(app, f"permission denied reading {path} "
+                                "(add this user to the wxtoken group)") from None
+    except TokenCorrupt:
+        _cache.pop((state_dir, app), None)
+        raise
+    remaining = token.expires_at - time.time()
+    if remaining <= 0:
+        _cache.pop((state_dir, app), None)
+        raise TokenExpired(app, f"token in {path} expired {int(-remaining)} s ago "
+                                "(is the wxtoken daemon running?)")
+    now = time.monotonic()
+    with _lock:
+        _cache[(state_dir, app)] = _Entry(token, now + min(CHECK_EVERY, remaining),
+                                          _identity(st))
+    return token
+
+
+def drop_cache(app: str | None = None, state_dir: str | None = None) -> None:
+    """Forget cached tokens (all, or one app's), so the next read goes to the file."""
+    with _lock:
+        for key in list(_cache):
+            if (state_dir is None or key[0] == state_dir) and (app is None or key[1] == app):
+                del _cache[key]
