@@ -54,7 +54,9 @@ class Daemon:
         self.refreshers = {app.name: Refresher(config, app, self.client, clock=clock)
                            for app in config.apps}
         self.outcomes: dict[str, Outcome] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._inflight = 0
+        self._stopping = False
         self.ready = threading.Event()
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -71,7 +73,8 @@ class Daemon:
         now = self.clock()
         for name in self.refreshers:
             self.scheduler.add_job(
-                self._tick, IntervalTrigger(seconds=self.config.refresh_interval),
+                # the job sets its own next run; the interval is only a safety net
+                self._tick, IntervalTrigger(seconds=max(3600.0, self.config.refresh_interval)),
                 args=[name], id=name, name=f"refresh {name}", next_run_time=_utc(now))
         interval = sdnotify.watchdog_interval()
         if interval:
@@ -80,6 +83,18 @@ class Daemon:
         self.scheduler.start()
 
     def _tick(self, name: str) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._inflight += 1
+        try:
+            self._refresh(name)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self._lock.notify_all()
+
+    def _refresh(self, name: str) -> None:
         first = name not in self.outcomes
         refresher = self.refreshers[name]
         try:
@@ -119,11 +134,17 @@ class Daemon:
             text += f"; next: {name} in {human_delta(nxt.next_at - now)}"
         return text
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 80.0) -> None:
+        """Let refreshes in progress finish (never cut a write short), then stop the scheduler."""
         self.notify("STOPPING=1")
         self.log.info("daemon.stopping")
+        with self._lock:
+            self._stopping = True
+            # APScheduler's shutdown() holds its job store lock while it waits for running jobs,
+            # and a running job needs that lock to set its next run: wait for them first.
+            self._lock.wait_for(lambda: self._inflight == 0, timeout)
         with contextlib.suppress(SchedulerNotRunningError):
-            self.scheduler.shutdown(wait=True)  # lets a refresh in progress finish its write
+            self.scheduler.shutdown(wait=False)
         self.client.close()
         self.log.info("daemon.stopped")
 

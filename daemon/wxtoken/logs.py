@@ -89,7 +89,20 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    lib = logging.getLogger("apscheduler")
+    lib.handlers[:] = [_ToStructlog()]
+    lib.setLevel(logging.WARNING)
+    lib.propagate = False
     return fmt
+
+
+class _ToStructlog(logging.Handler):
+    """Sends third-party stdlib logging (APScheduler's warnings) through the same renderer."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = structlog.get_logger().bind(logger=record.name)
+        level = record.levelname.lower()
+        getattr(log, level if level in _PRIORITY else "warning")(record.getMessage())
 
 
 def get_logger(**bind: Any) -> Any:

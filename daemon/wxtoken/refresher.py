@@ -62,15 +62,18 @@ class Refresher:
         """How long before expiry the token must be replaced (never more than half its life)."""
         return min(self.config.renew_before, (record.expires_at - record.refreshed_at) / 2)
 
-    def due_at(self, record: TokenRecord) -> float:
+    def due_at(self, record: TokenRecord, status: AppStatus | None = None) -> float:
         """When this record should be replaced, jitter included (always earlier, never later)."""
         lead = self._lead(record)
+        refreshed_at: float = record.refreshed_at
+        if status is not None and int(status.refreshed_at_exact) == record.refreshed_at:
+            refreshed_at = status.refreshed_at_exact  # the file's whole seconds, made exact
         if self.app.api == "stable_token":
             # WeChat hands out the next stable token only in its last window before expiry:
             # call inside it (renew_before is that window), early enough to retry there.
             return record.expires_at - lead * self.rng.uniform(0.6, 0.8)
-        due = min(record.refreshed_at + self.config.refresh_interval, record.expires_at - lead)
-        span = max(0.0, due - record.refreshed_at)
+        due = min(refreshed_at + self.config.refresh_interval, record.expires_at - lead)
+        span = max(0.0, due - refreshed_at)
         return due - self.rng.uniform(0, min(30.0, 0.05 * span))
 
     # -- one run ------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ class Refresher:
         record = self._current()
         status = self.store.read_status()
         if record is not None and record.expires_at > now:
-            due = self.due_at(record)
+            due = self.due_at(record, status)
             if due > now:
                 if first:
                     self.log.info("token.reused", expires_in=int(record.expires_at - now),
@@ -155,9 +158,10 @@ class Refresher:
             self.log.warning("token.discarded_older", token=mask(new.access_token))
             return Outcome("fresh", self.due_at(record), record.expires_at)
         self.store.write(new)
+        status.refreshed_at_exact = now
         status.last_result = "ok"
         self.store.write_status(status)
-        due = self.due_at(new)
+        due = self.due_at(new, status)
         self.log.info("token.refreshed", token=mask(new.access_token),
                       expires_in=fetched.expires_in, took_ms=fetched.took_ms,
                       calls_today=status.calls_today, next_in=int(due - done))

@@ -36,6 +36,7 @@ class AppStatus:
     last_result: str = "none"  # none | ok | unchanged | error | budget
     last_attempt_at: float = 0.0
     last_success_at: float = 0.0
+    refreshed_at_exact: float = 0.0  # the token file's refreshed_at with its fraction
     failures: int = 0  # consecutive failed attempts (drives the backoff)
     retry_at: float = 0.0  # no upstream call before this (backoff, quota, budget)
     error_class: str | None = None

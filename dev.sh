@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The two commands of the README, each installing what it needs into ./.venv:
+#   ./dev.sh demo   emulator + daemon on a temporary state dir (no WeChat account needed)
+#   ./dev.sh test   ruff, mypy and the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_python() {
+    local py=${PYTHON:-python3}
+    if ! "$py" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+        echo "dev.sh: wxtoken needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
+        exit 1
+    fi
+    if ! "$py" -c 'import ensurepip, venv' 2>/dev/null; then
+        apt_install python3-venv
+    fi
+    echo "$py"
+}
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "dev.sh: please install: ${missing[*]}" >&2
+        return 1
+    fi
+    echo "dev.sh: installing ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+venv() {  # venv EXTRAS: create .venv and install the project (again when pyproject changes)
+    local extras=$1 stamp=.venv/.installed-$1
+    if [ ! -x .venv/bin/python ]; then
+        "$(need_python)" -m venv .venv
+    fi
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+        .venv/bin/python -m pip install -q -e ".[$extras]"
+        touch "$stamp"
+    fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+demo)
+    venv redis
+    exec .venv/bin/wxtoken demo "$@"
+    ;;
+test)
+    venv test,redis
+    .venv/bin/ruff check daemon tests bench
+    .venv/bin/mypy
+    exec .venv/bin/pytest -n 2 "$@"
+    ;;
+*)
+    echo "usage: ./dev.sh demo [--duration SECONDS] | ./dev.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,138 @@
+"""Shared fixtures: the real emulator on 127.0.0.1, config files, and real daemon processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wxtoken.emulator import Emulator
+
+APPID = "wx1111111111111111"
+SECRET = "s3cr3t-main-0123456789abcdef"
+APPID2 = "wx2222222222222222"
+SECRET2 = "s3cr3t-mini-0123456789abcdef"
+CORPID = "ww3333333333333333"
+CORPSECRET = "s3cr3t-corp-0123456789abcdef"
+TEST_SECRETS = (SECRET, SECRET2, CORPSECRET)
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    """A real HTTP emulator of WeChat on 127.0.0.1, with two apps and one WeCom agent."""
+    with Emulator({APPID: SECRET, APPID2: SECRET2}, {CORPID: {CORPSECRET}}) as emu:
+        yield emu
+
+
+def toml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, list) else json.dumps(value)
+
+
+def write_config(path: Path, top: dict[str, Any], apps: dict[str, dict[str, Any]]) -> Path:
+    """Write a TOML config file (values are simple: str, int, float, bool, list of str)."""
+    lines = [f"{key} = {toml_value(value)}" for key, value in top.items()]
+    for name, table in apps.items():
+        lines.append(f"\n[apps.{name}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, emulator: Emulator) -> Callable[..., Path]:
+    """Build a config pointing at the emulator, with a state dir under tmp_path."""
+
+    def make(apps: dict[str, dict[str, Any]] | None = None, name: str = "config.toml",
+             **top: Any) -> Path:
+        state = tmp_path / "state"
+        state.mkdir(exist_ok=True)
+        settings = {"state_dir": str(state), "api_base": emulator.url, "log_format": "json"}
+        settings.update(top)
+        if apps is None:
+            apps = {"main": {"appid": APPID, "secret": SECRET}}
+        return write_config(tmp_path / name, settings, apps)
+
+    return make
+
+
+class DaemonProcess:
+    """A real `wxtoken run` process whose JSON log lines are collected from stderr."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wxtoken", "run", "--config", str(config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "unparsed", "line": line})
+        return out
+
+    def wait_for(self, event: str, timeout: float = 10.0, count: int = 1) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.events() if e.get("event") == event]
+            if len(found) >= count:
+                return found[count - 1]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {event!r} (x{count}) within {timeout}s; log:\n"
+                             + self.log_path.read_text())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., DaemonProcess]]:
+    """Start real daemon processes; all are stopped at the end of the test."""
+    started: list[DaemonProcess] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> DaemonProcess:
+        d = DaemonProcess(config, env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        else:
+            d._log.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the real `wxtoken` command line."""
+    return subprocess.run([sys.executable, "-m", "wxtoken", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data

@@ -1,0 +1,217 @@
+"""End to end: real `wxtoken run` processes against the emulator over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
+
+from wxtoken import TokenUnavailable, read_token
+from wxtoken.emulator import Emulator
+
+CONTRACT_KEYS = {"app", "appid", "access_token", "expires_at", "refreshed_at"}
+TWO_APPS = {"main": {"appid": APPID, "secret": SECRET},
+            "mini": {"appid": APPID2, "secret": SECRET2, "api": "stable_token"}}
+
+
+def test_fresh_start_writes_both_files_in_the_contract_format(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A fresh start with a token app and a stable_token app writes both files, 0640, usable."""
+    config = make_config(TWO_APPS)
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    state = config.parent / "state"
+    now = time.time()
+    for app, appid in (("main", APPID), ("mini", APPID2)):
+        path = state / f"{app}.json"
+        data = read_json(path)
+        assert set(data) == CONTRACT_KEYS
+        assert data["app"] == app and data["appid"] == appid
+        assert isinstance(data["expires_at"], int) and isinstance(data["refreshed_at"], int)
+        assert now - 10 < data["refreshed_at"] <= now
+        assert data["expires_at"] - data["refreshed_at"] == 7200
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert emulator.token_status(data["access_token"]) == 0
+    assert emulator.calls(APPID, "token") == 1
+    assert emulator.calls(APPID2, "stable_token") == 1
+    assert d.stop() == 0
+    assert d.events()[-1]["event"] == "daemon.stopped"
+
+
+def test_five_restarts_make_no_upstream_call(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Restarting reuses the valid token in the file: zero upstream calls after the first start."""
+    config = make_config(TWO_APPS)
+    first = daemons(config)
+    first.wait_for("daemon.ready")
+    assert first.stop() == 0
+    calls = emulator.calls()
+    assert calls == 2
+    token = read_json(config.parent / "state" / "main.json")["access_token"]
+    for _ in range(5):
+        d = daemons(config)
+        d.wait_for("daemon.ready")
+        reused = [e for e in d.events() if e["event"] == "token.reused"]
+        assert {e["app"] for e in reused} == {"main", "mini"}
+        assert d.stop() == 0
+    assert emulator.calls() == calls
+    assert read_json(config.parent / "state" / "main.json")["access_token"] == token
+
+
+def test_three_daemons_on_one_state_dir_make_one_call_per_refresh(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Three daemons refreshing every 2 s for 20 s share each refresh: ~10 calls, not ~30."""
+    config = make_config(refresh_interval=2)
+    procs = [daemons(config) for _ in range(3)]
+    for d in procs:
+        d.wait_for("daemon.ready")
+    start_calls = emulator.calls()
+    time.sleep(20)
+    calls = emulator.calls() - start_calls
+    refreshed = [e for d in procs for e in d.events() if e["event"] == "token.refreshed"]
+    for d in procs:
+        assert d.stop() == 0
+    # one call per 2 s period (jitter makes it a little earlier): 10, tolerate 8..13; 3x = 30
+    assert 8 <= calls <= 13, calls
+    assert len(refreshed) == calls + 1  # +1: the first fetch at start
+    assert len({e["token"] for e in refreshed}) == len(refreshed)
+
+
+def _reader_loop(state_dir: Path, app: str, emulator: Emulator, seconds: float,
+                 failures: list[str], seen: set[str]) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            token = read_token(app, str(state_dir))
+        except TokenUnavailable as exc:
+            failures.append(f"read_token: {exc}")
+        else:
+            if token.expires_at <= time.time():
+                failures.append("expired token handed out")
+            code = emulator.token_status(token)
+            if code:
+                failures.append(f"emulator rejected {token[:8]} with {code}")
+            seen.add(str(token))
+        time.sleep(0.02)
+
+
+def test_expires_in_shorter_than_refresh_interval_never_leaves_an_expired_token(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """WeChat's expires_in (6 s) wins over refresh_interval (60 s): readers never hold a dead token."""
+    emulator.state.settings.token_ttl = 6
+    emulator.state.settings.overlap = 2
+    config = make_config(refresh_interval=60, renew_before=2)
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    failures: list[str] = []
+    seen: set[str] = set()
+    _reader_loop(config.parent / "state", "main", emulator, 15, failures, seen)
+    assert d.stop() == 0
+    assert failures == []
+    assert len(seen) >= 4  # 15 s of 6 s tokens renewed 2 s early: a new token every ~4 s
+    assert emulator.calls() <= len(seen) + 1
+
+
+def test_stable_token_over_several_lifetimes_is_always_accepted(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """stable_token: the next token is taken inside WeChat's last window; calls stay bounded."""
+    emulator.state.settings.token_ttl = 8
+    emulator.state.settings.stable_window = 3
+    config = make_config({"mini": {"appid": APPID2, "secret": SECRET2, "api": "stable_token"}},
+                         refresh_interval=60, renew_before=3)
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    failures: list[str] = []
+    seen: set[str] = set()
+    _reader_loop(config.parent / "state", "mini", emulator, 26, failures, seen)
+    assert d.stop() == 0
+    assert failures == []
+    lifetimes = 26 / 8
+    assert len(seen) >= 3
+    issued = emulator.state.issued[APPID2]
+    assert issued == len(seen) or issued == len(seen) + 1  # a token may arrive at the very end
+    # each lifetime: one call in the window, at most a couple of "unchanged" ones before it
+    assert emulator.calls(APPID2) <= 3 * (lifetimes + 1), emulator.calls(APPID2)
+
+
+def test_sigterm_during_refreshes_stops_cleanly_and_leaves_no_partial_file(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """SIGTERM and SIGINT stop the daemon with exit 0, a whole token file and no temp files."""
+    emulator.state.settings.latency = 0.2
+    config = make_config(refresh_interval=0.5)
+    state = config.parent / "state"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        d = daemons(config)
+        d.wait_for("daemon.ready")
+        time.sleep(1.1)
+        assert d.stop(sig) == 0
+        assert read_json(state / "main.json")["app"] == "main"
+        assert [p for p in os.listdir(state) if p.endswith(".tmp")] == []
+
+
+def test_upstream_outage_at_start_still_reports_ready_and_recovers(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """With WeChat failing at start the daemon becomes ready, retries with backoff and recovers."""
+    emulator.add_fault("5xx", count=3)
+    config = make_config(renew_before=8)
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    failed = d.wait_for("refresh.failed")
+    assert failed["level"] == "warning" and failed["error_class"] == "transient"
+    d.wait_for("token.refreshed", timeout=20)
+    attempts = [e["attempt"] for e in d.events() if e["event"] == "refresh.failed"]
+    assert attempts == [1, 2, 3]
+    assert emulator.calls() == 4
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("code", [40164, 40013])
+def test_permanent_error_is_logged_at_error_with_errcode_and_backs_off(
+        code: int, emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A permanent errcode is an error line with errcode/errmsg and a hint, and no retry storm."""
+    emulator.add_fault(f"errcode:{code}")
+    config = make_config(refresh_interval=30)
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    failed = d.wait_for("refresh.failed")
+    assert failed["level"] == "error" and failed["errcode"] == code and failed["errmsg"]
+    assert "returned errcode" in failed["error"]
+    time.sleep(3)
+    assert emulator.calls() == 1  # hard backoff: 5 s or more at this refresh_interval
+    assert d.stop() == 0
+
+
+def test_reader_threads_see_every_refresh(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Several reader threads in another process than the daemon all get valid tokens."""
+    config = make_config(refresh_interval=1)
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    failures: list[str] = []
+    seen: set[str] = set()
+    threads = [threading.Thread(target=_reader_loop,
+                                args=(config.parent / "state", "main", emulator, 5, failures,
+                                      seen)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert d.stop() == 0
+    assert failures == []
+    assert len(seen) >= 4
