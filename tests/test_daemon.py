@@ -91,12 +91,13 @@ def _reader_loop(state_dir: Path, app: str, emulator: Emulator, seconds: float,
                  failures: list[str], seen: set[str]) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        called_at = time.time()
         try:
             token = read_token(app, str(state_dir))
         except TokenUnavailable as exc:
             failures.append(f"read_token: {exc}")
         else:
-            if token.expires_at <= time.time():
+            if token.expires_at <= called_at:
                 failures.append("expired token handed out")
             code = emulator.token_status(token)
             if code:

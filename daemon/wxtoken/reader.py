@@ -89,12 +89,12 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
     except TokenCorrupt:
         _cache.pop((state_dir, app), None)
         raise
+    now = time.monotonic()  # before time.time(): the deadline below must not overshoot expiry
     remaining = token.expires_at - time.time()
     if remaining <= 0:
         _cache.pop((state_dir, app), None)
         raise TokenExpired(app, f"token in {path} expired {int(-remaining)} s ago "
                                 "(is the wxtoken daemon running?)")
-    now = time.monotonic()
     with _lock:
         _cache[(state_dir, app)] = _Entry(token, now + min(CHECK_EVERY, remaining),
                                           _identity(st))

@@ -111,7 +111,8 @@ class Refresher:
                 c.value for c in HARD_ERRORS}):
             # a hard error may have been fixed by the operator before this restart: try once
             expires = record.expires_at if record else None
-            return Outcome("waiting", status.retry_at, expires)
+            state = "budget" if status.last_result == "budget" else "waiting"
+            return Outcome(state, status.retry_at, expires)
         day = wechat_day(now)
         if status.calls_day != day:
             status.calls_day, status.calls_today = day, 0

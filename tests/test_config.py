@@ -1,0 +1,165 @@
+"""Config: every key validated, all problems reported together, exit 78 from the CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import APPID, SECRET, run_cli
+
+from wxtoken.config import load_config
+from wxtoken.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD_APP = f'[apps.main]\nappid = "{APPID}"\nsecret = "{SECRET}"\n'
+
+# (name, config text, a fragment the one-line error must contain)
+BROKEN = [
+    ("toml syntax", "state_dir = \n", "invalid TOML"),
+    ("no apps", 'state_dir = "/tmp/x"\n', "apps: at least one"),
+    ("unknown top key", 'refresh_intervall = 10\n' + GOOD_APP, "refresh_intervall: unknown key"),
+    ("unknown app key", GOOD_APP + 'secrte = "x"\n', "apps.main.secrte: unknown key"),
+    ("relative state_dir", 'state_dir = "state"\n' + GOOD_APP, "state_dir: must be an absolute"),
+    ("interval is a string", 'refresh_interval = "1h"\n' + GOOD_APP, "refresh_interval: must be"),
+    ("negative renew_before", "renew_before = -5\n" + GOOD_APP, "renew_before: must be at least"),
+    ("nan interval", "refresh_interval = nan\n" + GOOD_APP, "refresh_interval: must be at least"),
+    ("bad api_base", 'api_base = "ftp://x"\n' + GOOD_APP, "api_base: must be an http(s) URL"),
+    ("missing ca_bundle", 'ca_bundle = "/nonexistent/ca.pem"\n' + GOOD_APP, "ca_bundle: no such"),
+    ("bad log_format", 'log_format = "xml"\n' + GOOD_APP, "log_format: must be one of"),
+    ("zero budget", "daily_budget = 0\n" + GOOD_APP, "daily_budget: must be at least 1"),
+    ("float budget", "daily_budget = 1.5\n" + GOOD_APP, "daily_budget: must be an integer"),
+    ("bad app name", f'[apps."my.app"]\nappid = "{APPID}"\nsecret = "x"\n', "apps.my.app: app"),
+    ("no secret", f'[apps.main]\nappid = "{APPID}"\n', "apps.main.secret_*: exactly one"),
+    ("two secrets", GOOD_APP + 'secret_env = "X"\n', "found secret_env, secret"),
+    ("missing appid", '[apps.main]\nsecret = "x"\n', "apps.main.appid: is required"),
+    ("bad api", GOOD_APP + 'api = "oauth"\n', "apps.main.api: must be one of"),
+    ("wecom without agentid", '[apps.w]\napi = "wecom"\ncorpid = "ww1"\nsecret = "x"\n',
+     "apps.w.agentid: is required"),
+    ("secret file missing", f'[apps.main]\nappid = "{APPID}"\nsecret_file = "/nonexistent/s"\n',
+     "apps.main.secret_file: cannot read '/nonexistent/s'"),
+    ("secret env unset", f'[apps.main]\nappid = "{APPID}"\nsecret_env = "WXT_UNSET_VAR"\n',
+     "environment variable WXT_UNSET_VAR is not set"),
+    ("credential without systemd",
+     f'[apps.main]\nappid = "{APPID}"\nsecret_credential = "main"\n',
+     "$CREDENTIALS_DIRECTORY is not set"),
+    ("bad file_mode", GOOD_APP + 'file_mode = "0648"\n', "apps.main.file_mode: must be an octal"),
+    ("world-writable mode", GOOD_APP + 'file_mode = "0666"\n', "must not be writable by others"),
+    ("duplicate credentials", GOOD_APP + f'[apps.other]\nappid = "{APPID}"\nsecret = "y"\n',
+     "apps.other: same token credentials as apps.main"),
+    ("redis without url", "[redis]\nkey_prefix = \"x\"\n" + GOOD_APP, "redis.url: is required"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "fragment"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_config_exits_78_with_one_line_and_no_traceback(
+        tmp_path: Path, name: str, text: str, fragment: str) -> None:
+    """Each broken config: exit 78, exactly one line naming the file, key and problem."""
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("CREDENTIALS_DIRECTORY",)}
+    for command in ("check-config", "run"):
+        result = run_cli(command, "--config", str(path), env=env)
+        assert result.returncode == 78, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"wxtoken: {path}: ")
+        assert fragment in lines[0]
+        assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_all_problems_are_reported_together(tmp_path: Path) -> None:
+    """Several mistakes in one file produce one line each, in one run."""
+    path = tmp_path / "config.toml"
+    path.write_text('refresh_interval = "x"\nlog_format = "xml"\nbogus = 1\n'
+                    '[apps.main]\nappid = "wx1"\n')
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4
+    for key in ("bogus:", "refresh_interval:", "log_format:", "apps.main.secret_*:"):
+        assert any(f": {key}" in line for line in lines), key
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    """A config path that does not exist exits 78 naming the file."""
+    result = run_cli("status", "--config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 78
+    assert result.stderr.strip() == f"wxtoken: {tmp_path / 'nope.toml'}: cannot read config: " \
+                                    "No such file or directory"
+
+
+def test_wxtoken_config_env_var_sets_the_default_path(tmp_path: Path) -> None:
+    """$WXTOKEN_CONFIG is used when --config is not given."""
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD_APP)
+    result = run_cli("check-config", env={"WXTOKEN_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert f"# {path}: OK" in result.stdout
+
+
+def test_secret_sources_resolve_and_are_masked_by_check_config(tmp_path: Path) -> None:
+    """secret_file, secret_env and secret_credential all resolve; check-config never prints them."""
+    secret_file = tmp_path / "main.secret"
+    secret_file.write_text("file-secret-value-123\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "cred").write_text("credential-secret-value-456")
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[apps.a]\nappid = "wxa"\nsecret_file = "{secret_file}"\n'
+        f'[apps.b]\nappid = "wxb"\nsecret_env = "WXT_SECRET_B"\n'
+        f'[apps.c]\nappid = "wxc"\nsecret_credential = "cred"\n'
+        f'[apps.d]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1000002\nsecret = "inline-secret-7"\n')
+    path.chmod(0o600)
+    env = {"WXT_SECRET_B": "env-secret-value-789", "CREDENTIALS_DIRECTORY": str(creds)}
+    os.environ.update(env)
+    try:
+        config = load_config(str(path))
+    finally:
+        for key in env:
+            del os.environ[key]
+    secrets = {a.name: a.secret for a in config.apps}
+    assert secrets == {"a": "file-secret-value-123", "b": "env-secret-value-789",
+                       "c": "credential-secret-value-456", "d": "inline-secret-7"}
+    assert config.app("d").agentid == "1000002" and config.app("d").api == "wecom"
+    assert config.warnings == ()  # inline secret in a 0600 file: no warning
+    result = run_cli("check-config", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    for secret in secrets.values():
+        assert secret not in result.stdout + result.stderr
+    assert f"from secret_file={secret_file}" in result.stdout
+    assert all(a.secret not in repr(a) for a in config.apps)
+
+
+def test_inline_secret_in_a_world_readable_config_is_warned_about(tmp_path: Path) -> None:
+    """An inline secret in a file others can read loads, with a warning naming the key."""
+    path = tmp_path / "config.toml"
+    path.write_text(GOOD_APP)
+    path.chmod(0o644)
+    config = load_config(str(path))
+    assert len(config.warnings) == 1 and "apps.main.secret: inline secret" in config.warnings[0]
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0 and "inline secret" in result.stderr
+
+
+def test_defaults_match_the_contract(tmp_path: Path) -> None:
+    """Unset keys take PRODUCT.md's defaults."""
+    path = tmp_path / "config.toml"
+    path.write_text(GOOD_APP)
+    c = load_config(str(path))
+    assert (c.state_dir, c.refresh_interval, c.renew_before, c.log_format) == (
+        "/var/lib/wxtoken", 3600.0, 300.0, "auto")
+    assert c.control_socket == "/run/wxtoken/control.sock" and c.metrics_file is None
+    assert c.apps[0].api == "token" and c.apps[0].file_mode == 0o640
+
+
+def test_example_config_documents_every_key_and_is_valid(tmp_path: Path) -> None:
+    """config.example.toml parses (secrets from env) and mentions every key the parser knows."""
+    from wxtoken.config import APP_KEYS, REDIS_KEYS, TOP_KEYS
+    text = (REPO / "config.example.toml").read_text()
+    for key in TOP_KEYS | APP_KEYS | REDIS_KEYS:
+        assert f"{key} =" in text or f"[{key}" in text, key
+    config = load_config(str(REPO / "config.example.toml"), resolve_secrets=False)
+    assert [a.name for a in config.apps] == ["main", "mini", "corp"]
+    assert config.redis is None  # the fleet table is shown commented out

@@ -1,0 +1,123 @@
+"""read_token: cached, sees replaced files, raises clearly; importing it stays light."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wxtoken import TokenCorrupt, TokenExpired, TokenMissing, TokenUnavailable, read_token
+from wxtoken.reader import CHECK_EVERY, drop_cache
+from wxtoken.record import TokenRecord
+from wxtoken.store import atomic_write
+
+
+def write_token(state: Path, token: str, expires_in: int = 7200, app: str = "main") -> None:
+    now = int(time.time())
+    record = TokenRecord(app, "wx1", token, now + expires_in, now)
+    atomic_write(str(state / f"{app}.json"), record.to_json(), 0o640)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    drop_cache()
+
+
+def test_returns_a_str_token_with_expires_at(tmp_path: Path) -> None:
+    """The result is a str usable as-is, carrying access_token and expires_at."""
+    write_token(tmp_path, "tok-A-0123456789")
+    token = read_token("main", str(tmp_path))
+    assert token == "tok-A-0123456789" and isinstance(token, str)
+    assert token.access_token == "tok-A-0123456789"
+    assert token.expires_at > time.time() + 7000
+    assert "tok-A-0123456789" not in repr(token)
+
+
+def test_sees_a_replaced_file_within_the_check_interval(tmp_path: Path) -> None:
+    """After an atomic replace, the new token is returned within 100 ms."""
+    write_token(tmp_path, "tok-A")
+    assert read_token("main", str(tmp_path)) == "tok-A"
+    write_token(tmp_path, "tok-B")
+    replaced = time.monotonic()
+    while read_token("main", str(tmp_path)) != "tok-B":
+        assert time.monotonic() - replaced < CHECK_EVERY + 0.05
+    assert time.monotonic() - replaced <= CHECK_EVERY + 0.05
+
+
+def test_missing_file_raises_token_missing(tmp_path: Path) -> None:
+    """No file: TokenMissing (a LookupError) naming the path."""
+    with pytest.raises(TokenMissing) as err:
+        read_token("main", str(tmp_path))
+    assert isinstance(err.value, LookupError)
+    assert str(tmp_path / "main.json") in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"", "empty"),
+    (b'{"app": "main", "access_tok', "not valid JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"app": "other", "appid": "wx", "access_token": "t", "expires_at": 9999999999, '
+     b'"refreshed_at": 1}', "belongs to app 'other'"),
+    (b'{"app": "main", "appid": "wx", "access_token": "t", "expires_at": "soon", '
+     b'"refreshed_at": 1}', "expires_at"),
+    (b'{"app": "main", "appid": "wx", "expires_at": 9999999999, "refreshed_at": 1}',
+     "access_token"),
+])
+def test_corrupt_file_raises_token_corrupt(tmp_path: Path, content: bytes, reason: str) -> None:
+    """Empty, truncated, non-JSON or foreign files raise TokenCorrupt with the reason."""
+    (tmp_path / "main.json").write_bytes(content)
+    with pytest.raises(TokenCorrupt) as err:
+        read_token("main", str(tmp_path))
+    assert reason in str(err.value)
+
+
+def test_directory_instead_of_file_raises_token_corrupt(tmp_path: Path) -> None:
+    """A directory where the file belongs is reported, not crashed on."""
+    (tmp_path / "main.json").mkdir()
+    with pytest.raises(TokenCorrupt, match="is a directory"):
+        read_token("main", str(tmp_path))
+
+
+def test_expired_token_raises_and_is_never_served_from_cache(tmp_path: Path) -> None:
+    """A token is never returned past expires_at, even when it was cached."""
+    write_token(tmp_path, "tok-short", expires_in=2)
+    assert read_token("main", str(tmp_path)) == "tok-short"
+    deadline = time.time() + 5
+    while True:
+        called_at = time.time()
+        try:
+            token = read_token("main", str(tmp_path))
+        except TokenExpired as exc:
+            assert "expired" in str(exc)
+            break
+        assert token.expires_at > called_at
+        assert time.time() < deadline
+    with pytest.raises(TokenUnavailable):
+        read_token("main", str(tmp_path))
+
+
+def test_corrupted_after_a_good_read_is_seen(tmp_path: Path) -> None:
+    """A good file later replaced by garbage is reported, not masked by the cache."""
+    write_token(tmp_path, "tok-A")
+    read_token("main", str(tmp_path))
+    atomic_write(str(tmp_path / "main.json"), b"garbage", 0o640)
+    time.sleep(CHECK_EVERY + 0.01)
+    with pytest.raises(TokenCorrupt):
+        read_token("main", str(tmp_path))
+
+
+def test_reader_import_loads_no_daemon_dependencies(tmp_path: Path) -> None:
+    """`from wxtoken import read_token` imports none of requests, apscheduler, structlog."""
+    write_token(tmp_path, "tok-A")
+    code = ("import sys; from wxtoken import read_token; "
+            f"assert read_token('main', {str(tmp_path)!r}) == 'tok-A'; "
+            "import json; print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('requests', 'apscheduler', 'structlog', 'filelock', "
+            "'urllib3', 'tomllib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == []

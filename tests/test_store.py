@@ -1,0 +1,148 @@
+"""The store: atomic replacement, modes, the writers' lock, stale temp files."""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from wxtoken.errors import StoreError, TokenCorrupt
+from wxtoken.record import TokenRecord, parse_record
+from wxtoken.store import AppStatus, Store, atomic_write
+
+
+def record(token: str, refreshed_at: int | None = None) -> TokenRecord:
+    now = refreshed_at or int(time.time())
+    return TokenRecord("main", "wx1", token, now + 7200, now)
+
+
+def test_write_produces_the_contract_file_with_explicit_mode(tmp_path: Path) -> None:
+    """The file is the contract JSON, mode set explicitly whatever the umask."""
+    old = os.umask(0o077)
+    try:
+        Store(str(tmp_path), "main", file_mode=0o640).write(record("tok"))
+    finally:
+        os.umask(old)
+    path = tmp_path / "main.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert parse_record(path.read_bytes(), "main") == record("tok", int(
+        parse_record(path.read_bytes(), "main").refreshed_at))
+    assert [p.name for p in tmp_path.iterdir()] == ["main.json"]
+
+
+def test_file_group_is_applied(tmp_path: Path) -> None:
+    """file_group chgrps the token file (here to the caller's own primary group)."""
+    group = grp.getgrgid(os.getgid()).gr_name
+    Store(str(tmp_path), "main", file_group=group).write(record("tok"))
+    assert (tmp_path / "main.json").stat().st_gid == os.getgid()
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(str(tmp_path), "main", file_group="no-such-group-wxt").write(record("tok"))
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
+    """When the write fails (group missing), the previous token file is untouched."""
+    Store(str(tmp_path), "main").write(record("old"))
+    before = (tmp_path / "main.json").read_bytes()
+    with pytest.raises(StoreError):
+        Store(str(tmp_path), "main", file_group="no-such-group-wxt").write(record("new"))
+    assert (tmp_path / "main.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["main.json"]
+
+
+def test_unwritable_directory_is_a_clear_store_error(tmp_path: Path) -> None:
+    """A directory that cannot take the temp file raises StoreError naming the file."""
+    store = Store(str(tmp_path / "missing-dir"), "main")
+    with pytest.raises(StoreError, match=r"cannot write .*main.json: No such file or directory"):
+        store.write(record("tok"))
+
+
+def test_directory_in_place_of_the_token_file_is_replaced(tmp_path: Path) -> None:
+    """An empty directory squatting on <app>.json is removed and the file written."""
+    (tmp_path / "main.json").mkdir()
+    store = Store(str(tmp_path), "main")
+    with pytest.raises(TokenCorrupt):
+        store.read()
+    store.write(record("tok"))
+    assert store.read().access_token == "tok"
+
+
+def test_stale_temp_files_are_removed_only_for_that_app(tmp_path: Path) -> None:
+    """A crash's leftovers (.main.*.tmp) go; other apps' and other files stay."""
+    for name in (".main.abc123.tmp", ".main.zz.tmp", ".other.abc.tmp", "main.json.bak"):
+        (tmp_path / name).write_text("x")
+    removed = Store(str(tmp_path), "main").remove_stale_temp()
+    assert sorted(os.path.basename(p) for p in removed) == [".main.abc123.tmp", ".main.zz.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abc.tmp", "main.json.bak"]
+
+
+def test_lock_serialises_writers_across_store_objects(tmp_path: Path) -> None:
+    """Two Store objects (as in two daemons) never hold the writers' lock at once."""
+    holders: list[int] = []
+    overlaps: list[int] = []
+
+    def worker(n: int) -> None:
+        store = Store(str(tmp_path), "main")
+        for _ in range(20):
+            with store.locked():
+                holders.append(n)
+                if len(holders) > 1:
+                    overlaps.append(n)
+                time.sleep(0.001)
+                holders.remove(n)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == []
+
+
+def test_lock_timeout_is_a_store_error(tmp_path: Path) -> None:
+    """Waiting too long for the lock is reported as a StoreError, not a hang."""
+    a, b = Store(str(tmp_path), "main"), Store(str(tmp_path), "main")
+    with a.locked(), pytest.raises(StoreError, match="timed out"), b.locked(timeout=0.2):
+        pass
+
+
+def test_status_roundtrip_and_damaged_status_starts_afresh(tmp_path: Path) -> None:
+    """The status file round-trips; a damaged one reads as a fresh status."""
+    store = Store(str(tmp_path), "main")
+    status = AppStatus(last_result="ok", calls_day="2026-11-24", calls_today=3)
+    store.write_status(status)
+    assert store.read_status() == status
+    (tmp_path / "main.status.json").write_text("{not json")
+    assert store.read_status() == AppStatus()
+
+
+def test_atomic_write_never_shows_a_partial_file(tmp_path: Path) -> None:
+    """A reader thread hammering the path during 300 replaces always parses a whole file."""
+    path = str(tmp_path / "main.json")
+    atomic_write(path, record("t0").to_json(), 0o640)
+    stop = threading.Event()
+    bad: list[bytes] = []
+    reads = 0
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            with open(path, "rb") as fh:
+                raw = fh.read()
+            reads += 1
+            try:
+                parse_record(raw, "main")
+            except TokenCorrupt:
+                bad.append(raw)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(300):
+        atomic_write(path, record(f"t{i}" * (1 + i % 50)).to_json(), 0o640)
+    stop.set()
+    t.join()
+    assert bad == [] and reads > 0
