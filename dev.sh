@@ -53,7 +53,7 @@ demo)
     ;;
 test)
     venv test,redis
-    .venv/bin/ruff check daemon tests bench
+    .venv/bin/ruff check daemon tests
     .venv/bin/mypy
     exec .venv/bin/pytest -n 2 "$@"
     ;;

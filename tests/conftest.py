@@ -33,7 +33,7 @@ def emulator() -> Iterator[Emulator]:
 
 
 def toml_value(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, list) else json.dumps(value)
+    return json.dumps(value)  # JSON scalars and string lists are valid TOML values
 
 
 def write_config(path: Path, top: dict[str, Any], apps: dict[str, dict[str, Any]]) -> Path:

@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import APPID, SECRET, run_cli
 
+from conftest import APPID, SECRET, run_cli
 from wxtoken.config import load_config
-from wxtoken.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_APP = f'[apps.main]\nappid = "{APPID}"\nsecret = "{SECRET}"\n'

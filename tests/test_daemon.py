@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
 
+from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
 from wxtoken import TokenUnavailable, read_token
 from wxtoken.emulator import Emulator
 
@@ -109,7 +109,7 @@ def _reader_loop(state_dir: Path, app: str, emulator: Emulator, seconds: float,
 def test_expires_in_shorter_than_refresh_interval_never_leaves_an_expired_token(
         emulator: Emulator, make_config: Callable[..., Path],
         daemons: Callable[..., DaemonProcess]) -> None:
-    """WeChat's expires_in (6 s) wins over refresh_interval (60 s): readers never hold a dead token."""
+    """WeChat's expires_in (6 s) beats refresh_interval (60 s): no reader holds a dead token."""
     emulator.state.settings.token_ttl = 6
     emulator.state.settings.overlap = 2
     config = make_config(refresh_interval=60, renew_before=2)

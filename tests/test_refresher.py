@@ -6,11 +6,12 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import APPID, APPID2, SECRET, SECRET2
 from structlog.testing import capture_logs
 
+from conftest import APPID, APPID2, SECRET, SECRET2
 from wxtoken.clock import next_wechat_midnight
 from wxtoken.config import AppConfig, Config
 from wxtoken.emulator import Emulator
@@ -41,14 +42,14 @@ def client(emulator: Emulator) -> Iterator[WeChatClient]:
 
 
 def make(tmp_path: Path, client: WeChatClient, app: AppConfig = MAIN, clock: Clock | None = None,
-         **settings: float) -> Refresher:
-    config = Config(path="test.toml", apps=(app,), state_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
+         **settings: Any) -> Refresher:
+    config = Config("test.toml", (app,), state_dir=str(tmp_path), **settings)
     return Refresher(config, app, client, clock=clock or Clock(), rng=random.Random(7))
 
 
 def test_due_time_is_interval_or_renew_before_whichever_first(tmp_path: Path,
                                                              client: WeChatClient) -> None:
-    """Due at refreshed_at + interval, or expires_at - renew_before if sooner; jitter only earlier."""
+    """Due at refreshed + interval or expiry - renew_before, whichever first; jitter earlier."""
     r = make(tmp_path, client, refresh_interval=3600, renew_before=300)
     rec = TokenRecord("main", APPID, "t", expires_at=10_000 + 7200, refreshed_at=10_000)
     dues = [r.due_at(rec) for _ in range(200)]

@@ -7,12 +7,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2
 
+from conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2
 from wxtoken.config import AppConfig
+from wxtoken.emulator import Emulator
 from wxtoken.errcodes import FETCH_ERRCODES, ErrorClass, business_token_invalid, classify
 from wxtoken.errors import UpstreamError
-from wxtoken.emulator import Emulator
 from wxtoken.upstream import WeChatClient
 
 MAIN = AppConfig(name="main", api="token", appid=APPID, secret=SECRET)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from wxtoken.errors import ConfigError
+from wxtoken.errors import ConfigError, WxtokenError
 from wxtoken.record import APP_NAME_RE, TICKET_TYPES
 
 DEFAULT_CONFIG = "/etc/wxtoken/config.toml"
@@ -74,8 +74,8 @@ class Config:
         for app in self.apps:
             if app.name == name:
                 return app
-        raise ConfigError([f"{self.path}: apps.{name}: no such app "
-                           f"(configured: {', '.join(a.name for a in self.apps) or 'none'})"])
+        raise WxtokenError(f"{self.path}: no app named {name!r} "
+                           f"(configured: {', '.join(a.name for a in self.apps)})")
 
 
 def default_config_path() -> str:

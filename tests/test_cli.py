@@ -1,0 +1,99 @@
+"""The command line as a user runs it: token, status, check-config, demo."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import APPID, APPID2, SECRET, SECRET2, TEST_SECRETS, DaemonProcess, run_cli
+from wxtoken.emulator import Emulator
+
+
+def test_token_prints_the_valid_token_and_status_is_healthy(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """After the daemon ran: `token` prints the file's token, `status` exits 0 with details."""
+    config = make_config({"main": {"appid": APPID, "secret": SECRET},
+                          "mini": {"appid": APPID2, "secret": SECRET2, "api": "stable_token"}})
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    result = run_cli("token", "main", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    tok = result.stdout.strip()
+    assert emulator.token_status(tok) == 0
+    by_dir = run_cli("token", "main", "--state-dir", str(config.parent / "state"))
+    assert by_dir.stdout.strip() == tok
+    status = run_cli("status", "--json", "--config", str(config))
+    assert status.returncode == 0, status.stdout
+    data = json.loads(status.stdout)
+    assert data["healthy"] is True
+    apps = {a["app"]: a for a in data["apps"]}
+    assert set(apps) == {"main", "mini"}
+    assert apps["main"]["calls_today"] == 1 and apps["main"]["last_result"] == "ok"
+    assert 7100 < apps["main"]["expires_in"] <= 7200 and apps["main"]["token_age"] < 60
+    table = run_cli("status", "--config", str(config))
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split() == [
+        "APP", "API", "AGE", "EXPIRES", "IN", "LAST", "CALLS", "TODAY", "HEALTH"]
+    assert "1/1000" in table.stdout
+    assert tok not in status.stdout + table.stdout
+    d.stop()
+
+
+def test_status_fails_with_the_errcode_when_the_secret_is_wrong(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A wrong secret: the daemon stays up, status exits 1 and shows errcode 40001."""
+    config = make_config({"main": {"appid": APPID, "secret": "wrong-secret-abcdef"}})
+    d = daemons(config)
+    d.wait_for("refresh.failed")
+    status = run_cli("status", "--json", "--config", str(config))
+    assert status.returncode == 1
+    app = json.loads(status.stdout)["apps"][0]
+    assert app["healthy"] is False and app["last_error"]["errcode"] == 40001
+    assert any("no token file" in p for p in app["problems"])
+    assert d.proc.poll() is None
+    table = run_cli("status", "--config", str(config))
+    assert table.returncode == 1 and "errcode 40001" in table.stdout
+    assert "wrong-secret-abcdef" not in status.stdout + table.stdout
+    d.stop()
+    assert "wrong-secret-abcdef" not in d.log_path.read_text()
+
+
+def test_token_errors_are_one_line_with_exit_1(make_config: Callable[..., Path]) -> None:
+    """No file yet, or an app that is not configured: one line on stderr, exit 1."""
+    config = make_config()
+    missing = run_cli("token", "main", "--config", str(config))
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.count("\n") == 1 and "no token file" in missing.stderr
+    unknown = run_cli("token", "nope", "--config", str(config))
+    assert unknown.returncode == 1 and "no app named 'nope'" in unknown.stderr
+    expired = config.parent / "state" / "main.json"
+    now = int(time.time())
+    expired.write_text(json.dumps({"app": "main", "appid": APPID, "access_token": "x" * 40,
+                                   "expires_at": now - 5, "refreshed_at": now - 7205}))
+    result = run_cli("token", "main", "--config", str(config))
+    assert result.returncode == 1 and "expired" in result.stderr
+    assert run_cli("status", "--config", str(config)).returncode == 1
+
+
+def test_reader_commands_need_no_secret(tmp_path: Path) -> None:
+    """token and status work for a user who cannot resolve the secrets (e.g. a credential)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\n[apps.main]\nappid = "{APPID}"\n'
+                      'secret_credential = "main"\n')
+    result = run_cli("status", "--config", str(config))
+    assert result.returncode == 1 and "no token file yet" in result.stdout
+
+
+def test_demo_runs_emulator_and_daemon_and_every_token_is_accepted() -> None:
+    """`wxtoken demo` refreshes both demo apps and its reader's tokens all work."""
+    result = run_cli("demo", "--duration", "7", timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stderr + result.stdout
+    assert "token.refreshed" in out and "app=main" in out and "app=mini" in out
+    assert "wechat_accepts=yes" in out and "business_calls_rejected=0" in out
+    for secret in ("demo-secret-main-0001", "demo-secret-mini-0002", *TEST_SECRETS):
+        assert secret not in out

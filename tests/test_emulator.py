@@ -1,0 +1,120 @@
+"""The emulator itself behaves as WeChat documents (the other tests rely on it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any
+
+import requests
+
+from conftest import APPID, CORPID, CORPSECRET, SECRET
+from wxtoken.emulator import Emulator
+
+
+def token(emu: Emulator, **params: str) -> dict[str, Any]:
+    q = {"grant_type": "client_credential", "appid": APPID, "secret": SECRET, **params}
+    body: dict[str, Any] = requests.get(f"{emu.url}/cgi-bin/token", params=q, timeout=5).json()
+    return body
+
+
+def stable(emu: Emulator, force: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = requests.post(f"{emu.url}/cgi-bin/stable_token", timeout=5, json={
+        "grant_type": "client_credential", "appid": APPID, "secret": SECRET,
+        "force_refresh": force}).json()
+    return body
+
+
+def business(emu: Emulator, tok: str) -> dict[str, Any]:
+    body: dict[str, Any] = requests.get(f"{emu.url}/cgi-bin/get_api_domain_ip",
+                                        params={"access_token": tok}, timeout=5).json()
+    return body
+
+
+def test_each_token_call_issues_a_new_token_and_the_old_one_dies_after_overlap(
+        emulator: Emulator) -> None:
+    """cgi-bin/token: a new token per call; the previous one works only `overlap` longer."""
+    emulator.state.settings.overlap = 0.5
+    first = token(emulator)["access_token"]
+    second = token(emulator)["access_token"]
+    assert first != second
+    assert "ip_list" in business(emulator, first) and "ip_list" in business(emulator, second)
+    time.sleep(0.6)
+    assert business(emulator, first)["errcode"] == 42001
+    assert "ip_list" in business(emulator, second)
+    assert business(emulator, "made-up")["errcode"] == 40001
+    assert emulator.stats()["rejected"] == 2
+
+
+def test_stable_token_is_the_same_until_the_last_window(emulator: Emulator) -> None:
+    """stable_token: same token outside the window, the next one inside it, both valid."""
+    s = emulator.state.settings
+    s.token_ttl, s.stable_window = 3, 1
+    a = stable(emulator)
+    assert stable(emulator)["access_token"] == a["access_token"]
+    assert stable(emulator)["expires_in"] <= 3
+    time.sleep(2.2)
+    b = stable(emulator)
+    assert b["access_token"] != a["access_token"] and b["expires_in"] == 3
+    assert "ip_list" in business(emulator, a["access_token"])
+    assert stable(emulator)["access_token"] == b["access_token"]
+
+
+def test_stable_force_refresh_is_spaced_and_limited(emulator: Emulator) -> None:
+    """force_refresh: 45011 within force_spacing, 45009 past force_per_day."""
+    s = emulator.state.settings
+    s.force_spacing, s.force_per_day = 0.3, 2
+    first = stable(emulator, force=True)["access_token"]
+    assert stable(emulator, force=True)["errcode"] == 45011
+    time.sleep(0.35)
+    assert stable(emulator, force=True)["access_token"] != first
+    time.sleep(0.35)
+    assert stable(emulator, force=True)["errcode"] == 45009
+
+
+def test_wecom_returns_the_same_token_while_valid(emulator: Emulator) -> None:
+    """WeCom gettoken: one token per (corpid, secret), repeated while valid."""
+    url = f"{emulator.url}/cgi-bin/gettoken"
+    a = requests.get(url, params={"corpid": CORPID, "corpsecret": CORPSECRET}, timeout=5).json()
+    b = requests.get(url, params={"corpid": CORPID, "corpsecret": CORPSECRET}, timeout=5).json()
+    assert a["errcode"] == 0 and a["access_token"] == b["access_token"]
+    bad = requests.get(url, params={"corpid": CORPID, "corpsecret": "nope"}, timeout=5).json()
+    assert bad["errcode"] == 40001
+
+
+def test_daily_quota_and_errcodes(emulator: Emulator) -> None:
+    """Quota exhaustion answers 45009; wrong secret 40001; bad grant_type 40002; no appid 41002."""
+    emulator.state.settings.daily_quota = 2
+    assert token(emulator, secret="wrong")["errcode"] == 40001
+    assert "access_token" in token(emulator)
+    assert token(emulator)["errcode"] == 45009
+    assert token(emulator, grant_type="x")["errcode"] == 40002
+    assert token(emulator, appid="")["errcode"] == 41002
+    assert emulator.calls(APPID) == 2
+
+
+def test_faults_through_the_control_endpoint(emulator: Emulator) -> None:
+    """Faults set over HTTP apply to that many calls, then the API works again."""
+    requests.post(f"{emulator.url}/_emu/faults", json={"mode": "busy", "count": 2}, timeout=5)
+    assert token(emulator)["errcode"] == -1
+    assert token(emulator)["errcode"] == -1
+    assert "access_token" in token(emulator)
+    resp = requests.get(f"{emulator.url}/_emu/stats", timeout=5).json()
+    assert resp["calls"][APPID]["token"] == 3 and resp["issued"][APPID] == 1
+
+
+def test_runs_as_a_command_and_prints_its_url() -> None:
+    """`python -m wxtoken.emulator` serves on 127.0.0.1 and prints its URL first."""
+    proc = subprocess.Popen([sys.executable, "-m", "wxtoken.emulator", "--app", "wxabc:sec",
+                             "--token-ttl", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        body = requests.get(f"{url}/cgi-bin/token", timeout=5, params={
+            "grant_type": "client_credential", "appid": "wxabc", "secret": "sec"}).json()
+        assert body["expires_in"] == 60
+    finally:
+        proc.terminate()
+        proc.wait(10)
