@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import threading
 import time
@@ -216,3 +217,27 @@ def test_reader_threads_see_every_refresh(
     assert d.stop() == 0
     assert failures == []
     assert len(seen) >= 4
+
+
+def test_daemon_notifies_ready_status_and_watchdog(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    """Under a notify socket the daemon sends STATUS=, READY=1 and WATCHDOG=1 at half the period."""
+    sock_path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(sock_path)
+        server.settimeout(10)
+        config = make_config(TWO_APPS)
+        d = daemons(config, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"})
+        messages: list[str] = []
+        deadline = time.monotonic() + 10
+        while messages.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+            messages.append(server.recv(200).decode())
+        assert d.stop() == 0
+        messages.append(server.recv(200).decode())
+    assert "READY=1" in messages
+    statuses = [m for m in messages if m.startswith("STATUS=")]
+    assert statuses and statuses[0].startswith("STATUS=2/2 apps fresh; next: ")
+    assert messages.index(statuses[0]) < messages.index("READY=1")
+    assert messages.count("WATCHDOG=1") >= 3
+    assert messages[-1] == "STOPPING=1"

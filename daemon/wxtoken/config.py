@@ -278,6 +278,8 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     control_socket = ck.string(doc, "control_socket", "", "/run/wxtoken/control.sock",
                                _check_abs_path)
     metrics_file = ck.string(doc, "metrics_file", "", None, _check_abs_path)
+    if metrics_file:
+        ck.warnings.append(f"{path}: metrics_file: metrics are not written by this version yet")
     redis: RedisConfig | None = None
     if "redis" in doc:
         table = doc["redis"]

@@ -1,0 +1,73 @@
+#!/bin/sh
+# Install wxtoken as a systemd service (Debian 12 / Ubuntu 22.04+), as root. Idempotent.
+#   deploy/systemd/install.sh            install or upgrade; does not start anything
+#   deploy/systemd/install.sh --now      ... and enable + (re)start the service
+#   deploy/systemd/install.sh --uninstall  remove all but /var/lib/wxtoken and /etc/wxtoken
+set -eu
+
+PREFIX=/opt/wxtoken
+UNIT=/etc/systemd/system/wxtoken.service
+SYSUSERS=/usr/lib/sysusers.d/wxtoken.conf
+LINK=/usr/local/bin/wxtoken
+HERE=$(cd "$(dirname "$0")" && pwd)
+SRC=$(cd "$HERE/../.." && pwd)
+
+say() { echo "install.sh: $*"; }
+die() { echo "install.sh: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root"
+command -v systemctl >/dev/null || die "systemd is required"
+
+case "${1:-}" in
+--uninstall)
+    systemctl disable --now wxtoken.service 2>/dev/null || true
+    rm -f "$UNIT" "$SYSUSERS" "$LINK"
+    rm -rf "$PREFIX"
+    systemctl daemon-reload
+    say "removed; kept /var/lib/wxtoken, /etc/wxtoken and the wxtoken user"
+    exit 0 ;;
+--now|"") ;;
+*) die "usage: install.sh [--now | --uninstall]" ;;
+esac
+
+# The service must not depend on anything under /root or /home (ProtectHome=yes hides them):
+# the venv is made with the system's Python.
+PY=/usr/bin/python3
+[ -x "$PY" ] || die "$PY is missing (apt-get install python3)"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PY is older than 3.11"
+if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+    say "installing python3-venv"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+fi
+
+[ -x "$PREFIX/bin/python" ] || "$PY" -m venv "$PREFIX"
+# build from a copy: the checkout may be read-only and must not collect build artefacts
+build=$(mktemp -d)
+trap 'rm -rf "$build"' EXIT
+cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/daemon" "$build/"
+"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$build" 2>&1 |
+    grep -v "^WARNING: Location" >&2 || true
+install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
+ln -sf "$PREFIX/bin/wxtoken" "$LINK"
+
+install -D -m 0644 "$HERE/wxtoken.sysusers" "$SYSUSERS"
+systemd-sysusers "$SYSUSERS"
+install -d -m 0750 -o root -g wxtoken /etc/wxtoken
+if [ ! -e /etc/wxtoken/config.toml ]; then
+    install -m 0640 -o root -g wxtoken "$SRC/config.example.toml" /etc/wxtoken/config.toml
+    say "wrote /etc/wxtoken/config.toml from the example: edit it, then: systemctl restart wxtoken"
+else
+    # the daemon (user wxtoken) must read it; nobody else needs to
+    chown root:wxtoken /etc/wxtoken/config.toml
+    chmod 0640 /etc/wxtoken/config.toml
+fi
+install -m 0644 "$HERE/wxtoken.service" "$UNIT"
+systemctl daemon-reload
+
+if [ "${1:-}" = --now ]; then
+    systemctl enable --quiet wxtoken.service
+    systemctl restart wxtoken.service
+    say "started: systemctl status wxtoken; journalctl -u wxtoken"
+else
+    say "installed; start with: systemctl enable --now wxtoken"
+fi

@@ -1,0 +1,212 @@
+"""The real unit under a real systemd: install.sh --now in a booted throwaway container.
+
+One container is booted for the module (tests run in order, in one xdist group); the emulator
+runs on the host's 127.0.0.1, which the container shares.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import APPID, APPID2, SECRET
+
+from wxtoken.emulator import Emulator
+
+from nspawn import Container, cannot_boot_reason
+
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "deploy" / "systemd" / "wxtoken.service"
+pytestmark = pytest.mark.xdist_group("systemd")
+
+CONFIG = """\
+api_base = "{url}"
+[apps.main]
+appid = "{appid}"
+secret_credential = "main"
+"""
+BAD_APP = """
+[apps.bad]
+appid = "{appid}"
+secret_credential = "bad"
+"""
+DROPIN = """\
+[Service]
+LoadCredential=main:/etc/wxtoken/main.secret
+LoadCredential=bad:/etc/wxtoken/bad.secret
+"""
+
+
+@pytest.fixture(scope="module")
+def emu() -> Iterator[Emulator]:
+    with Emulator({APPID: SECRET, APPID2: "another-secret-0000"}) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    reason = cannot_boot_reason()
+    if reason:
+        print(f"SKIP systemd container tests: {reason}")
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("nspawn")
+    container = Container(tmp / "base", REPO, tmp / "console.log")
+    try:
+        yield container
+    finally:
+        container.stop()
+
+
+def show(box: Container, prop: str) -> str:
+    return box.run("systemctl", "show", "wxtoken", "-p", prop, "--value").stdout.strip()
+
+
+def wait_for(box: Container, check: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if box.sh(check, check=False).returncode == 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for: {check}\n"
+                         + box.sh("journalctl -u wxtoken --no-pager | tail -30").stdout)
+
+
+def test_unit_scores_ok_on_security_and_verifies() -> None:
+    """systemd-analyze security --offline rates the unit at most 1.2 "OK"."""
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", str(UNIT)],
+                         capture_output=True, text=True).stdout
+    match = re.search(r"Overall exposure level for wxtoken.service: ([\d.]+) (\w+)", out)
+    assert match, out[-500:]
+    assert float(match.group(1)) <= 1.2 and match.group(2) == "OK"
+
+
+def test_install_now_starts_a_notify_service_that_writes_the_token(
+        box: Container, emu: Emulator) -> None:
+    """install.sh --now: active unit, STATUS= summary, 0640 wxtoken:wxtoken file, journal."""
+    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=emu.url, appid=APPID), "0640")
+    box.write("/etc/wxtoken/main.secret", SECRET + "\n", "0600")
+    box.write("/etc/wxtoken/bad.secret", "wrong-secret-for-bad\n", "0600")
+    box.write("/etc/systemd/system/wxtoken.service.d/credentials.conf", DROPIN)
+    result = box.run("/src/deploy/systemd/install.sh", "--now", timeout=600, check=False)
+    assert result.returncode == 0, result.stderr + box.sh(
+        "journalctl -u wxtoken --no-pager | tail -20").stdout
+    assert show(box, "ActiveState") == "active"
+    assert show(box, "Type") == "notify"
+    assert re.fullmatch(r"1/1 apps fresh; next: main in \d+m", show(box, "StatusText"))
+    stat = box.run("stat", "-c", "%U %G %a", "/var/lib/wxtoken/main.json").stdout.split()
+    assert stat == ["wxtoken", "wxtoken", "640"]
+    assert box.run("stat", "-c", "%U %G %a", "/var/lib/wxtoken").stdout.split() == [
+        "wxtoken", "wxtoken", "750"]
+    data = json.loads(box.run("cat", "/var/lib/wxtoken/main.json").stdout)
+    assert emu.token_status(data["access_token"]) == 0
+    assert emu.calls(APPID) == 1
+    journal = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
+    assert re.search(r"^event=token.refreshed app=main ", journal, re.M), journal
+    assert box.run("journalctl", "-u", "wxtoken", "-p", "err", "--no-pager", "-o", "cat",
+                   "-q").stdout.strip() == ""
+    assert SECRET not in journal
+    assert box.run("systemd-analyze", "verify", "wxtoken.service").returncode == 0
+    assert box.run("readlink", "/usr/local/bin/wxtoken").stdout.strip() == \
+        "/opt/wxtoken/bin/wxtoken"
+
+
+def test_group_members_read_the_token_and_others_cannot(box: Container) -> None:
+    """A user in group wxtoken reads the file (and `wxtoken token`); nobody is refused."""
+    box.run("useradd", "--system", "-G", "wxtoken", "reader")
+    ok = box.run("runuser", "-u", "reader", "--", "wxtoken", "token", "main", check=False)
+    assert ok.returncode == 0 and len(ok.stdout.strip()) > 20, ok.stderr
+    assert box.run("runuser", "-u", "reader", "--", "cat", "/var/lib/wxtoken/main.json").stdout
+    denied = box.run("runuser", "-u", "nobody", "--", "cat", "/var/lib/wxtoken/main.json",
+                     check=False)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    status = box.run("runuser", "-u", "reader", "--", "wxtoken", "status", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_restart_reuses_the_token_and_stop_is_clean(box: Container, emu: Emulator) -> None:
+    """systemctl restart makes no upstream call; systemctl stop exits cleanly."""
+    calls = emu.calls()
+    box.run("systemctl", "restart", "wxtoken")
+    assert show(box, "ActiveState") == "active"
+    assert emu.calls() == calls
+    journal = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
+    assert "event=token.reused app=main" in journal
+    box.run("systemctl", "stop", "wxtoken")
+    assert show(box, "ActiveState") == "inactive"
+    assert show(box, "Result") == "success" and show(box, "ExecMainStatus") == "0"
+    journal = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
+    assert journal.count("event=daemon.stopped") == 2  # the restart's stop, and this one
+
+
+def test_wrong_secret_keeps_the_service_up_and_reports_the_errcode(
+        box: Container, emu: Emulator) -> None:
+    """An app with a wrong secret: service stays active, -p err has errcode, status fails."""
+    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=emu.url, appid=APPID)
+              + BAD_APP.format(appid=APPID2), "0640")
+    box.run("systemctl", "start", "wxtoken")
+    assert show(box, "ActiveState") == "active"
+    errors = box.run("journalctl", "-u", "wxtoken", "-p", "err", "--no-pager", "-o",
+                     "cat").stdout
+    assert "event=refresh.failed app=bad" in errors and "errcode=40001" in errors
+    assert "the secret is wrong" in errors
+    assert "main" not in errors.replace("domain", "")
+    status = box.run("wxtoken", "status", check=False)
+    assert status.returncode == 1 and "bad" in status.stdout
+    assert "wrong-secret-for-bad" not in errors + status.stdout
+    time.sleep(2)
+    assert show(box, "ActiveState") == "active" and show(box, "NRestarts") == "0"
+    assert re.match(r"1/2 apps fresh; failing: bad", show(box, "StatusText"))
+    box.run("systemctl", "stop", "wxtoken")
+
+
+def test_watchdog_is_fed_by_the_scheduler_and_a_hung_daemon_is_restarted(
+        box: Container, emu: Emulator) -> None:
+    """With WatchdogSec=2 the daemon stays up; frozen with SIGSTOP, systemd restarts it."""
+    box.write("/etc/systemd/system/wxtoken.service.d/watchdog.conf",
+              "[Service]\nWatchdogSec=2\nRestartSec=1\n")
+    emu.add_fault("5xx")  # an upstream outage must not fail the start either
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "start", "wxtoken")
+    pid = show(box, "MainPID")
+    time.sleep(5)
+    assert show(box, "ActiveState") == "active" and show(box, "MainPID") == pid
+    assert show(box, "NRestarts") == "0"
+    box.run("kill", "-STOP", pid)
+    wait_for(box, f'[ "$(systemctl show wxtoken -p NRestarts --value)" -ge 1 ] && '
+                  f'[ "$(systemctl show wxtoken -p MainPID --value)" != {pid} ] && '
+                  'systemctl is-active -q wxtoken', timeout=30)
+    journal = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
+    assert "Watchdog timeout" in journal
+    emu.clear_faults()
+    box.run("systemctl", "stop", "wxtoken")
+    box.run("rm", "/etc/systemd/system/wxtoken.service.d/watchdog.conf")
+    box.run("systemctl", "daemon-reload")
+
+
+def test_config_error_exits_78_without_a_restart_loop(box: Container) -> None:
+    """A broken config: the start fails with status 78, one journal line, no restarts."""
+    box.write("/etc/wxtoken/config.toml", "refresh_interval = \"soon\"\n[apps.main]\n"
+              f"appid = \"{APPID}\"\nsecret_credential = \"main\"\n", "0640")
+    assert box.run("systemctl", "start", "wxtoken", check=False).returncode != 0
+    time.sleep(7)  # longer than RestartSec=5
+    assert show(box, "ExecMainStatus") == "78"
+    assert show(box, "NRestarts") == "0"
+    assert show(box, "ActiveState") == "failed"
+    errors = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
+    assert "/etc/wxtoken/config.toml: refresh_interval: must be a number" in errors
+    assert "Traceback" not in errors
+
+
+def test_uninstall_keeps_state_and_config(box: Container) -> None:
+    """install.sh --uninstall removes the program and unit, keeps the state and the config."""
+    box.run("/src/deploy/systemd/install.sh", "--uninstall")
+    assert box.run("test", "-e", "/opt/wxtoken", check=False).returncode != 0
+    assert box.run("test", "-e", "/etc/systemd/system/wxtoken.service",
+                   check=False).returncode != 0
+    assert box.run("test", "-f", "/var/lib/wxtoken/main.json").returncode == 0
+    assert box.run("test", "-f", "/etc/wxtoken/config.toml").returncode == 0
