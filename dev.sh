@@ -57,7 +57,7 @@ test)
     venv test,redis
     .venv/bin/ruff check daemon tests
     .venv/bin/mypy
-    exec .venv/bin/pytest -n 2 --dist loadgroup "$@"
+    exec .venv/bin/pytest -n 2 --dist loadfile "$@"
     ;;
 *)
     echo "usage: ./dev.sh demo [--duration SECONDS] | ./dev.sh test [pytest args]" >&2

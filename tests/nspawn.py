@@ -3,7 +3,8 @@
 Never boot systemd on the live root filesystem (its tmpfiles service would empty /tmp). Here the
 container writes only to a tmpfs upper layer inside a private mount namespace, so everything it
 wrote vanishes when it stops. It shares the host's network, so services inside reach an emulator
-on the host's 127.0.0.1.
+on the host's 127.0.0.1. It boots only to basic.target: the host image's own services
+(databases, timers, gettys) have no business starting in it, and may fight over the shared network.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ mount -t tmpfs -o mode=0755 tmpfs "$1"
 mkdir -p "$1/upper" "$1/work" "$1/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$1/upper,workdir=$1/work" "$1/root"
 exec systemd-nspawn --directory="$1/root" --boot --register=no --keep-unit --resolv-conf=off \
-    --timezone=off --link-journal=no --console=pipe --bind-ro="$2":/src
+    --timezone=off --link-journal=no --console=pipe --bind-ro="$2":/src -- systemd.unit=basic.target
 """
 
 
@@ -48,8 +49,12 @@ class Container:
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", BOOT_SCRIPT, "boot",
              str(base), str(src)], stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True)
-        self.leader = self._find_leader(timeout=60)
-        self._wait_booted(timeout=120)
+        try:
+            self.leader = self._find_leader(timeout=60)
+            self._wait_booted(timeout=120)
+        except BaseException:
+            self.stop()
+            raise
 
     def _find_leader(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout

@@ -1,6 +1,7 @@
 """The real unit under a real systemd: install.sh --now in a booted throwaway container.
 
-One container is booted for the module (tests run in order, in one xdist group); the emulator
+One container is booted for the module (tests run in order; `--dist loadfile` keeps them on one
+xdist worker); the emulator
 runs on the host's 127.0.0.1, which the container shares.
 """
 
@@ -14,15 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import APPID, APPID2, SECRET
-
-from wxtoken.emulator import Emulator
-
 from nspawn import Container, cannot_boot_reason
+from wxtoken.emulator import Emulator
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "wxtoken.service"
-pytestmark = pytest.mark.xdist_group("systemd")
 
 CONFIG = """\
 api_base = "{url}"
