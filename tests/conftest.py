@@ -23,6 +23,16 @@ SECRET2 = "s3cr3t-mini-0123456789abcdef"
 CORPID = "ww3333333333333333"
 CORPSECRET = "s3cr3t-corp-0123456789abcdef"
 TEST_SECRETS = (SECRET, SECRET2, CORPSECRET)
+# Every secret any test uses contains this marker; every output the suite collects from wxtoken
+# (daemon logs, CLI stdout/stderr, container journals) is checked for it.
+LEAK_MARKER = "s3cr3t"
+
+
+def assert_no_secret(text: str, where: str) -> None:
+    """Fail when a test secret appears in output wxtoken produced."""
+    if LEAK_MARKER in text:
+        line = next(line for line in text.splitlines() if LEAK_MARKER in line)
+        raise AssertionError(f"a secret leaked into {where}: {line[:300]}")
 
 
 @pytest.fixture
@@ -105,6 +115,7 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._log.close()
+            assert_no_secret(self.log_path.read_text(), f"the daemon log {self.log_path}")
 
 
 @pytest.fixture
@@ -119,17 +130,17 @@ def daemons() -> Iterator[Callable[..., DaemonProcess]]:
 
     yield start
     for d in started:
-        if d.proc.poll() is None:
+        if d.proc.poll() is None or not d._log.closed:
             d.stop(signal.SIGKILL)
-        else:
-            d._log.close()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run the real `wxtoken` command line."""
-    return subprocess.run([sys.executable, "-m", "wxtoken", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    """Run the real `wxtoken` command line (its output is checked for leaked secrets)."""
+    result = subprocess.run([sys.executable, "-m", "wxtoken", *args], capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert_no_secret(result.stdout + result.stderr, f"the output of wxtoken {' '.join(args)}")
+    return result
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def test_status_fails_with_the_errcode_when_the_secret_is_wrong(
         emulator: Emulator, make_config: Callable[..., Path],
         daemons: Callable[..., DaemonProcess]) -> None:
     """A wrong secret: the daemon stays up, status exits 1 and shows errcode 40001."""
-    config = make_config({"main": {"appid": APPID, "secret": "wrong-secret-abcdef"}})
+    config = make_config({"main": {"appid": APPID, "secret": "wrong-s3cr3t-abcdef"}})
     d = daemons(config)
     d.wait_for("refresh.failed")
     status = run_cli("status", "--json", "--config", str(config))
@@ -57,9 +57,9 @@ def test_status_fails_with_the_errcode_when_the_secret_is_wrong(
     assert d.proc.poll() is None
     table = run_cli("status", "--config", str(config))
     assert table.returncode == 1 and "errcode 40001" in table.stdout
-    assert "wrong-secret-abcdef" not in status.stdout + table.stdout
+    assert "wrong-s3cr3t-abcdef" not in status.stdout + table.stdout
     d.stop()
-    assert "wrong-secret-abcdef" not in d.log_path.read_text()
+    assert "wrong-s3cr3t-abcdef" not in d.log_path.read_text()
 
 
 def test_token_errors_are_one_line_with_exit_1(make_config: Callable[..., Path]) -> None:

@@ -100,18 +100,18 @@ def test_wxtoken_config_env_var_sets_the_default_path(tmp_path: Path) -> None:
 def test_secret_sources_resolve_and_are_masked_by_check_config(tmp_path: Path) -> None:
     """secret_file, secret_env and secret_credential all resolve; check-config never prints them."""
     secret_file = tmp_path / "main.secret"
-    secret_file.write_text("file-secret-value-123\n")
+    secret_file.write_text("file-s3cr3t-value-123\n")
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "cred").write_text("credential-secret-value-456")
+    (creds / "cred").write_text("credential-s3cr3t-value-456")
     path = tmp_path / "config.toml"
     path.write_text(
         f'[apps.a]\nappid = "wxa"\nsecret_file = "{secret_file}"\n'
         f'[apps.b]\nappid = "wxb"\nsecret_env = "WXT_SECRET_B"\n'
         f'[apps.c]\nappid = "wxc"\nsecret_credential = "cred"\n'
-        f'[apps.d]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1000002\nsecret = "inline-secret-7"\n')
+        f'[apps.d]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1000002\nsecret = "inline-s3cr3t-7"\n')
     path.chmod(0o600)
-    env = {"WXT_SECRET_B": "env-secret-value-789", "CREDENTIALS_DIRECTORY": str(creds)}
+    env = {"WXT_SECRET_B": "env-s3cr3t-value-789", "CREDENTIALS_DIRECTORY": str(creds)}
     os.environ.update(env)
     try:
         config = load_config(str(path))
@@ -119,8 +119,8 @@ def test_secret_sources_resolve_and_are_masked_by_check_config(tmp_path: Path) -
         for key in env:
             del os.environ[key]
     secrets = {a.name: a.secret for a in config.apps}
-    assert secrets == {"a": "file-secret-value-123", "b": "env-secret-value-789",
-                       "c": "credential-secret-value-456", "d": "inline-secret-7"}
+    assert secrets == {"a": "file-s3cr3t-value-123", "b": "env-s3cr3t-value-789",
+                       "c": "credential-s3cr3t-value-456", "d": "inline-s3cr3t-7"}
     assert config.app("d").agentid == "1000002" and config.app("d").api == "wecom"
     assert config.warnings == ()  # inline secret in a 0600 file: no warning
     result = run_cli("check-config", "--config", str(path), env=env)

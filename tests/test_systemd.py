@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPID, APPID2, SECRET
+from conftest import APPID, APPID2, SECRET, assert_no_secret
 from nspawn import Container, cannot_boot_reason
 from wxtoken.emulator import Emulator
 
@@ -43,7 +43,7 @@ LoadCredential=bad:/etc/wxtoken/bad.secret
 
 @pytest.fixture(scope="module")
 def emu() -> Iterator[Emulator]:
-    with Emulator({APPID: SECRET, APPID2: "another-secret-0000"}) as e:
+    with Emulator({APPID: SECRET, APPID2: "another-s3cr3t-0000"}) as e:
         yield e
 
 
@@ -57,6 +57,9 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     container = Container(tmp / "base", REPO, tmp / "console.log")
     try:
         yield container
+        journal = container.run("journalctl", "--no-pager", "-o", "cat").stdout
+        assert_no_secret(journal, "the container's journal")
+        assert "Traceback" not in journal
     finally:
         container.stop()
 
@@ -89,7 +92,7 @@ def test_install_now_starts_a_notify_service_that_writes_the_token(
     """install.sh --now: active unit, STATUS= summary, 0640 wxtoken:wxtoken file, journal."""
     box.write("/etc/wxtoken/config.toml", CONFIG.format(url=emu.url, appid=APPID), "0640")
     box.write("/etc/wxtoken/main.secret", SECRET + "\n", "0600")
-    box.write("/etc/wxtoken/bad.secret", "wrong-secret-for-bad\n", "0600")
+    box.write("/etc/wxtoken/bad.secret", "wrong-s3cr3t-for-bad\n", "0600")
     box.write("/etc/systemd/system/wxtoken.service.d/credentials.conf", DROPIN)
     result = box.run("/src/deploy/systemd/install.sh", "--now", timeout=600, check=False)
     assert result.returncode == 0, result.stderr + box.sh(
@@ -156,7 +159,7 @@ def test_wrong_secret_keeps_the_service_up_and_reports_the_errcode(
     assert "main" not in errors.replace("domain", "")
     status = box.run("wxtoken", "status", check=False)
     assert status.returncode == 1 and "bad" in status.stdout
-    assert "wrong-secret-for-bad" not in errors + status.stdout
+    assert "wrong-s3cr3t-for-bad" not in errors + status.stdout
     time.sleep(2)
     assert show(box, "ActiveState") == "active" and show(box, "NRestarts") == "0"
     assert re.match(r"1/2 apps fresh; failing: bad", show(box, "StatusText"))

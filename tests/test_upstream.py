@@ -78,10 +78,10 @@ def test_faults_are_classified_and_never_leak_the_secret(
 
 
 @pytest.mark.parametrize(("app", "code"), [
-    (AppConfig(name="m", api="token", appid=APPID, secret="wrong-secret-1"), 40001),
-    (AppConfig(name="m", api="stable_token", appid=APPID, secret="wrong-secret-1"), 40125),
-    (AppConfig(name="m", api="token", appid="wxunknown", secret="wrong-secret-1"), 40013),
-    (AppConfig(name="m", api="wecom", appid=CORPID, secret="wrong-secret-1", agentid="1"), 40001),
+    (AppConfig(name="m", api="token", appid=APPID, secret="wrong-s3cr3t-1"), 40001),
+    (AppConfig(name="m", api="stable_token", appid=APPID, secret="wrong-s3cr3t-1"), 40125),
+    (AppConfig(name="m", api="token", appid="wxunknown", secret="wrong-s3cr3t-1"), 40013),
+    (AppConfig(name="m", api="wecom", appid=CORPID, secret="wrong-s3cr3t-1", agentid="1"), 40001),
 ])
 def test_bad_credentials_are_permanent_errors(app: AppConfig, code: int,
                                               client: WeChatClient) -> None:
@@ -90,7 +90,7 @@ def test_bad_credentials_are_permanent_errors(app: AppConfig, code: int,
         client.fetch(app)
     assert err.value.kind is ErrorClass.PERMANENT
     assert err.value.errcode == code and err.value.errmsg
-    assert "wrong-secret-1" not in str(err.value)
+    assert "wrong-s3cr3t-1" not in str(err.value)
 
 
 def test_connection_refused_is_transient_without_secret() -> None:

@@ -19,6 +19,7 @@ from wxtoken.config import Config, default_config_path, load_config
 from wxtoken.errors import ConfigError, StoreError, TokenCorrupt, TokenUnavailable, WxtokenError
 from wxtoken.reader import read_token
 from wxtoken.record import parse_record, token_path
+from wxtoken.schedule import overdue_by
 
 EX_CONFIG = 78
 
@@ -83,6 +84,10 @@ def app_health(config: Config, name: str, now: float) -> dict[str, Any]:
                     expires_in=int(record.expires_at - now))
         if record.expires_at <= now:
             problems.append("token expired")
+        elif (late := overdue_by(record, app.api, config.refresh_interval, config.renew_before,
+                                 now)) > 0:
+            problems.append(f"stale: refresh overdue by {human_delta(late)} "
+                            "(is the daemon running?)")
     except FileNotFoundError:
         problems.append("no token file yet")
     except (OSError, TokenCorrupt) as exc:

@@ -24,6 +24,7 @@ import json
 import random
 import secrets
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -118,17 +119,22 @@ class Emulator:
 
     def __init__(self, apps: dict[str, str] | None = None,
                  corps: dict[str, set[str]] | None = None, host: str = "127.0.0.1",
-                 port: int = 0, **settings: Any) -> None:
+                 port: int = 0, ssl_context: ssl.SSLContext | None = None,
+                 **settings: Any) -> None:
         self.state = State(settings=Settings(**settings), apps=dict(apps or {}),
                            corps={k: set(v) for k, v in (corps or {}).items()})
         self.server = _Server((host, port), _Handler)
         self.server.state = self.state
+        self.scheme = "http"
+        if ssl_context is not None:  # HTTPS, for TLS and ca_bundle tests
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self.scheme}://{host!s}:{port}"
 
     def start(self) -> Emulator:
         self._thread = threading.Thread(target=self.server.serve_forever, name="emulator",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from wxtoken import schedule
 from wxtoken.clock import next_wechat_midnight, wechat_day
 from wxtoken.config import AppConfig, Config
 from wxtoken.errcodes import ErrorClass
@@ -56,25 +57,27 @@ class Refresher:
         self.transient_cap = min(300.0, max(TRANSIENT_BASE, config.renew_before / 4))
         self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
         self.hard_cap = max(self.hard_base, config.refresh_interval)
+        # a token fetched but not yet written (disk full, …): written on the next run instead of
+        # fetching again, since every fetch shortens the life of the token readers hold
+        self.pending: TokenRecord | None = None
+        self.store_failures = 0
 
     # -- the schedule -------------------------------------------------------------------------
     def _lead(self, record: TokenRecord) -> float:
-        """How long before expiry the token must be replaced (never more than half its life)."""
-        return min(self.config.renew_before, (record.expires_at - record.refreshed_at) / 2)
+        return schedule.lead(record, self.config.renew_before)
 
     def due_at(self, record: TokenRecord, status: AppStatus | None = None) -> float:
         """When this record should be replaced, jitter included (always earlier, never later)."""
-        lead = self._lead(record)
-        refreshed_at: float = record.refreshed_at
+        exact: float | None = None
         if status is not None and int(status.refreshed_at_exact) == record.refreshed_at:
-            refreshed_at = status.refreshed_at_exact  # the file's whole seconds, made exact
+            exact = status.refreshed_at_exact  # the file's whole seconds, made exact
+        latest = schedule.due_at(record, self.app.api, self.config.refresh_interval,
+                                 self.config.renew_before, exact)
         if self.app.api == "stable_token":
-            # WeChat hands out the next stable token only in its last window before expiry:
-            # call inside it (renew_before is that window), early enough to retry there.
-            return record.expires_at - lead * self.rng.uniform(0.6, 0.8)
-        due = min(refreshed_at + self.config.refresh_interval, record.expires_at - lead)
-        span = max(0.0, due - refreshed_at)
-        return due - self.rng.uniform(0, min(30.0, 0.05 * span))
+            spread = self._lead(record) * (schedule.STABLE_EARLIEST - schedule.STABLE_LATEST)
+            return latest - self.rng.uniform(0, spread)
+        span = max(0.0, latest - (exact or record.refreshed_at))
+        return latest - self.rng.uniform(0, min(30.0, 0.05 * span))
 
     # -- one run ------------------------------------------------------------------------------
     def _current(self) -> TokenRecord | None:
@@ -89,17 +92,48 @@ class Refresher:
             return None
 
     def run(self, first: bool = False) -> Outcome:
-        """Refresh if due (decided under the lock, from the file); return what happened."""
-        with self.store.locked():
-            if first:
-                for tmp in self.store.remove_stale_temp():
-                    self.log.info("store.temp_removed", path=tmp)
-            return self._run_locked(first)
+        """Refresh if due (decided under the lock, from the file); return what happened.
+
+        A state directory that cannot be written (disk full, read-only, permissions) never loses
+        the current file: the run is retried with backoff until the cause goes away.
+        """
+        try:
+            with self.store.locked():
+                if first:
+                    for tmp in self.store.remove_stale_temp():
+                        self.log.info("store.temp_removed", path=tmp)
+                outcome = self._run_locked(first)
+        except StoreError as exc:
+            self.store_failures += 1
+            delay = backoff(self.store_failures, TRANSIENT_BASE, self.transient_cap, self.rng)
+            self.log.error("store.failed", error=str(exc), attempt=self.store_failures,
+                           next_in=round(delay, 1), token_pending=self.pending is not None)
+            return Outcome("failed", self.clock() + delay)
+        self.store_failures = 0
+        return outcome
+
+    def _write_pending(self, record: TokenRecord | None, status: AppStatus,
+                       now: float) -> Outcome | None:
+        pending, self.pending = self.pending, None
+        if pending is None or pending.expires_at <= now or (
+                record is not None and record.refreshed_at > pending.refreshed_at):
+            return None  # gone stale, or another writer has a newer token
+        self.pending = pending
+        self.store.write(pending)
+        self.pending = None
+        status.last_result = "ok"
+        self.store.write_status(status)
+        due = self.due_at(pending)
+        self.log.info("token.refreshed", token=mask(pending.access_token), late_write=True,
+                      expires_in=int(pending.expires_at - now), next_in=int(due - now))
+        return Outcome("refreshed", due, pending.expires_at)
 
     def _run_locked(self, first: bool) -> Outcome:
         now = self.clock()
         record = self._current()
         status = self.store.read_status()
+        if self.pending is not None and (written := self._write_pending(record, status, now)):
+            return written
         if record is not None and record.expires_at > now:
             due = self.due_at(record, status)
             if due > now:
@@ -158,7 +192,9 @@ class Refresher:
             # never replace a newer file with an older result (a clock step backwards)
             self.log.warning("token.discarded_older", token=mask(new.access_token))
             return Outcome("fresh", self.due_at(record), record.expires_at)
+        self.pending = new
         self.store.write(new)
+        self.pending = None
         status.refreshed_at_exact = now
         status.last_result = "ok"
         self.store.write_status(status)
