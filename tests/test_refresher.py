@@ -211,6 +211,10 @@ def test_backoff_is_capped_jittered_and_floored() -> None:
     """Backoff grows exponentially to the cap, with full jitter but never below the base."""
     rng = random.Random(1)
     for failures in range(1, 40):
+        ceiling = max(1.0, min(60.0, 2 ** (failures - 1)))
         values = [backoff(failures, 1.0, 60.0, rng) for _ in range(50)]
-        assert all(1.0 <= v <= min(60.0, 2 ** (failures - 1)) or v == 1.0 for v in values)
+        assert all(1.0 <= v <= ceiling for v in values)
+        equal = [backoff(failures, 1.0, 60.0, rng, full_jitter=False) for _ in range(50)]
+        assert all(max(1.0, ceiling / 2) <= v <= ceiling for v in equal)
     assert max(backoff(30, 1.0, 60.0, rng) for _ in range(200)) > 30
+    assert min(backoff(30, 1.0, 60.0, rng) for _ in range(200)) < 30

@@ -91,6 +91,8 @@ class _Checker:
         self.warnings: list[str] = []
 
     def bad(self, key: str, problem: str) -> None:
+        if not key.isprintable():  # one problem, one line, whatever the key holds
+            key = key.encode("unicode_escape").decode()
         self.problems.append(f"{self.path}: {key}: {problem}")
 
     def unknown(self, table: dict[str, Any], allowed: frozenset[str], prefix: str) -> None:
@@ -111,7 +113,7 @@ class _Checker:
         return value
 
     def number(self, table: dict[str, Any], key: str, default: float, minimum: float,
-               integer: bool = False) -> float:
+               maximum: float, integer: bool = False) -> float:
         value: Any = table.get(key, default)
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or (integer and not isinstance(value, int))):
@@ -119,6 +121,9 @@ class _Checker:
             return default
         if not value >= minimum:  # also rejects NaN
             self.bad(key, f"must be at least {minimum}, not {value!r}")
+            return default
+        if not value <= maximum:  # also rejects inf
+            self.bad(key, f"must be at most {maximum}, not {value!r}")
             return default
         return float(value)
 
@@ -131,16 +136,22 @@ def _check_url(value: str) -> str | None:
 
 
 def _check_abs_path(value: str) -> str | None:
+    if "\0" in value:
+        return "must not contain a NUL character"
     return None if os.path.isabs(value) else f"must be an absolute path, not {value!r}"
 
 
 def _check_ca(value: str) -> str | None:
-    return None if os.path.isfile(value) else f"no such file {value!r}"
+    return _check_abs_path(value) or (None if os.path.isfile(value) else f"no such file {value!r}")
 
 
 def _read_secret_file(path: str) -> str:
-    with open(path, encoding="utf-8") as fh:
-        return fh.read().strip()
+    # O_NONBLOCK + a regular-file check: a FIFO or device must not hang or flood the daemon
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file", path)
+        return fh.read(65536).decode("utf-8", "replace").strip()
 
 
 def _resolve_secret(ck: _Checker, app: dict[str, Any], prefix: str,
@@ -164,8 +175,8 @@ def _resolve_secret(ck: _Checker, app: dict[str, Any], prefix: str,
                                    "readable by others; use secret_file or secret_credential")
             return value.strip(), "inline"
         if key == "secret_file":
-            if not os.path.isabs(value):
-                ck.bad(prefix + key, f"must be an absolute path, not {value!r}")
+            if problem := _check_abs_path(value):
+                ck.bad(prefix + key, problem)
                 return "", ""
             secret = _read_secret_file(value)
         elif key == "secret_env":
@@ -179,7 +190,7 @@ def _resolve_secret(ck: _Checker, app: dict[str, Any], prefix: str,
                 ck.bad(prefix + key, "$CREDENTIALS_DIRECTORY is not set "
                        "(use LoadCredential= in the systemd unit)")
                 return "", ""
-            if "/" in value:
+            if "/" in value or "\0" in value or value in (".", ".."):
                 ck.bad(prefix + key, f"must be a credential name, not a path: {value!r}")
                 return "", ""
             secret = _read_secret_file(os.path.join(creds, value))
@@ -266,15 +277,15 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     ck = _Checker(path)
     ck.unknown(doc, TOP_KEYS, "")
     state_dir = ck.string(doc, "state_dir", "", "/var/lib/wxtoken", _check_abs_path)
-    refresh_interval = ck.number(doc, "refresh_interval", 3600.0, 0.1)
-    renew_before = ck.number(doc, "renew_before", 300.0, 0)
+    refresh_interval = ck.number(doc, "refresh_interval", 3600.0, 0.1, 86400)
+    renew_before = ck.number(doc, "renew_before", 300.0, 0, 3600)
     api_base = ck.string(doc, "api_base", "", None, _check_url)
     ca_bundle = ck.string(doc, "ca_bundle", "", None, _check_ca)
     log_format = doc.get("log_format", "auto")
     if log_format not in LOG_FORMATS:
         ck.bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
         log_format = "auto"
-    daily_budget = int(ck.number(doc, "daily_budget", 1000, 1, integer=True))
+    daily_budget = int(ck.number(doc, "daily_budget", 1000, 1, 100_000, integer=True))
     control_socket = ck.string(doc, "control_socket", "", "/run/wxtoken/control.sock",
                                _check_abs_path)
     metrics_file = ck.string(doc, "metrics_file", "", None, _check_abs_path)

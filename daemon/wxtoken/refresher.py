@@ -35,10 +35,15 @@ class Outcome:
     expires_at: int | None = None
 
 
-def backoff(failures: int, base: float, cap: float, rng: random.Random) -> float:
-    """Capped exponential backoff with full jitter, never shorter than ``base``."""
+def backoff(failures: int, base: float, cap: float, rng: random.Random,
+            full_jitter: bool = True) -> float:
+    """Capped exponential backoff, never shorter than ``base``.
+
+    Full jitter (uniform over [0, ceiling]) spreads transient retries; hard errors use equal
+    jitter (uniform over [ceiling/2, ceiling]) so that the waits really grow.
+    """
     ceiling = min(cap, base * 2 ** min(failures - 1, 30))
-    return max(base, rng.uniform(0, ceiling))
+    return max(base, rng.uniform(0 if full_jitter else ceiling / 2, ceiling))
 
 
 class Refresher:
@@ -213,7 +218,8 @@ class Refresher:
         if exc.kind is ErrorClass.QUOTA_EXHAUSTED:
             delay = next_wechat_midnight(now) - now + self.rng.uniform(0, 60)
         elif exc.kind in HARD_ERRORS:
-            delay = backoff(status.failures, self.hard_base, self.hard_cap, self.rng)
+            delay = backoff(status.failures, self.hard_base, self.hard_cap, self.rng,
+                            full_jitter=False)
         else:
             delay = backoff(status.failures, TRANSIENT_BASE, self.transient_cap, self.rng)
         status.retry_at = now + delay

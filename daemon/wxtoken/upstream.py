@@ -43,8 +43,10 @@ class WeChatClient:
         self.timeout = timeout
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"wxtoken/{__version__}"
-        # TLS is always verified; ca_bundle only changes which CAs are trusted.
-        self.session.verify = ca_bundle or True
+        # TLS is always verified; ca_bundle only changes which CAs are trusted. It is passed on
+        # every request: a session-level value loses to $REQUESTS_CA_BUNDLE (requests#3829).
+        self.verify: str | bool = ca_bundle or True
+        self.session.verify = self.verify
         self.session.trust_env = True  # honour HTTPS_PROXY for egress gateways
 
     def close(self) -> None:
@@ -79,7 +81,8 @@ class WeChatClient:
 
     def _request(self, method: str, url: str, path: str, kwargs: dict[str, Any]) -> Any:
         try:
-            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            resp = self.session.request(method, url, timeout=self.timeout, verify=self.verify,
+                                        **kwargs)
         except requests.exceptions.SSLError:
             raise UpstreamError(ErrorClass.TRANSIENT,
                                 f"TLS verification failed for {path} (check ca_bundle)") from None
