@@ -97,3 +97,28 @@ def test_demo_runs_emulator_and_daemon_and_every_token_is_accepted() -> None:
     assert "wechat_accepts=yes" in out and "business_calls_rejected=0" in out
     for secret in ("demo-secret-main-0001", "demo-secret-mini-0002", *TEST_SECRETS):
         assert secret not in out
+
+
+def test_status_reports_a_stale_token_when_refreshes_stop(make_config: Callable[..., Path]) -> None:
+    """A still-valid token whose refresh is long overdue (daemon not running) is unhealthy."""
+    config = make_config(refresh_interval=60)
+    now = int(time.time())
+    (config.parent / "state" / "main.json").write_text(json.dumps({
+        "app": "main", "appid": APPID, "access_token": "t" * 40, "expires_at": now + 3000,
+        "refreshed_at": now - 4200}))
+    status = run_cli("status", "--json", "--config", str(config))
+    app = json.loads(status.stdout)["apps"][0]
+    assert status.returncode == 1 and app["healthy"] is False
+    assert any(p.startswith("stale: refresh overdue by") for p in app["problems"])
+
+
+def test_secret_is_not_in_the_daemon_command_line_or_title(
+        make_config: Callable[..., Path], daemons: Callable[..., DaemonProcess]) -> None:
+    """The running daemon's argv (ps, /proc/PID/cmdline) carries no secret."""
+    config = make_config()
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    cmdline = Path(f"/proc/{d.proc.pid}/cmdline").read_bytes().decode()
+    comm = Path(f"/proc/{d.proc.pid}/comm").read_text()
+    assert SECRET not in cmdline + comm and "--config" in cmdline
+    d.stop()
