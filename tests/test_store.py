@@ -146,3 +146,26 @@ def test_atomic_write_never_shows_a_partial_file(tmp_path: Path) -> None:
     stop.set()
     t.join()
     assert bad == [] and reads > 0
+
+
+def test_lock_serialises_threads_sharing_one_store(tmp_path: Path) -> None:
+    """Threads sharing one Store (scheduler, control endpoint) exclude each other too."""
+    store = Store(str(tmp_path), "main")
+    holders: list[int] = []
+    overlaps: list[int] = []
+
+    def worker(n: int) -> None:
+        for _ in range(20):
+            with store.locked():
+                holders.append(n)
+                if len(holders) > 1:
+                    overlaps.append(n)
+                time.sleep(0.001)
+                holders.remove(n)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == []

@@ -17,6 +17,8 @@ import grp
 import json
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,6 +47,8 @@ class AppStatus:
     error: str | None = None  # our one-line description of the last failure
     calls_day: str = ""  # the WeChat day (Asia/Shanghai) calls_today counts
     calls_today: int = 0
+    forced_today: int = 0  # forced refreshes (passive refresh) on calls_day
+    last_forced_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -115,6 +119,9 @@ class Store:
         self.status_path = os.path.join(state_dir, f"{app}.status.json")
         self._lock = filelock.FileLock(os.path.join(state_dir, f"{app}.lock"),
                                        timeout=LOCK_TIMEOUT, thread_local=False)
+        # filelock is reentrant for every thread sharing one FileLock object: threads of this
+        # process (scheduler, control endpoint) are serialised here first
+        self._thread_lock = threading.Lock()
 
     def _gid(self) -> int | None:
         if self.file_group is None:
@@ -127,14 +134,20 @@ class Store:
     @contextlib.contextmanager
     def locked(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
         """Hold the writers' lock (between daemons, threads and CLI calls on this state dir)."""
+        started = time.monotonic()
+        if not self._thread_lock.acquire(timeout=timeout):
+            raise StoreError(f"timed out after {timeout:.0f} s waiting for {self._lock.lock_file}")
         try:
-            with self._lock.acquire(timeout=timeout):
+            left = max(0.0, timeout - (time.monotonic() - started))
+            with self._lock.acquire(timeout=left):
                 yield
         except filelock.Timeout:
             raise StoreError(f"timed out after {timeout:.0f} s waiting for {self._lock.lock_file}"
                              ) from None
         except OSError as exc:
             raise _store_error("lock", self._lock.lock_file, exc) from None
+        finally:
+            self._thread_lock.release()
 
     def read(self) -> TokenRecord:
         """The token file's record; TokenCorrupt/FileNotFoundError when there is none usable."""
