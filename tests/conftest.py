@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,14 +60,24 @@ def write_config(path: Path, top: dict[str, Any], apps: dict[str, dict[str, Any]
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, emulator: Emulator) -> Callable[..., Path]:
+def sock_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (sun_path holds 107 bytes; pytest's paths are long)."""
+    path = Path(tempfile.mkdtemp(prefix="wxt-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, emulator: Emulator, sock_dir: Path) -> Callable[..., Path]:
     """Build a config pointing at the emulator, with a state dir under tmp_path."""
 
     def make(apps: dict[str, dict[str, Any]] | None = None, name: str = "config.toml",
              **top: Any) -> Path:
         state = tmp_path / "state"
         state.mkdir(exist_ok=True)
-        settings = {"state_dir": str(state), "api_base": emulator.url, "log_format": "json"}
+        settings = {"state_dir": str(state), "api_base": emulator.url, "log_format": "json",
+                    "control_socket": str(sock_dir / "control.sock")}
         settings.update(top)
         if apps is None:
             apps = {"main": {"appid": APPID, "secret": SECRET}}

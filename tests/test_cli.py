@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import APPID, APPID2, SECRET, SECRET2, TEST_SECRETS, DaemonProcess, run_cli
 from wxtoken.emulator import Emulator
+
+from conftest import APPID, APPID2, SECRET, SECRET2, TEST_SECRETS, DaemonProcess, run_cli
 
 
 def test_token_prints_the_valid_token_and_status_is_healthy(

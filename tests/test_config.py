@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPID, SECRET, run_cli
 from wxtoken.config import load_config
+
+from conftest import APPID, SECRET, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_APP = f'[apps.main]\nappid = "{APPID}"\nsecret = "{SECRET}"\n'

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
 from wxtoken import TokenUnavailable, read_token
 from wxtoken.emulator import Emulator
+
+from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
 
 CONTRACT_KEYS = {"app", "appid", "access_token", "expires_at", "refreshed_at"}
 TWO_APPS = {"main": {"appid": APPID, "secret": SECRET},

@@ -9,8 +9,9 @@ from typing import Any
 
 import requests
 
-from conftest import APPID, CORPID, CORPSECRET, SECRET
 from wxtoken.emulator import Emulator
+
+from conftest import APPID, CORPID, CORPSECRET, SECRET
 
 
 def token(emu: Emulator, **params: str) -> dict[str, Any]:

@@ -18,13 +18,14 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import APPID, SECRET, DaemonProcess, run_cli
 from wxtoken.config import APP_KEYS, TOP_KEYS, Config, load_config
 from wxtoken.emulator import Emulator
 from wxtoken.errcodes import ErrorClass
 from wxtoken.errors import ConfigError, UpstreamError
 from wxtoken.refresher import Refresher
 from wxtoken.upstream import WeChatClient
+
+from conftest import APPID, SECRET, DaemonProcess, run_cli
 
 
 @pytest.mark.parametrize(("fault", "errcode", "hint"), [

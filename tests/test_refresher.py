@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from conftest import APPID, APPID2, SECRET, SECRET2
 from wxtoken.clock import next_wechat_midnight
 from wxtoken.config import AppConfig, Config
 from wxtoken.emulator import Emulator
@@ -19,6 +18,8 @@ from wxtoken.record import TokenRecord
 from wxtoken.refresher import Refresher, backoff
 from wxtoken.store import Store
 from wxtoken.upstream import WeChatClient
+
+from conftest import APPID, APPID2, SECRET, SECRET2
 
 MAIN = AppConfig(name="main", api="token", appid=APPID, secret=SECRET)
 MINI = AppConfig(name="mini", api="stable_token", appid=APPID2, secret=SECRET2)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from wxtoken.emulator import Emulator
+
 from conftest import APPID, APPID2, SECRET, assert_no_secret
 from nspawn import Container, cannot_boot_reason
-from wxtoken.emulator import Emulator
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "wxtoken.service"
@@ -128,6 +129,26 @@ def test_group_members_read_the_token_and_others_cannot(box: Container) -> None:
     assert denied.returncode != 0 and "Permission denied" in denied.stderr
     status = box.run("runuser", "-u", "reader", "--", "wxtoken", "status", check=False)
     assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_control_socket_serves_the_group_and_refuses_others(box: Container, emu: Emulator) -> None:
+    """/run/wxtoken/control.sock: a group member's passive refresh works; nobody is refused."""
+    sock = box.run("stat", "-c", "%U %G %a", "/run/wxtoken/control.sock").stdout.split()
+    assert sock == ["wxtoken", "wxtoken", "660"]
+    calls = emu.calls()
+    current = box.run("cat", "/var/lib/wxtoken/main.json").stdout
+    token = json.loads(current)["access_token"]
+    stale = box.run("runuser", "-u", "reader", "--", "wxtoken", "refresh", "main", "--invalid",
+                    "some-replaced-token-0123456789", check=False)
+    assert stale.returncode == 0 and stale.stdout.strip() == token, stale.stderr
+    assert emu.calls() == calls  # already replaced: no upstream call
+    fresh = box.run("runuser", "-u", "reader", "--", "wxtoken", "refresh", "main", "--invalid",
+                    token, check=False)
+    assert fresh.returncode == 0 and fresh.stdout.strip() != token, fresh.stderr
+    assert emu.token_status(fresh.stdout.strip()) == 0 and emu.calls() == calls + 1
+    denied = box.run("runuser", "-u", "nobody", "--", "wxtoken", "refresh", "main",
+                     "--socket", "/run/wxtoken/control.sock", check=False)
+    assert denied.returncode == 1 and "permission denied" in denied.stderr
 
 
 def test_restart_reuses_the_token_and_stop_is_clean(box: Container, emu: Emulator) -> None:

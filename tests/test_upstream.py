@@ -8,12 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2
 from wxtoken.config import AppConfig
 from wxtoken.emulator import Emulator
 from wxtoken.errcodes import FETCH_ERRCODES, ErrorClass, business_token_invalid, classify
 from wxtoken.errors import UpstreamError
 from wxtoken.upstream import WeChatClient
+
+from conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2
 
 MAIN = AppConfig(name="main", api="token", appid=APPID, secret=SECRET)
 MINI = AppConfig(name="mini", api="stable_token", appid=APPID2, secret=SECRET2)

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from wxtoken.errors import (
     ConfigError,
+    ControlError,
     StoreError,
     TokenCorrupt,
     TokenExpired,
@@ -18,10 +19,11 @@ from wxtoken.errors import (
     UpstreamError,
     WxtokenError,
 )
-from wxtoken.reader import Token, read_token
+from wxtoken.reader import Token, read_token, report_invalid
 
 __all__ = [
     "ConfigError",
+    "ControlError",
     "StoreError",
     "Token",
     "TokenCorrupt",
@@ -32,4 +34,5 @@ __all__ = [
     "WxtokenError",
     "__version__",
     "read_token",
+    "report_invalid",
 ]

@@ -11,15 +11,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from wxtoken import __version__
-from wxtoken.clock import human_delta, wechat_day
-from wxtoken.config import Config, default_config_path, load_config
-from wxtoken.errors import ConfigError, StoreError, TokenCorrupt, TokenUnavailable, WxtokenError
+from wxtoken.clock import human_delta
+from wxtoken.config import default_config_path, load_config
+from wxtoken.errors import ConfigError, StoreError, TokenUnavailable, WxtokenError
+from wxtoken.health import app_health
 from wxtoken.reader import read_token
-from wxtoken.record import parse_record, token_path
-from wxtoken.schedule import overdue_by
 
 EX_CONFIG = 78
 
@@ -67,53 +65,17 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def app_health(config: Config, name: str, now: float) -> dict[str, Any]:
-    """One app's health as `wxtoken status` reports it (from the files, no daemon needed)."""
-    from wxtoken.store import AppStatus  # stdlib + filelock only
-
-    app = config.app(name)
-    info: dict[str, Any] = {"app": name, "api": app.api, "appid": app.appid,
-                            "daily_budget": config.daily_budget}
-    problems: list[str] = []
-    path = token_path(config.state_dir, name)
-    try:
-        with open(path, "rb") as fh:
-            record = parse_record(fh.read(), name)
-        info.update(refreshed_at=record.refreshed_at, expires_at=record.expires_at,
-                    token_age=int(now - record.refreshed_at),
-                    expires_in=int(record.expires_at - now))
-        if record.expires_at <= now:
-            problems.append("token expired")
-        elif (late := overdue_by(record, app.api, config.refresh_interval, config.renew_before,
-                                 now)) > 0:
-            problems.append(f"stale: refresh overdue by {human_delta(late)} "
-                            "(is the daemon running?)")
-    except FileNotFoundError:
-        problems.append("no token file yet")
-    except (OSError, TokenCorrupt) as exc:
-        problems.append(f"token file unusable: {getattr(exc, 'reason', None) or exc}")
-    status = AppStatus()
-    status_path = os.path.join(config.state_dir, f"{name}.status.json")
-    try:
-        with open(status_path, "rb") as fh:
-            status = AppStatus.from_json(fh.read())
-    except (OSError, ValueError, TypeError):
-        pass
-    calls = status.calls_today if status.calls_day == wechat_day(now) else 0
-    info.update(last_result=status.last_result, calls_today=calls,
-                last_attempt_at=status.last_attempt_at or None,
-                last_success_at=status.last_success_at or None)
-    if status.retry_at > now:
-        info["next_attempt_in"] = int(status.retry_at - now)
-    if status.last_result == "error":
-        info["last_error"] = {"class": status.error_class, "errcode": status.errcode,
-                              "errmsg": status.errmsg, "message": status.error}
-        problems.append(f"last refresh failed: {status.error}")
-    if status.last_result == "budget" or calls >= config.daily_budget:
-        problems.append(f"daily budget of {config.daily_budget} calls reached")
-    info["healthy"] = not problems
-    info["problems"] = problems
-    return info
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    from wxtoken.control_client import refresh
+    if args.socket:
+        control_socket = args.socket
+    else:
+        config = load_config(args.config, resolve_secrets=False)
+        config.app(args.app)
+        control_socket = config.control_socket
+    answer = refresh(args.app, args.invalid, control_socket)
+    print(answer["access_token"])
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -187,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ticket", choices=["jsapi", "wx_card"], help="print a ticket instead")
     p.add_argument("--state-dir", help="read from this state dir instead of the config's")
     p.set_defaults(func=_cmd_token)
+    p = sub.add_parser("refresh", parents=[common],
+                       help="passive refresh through the running daemon; prints the new token")
+    p.add_argument("app")
+    p.add_argument("--invalid", metavar="TOKEN",
+                   help="the token WeChat refused: no upstream call if it was already replaced")
+    p.add_argument("--socket", metavar="PATH", help="the daemon's control socket "
+                   "(default: control_socket from the config)")
+    p.set_defaults(func=_cmd_refresh)
     p = sub.add_parser("status", parents=[common], help="health of every app (exit 1 if unhealthy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)

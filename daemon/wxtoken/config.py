@@ -141,6 +141,12 @@ def _check_abs_path(value: str) -> str | None:
     return None if os.path.isabs(value) else f"must be an absolute path, not {value!r}"
 
 
+def _check_socket_path(value: str) -> str | None:
+    if len(os.fsencode(value)) > 107:  # sun_path is 108 bytes with its NUL
+        return "is too long for a Unix socket (at most 107 bytes)"
+    return _check_abs_path(value)
+
+
 def _check_ca(value: str) -> str | None:
     return _check_abs_path(value) or (None if os.path.isfile(value) else f"no such file {value!r}")
 
@@ -257,8 +263,11 @@ def _parse_app(ck: _Checker, name: str, app: Any, config_mode: int,
     if not isinstance(tickets, list) or any(t not in TICKET_TYPES for t in tickets):
         ck.bad(prefix + "tickets", f"must be a list of {', '.join(TICKET_TYPES)}")
         tickets = []
-    elif tickets:
-        ck.bad(prefix + "tickets", "tickets are not implemented in this version yet")
+    elif tickets and api == "wecom":
+        ck.bad(prefix + "tickets", "WeCom tickets are not supported yet (only for token and "
+               "stable_token apps)")
+    elif len(set(tickets)) != len(tickets):
+        ck.bad(prefix + "tickets", "lists a ticket type twice")
     mode = _file_mode(ck, app.get("file_mode", 0o640), prefix + "file_mode")
     group = ck.string(app, "file_group", prefix)
     if resolve_secrets:
@@ -287,7 +296,7 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
         log_format = "auto"
     daily_budget = int(ck.number(doc, "daily_budget", 1000, 1, 100_000, integer=True))
     control_socket = ck.string(doc, "control_socket", "", "/run/wxtoken/control.sock",
-                               _check_abs_path)
+                               _check_socket_path)
     metrics_file = ck.string(doc, "metrics_file", "", None, _check_abs_path)
     if metrics_file:
         ck.warnings.append(f"{path}: metrics_file: metrics are not written by this version yet")

@@ -10,7 +10,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -24,9 +24,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from wxtoken import sdnotify
 from wxtoken.clock import human_delta
 from wxtoken.config import Config
+from wxtoken.control import ControlServer
 from wxtoken.errors import ConfigError
 from wxtoken.logs import get_logger
-from wxtoken.refresher import Outcome, Refresher
+from wxtoken.refresher import Forced, Outcome, Refresher
 from wxtoken.upstream import WeChatClient
 
 MAX_CONCURRENT_FETCHES = 8
@@ -57,6 +58,7 @@ class Daemon:
         self._lock = threading.Condition()
         self._inflight = 0
         self._stopping = False
+        self.control: ControlServer | None = None
         self.ready = threading.Event()
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -76,23 +78,49 @@ class Daemon:
                 # the job sets its own next run; the interval is only a safety net
                 self._tick, IntervalTrigger(seconds=max(3600.0, self.config.refresh_interval)),
                 args=[name], id=name, name=f"refresh {name}", next_run_time=_utc(now))
+        try:
+            self.control = ControlServer(self.config.control_socket, self.refreshers,
+                                         self._on_forced, self._working)
+        except OSError as exc:  # e.g. /run/wxtoken missing when run by hand: refresh is off
+            self.control = None
+            self.log.warning("control.disabled", socket=self.config.control_socket,
+                             reason=exc.strerror or str(exc))
         interval = sdnotify.watchdog_interval()
         if interval:
             self.scheduler.add_job(self.notify, IntervalTrigger(seconds=interval),
                                    args=["WATCHDOG=1"], id="_watchdog", executor="watchdog")
         self.scheduler.start()
+        if self.control is not None:
+            self.control.start()
 
-    def _tick(self, name: str) -> None:
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[bool]:
+        """Count work in flight (stop() waits for it); yields False once stopping."""
         with self._lock:
             if self._stopping:
+                yield False
                 return
             self._inflight += 1
         try:
-            self._refresh(name)
+            yield True
         finally:
             with self._lock:
                 self._inflight -= 1
                 self._lock.notify_all()
+
+    def _tick(self, name: str) -> None:
+        with self._working() as ok:
+            if ok:
+                self._refresh(name)
+
+    def _on_forced(self, name: str, forced: Forced) -> None:
+        """After a passive refresh (run inside _working), the app's schedule follows it."""
+        if forced.outcome is None:
+            return
+        with self._lock:
+            self.outcomes[name] = forced.outcome
+        with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+            self.scheduler.modify_job(name, next_run_time=_utc(forced.outcome.next_at))
 
     def _refresh(self, name: str) -> None:
         first = name not in self.outcomes
@@ -138,6 +166,8 @@ class Daemon:
         """Let refreshes in progress finish (never cut a write short), then stop the scheduler."""
         self.notify("STOPPING=1")
         self.log.info("daemon.stopping")
+        if self.control is not None:
+            self.control.stop()
         with self._lock:
             self._stopping = True
             # APScheduler's shutdown() holds its job store lock while it waits for running jobs,

@@ -8,8 +8,11 @@ It follows the documented behaviour that matters for token sharing:
   ``stable_window`` seconds of its life, then the next one (old and new both valid);
   ``force_refresh`` issues a new one, at most ``force_per_day`` a day and ``force_spacing`` apart.
 - ``GET /cgi-bin/gettoken`` (WeCom): one token per (corpid, secret), the same one while valid.
-- ``GET /cgi-bin/get_api_domain_ip?access_token=``: a business API answering 40001/42001 for a
-  bad or expired token, so tests can prove a token really works.
+- ``GET /cgi-bin/ticket/getticket?access_token=&type=jsapi|wx_card``: a new ticket per call (the
+  previous one valid ``overlap`` more), only for a valid token.
+- ``GET /cgi-bin/get_api_domain_ip`` and ``/cgi-bin/getcallbackip`` with ``?access_token=``:
+  business APIs answering 40001/42001 for a bad or expired token, so tests can prove a token
+  really works.
 - daily quotas (45009), and fault injection: busy (-1), minute_quota (45011), quota (45009),
   ip (40164), errcode:N, 5xx, garbage, reset, hang, empty_token.
 
@@ -89,6 +92,7 @@ class State:
     apps: dict[str, str] = field(default_factory=dict)  # appid -> secret
     corps: dict[str, set[str]] = field(default_factory=dict)  # corpid -> agent secrets
     tokens: dict[str, _Issued] = field(default_factory=dict)
+    tickets: dict[str, _Issued] = field(default_factory=dict)
     latest: dict[tuple[str, str], _Issued] = field(default_factory=dict)
     stable: dict[str, _Stable] = field(default_factory=dict)
     calls: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> api -> n
@@ -172,6 +176,19 @@ class Emulator:
     def token_status(self, token: str) -> int:
         """0 when the business API would accept the token, else its errcode (40001 / 42001)."""
         return _check_token(self.state, token, count=False)
+
+    def ticket_status(self, ticket: str) -> int:
+        """0 when a JS-SDK signature with this ticket would be accepted, else 40001 / 42001."""
+        with self.state.lock:
+            issued = self.state.tickets.get(ticket)
+            if issued is None:
+                return 40001
+            return 42001 if time.time() >= issued.expires_at else 0
+
+    def invalidate(self, token: str) -> None:
+        """Make WeChat drop a token early (as a token fetched elsewhere would)."""
+        with self.state.lock:
+            self.state.tokens[token].expires_at = time.time()
 
     def stats(self) -> dict[str, Any]:
         return _stats(self.state)
@@ -312,6 +329,31 @@ def _stable_token(state: State, body: dict[str, Any]) -> dict[str, Any]:
         return {"access_token": st.current.token, "expires_in": s.token_ttl}
 
 
+def _ticket(state: State, query: dict[str, str]) -> dict[str, Any]:
+    kind = query.get("type", "")
+    code = _check_token(state, query.get("access_token", ""), count=False)
+    if code:
+        raise _err(code, "access_token expired" if code == 42001 else
+                   "invalid credential, access_token is invalid or not latest")
+    if kind not in ("jsapi", "wx_card"):
+        raise _err(40097, "invalid args")
+    with state.lock:
+        appid = state.tokens[query["access_token"]].key[1]
+        _count_call(state, appid, f"ticket_{kind}")
+        if fault := _take_fault(state, appid):
+            _apply_fault(state, fault)
+        now = time.time()
+        key = (f"ticket_{kind}", appid)
+        previous = state.latest.get(key)
+        if previous is not None:
+            previous.expires_at = min(previous.expires_at, now + state.settings.overlap)
+        ticket = f"tk_{secrets.token_urlsafe(64)}"
+        issued = state.latest[key] = _Issued(ticket, key, now, now + state.settings.token_ttl)
+        state.tickets[ticket] = issued
+        return {"errcode": 0, "errmsg": "ok", "ticket": ticket,
+                "expires_in": state.settings.token_ttl}
+
+
 def _wecom(state: State, query: dict[str, str]) -> dict[str, Any]:
     corpid, secret = query.get("corpid", ""), query.get("corpsecret", "")
     if not corpid:
@@ -375,7 +417,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _Reply(_stable_token(state, self._json_body()))
             if route == ("GET", "/cgi-bin/gettoken"):
                 raise _Reply(_wecom(state, query))
-            if route == ("GET", "/cgi-bin/get_api_domain_ip"):
+            if route == ("GET", "/cgi-bin/ticket/getticket"):
+                raise _Reply(_ticket(state, query))
+            if route in (("GET", "/cgi-bin/get_api_domain_ip"), ("GET", "/cgi-bin/getcallbackip")):
                 code = _check_token(state, query.get("access_token", ""))
                 if code == 42001:
                     raise _err(42001, "access_token expired")

@@ -10,7 +10,8 @@ ever see this tree::
     │   ├── TokenCorrupt     the file is empty, not JSON, another schema or another app's
     │   └── TokenExpired     the file's token is past its expires_at
     ├── UpstreamError        WeChat (or the network to it) refused to hand out a token
-    └── StoreError           the state directory could not be written (disk full, read-only, …)
+    ├── StoreError           the state directory could not be written (disk full, read-only, …)
+    └── ControlError         the daemon's control endpoint refused or could not serve a request
 """
 
 from __future__ import annotations
@@ -67,3 +68,15 @@ class UpstreamError(WxtokenError):
 
 class StoreError(WxtokenError):
     """Writing the state directory failed; the previous token file is untouched."""
+
+
+class ControlError(WxtokenError):
+    """A passive refresh (or another control request) failed; ``error_class`` says why."""
+
+    def __init__(self, message: str, status: int = 0, error_class: str | None = None,
+                 errcode: int | None = None, retry_after: float | None = None) -> None:
+        self.status = status
+        self.error_class = error_class
+        self.errcode = errcode
+        self.retry_after = retry_after
+        super().__init__(message)

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from wxtoken.control_client import DEFAULT_SOCKET, refresh
 from wxtoken.errors import TokenCorrupt, TokenExpired, TokenMissing
 from wxtoken.record import TokenRecord, parse_record, token_path
 
@@ -99,6 +100,19 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
         _cache[(state_dir, app)] = _Entry(token, now + min(CHECK_EVERY, remaining),
                                           _identity(st))
     return token
+
+
+def report_invalid(app: str, token: str, state_dir: str = DEFAULT_STATE_DIR,
+                   control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0) -> Token:
+    """Tell the daemon WeChat refused ``token`` (errcode 40001/40014/42001); return a valid one.
+
+    The cache is dropped at once. If the file already holds another token, the daemon answers
+    with it and makes no upstream call; otherwise it refreshes (at most once per 30 s per app,
+    however many processes report). Raises ControlError when the daemon cannot help.
+    """
+    drop_cache(app)
+    refresh(app, token, control_socket, timeout)
+    return read_token(app, state_dir)
 
 
 def drop_cache(app: str | None = None, state_dir: str | None = None) -> None:

@@ -14,7 +14,7 @@ import requests
 
 from wxtoken import __version__
 from wxtoken.config import AppConfig
-from wxtoken.errcodes import ErrorClass, classify
+from wxtoken.errcodes import ErrorClass, business_token_invalid, classify
 from wxtoken.errors import UpstreamError
 from wxtoken.record import MAX_TOKEN_LEN
 
@@ -77,6 +77,22 @@ class WeChatClient:
         started = time.monotonic()
         body = self._request(method, base + path, path, kwargs)
         took_ms = int((time.monotonic() - started) * 1000)
+        return _parse_token_body(body, path, took_ms)
+
+    def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
+        """A jsapi or wx_card ticket, fetched with the app's current token."""
+        path = "/cgi-bin/ticket/getticket"
+        started = time.monotonic()
+        body = self._request("GET", self._base(app) + path, path,
+                             {"params": {"access_token": access_token, "type": kind}})
+        code = body.get("errcode") if isinstance(body, dict) else None
+        if isinstance(code, int) and business_token_invalid(code):
+            raise UpstreamError(ErrorClass.TOKEN_INVALID,
+                                f"{path} refused the access_token (errcode {code})",
+                                errcode=code, errmsg=str(body.get("errmsg"))[:200])
+        took_ms = int((time.monotonic() - started) * 1000)
+        if isinstance(body, dict) and body.get("errcode") == 0 and "ticket" in body:
+            body = {"access_token": body["ticket"], "expires_in": body.get("expires_in")}
         return _parse_token_body(body, path, took_ms)
 
     def _request(self, method: str, url: str, path: str, kwargs: dict[str, Any]) -> Any:

@@ -1,0 +1,70 @@
+"""Client of the daemon's control endpoint (HTTP/1.1 over a Unix socket). Standard library only,
+so ``report_invalid`` costs a reader nothing until it is called."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+
+from wxtoken.errors import ControlError
+
+DEFAULT_SOCKET = "/run/wxtoken/control.sock"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def request(method: str, path: str, body: dict[str, Any] | None = None,
+            control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0) -> dict[str, Any]:
+    """One request; the JSON answer, or ControlError with the daemon's reason."""
+    conn = _UnixConnection(control_socket, timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except PermissionError:
+        raise ControlError(f"permission denied on {control_socket} "
+                           "(join the wxtoken group)") from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ControlError(f"cannot reach the wxtoken daemon at {control_socket} "
+                           "(is it running?)") from None
+    except TimeoutError:
+        raise ControlError(f"no answer from the wxtoken daemon within {timeout:.0f} s") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise ControlError(f"control request failed: {exc}") from None
+    finally:
+        conn.close()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ControlError(f"unexpected answer from the daemon (HTTP {resp.status})") from None
+    if resp.status != 200:
+        raise ControlError(str(data.get("error", f"HTTP {resp.status}")), resp.status,
+                           data.get("error_class"), data.get("errcode"), data.get("retry_after"))
+    if not isinstance(data, dict):
+        raise ControlError("unexpected answer from the daemon")
+    return data
+
+
+def refresh(app: str, invalid_token: str | None = None,
+            control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0) -> dict[str, Any]:
+    """Ask the daemon for a new token (passive refresh); returns {"access_token", ...}."""
+    body = {"invalid_token": invalid_token} if invalid_token else {}
+    return request("POST", f"/v1/apps/{app}/refresh", body, control_socket, timeout)
