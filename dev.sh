@@ -2,6 +2,7 @@
 # The two commands of the README, each installing what it needs into ./.venv:
 #   ./dev.sh demo   emulator + daemon on a temporary state dir (no WeChat account needed)
 #   ./dev.sh test   ruff, mypy and the whole test suite
+#   ./dev.sh bench  the benchmarks (not part of the tests; prints a table)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -55,12 +56,18 @@ test)
     # the systemd tests boot a throwaway container (they skip, saying why, when not root)
     [ "$(id -u)" != 0 ] || apt_install systemd-container
     venv test,redis
-    .venv/bin/ruff check daemon tests
+    .venv/bin/ruff check daemon tests bench
     .venv/bin/mypy
     exec .venv/bin/pytest -n 2 --dist loadfile "$@"
     ;;
+bench)
+    # not part of the test suite: prints figures (README "Performance")
+    [ "$(id -u)" != 0 ] || apt_install redis-server || true
+    venv test,redis
+    exec .venv/bin/python bench/run.py "$@"
+    ;;
 *)
-    echo "usage: ./dev.sh demo [--duration SECONDS] | ./dev.sh test [pytest args]" >&2
+    echo "usage: ./dev.sh demo [--duration S] | ./dev.sh test [pytest args] | ./dev.sh bench" >&2
     exit 2
     ;;
 esac

@@ -141,6 +141,12 @@ def _check_abs_path(value: str) -> str | None:
     return None if os.path.isabs(value) else f"must be an absolute path, not {value!r}"
 
 
+def _check_metrics_path(value: str) -> str | None:
+    if not value.endswith(".prom"):
+        return "must end in .prom (the textfile collector reads only those)"
+    return _check_abs_path(value)
+
+
 def _check_socket_path(value: str) -> str | None:
     if len(os.fsencode(value)) > 107:  # sun_path is 108 bytes with its NUL
         return "is too long for a Unix socket (at most 107 bytes)"
@@ -297,9 +303,7 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     daily_budget = int(ck.number(doc, "daily_budget", 1000, 1, 100_000, integer=True))
     control_socket = ck.string(doc, "control_socket", "", "/run/wxtoken/control.sock",
                                _check_socket_path)
-    metrics_file = ck.string(doc, "metrics_file", "", None, _check_abs_path)
-    if metrics_file:
-        ck.warnings.append(f"{path}: metrics_file: metrics are not written by this version yet")
+    metrics_file = ck.string(doc, "metrics_file", "", None, _check_metrics_path)
     redis: RedisConfig | None = None
     if "redis" in doc:
         table = doc["redis"]

@@ -54,6 +54,7 @@ def _token_body(record: TokenRecord, now: float) -> dict[str, Any]:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    wbufsize = -1  # one write per response
 
     def address_string(self) -> str:
         return "unix"

@@ -9,8 +9,7 @@ import socket
 from typing import Any
 
 from wxtoken.errors import ControlError
-
-DEFAULT_SOCKET = "/run/wxtoken/control.sock"
+from wxtoken.reader import DEFAULT_SOCKET
 
 
 class _UnixConnection(http.client.HTTPConnection):

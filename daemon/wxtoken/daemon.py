@@ -13,13 +13,16 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
+
+if TYPE_CHECKING:
+    from wxtoken.metrics import Metrics
 
 from wxtoken import sdnotify
 from wxtoken.clock import human_delta
@@ -59,6 +62,10 @@ class Daemon:
         self._inflight = 0
         self._stopping = False
         self.control: ControlServer | None = None
+        self.metrics: Metrics | None = None
+        if config.metrics_file:
+            from wxtoken.metrics import Metrics  # prometheus_client only when metrics are on
+            self.metrics = Metrics(config, config.metrics_file)
         self.ready = threading.Event()
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -92,6 +99,8 @@ class Daemon:
         self.scheduler.start()
         if self.control is not None:
             self.control.start()
+        if self.metrics is not None:
+            self.metrics.start()
 
     @contextlib.contextmanager
     def _working(self) -> Iterator[bool]:
@@ -117,6 +126,8 @@ class Daemon:
         """After a passive refresh (run inside _working), the app's schedule follows it."""
         if forced.outcome is None:
             return
+        if self.metrics is not None:
+            self.metrics.observe(name, forced.outcome.state)
         with self._lock:
             self.outcomes[name] = forced.outcome
         with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
@@ -132,6 +143,8 @@ class Daemon:
             refresher.log.error("refresh.crashed", error=str(exc) or type(exc).__name__,
                                 next_in=retry)
             outcome = Outcome("failed", self.clock() + retry)
+        if self.metrics is not None:
+            self.metrics.observe(name, outcome.state)
         with self._lock:
             self.outcomes[name] = outcome
             all_tried = len(self.outcomes) == len(self.refreshers)
@@ -175,6 +188,8 @@ class Daemon:
             self._lock.wait_for(lambda: self._inflight == 0, timeout)
         with contextlib.suppress(SchedulerNotRunningError):
             self.scheduler.shutdown(wait=False)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.client.close()
         self.log.info("daemon.stopped")
 

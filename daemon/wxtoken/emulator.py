@@ -97,6 +97,8 @@ class State:
     stable: dict[str, _Stable] = field(default_factory=dict)
     calls: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> api -> n
     issued: dict[str, int] = field(default_factory=dict)  # appid -> tokens issued
+    inflight: int = 0  # token requests being answered right now
+    max_inflight: int = 0
     accepted: int = 0
     rejected: int = 0
     rejected_tokens: list[str] = field(default_factory=list)
@@ -208,7 +210,8 @@ def _stats(state: State) -> dict[str, Any]:
         return {"calls": {a: dict(per) for a, per in state.calls.items()},
                 "total_calls": sum(sum(per.values()) for per in state.calls.values()),
                 "issued": dict(state.issued), "accepted": state.accepted,
-                "rejected": state.rejected, "settings": asdict(state.settings),
+                "rejected": state.rejected, "max_inflight": state.max_inflight,
+                "settings": asdict(state.settings),
                 "faults": [asdict(f) for f in state.faults]}
 
 
@@ -382,6 +385,7 @@ def _wecom(state: State, query: dict[str, str]) -> dict[str, Any]:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    wbufsize = -1  # headers and body in one send: no Nagle + delayed-ACK stall on keep-alive
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: request lines would carry secrets
@@ -408,9 +412,16 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if parts.path.startswith("/_emu/"):
                 raise _Reply(self._control(method, parts.path, state))
-            if state.settings.latency:
-                time.sleep(state.settings.latency)
             route = (method, parts.path)
+            if state.settings.latency:
+                with state.lock:
+                    state.inflight += 1
+                    state.max_inflight = max(state.max_inflight, state.inflight)
+                try:
+                    time.sleep(state.settings.latency)
+                finally:
+                    with state.lock:
+                        state.inflight -= 1
             if route == ("GET", "/cgi-bin/token"):
                 raise _Reply(_token(state, query))
             if route == ("POST", "/cgi-bin/stable_token"):

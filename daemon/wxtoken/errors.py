@@ -16,10 +16,7 @@ ever see this tree::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from wxtoken.errcodes import ErrorClass
+from wxtoken.errcodes import ErrorClass  # enum only: importing errors stays cheap for readers
 
 
 class WxtokenError(Exception):

@@ -10,15 +10,13 @@ never returned past its ``expires_at``: the cache entry's deadline is the earlie
 from __future__ import annotations
 
 import os
-import threading
 import time
-from typing import NamedTuple
 
-from wxtoken.control_client import DEFAULT_SOCKET, refresh
 from wxtoken.errors import TokenCorrupt, TokenExpired, TokenMissing
 from wxtoken.record import TokenRecord, parse_record, token_path
 
 DEFAULT_STATE_DIR = "/var/lib/wxtoken"
+DEFAULT_SOCKET = "/run/wxtoken/control.sock"
 CHECK_EVERY = 0.1  # seconds between re-validations of the file
 
 
@@ -42,14 +40,12 @@ class Token(str):
         return f"<Token {self[:6]}… expires_at={self.expires_at}>"
 
 
-class _Entry(NamedTuple):
-    token: Token
-    valid_until: float  # monotonic deadline: next re-validation or expiry, whichever first
-    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_size
-
-
+# (state_dir, app) -> (token, monotonic deadline, file identity). The deadline is the next
+# re-validation or the token's expiry, whichever comes first; the identity is (st_dev, st_ino,
+# st_mtime_ns, st_size). A plain tuple and a plain dict: single operations on them are atomic,
+# and neither typing nor threading needs importing (readers pay only for what they use).
+_Entry = tuple[Token, float, tuple[int, int, int, int]]
 _cache: dict[tuple[str, str], _Entry] = {}
-_lock = threading.Lock()
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -62,8 +58,8 @@ def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR) -> Token:
     Raises TokenMissing, TokenCorrupt or TokenExpired (all ``TokenUnavailable``, a LookupError).
     """
     entry = _cache.get((state_dir, app))
-    if entry is not None and time.monotonic() < entry.valid_until:
-        return entry.token
+    if entry is not None and time.monotonic() < entry[1]:
+        return entry[0]
     return _revalidate(app, state_dir, entry)
 
 
@@ -71,8 +67,8 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
     path = token_path(state_dir, app)
     try:
         st = os.stat(path)
-        if entry is not None and _identity(st) == entry.identity:
-            token = entry.token
+        if entry is not None and _identity(st) == entry[2]:
+            token = entry[0]
         else:
             # open + fstat: the identity must describe the bytes we parse, not a later file
             with open(path, "rb") as fh:
@@ -96,9 +92,7 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
         _cache.pop((state_dir, app), None)
         raise TokenExpired(app, f"token in {path} expired {int(-remaining)} s ago "
                                 "(is the wxtoken daemon running?)")
-    with _lock:
-        _cache[(state_dir, app)] = _Entry(token, now + min(CHECK_EVERY, remaining),
-                                          _identity(st))
+    _cache[(state_dir, app)] = (token, now + min(CHECK_EVERY, remaining), _identity(st))
     return token
 
 
@@ -110,6 +104,8 @@ def report_invalid(app: str, token: str, state_dir: str = DEFAULT_STATE_DIR,
     with it and makes no upstream call; otherwise it refreshes (at most once per 30 s per app,
     however many processes report). Raises ControlError when the daemon cannot help.
     """
+    from wxtoken.control_client import refresh  # http.client only when a report is made
+
     drop_cache(app)
     refresh(app, token, control_socket, timeout)
     return read_token(app, state_dir)
@@ -117,7 +113,6 @@ def report_invalid(app: str, token: str, state_dir: str = DEFAULT_STATE_DIR,
 
 def drop_cache(app: str | None = None, state_dir: str | None = None) -> None:
     """Forget cached tokens (all, or one app's), so the next read goes to the file."""
-    with _lock:
-        for key in list(_cache):
-            if (state_dir is None or key[0] == state_dir) and (app is None or key[1] == app):
-                del _cache[key]
+    for key in list(_cache):
+        if (state_dir is None or key[0] == state_dir) and (app is None or key[1] == app):
+            _cache.pop(key, None)

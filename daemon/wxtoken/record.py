@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
 
 from wxtoken.errors import TokenCorrupt
 
@@ -15,20 +13,45 @@ TICKET_TYPES = ("jsapi", "wx_card")
 MAX_TOKEN_LEN = 2048  # WeChat promises <= 512; leave headroom, but refuse nonsense
 
 
-@dataclass(frozen=True)
 class TokenRecord:
-    """One app's token as stored in ``<state_dir>/<app>.json``."""
+    """One app's token as stored in ``<state_dir>/<app>.json`` (immutable by convention).
 
-    app: str
-    appid: str
-    access_token: str
-    expires_at: int
-    refreshed_at: int
-    # ticket type -> (ticket, expires_at)
-    tickets: dict[str, tuple[str, int]] = field(default_factory=dict)
+    A plain class rather than a dataclass: readers import this module, and dataclasses (with
+    inspect) would double what `from wxtoken import read_token` costs.
+    """
+
+    __slots__ = ("access_token", "app", "appid", "expires_at", "refreshed_at", "tickets")
+
+    def __init__(self, app: str, appid: str, access_token: str, expires_at: int,
+                 refreshed_at: int, tickets: dict[str, tuple[str, int]] | None = None) -> None:
+        self.app = app
+        self.appid = appid
+        self.access_token = access_token
+        self.expires_at = expires_at
+        self.refreshed_at = refreshed_at
+        self.tickets: dict[str, tuple[str, int]] = tickets or {}  # type -> (ticket, expires_at)
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.app, self.appid, self.access_token, self.expires_at, self.refreshed_at,
+                sorted(self.tickets.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenRecord) and self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:  # never the whole token
+        return (f"TokenRecord(app={self.app!r}, token={self.access_token[:6]!r}…, "
+                f"expires_at={self.expires_at}, refreshed_at={self.refreshed_at})")
+
+    def replace(self, **changes: object) -> TokenRecord:
+        """A copy with some fields changed."""
+        fields: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return TokenRecord(**fields)  # type: ignore[arg-type]
 
     def to_json(self) -> bytes:
-        data: dict[str, Any] = {
+        data: dict[str, object] = {
             "app": self.app,
             "appid": self.appid,
             "access_token": self.access_token,
@@ -45,7 +68,7 @@ def token_path(state_dir: str | os.PathLike[str], app: str) -> str:
     return os.path.join(os.fspath(state_dir), f"{app}.json")
 
 
-def _int_field(data: dict[str, Any], key: str, app: str) -> int:
+def _int_field(data: dict[str, object], key: str, app: str) -> int:
     value = data.get(key)
     if type(value) is not int or value <= 0:
         raise TokenCorrupt(app, f"field {key!r} is missing or not a positive integer")

@@ -10,7 +10,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from wxtoken import schedule
@@ -98,7 +98,14 @@ class Refresher:
             spread = self._lead(record) * (schedule.STABLE_EARLIEST - schedule.STABLE_LATEST)
             return latest - self.rng.uniform(0, spread)
         span = max(0.0, latest - (exact or record.refreshed_at))
-        return latest - self.rng.uniform(0, min(30.0, 0.05 * span))
+        return latest - self.rng.uniform(0, self._spread(span))
+
+    def _spread(self, span: float) -> float:
+        """Jitter window: small (<= 30 s) for a few apps; with many apps in one daemon, wide
+        enough (half a second per app, at most a quarter of the interval) that their refreshes
+        spread out instead of hitting WeChat in one burst every interval."""
+        small = min(30.0, 0.05 * span)
+        return min(max(small, 0.5 * len(self.config.apps)), max(small, 0.25 * span))
 
     def tickets_due_at(self, record: TokenRecord) -> float:
         """When a configured ticket is missing or close to expiry (inf when none configured)."""
@@ -223,7 +230,7 @@ class Refresher:
             # a few times inside the window (bounded: a quarter of the lead apart).
             expires_at = min(record.expires_at, int(now) + fetched.expires_in)
             if expires_at != record.expires_at:
-                record = replace(record, expires_at=expires_at)
+                record = record.replace(expires_at=expires_at)
                 self.store.write(record)
             status.last_result = "unchanged"
             self.store.write_status(status)
@@ -298,7 +305,7 @@ class Refresher:
         else:
             self.ticket_failures, self.ticket_retry_at = 0, 0.0
         kept = {k: v for k, v in tickets.items() if k in self.app.tickets and v[1] > now}
-        return replace(record, tickets=kept)
+        return record.replace(tickets=kept)
 
     def _refresh_tickets(self, record: TokenRecord, status: AppStatus, now: float,
                          token_due: float) -> Outcome:

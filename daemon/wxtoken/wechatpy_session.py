@@ -20,9 +20,8 @@ from wechatpy import WeChatClient as _WeChatClient
 from wechatpy.session import SessionStorage
 from wechatpy.session.memorystorage import MemoryStorage
 
-from wxtoken.control_client import DEFAULT_SOCKET
 from wxtoken.errors import TokenUnavailable
-from wxtoken.reader import DEFAULT_STATE_DIR, drop_cache, read_token, report_invalid
+from wxtoken.reader import DEFAULT_SOCKET, DEFAULT_STATE_DIR, drop_cache, read_token, report_invalid
 from wxtoken.record import TICKET_TYPES
 
 

@@ -1,0 +1,320 @@
+"""wxtoken benchmarks: prints one table of figures against the goals of PRODUCT.md.
+
+Run with ``./dev.sh bench`` (installs redis-server for the Redis comparison when it can).
+Not a test: it measures and prints; the README's Performance section quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from wxtoken.emulator import Emulator
+from wxtoken.reader import drop_cache, read_token
+from wxtoken.record import TokenRecord
+from wxtoken.store import atomic_write
+
+ROWS: list[tuple[str, str, str]] = []
+
+
+def row(what: str, figure: str, goal: str = "") -> None:
+    ROWS.append((what, figure, goal))
+    print(f"  {what}: {figure}  {goal}", file=sys.stderr, flush=True)
+
+
+def per_op(fn: Callable[[], object], n: int) -> float:
+    """Best of 5 runs of n calls, in nanoseconds per call."""
+    best = float("inf")
+    for _ in range(5):
+        begin = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter_ns() - begin) / n)
+    return best
+
+
+def write_token(state: Path, app: str = "main") -> None:
+    now = int(time.time())
+    rec = TokenRecord(app, "wx1", "78_" + "x" * 130, now + 7200, now)
+    atomic_write(str(state / f"{app}.json"), rec.to_json(), 0o640)
+
+
+# -- readers ---------------------------------------------------------------------------------------
+def bench_readers(tmp: Path) -> None:
+    state = tmp / "state"
+    state.mkdir(parents=True)
+    write_token(state)
+    path = str(state / "main.json")
+    sd = str(state)
+    read_token("main", sd)
+    stat_ns = per_op(lambda: os.stat(path), 200_000)
+    hot_ns = per_op(lambda: read_token("main", sd), 200_000)
+
+    def cold() -> object:
+        drop_cache()
+        return read_token("main", sd)
+
+    cold_ns = per_op(cold, 20_000)
+
+    def open_json() -> object:
+        with open(path, "rb") as fh:
+            return json.load(fh)
+
+    json_ns = per_op(open_json, 20_000)
+    row("os.stat (reference)", f"{stat_ns:.0f} ns", "")
+    row("read_token hot", f"{hot_ns:.0f} ns = {hot_ns / stat_ns:.2f} x os.stat",
+        "goal <= 0.5 x os.stat")
+    row("read_token cold (cache dropped)", f"{cold_ns:.0f} ns = {cold_ns / stat_ns:.1f} x", "")
+    row("open + json.load per read", f"{json_ns:.0f} ns = {json_ns / stat_ns:.1f} x", "")
+    redis_ns = bench_redis(tmp)
+    if redis_ns is not None:
+        row("Redis GET over loopback", f"{redis_ns:.0f} ns = {redis_ns / stat_ns:.0f} x", "")
+    http_ns = bench_http(path)
+    row("HTTP GET over loopback (keep-alive)", f"{http_ns:.0f} ns = {http_ns / stat_ns:.0f} x",
+        "")
+
+
+def bench_redis(tmp: Path) -> float | None:
+    server = shutil.which("redis-server")
+    if server is None:
+        row("Redis GET over loopback", "skipped: redis-server not installed")
+        return None
+    import redis
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        client.set("wxtoken:main", "78_" + "x" * 130)
+        return per_op(lambda: client.get("wxtoken:main"), 5_000)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def bench_http(path: str) -> float:
+    body = Path(path).read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        wbufsize = -1  # headers and body in one send (no Nagle/delayed-ACK stall)
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1])
+
+    def get() -> object:
+        conn.request("GET", "/v1/apps/main")
+        return conn.getresponse().read()
+
+    try:
+        return per_op(get, 3_000)
+    finally:
+        conn.close()
+        server.shutdown()
+
+
+def bench_import() -> None:
+    code = ("import resource, sys, time; t = time.perf_counter(); from wxtoken import read_token;"
+            " d = time.perf_counter() - t; "
+            "bad = [m for m in ('requests', 'apscheduler', 'structlog') if m in sys.modules]; "
+            "print(d, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, bad)")
+    base = ("import resource, time; t = time.perf_counter(); import json; "
+            "d = time.perf_counter() - t; "
+            "print(d, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, [])")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.split(maxsplit=2) for _ in range(5)]
+    bare = [subprocess.run([sys.executable, "-c", base], capture_output=True, text=True,
+                           check=True).stdout.split(maxsplit=2) for _ in range(5)]
+    ms = statistics.median(float(r[0]) * 1000 for r in runs)
+    json_ms = statistics.median(float(b[0]) * 1000 for b in bare)
+    extra = statistics.median(int(r[1]) for r in runs) - statistics.median(int(b[1]) for b in bare)
+    row("`from wxtoken import read_token`", f"{ms:.1f} ms (of which `import json` {json_ms:.1f}),"
+        f" +{extra / 1024:.1f} MB RSS over `import json`, daemon modules loaded: "
+        f"{runs[0][2].strip()}", "goal: a few ms, none loaded")
+
+
+# -- daemons ---------------------------------------------------------------------------------------
+def config_file(tmp: Path, emu: Emulator, apps: dict[str, str], **top: Any) -> Path:
+    state = tmp / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    lines = [f'state_dir = "{state}"', f'api_base = "{emu.url}"', 'log_format = "json"',
+             f'control_socket = "{tempfile.mkdtemp(prefix="wxb-", dir="/tmp")}/c.sock"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in top.items()]
+    for name, appid in apps.items():
+        lines += [f"[apps.{name}]", f'appid = "{appid}"', f'secret = "bench-{appid}"']
+    path = tmp / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def start(config: Path, notify: str | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if notify:
+        env["NOTIFY_SOCKET"] = notify
+    return subprocess.Popen([sys.executable, "-m", "wxtoken", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def wait_ready(sock: socket.socket, timeout: float = 120) -> None:
+    sock.settimeout(timeout)
+    while sock.recv(200) != b"READY=1":
+        pass
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def notify_socket(tmp: Path) -> tuple[socket.socket, str]:
+    path = tempfile.mkdtemp(prefix="wxn-", dir="/tmp") + "/n.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    return sock, path
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def bench_one_app(tmp: Path, idle: float) -> None:
+    with Emulator({"wx1": "bench-wx1"}) as emu:
+        config = config_file(tmp, emu, {"main": "wx1"})
+        sock, path = notify_socket(tmp)
+        proc = start(config, path)
+        wait_ready(sock)
+        stop(proc)
+        times = []
+        for _ in range(5):
+            t = time.monotonic()
+            proc = start(config, path)
+            wait_ready(sock)
+            times.append(time.monotonic() - t)
+            stop(proc)
+        row("start to READY, token reused (median of 5)",
+            f"{statistics.median(times) * 1000:.0f} ms", "goal <= 500 ms")
+        proc = start(config, path)
+        wait_ready(sock)
+        time.sleep(2)
+        cpu0 = cpu_s(proc.pid)
+        time.sleep(idle)
+        cpu = cpu_s(proc.pid) - cpu0
+        row(f"idle daemon, 1 app, over {idle:.0f} s", f"RSS {rss_mb(proc.pid):.1f} MB, "
+            f"CPU {cpu * 1000:.0f} ms", "goal RSS <= 40 MB, no polling")
+        stop(proc)
+        assert emu.calls() == 1, emu.calls()
+        row("upstream calls for 6 starts with a valid token", f"{emu.calls()} (the first start)",
+            "goal: 0 on restart")
+
+
+def bench_scaled_day(tmp: Path, daemons: int, restarts: int, day: float) -> None:
+    """K daemons on one state dir over a scaled day (24 intervals), one restarted R times."""
+    interval = day / 24
+    with Emulator({"wx1": "bench-wx1"}) as emu:
+        config = config_file(tmp, emu, {"main": "wx1"}, refresh_interval=interval)
+        procs = [start(config) for _ in range(daemons)]
+        end = time.monotonic() + day
+        for _ in range(restarts):
+            time.sleep(day / (restarts + 1))
+            stop(procs[0])
+            procs[0] = start(config)
+        time.sleep(max(0.0, end - time.monotonic()))
+        for p in procs:
+            stop(p)
+        row(f"upstream calls, {daemons} daemons + {restarts} restarts, scaled day "
+            f"({day:.0f} s = 24 x {interval:.1f} s)", f"{emu.calls()}",
+            "ideal 25 (24 refreshes + the first fetch)")
+
+
+def bench_many_apps(tmp: Path, n: int, latency: float) -> None:
+    apps = {f"app{i:04d}": f"wx{i:016d}" for i in range(n)}
+    with Emulator({appid: f"bench-{appid}" for appid in apps.values()}, latency=latency) as emu:
+        config = config_file(tmp, emu, apps)
+        sock, path = notify_socket(tmp)
+        t = time.monotonic()
+        proc = start(config, path)
+        wait_ready(sock, timeout=300)
+        took = time.monotonic() - t
+        time.sleep(3)
+        rss = rss_mb(proc.pid)
+        stop(proc)
+        files = len([p for p in (tmp / "state").glob("app*.json")
+                     if not p.name.endswith(".status.json")])
+        stats = emu.stats()
+        row(f"{n} apps, upstream {latency * 1000:.0f} ms: first round",
+            f"{took:.1f} s, {files} files, {stats['total_calls']} calls, "
+            f"max {stats['max_inflight']} concurrent", "goal <= 60 s, bounded concurrency")
+        row(f"{n} apps: daemon RSS after the first round", f"{rss:.1f} MB", "goal <= 80 MB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--idle", type=float, default=30.0, help="idle measurement seconds")
+    parser.add_argument("--day", type=float, default=24.0, help="scaled day in seconds")
+    parser.add_argument("--apps", type=int, default=1000)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="wxtoken-bench-"))
+    try:
+        print("readers (same run, same file):", file=sys.stderr)
+        bench_readers(tmp / "r")
+        bench_import()
+        print("daemon:", file=sys.stderr)
+        bench_one_app(tmp / "one", args.idle)
+        bench_scaled_day(tmp / "day", 3, 5, args.day)
+        bench_many_apps(tmp / "many", args.apps, 0.05)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    width = max(len(r[0]) for r in ROWS)
+    fig = max(len(r[1]) for r in ROWS)
+    print(f"\n| {'measure'.ljust(width)} | {'figure'.ljust(fig)} | goal |")
+    print(f"|{'-' * (width + 2)}|{'-' * (fig + 2)}|------|")
+    for what, figure, goal in ROWS:
+        print(f"| {what.ljust(width)} | {figure.ljust(fig)} | {goal} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Prometheus textfile metrics from a real daemon, parsed with prometheus_client's parser."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from wxtoken.emulator import Emulator
+
+from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess
+
+
+def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_metrics_file_parses_and_tracks_refreshes(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """The .prom file parses, follows each refresh, and says wxtoken_up 0 after a stop."""
+    prom = tmp_path / "wxtoken.prom"
+    config = make_config({"main": {"appid": APPID, "secret": SECRET},
+                          "mini": {"appid": APPID2, "secret": SECRET2, "api": "stable_token"}},
+                         refresh_interval=1, metrics_file=str(prom))
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    wait_until(lambda: prom.exists() and ("wxtoken_refresh_total", (
+        ("app", "main"), ("result", "ok"))) in samples(prom))
+    first = samples(prom)
+    state = config.parent / "state"
+    main = json.loads((state / "main.json").read_text())
+    assert first[("wxtoken_up", ())] == 1
+    assert first[("wxtoken_token_expiry_timestamp_seconds", (("app", "main"),))] == \
+        main["expires_at"]
+    assert first[("wxtoken_upstream_calls_today", (("app", "mini"),))] == 1
+    assert first[("wxtoken_last_refresh_success_timestamp_seconds", (("app", "main"),))] >= \
+        main["refreshed_at"]
+    d.wait_for("token.refreshed", count=4)  # main refreshes every second
+
+    def tracked() -> bool:
+        now = samples(prom)
+        return now[("wxtoken_refresh_total", (("app", "main"), ("result", "ok")))] >= 3 and \
+            now[("wxtoken_upstream_calls_today", (("app", "main"),))] >= 3
+
+    wait_until(tracked)
+    later = samples(prom)
+    main = json.loads((state / "main.json").read_text())
+    assert later[("wxtoken_token_expiry_timestamp_seconds", (("app", "main"),))] >= \
+        first[("wxtoken_token_expiry_timestamp_seconds", (("app", "main"),))]
+    assert d.stop() == 0
+    final = samples(prom)
+    assert final[("wxtoken_up", ())] == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("wxtoken.prom.")] == []
+
+
+def test_failures_are_counted_by_result(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A failing refresh shows up as wxtoken_refresh_total{result="error"}, without expiry."""
+    emulator.add_fault("busy")
+    prom = tmp_path / "wxtoken.prom"
+    config = make_config(metrics_file=str(prom))
+    d = daemons(config)
+    d.wait_for("refresh.failed", count=2, timeout=15)
+    key = ("wxtoken_refresh_total", (("app", "main"), ("result", "error")))
+    wait_until(lambda: prom.exists() and samples(prom).get(key, 0) >= 2)
+    assert not any(name == "wxtoken_token_expiry_timestamp_seconds"
+                   for name, _ in samples(prom))
+    d.stop()
