@@ -208,6 +208,16 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of all the process's threads: each is a sleep that ended."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
 def notify_socket(tmp: Path) -> tuple[socket.socket, str]:
     path = tempfile.mkdtemp(prefix="wxn-", dir="/tmp") + "/n.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -239,11 +249,11 @@ def bench_one_app(tmp: Path, idle: float) -> None:
         proc = start(config, path)
         wait_ready(sock)
         time.sleep(2)
-        cpu0 = cpu_s(proc.pid)
+        cpu0, wake0 = cpu_s(proc.pid), wakeups(proc.pid)
         time.sleep(idle)
-        cpu = cpu_s(proc.pid) - cpu0
+        cpu, woke = cpu_s(proc.pid) - cpu0, wakeups(proc.pid) - wake0
         row(f"idle daemon, 1 app, over {idle:.0f} s", f"RSS {rss_mb(proc.pid):.1f} MB, "
-            f"CPU {cpu * 1000:.0f} ms", "goal RSS <= 40 MB, no polling")
+            f"CPU {cpu * 1000:.0f} ms, {woke} thread wake-ups", "goal RSS <= 40 MB, no polling")
         stop(proc)
         assert emu.calls() == 1, emu.calls()
         row("upstream calls for 6 starts with a valid token", f"{emu.calls()} (the first start)",

@@ -167,3 +167,16 @@ def test_example_config_documents_every_key_and_is_valid(tmp_path: Path) -> None
     config = load_config(str(REPO / "config.example.toml"), resolve_secrets=False)
     assert [a.name for a in config.apps] == ["main", "mini", "corp"]
     assert config.redis is None  # the fleet table is shown commented out
+
+
+def test_redis_fleet_mode_is_refused_not_ignored(tmp_path: Path) -> None:
+    """[redis] validates, but `run` exits 78 saying the fleet mode is not implemented."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'state_dir = "{tmp_path}"\n[redis]\nurl = "redis://127.0.0.1:6379/0"\n'
+                    + GOOD_APP)
+    path.chmod(0o600)
+    assert run_cli("check-config", "--config", str(path)).returncode == 0
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 78
+    assert result.stderr.strip().endswith("redis: the fleet mode is not implemented in this "
+                                          "version; remove the [redis] table")

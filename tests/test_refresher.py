@@ -219,3 +219,22 @@ def test_backoff_is_capped_jittered_and_floored() -> None:
         assert all(max(1.0, ceiling / 2) <= v <= ceiling for v in equal)
     assert max(backoff(30, 1.0, 60.0, rng) for _ in range(200)) > 30
     assert min(backoff(30, 1.0, 60.0, rng) for _ in range(200)) < 30
+
+
+def test_retries_come_faster_as_the_token_nears_its_end(tmp_path: Path, client: WeChatClient,
+                                                        emulator: Emulator) -> None:
+    """Transient failures: the wait never exceeds an eighth of the token's remaining life."""
+    now = int(time.time())
+    Store(str(tmp_path), "main").write(
+        TokenRecord("main", APPID, "old-token", expires_at=now + 40, refreshed_at=now - 7160))
+    emulator.add_fault("busy")
+    clock = Clock()
+    r = make(tmp_path, client, clock=clock, renew_before=300)  # transient cap: 75 s
+    for _ in range(12):
+        started = clock()
+        outcome = r.run()
+        assert outcome.state == "failed"
+        remaining = now + 40 - started
+        assert outcome.next_at - started <= max(1.0, remaining / 8) + 0.05
+        clock.offset = outcome.next_at - time.time() + 0.01
+    assert emulator.calls() == 12

@@ -166,8 +166,9 @@ class ControlServer:
             os.umask(old_umask)
         os.chmod(path, SOCKET_MODE)
         self.server.server_activate()
+        # no polling: the loop sleeps in select() until a client connects (stop() wakes it)
         self._thread = threading.Thread(target=self.server.serve_forever, name="control",
-                                        kwargs={"poll_interval": 0.5}, daemon=True)
+                                        kwargs={"poll_interval": None}, daemon=True)
 
     def _take_over_stale_socket(self) -> None:
         try:
@@ -189,7 +190,15 @@ class ControlServer:
         self.log.info("control.listening", socket=self.path)
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread.is_alive():
+            stopper = threading.Thread(target=self.server.shutdown, daemon=True)
+            stopper.start()
+            deadline = time.monotonic() + 10
+            while stopper.is_alive() and time.monotonic() < deadline:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as poke, \
+                        contextlib.suppress(OSError):
+                    poke.connect(self.path)  # wakes select() so it sees the request
+                stopper.join(0.05)
         self.server.server_close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)

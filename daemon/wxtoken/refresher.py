@@ -327,7 +327,11 @@ class Refresher:
             delay = backoff(status.failures, self.hard_base, self.hard_cap, self.rng,
                             full_jitter=False)
         else:
-            delay = backoff(status.failures, TRANSIENT_BASE, self.transient_cap, self.rng)
+            cap = self.transient_cap
+            if record is not None and record.expires_at > now:
+                # the closer the token in the file is to its end, the more often we try
+                cap = min(cap, max(TRANSIENT_BASE, (record.expires_at - now) / 8))
+            delay = backoff(status.failures, TRANSIENT_BASE, cap, self.rng)
         status.retry_at = now + delay
         self.store.write_status(status)
         fields: dict[str, Any] = {
