@@ -91,11 +91,13 @@ def test_reader_commands_need_no_secret(tmp_path: Path) -> None:
 
 def test_demo_runs_emulator_and_daemon_and_every_token_is_accepted() -> None:
     """`wxtoken demo` refreshes both demo apps and its reader's tokens all work."""
-    result = run_cli("demo", "--duration", "7", timeout=60)
+    result = run_cli("demo", "--duration", "13", timeout=60)
     assert result.returncode == 0, result.stderr
     out = result.stderr + result.stdout
     assert "token.refreshed" in out and "app=main" in out and "app=mini" in out
-    assert "wechat_accepts=yes" in out and "business_calls_rejected=0" in out
+    assert "wechat_accepts=yes" in out and "unresolved=0" in out
+    assert "demo.wechat_drops_token" in out and "action=report_invalid" in out
+    assert "refresh.forced" in out and "passive_refreshes=1" in out
     for secret in ("demo-secret-main-0001", "demo-secret-mini-0002", *TEST_SECRETS):
         assert secret not in out
 
