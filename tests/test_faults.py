@@ -41,9 +41,9 @@ def test_hard_errors_back_off_to_a_handful_of_calls_per_scaled_hour(
     d = daemons(config)
     d.wait_for("daemon.ready")
     time.sleep(15)
-    calls = emulator.calls()
     status = run_cli("status", "--config", str(config))
     assert d.stop() == 0
+    calls = emulator.calls()  # after the stop: no attempt can fall between count and log
     failed = [e for e in d.events() if e["event"] == "refresh.failed"]
     # hard backoff from refresh_interval/6 doubling to refresh_interval (equal jitter): about
     # two calls per scaled hour; a retry loop would make thousands

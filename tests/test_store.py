@@ -80,13 +80,16 @@ def test_stale_temp_files_are_removed_only_for_that_app(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abc.tmp", "main.json.bak"]
 
 
-def test_lock_serialises_writers_across_store_objects(tmp_path: Path) -> None:
-    """Two Store objects (as in two daemons) never hold the writers' lock at once."""
+@pytest.mark.parametrize("shared", [False, True], ids=["two-stores", "one-store"])
+def test_lock_serialises_writers(tmp_path: Path, shared: bool) -> None:
+    """Writers never hold the lock at once: separate Store objects (as in two daemons) or
+    threads sharing one Store (scheduler and control endpoint; filelock alone is reentrant)."""
+    one = Store(str(tmp_path), "main")
     holders: list[int] = []
     overlaps: list[int] = []
 
     def worker(n: int) -> None:
-        store = Store(str(tmp_path), "main")
+        store = one if shared else Store(str(tmp_path), "main")
         for _ in range(20):
             with store.locked():
                 holders.append(n)
@@ -147,25 +150,3 @@ def test_atomic_write_never_shows_a_partial_file(tmp_path: Path) -> None:
     t.join()
     assert bad == [] and reads > 0
 
-
-def test_lock_serialises_threads_sharing_one_store(tmp_path: Path) -> None:
-    """Threads sharing one Store (scheduler, control endpoint) exclude each other too."""
-    store = Store(str(tmp_path), "main")
-    holders: list[int] = []
-    overlaps: list[int] = []
-
-    def worker(n: int) -> None:
-        for _ in range(20):
-            with store.locked():
-                holders.append(n)
-                if len(holders) > 1:
-                    overlaps.append(n)
-                time.sleep(0.001)
-                holders.remove(n)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert overlaps == []

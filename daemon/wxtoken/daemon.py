@@ -21,9 +21,6 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-if TYPE_CHECKING:
-    from wxtoken.metrics import Metrics
-
 from wxtoken import sdnotify
 from wxtoken.clock import human_delta
 from wxtoken.config import Config
@@ -32,6 +29,9 @@ from wxtoken.errors import ConfigError
 from wxtoken.logs import get_logger
 from wxtoken.refresher import Forced, Outcome, Refresher
 from wxtoken.upstream import WeChatClient
+
+if TYPE_CHECKING:
+    from wxtoken.metrics import Metrics
 
 MAX_CONCURRENT_FETCHES = 8
 GOOD_STATES = {"fresh", "reused", "refreshed", "unchanged"}
@@ -132,6 +132,8 @@ class Daemon:
             self.outcomes[name] = forced.outcome
         with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
             self.scheduler.modify_job(name, next_run_time=_utc(forced.outcome.next_at))
+        if self.ready.is_set():
+            self.notify(f"STATUS={self.summary()}")
 
     def _refresh(self, name: str) -> None:
         first = name not in self.outcomes

@@ -271,22 +271,29 @@ def _count_call(state: State, appid: str, api: str) -> None:
     per[api] = per.get(api, 0) + 1
 
 
-def _token(state: State, query: dict[str, str]) -> dict[str, Any]:
-    appid, secret = query.get("appid", ""), query.get("secret", "")
-    if query.get("grant_type") != "client_credential":
+def _admit(state: State, api: str, grant_type: object, appid: str, secret: str,
+           wrong_secret: tuple[int, str]) -> None:
+    """WeChat's checks before handing out a token, in its order (caller holds state.lock)."""
+    if grant_type != "client_credential":
         raise _err(40002, "invalid grant_type")
     if not appid:
         raise _err(41002, "appid missing")
     if not secret:
         raise _err(41004, "appsecret missing")
+    _count_call(state, appid, api)
+    if appid not in state.apps:
+        raise _err(40013, "invalid appid")
+    if fault := _take_fault(state, appid):
+        _apply_fault(state, fault)
+    if state.apps[appid] != secret:
+        raise _err(*wrong_secret)
+
+
+def _token(state: State, query: dict[str, str]) -> dict[str, Any]:
+    appid = query.get("appid", "")
     with state.lock:
-        _count_call(state, appid, "token")
-        if appid not in state.apps:
-            raise _err(40013, "invalid appid")
-        if fault := _take_fault(state, appid):
-            _apply_fault(state, fault)
-        if state.apps[appid] != secret:
-            raise _err(40001, "invalid credential, access_token is invalid or not latest")
+        _admit(state, "token", query.get("grant_type"), appid, query.get("secret", ""),
+               (40001, "invalid credential, access_token is invalid or not latest"))
         now = time.time()
         key = ("token", appid)
         previous = state.latest.get(key)
@@ -297,22 +304,11 @@ def _token(state: State, query: dict[str, str]) -> dict[str, Any]:
 
 
 def _stable_token(state: State, body: dict[str, Any]) -> dict[str, Any]:
-    appid, secret = str(body.get("appid", "")), str(body.get("secret", ""))
+    appid = str(body.get("appid", ""))
     force = body.get("force_refresh") is True
-    if body.get("grant_type") != "client_credential":
-        raise _err(40002, "invalid grant_type")
-    if not appid:
-        raise _err(41002, "appid missing")
-    if not secret:
-        raise _err(41004, "appsecret missing")
     with state.lock:
-        _count_call(state, appid, "stable_token")
-        if appid not in state.apps:
-            raise _err(40013, "invalid appid")
-        if fault := _take_fault(state, appid):
-            _apply_fault(state, fault)
-        if state.apps[appid] != secret:
-            raise _err(40125, "invalid appsecret")
+        _admit(state, "stable_token", body.get("grant_type"), appid,
+               str(body.get("secret", "")), (40125, "invalid appsecret"))
         now = time.time()
         st = state.stable.setdefault(appid, _Stable())
         cur = st.current
