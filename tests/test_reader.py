@@ -75,6 +75,14 @@ def test_corrupt_file_raises_token_corrupt(tmp_path: Path, content: bytes, reaso
     assert reason in str(err.value)
 
 
+def test_app_names_cannot_reach_outside_the_state_dir(tmp_path: Path) -> None:
+    """An app name with a path in it is refused before any file is opened."""
+    (tmp_path / "state").mkdir()
+    write_token(tmp_path, "tok-outside", app="evil")
+    with pytest.raises(TokenMissing, match="not a valid app name"):
+        read_token("../evil", str(tmp_path / "state"))
+
+
 def test_directory_instead_of_file_raises_token_corrupt(tmp_path: Path) -> None:
     """A directory where the file belongs is reported, not crashed on."""
     (tmp_path / "main.json").mkdir()

@@ -13,7 +13,7 @@ import os
 import time
 
 from wxtoken.errors import TokenCorrupt, TokenExpired, TokenMissing
-from wxtoken.record import TokenRecord, parse_record, token_path
+from wxtoken.record import APP_NAME_RE, TokenRecord, parse_record, token_path
 
 DEFAULT_STATE_DIR = "/var/lib/wxtoken"
 DEFAULT_SOCKET = "/run/wxtoken/control.sock"
@@ -64,6 +64,8 @@ def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR) -> Token:
 
 
 def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
+    if not APP_NAME_RE.match(app):  # never a path outside the state dir
+        raise TokenMissing(app, "not a valid app name (letters, digits, '_' and '-')")
     path = token_path(state_dir, app)
     try:
         st = os.stat(path)
