@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from wxtoken.emulator import Emulator
 
@@ -26,6 +28,7 @@ UNIT = REPO / "deploy" / "systemd" / "wxtoken.service"
 
 CONFIG = """\
 api_base = "{url}"
+ca_bundle = "/etc/wxtoken/ca.pem"
 [apps.main]
 appid = "{appid}"
 secret_credential = "main"
@@ -43,9 +46,22 @@ LoadCredential=bad:/etc/wxtoken/bad.secret
 
 
 @pytest.fixture(scope="module")
-def emu() -> Iterator[Emulator]:
-    with Emulator({APPID: SECRET, APPID2: "another-s3cr3t-0000"}) as e:
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def emu(ca: trustme.CA) -> Iterator[Emulator]:
+    """The emulator over HTTPS with a private CA, reached by name: the hardened service must do
+    DNS (well, NSS) and TLS with its own ca_bundle, not just plain HTTP to an IP."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    with Emulator({APPID: SECRET, APPID2: "another-s3cr3t-0000"}, ssl_context=context) as e:
         yield e
+
+
+def by_name(emu: Emulator) -> str:
+    return emu.url.replace("127.0.0.1", "localhost")
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +105,10 @@ def test_unit_scores_ok_on_security_and_verifies() -> None:
 
 
 def test_install_now_starts_a_notify_service_that_writes_the_token(
-        box: Container, emu: Emulator) -> None:
-    """install.sh --now: active unit, STATUS= summary, 0640 wxtoken:wxtoken file, journal."""
-    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=emu.url, appid=APPID), "0640")
+        box: Container, emu: Emulator, ca: trustme.CA) -> None:
+    """install.sh --now: active unit (TLS to the emulator by name), STATUS=, 0640 file, journal."""
+    box.write("/etc/wxtoken/ca.pem", ca.cert_pem.bytes().decode(), "0644")
+    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=by_name(emu), appid=APPID), "0640")
     box.write("/etc/wxtoken/main.secret", SECRET + "\n", "0600")
     box.write("/etc/wxtoken/bad.secret", "wrong-s3cr3t-for-bad\n", "0600")
     box.write("/etc/systemd/system/wxtoken.service.d/credentials.conf", DROPIN)
@@ -169,7 +186,7 @@ def test_restart_reuses_the_token_and_stop_is_clean(box: Container, emu: Emulato
 def test_wrong_secret_keeps_the_service_up_and_reports_the_errcode(
         box: Container, emu: Emulator) -> None:
     """An app with a wrong secret: service stays active, -p err has errcode, status fails."""
-    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=emu.url, appid=APPID)
+    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=by_name(emu), appid=APPID)
               + BAD_APP.format(appid=APPID2), "0640")
     box.run("systemctl", "start", "wxtoken")
     assert show(box, "ActiveState") == "active"
