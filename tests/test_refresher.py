@@ -238,3 +238,26 @@ def test_retries_come_faster_as_the_token_nears_its_end(tmp_path: Path, client: 
         assert outcome.next_at - started <= max(1.0, remaining / 8) + 0.05
         clock.offset = outcome.next_at - time.time() + 0.01
     assert emulator.calls() == 12
+
+
+def test_token_refused_while_fetching_a_ticket_is_replaced_at_once(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """getticket answering 42001 means WeChat dropped the token early: it is replaced now."""
+    app = AppConfig(name="main", api="token", appid=APPID, secret=SECRET, tickets=("jsapi",))
+    r = make(tmp_path, client, app)
+    assert r.run(first=True).state == "refreshed"
+    store = Store(str(tmp_path), "main")
+    old = store.read()
+    assert "jsapi" in old.tickets
+    store.write(old.replace(tickets={}))  # e.g. `tickets` was added to the config since
+    emulator.invalidate(old.access_token)  # and another process fetched a token meanwhile
+    with capture_logs() as logs:
+        outcome = r.run()
+    assert outcome.state == "refreshed"
+    new = store.read()
+    assert new.access_token != old.access_token
+    assert emulator.token_status(new.access_token) == 0
+    assert emulator.ticket_status(new.tickets["jsapi"][0]) == 0
+    assert [e["event"] for e in logs if e["event"].startswith(("ticket.", "token."))] == [
+        "ticket.failed", "ticket.refreshed", "token.refreshed"]
+    assert emulator.calls(APPID, "token") == 2

@@ -82,6 +82,9 @@ class Refresher:
         self.store_failures = 0
         self.ticket_failures = 0
         self.ticket_retry_at = 0.0
+        # WeChat refused the token while we fetched a ticket: it was dropped early (another
+        # fetch somewhere). Replace it at once rather than waiting for its due time.
+        self.token_refused = False
 
     # -- the schedule -------------------------------------------------------------------------
     def _lead(self, record: TokenRecord) -> float:
@@ -174,11 +177,14 @@ class Refresher:
         status = self.store.read_status()
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return written
-        if record is not None and record.expires_at > now:
+        if record is not None and record.expires_at > now and not self.token_refused:
             due = self.due_at(record, status)
-            if due > now:
-                if self.tickets_due_at(record) <= now:
-                    return self._refresh_tickets(record, status, now, due)
+            if due > now and self.tickets_due_at(record) <= now:
+                outcome = self._refresh_tickets(record, status, now, due)
+                if not self.token_refused:
+                    return outcome
+                record = self._current()
+            elif due > now:
                 if first:
                     self.log.info("token.reused", expires_in=int(record.expires_at - now),
                                   next_in=int(due - now))
@@ -246,6 +252,7 @@ class Refresher:
             self.log.warning("token.discarded_older", token=mask(new.access_token))
             return Outcome("fresh", self.due_at(record), record.expires_at)
         # tickets belong to the new token's file: fetched first, so readers see both at once
+        self.token_refused = False
         new = self._with_tickets(new, record, status, now)
         self.pending = new
         self.store.write(new)
@@ -294,6 +301,10 @@ class Refresher:
                 failed = True
                 self.log.warning("ticket.failed", ticket=kind, error=str(exc),
                                  errcode=exc.errcode, errmsg=exc.errmsg)
+                # stable_token cannot be replaced early without a (scarce) forced refresh
+                if exc.kind is ErrorClass.TOKEN_INVALID and self.app.api != "stable_token":
+                    self.token_refused = True
+                    break
                 continue
             tickets[kind] = (got.access_token, int(now) + got.expires_in)
             self.log.info("ticket.refreshed", ticket=kind, expires_in=got.expires_in,
