@@ -81,7 +81,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config, resolve_secrets=False)
     now = time.time()
-    apps = [app_health(config, app.name, now) for app in config.apps]
+    apps = [app_health(config, app, now) for app in config.apps]
     healthy = all(a["healthy"] for a in apps)
     if args.json:
         print(json.dumps({"healthy": healthy, "apps": apps}, indent=2, ensure_ascii=False))

@@ -80,9 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
         parts = self.path.split("?")[0].strip("/").split("/")
         now = time.time()
         if parts == ["v1", "apps"]:
-            refreshers = self.server.refreshers
-            config = next(iter(refreshers.values())).config
-            self._send(200, {"apps": [app_health(config, n, now) for n in refreshers]})
+            apps = [app_health(r.config, r.app, now) for r in self.server.refreshers.values()]
+            self._send(200, {"apps": apps})
         elif len(parts) == 3 and parts[:2] == ["v1", "apps"]:
             if (refresher := self._refresher(parts[2])) is None:
                 return

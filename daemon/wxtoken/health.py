@@ -1,24 +1,23 @@
 """One app's health from its files, as `wxtoken status` and the control endpoint report it.
 
-Standard library only (plus the status file's dataclass): no daemon needs to be running.
+It reads only the files, so no daemon needs to be running.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from wxtoken.clock import human_delta, wechat_day
-from wxtoken.config import Config
+from wxtoken.config import AppConfig, Config
 from wxtoken.errors import TokenCorrupt
 from wxtoken.record import parse_record, token_path
 from wxtoken.schedule import overdue_by
-from wxtoken.store import AppStatus
+from wxtoken.store import read_status, status_path
 
 
-def app_health(config: Config, name: str, now: float) -> dict[str, Any]:
+def app_health(config: Config, app: AppConfig, now: float) -> dict[str, Any]:
     """One app's health as `wxtoken status` reports it (from the files, no daemon needed)."""
-    app = config.app(name)
+    name = app.name
     info: dict[str, Any] = {"app": name, "api": app.api, "appid": app.appid,
                             "daily_budget": config.daily_budget}
     problems: list[str] = []
@@ -39,13 +38,7 @@ def app_health(config: Config, name: str, now: float) -> dict[str, Any]:
         problems.append("no token file yet")
     except (OSError, TokenCorrupt) as exc:
         problems.append(f"token file unusable: {getattr(exc, 'reason', None) or exc}")
-    status = AppStatus()
-    status_path = os.path.join(config.state_dir, f"{name}.status.json")
-    try:
-        with open(status_path, "rb") as fh:
-            status = AppStatus.from_json(fh.read())
-    except (OSError, ValueError, TypeError):
-        pass
+    status = read_status(status_path(config.state_dir, name))
     calls = status.calls_today if status.calls_day == wechat_day(now) else 0
     info.update(last_result=status.last_result, calls_today=calls,
                 last_attempt_at=status.last_attempt_at or None,

@@ -91,7 +91,7 @@ class Metrics:
         total = CounterMetricFamily("wxtoken_refresh", "Refresh attempts by this daemon process",
                                     labels=["app", "result"])
         for app in self.config.apps:
-            health = app_health(self.config, app.name, now)
+            health = app_health(self.config, app, now)
             if "expires_at" in health:
                 expiry.add_metric([app.name], health["expires_at"])
             if health.get("last_success_at"):

@@ -63,6 +63,20 @@ class AppStatus:
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
 
 
+def status_path(state_dir: str, app: str) -> str:
+    return os.path.join(state_dir, f"{app}.status.json")
+
+
+def read_status(path: str) -> AppStatus:
+    """The status file at ``path``; a fresh AppStatus when it is missing or damaged (it is
+    bookkeeping only, and `wxtoken status` must work while the daemon rewrites it)."""
+    try:
+        with open(path, "rb") as fh:
+            return AppStatus.from_json(fh.read())
+    except (OSError, ValueError, TypeError):
+        return AppStatus()
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -116,7 +130,7 @@ class Store:
         self.file_mode = file_mode
         self.file_group = file_group
         self.path = token_path(state_dir, app)
-        self.status_path = os.path.join(state_dir, f"{app}.status.json")
+        self.status_path = status_path(state_dir, app)
         self._lock = filelock.FileLock(os.path.join(state_dir, f"{app}.lock"),
                                        timeout=LOCK_TIMEOUT, thread_local=False)
         # filelock is reentrant for every thread sharing one FileLock object: threads of this
@@ -173,13 +187,7 @@ class Store:
             raise _store_error("write", self.path, exc) from None
 
     def read_status(self) -> AppStatus:
-        try:
-            with open(self.status_path, "rb") as fh:
-                return AppStatus.from_json(fh.read())
-        except FileNotFoundError:
-            return AppStatus()
-        except (OSError, ValueError, TypeError):
-            return AppStatus()  # bookkeeping only: a damaged status file starts afresh
+        return read_status(self.status_path)
 
     def write_status(self, status: AppStatus) -> None:
         try:
