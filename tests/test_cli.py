@@ -9,7 +9,7 @@ from pathlib import Path
 
 from wxtoken.emulator import Emulator
 
-from conftest import APPID, APPID2, SECRET, SECRET2, TEST_SECRETS, DaemonProcess, run_cli
+from helpers import APPID, APPID2, SECRET, SECRET2, TEST_SECRETS, DaemonProcess, run_cli
 
 
 def test_token_prints_the_valid_token_and_status_is_healthy(

@@ -9,7 +9,7 @@ import pytest
 
 from wxtoken.config import load_config
 
-from conftest import APPID, SECRET, run_cli
+from helpers import APPID, SECRET, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_APP = f'[apps.main]\nappid = "{APPID}"\nsecret = "{SECRET}"\n'

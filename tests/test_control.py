@@ -18,21 +18,20 @@ from wxtoken.clock import wechat_day
 from wxtoken.emulator import Emulator
 from wxtoken.reader import drop_cache
 
-from conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2, DaemonProcess, run_cli
+from helpers import (
+    APPID,
+    APPID2,
+    CORPID,
+    CORPSECRET,
+    SECRET,
+    SECRET2,
+    DaemonProcess,
+    curl,
+    run_cli,
+    socket_of,
+)
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
-
-
-def socket_of(config: Path) -> str:
-    import tomllib
-    return str(tomllib.loads(config.read_text())["control_socket"])
-
-
-def curl(sock: str, *args: str, user: int | None = None,
-         groups: list[int] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "20", "--unix-socket", sock, *args],
-                          capture_output=True, text=True, timeout=30, user=user,
-                          extra_groups=groups, group=user)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from wxtoken import TokenUnavailable, read_token
 from wxtoken.emulator import Emulator
 
-from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
+from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
 
 CONTRACT_KEYS = {"app", "appid", "access_token", "expires_at", "refreshed_at"}
 TWO_APPS = {"main": {"appid": APPID, "secret": SECRET},

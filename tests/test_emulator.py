@@ -11,7 +11,7 @@ import requests
 
 from wxtoken.emulator import Emulator
 
-from conftest import APPID, CORPID, CORPSECRET, SECRET
+from helpers import APPID, CORPID, CORPSECRET, SECRET
 
 
 def token(emu: Emulator, **params: str) -> dict[str, Any]:
@@ -119,3 +119,44 @@ def test_runs_as_a_command_and_prints_its_url() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_faults_can_target_one_endpoint(emulator: Emulator) -> None:
+    """A fault with `api` hits only that endpoint: here getticket, not the token call."""
+    emulator.add_fault("errcode:40001", api="ticket_jsapi")
+    tok = token(emulator)["access_token"]
+    ticket = requests.get(f"{emulator.url}/cgi-bin/ticket/getticket", timeout=5,
+                          params={"access_token": tok, "type": "jsapi"}).json()
+    assert ticket["errcode"] == 40001
+    assert "access_token" in token(emulator)
+
+
+def test_drip_answers_one_byte_at_a_time(emulator: Emulator) -> None:
+    """"drip" sends a valid answer slowly: each read gets a byte well within its timeout."""
+    s = emulator.state.settings
+    s.drip_interval, s.hang_seconds = 0.05, 30
+    emulator.add_fault("drip", count=1)
+    started = time.monotonic()
+    body = requests.get(f"{emulator.url}/cgi-bin/token", timeout=(2, 1), params={
+        "grant_type": "client_credential", "appid": APPID, "secret": SECRET}).json()
+    assert time.monotonic() - started > 3  # ~100 bytes x 50 ms, never a read timeout of 1 s
+    assert body["expires_in"] == 7200
+
+
+def test_redirect_fault_answers_307_with_its_location(emulator: Emulator) -> None:
+    """"redirect" answers 307 with the given Location (and the client decides what to do)."""
+    emulator.add_fault("redirect", count=1, location="http://127.0.0.1:9/elsewhere")
+    resp = requests.post(f"{emulator.url}/cgi-bin/stable_token", timeout=5, json={
+        "grant_type": "client_credential", "appid": APPID, "secret": SECRET},
+        allow_redirects=False)
+    assert resp.status_code == 307 and resp.headers["Location"] == "http://127.0.0.1:9/elsewhere"
+
+
+def test_the_clock_can_be_driven_by_a_test() -> None:
+    """With an injected clock, expiry follows that clock, not the wall clock."""
+    now = [1_800_000_000.0]
+    with Emulator({APPID: SECRET}, clock=lambda: now[0], token_ttl=100) as emu:
+        tok = token(emu)["access_token"]
+        assert emu.token_status(tok) == 0
+        now[0] += 101
+        assert emu.token_status(tok) == 42001

@@ -25,7 +25,7 @@ from wxtoken.errors import ConfigError, UpstreamError
 from wxtoken.refresher import Refresher
 from wxtoken.upstream import WeChatClient
 
-from conftest import APPID, SECRET, DaemonProcess, run_cli
+from helpers import APPID, SECRET, DaemonProcess, run_cli
 
 
 @pytest.mark.parametrize(("fault", "errcode", "hint"), [
@@ -157,7 +157,7 @@ def test_fetched_token_that_cannot_be_written_is_written_later_without_a_new_cal
     squatter = tmp_path / "main.json"
     squatter.mkdir()
     (squatter / "x").write_text("blocks rmdir")
-    from conftest import write_config
+    from helpers import write_config
     config = load_config(str(write_config(tmp_path / "c.toml", {
         "state_dir": str(tmp_path), "api_base": emulator.url},
         {"main": {"appid": APPID, "secret": SECRET}})))
@@ -190,7 +190,7 @@ def test_ca_bundle_makes_a_private_ca_trusted_and_tls_stays_verified(
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
-    from conftest import write_config
+    from helpers import write_config
     with Emulator({APPID: SECRET}, ssl_context=server_ctx) as emu:
         assert emu.url.startswith("https://127.0.0.1:")
         app = load_config(str(write_config(tmp_path / "c.toml", {"state_dir": str(tmp_path)},

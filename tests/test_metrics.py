@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from wxtoken.emulator import Emulator
 
-from conftest import APPID, APPID2, SECRET, SECRET2, DaemonProcess
+from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess
 
 
 def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -19,7 +19,7 @@ from wxtoken.refresher import Refresher, backoff
 from wxtoken.store import Store
 from wxtoken.upstream import WeChatClient
 
-from conftest import APPID, APPID2, SECRET, SECRET2
+from helpers import APPID, APPID2, SECRET, SECRET2
 
 MAIN = AppConfig(name="main", api="token", appid=APPID, secret=SECRET)
 MINI = AppConfig(name="mini", api="stable_token", appid=APPID2, secret=SECRET2)

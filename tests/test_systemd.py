@@ -20,7 +20,7 @@ import trustme
 
 from wxtoken.emulator import Emulator
 
-from conftest import APPID, APPID2, SECRET, assert_no_secret
+from helpers import APPID, APPID2, SECRET, assert_no_secret
 from nspawn import Container, cannot_boot_reason
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from pathlib import Path
 from wxtoken import TokenUnavailable, read_token
 from wxtoken.emulator import Emulator
 
-from conftest import APPID, SECRET, DaemonProcess
+from helpers import APPID, SECRET, DaemonProcess
 
 # A reader in its own process: parse the given files continuously until `stop` appears, then
 # print what it saw. Raw open + read + json.loads on every iteration (no caching), like any

@@ -14,7 +14,7 @@ from wxtoken.errcodes import FETCH_ERRCODES, ErrorClass, business_token_invalid,
 from wxtoken.errors import UpstreamError
 from wxtoken.upstream import WeChatClient
 
-from conftest import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2
+from helpers import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2
 
 MAIN = AppConfig(name="main", api="token", appid=APPID, secret=SECRET)
 MINI = AppConfig(name="mini", api="stable_token", appid=APPID2, secret=SECRET2)

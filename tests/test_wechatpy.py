@@ -11,7 +11,7 @@ from wxtoken.emulator import Emulator
 from wxtoken.reader import drop_cache, read_token
 from wxtoken.wechatpy_session import WeChatClient, WxtokenStorage
 
-from conftest import APPID, SECRET, DaemonProcess
+from helpers import APPID, SECRET, DaemonProcess
 
 
 def test_wechatpy_client_uses_the_daemons_token_and_reports_refused_ones(

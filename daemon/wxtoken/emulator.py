@@ -14,7 +14,11 @@ It follows the documented behaviour that matters for token sharing:
   business APIs answering 40001/42001 for a bad or expired token, so tests can prove a token
   really works.
 - daily quotas (45009), and fault injection: busy (-1), minute_quota (45011), quota (45009),
-  ip (40164), errcode:N, 5xx, garbage, reset, hang, empty_token.
+  ip (40164), errcode:N, 5xx, garbage, reset, hang, drip (the answer one byte at a time, each
+  within any read timeout), redirect (307 to ``location``), empty_token; a fault may target one
+  app (``appid``) and one endpoint (``api``: token, stable_token, wecom, ticket_jsapi, …).
+
+Time comes from ``clock`` (``time.time`` unless a test drives a simulated day).
 
 Control endpoints: ``GET /_emu/stats``, ``POST /_emu/faults`` (``DELETE`` clears),
 ``POST /_emu/settings``, ``POST /_emu/apps``. Run it with ``python -m wxtoken.emulator``.
@@ -32,13 +36,14 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 FAULT_MODES = ("busy", "minute_quota", "quota", "ip", "5xx", "garbage", "reset", "hang",
-               "empty_token")
+               "drip", "redirect", "empty_token")
 _FAULT_ERRCODES = {
     "busy": (-1, "system error"),
     "minute_quota": (45011, "api minute-quota reach limit"),
@@ -59,6 +64,7 @@ class Settings:
     daily_quota: int = 2000
     latency: float = 0.0
     hang_seconds: float = 30.0
+    drip_interval: float = 0.5  # seconds between the bytes of a "drip" answer
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Fault:
     count: int = -1  # how many requests it hits; -1 = until cleared
     rate: float = 1.0  # probability it hits a matching request
     appid: str | None = None  # None = every app
+    api: str | None = None  # None = every endpoint: token, stable_token, wecom, ticket_jsapi, …
+    location: str = ""  # where "redirect" sends the client
 
 
 @dataclass
@@ -105,6 +113,7 @@ class State:
     faults: list[Fault] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     rng: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.time
 
 
 class _Reply(Exception):
@@ -126,9 +135,9 @@ class Emulator:
     def __init__(self, apps: dict[str, str] | None = None,
                  corps: dict[str, set[str]] | None = None, host: str = "127.0.0.1",
                  port: int = 0, ssl_context: ssl.SSLContext | None = None,
-                 **settings: Any) -> None:
+                 clock: Callable[[], float] = time.time, **settings: Any) -> None:
         self.state = State(settings=Settings(**settings), apps=dict(apps or {}),
-                           corps={k: set(v) for k, v in (corps or {}).items()})
+                           corps={k: set(v) for k, v in (corps or {}).items()}, clock=clock)
         self.server = _Server((host, port), _Handler)
         self.server.state = self.state
         self.scheme = "http"
@@ -165,11 +174,12 @@ class Emulator:
                        for k, n in per.items() if api in (None, k))
 
     def add_fault(self, mode: str, count: int = -1, rate: float = 1.0,
-                  appid: str | None = None) -> None:
+                  appid: str | None = None, api: str | None = None,
+                  location: str = "") -> None:
         if mode not in FAULT_MODES and not mode.startswith("errcode:"):
             raise ValueError(f"unknown fault mode {mode!r}")
         with self.state.lock:
-            self.state.faults.append(Fault(mode, count, rate, appid))
+            self.state.faults.append(Fault(mode, count, rate, appid, api, location))
 
     def clear_faults(self) -> None:
         with self.state.lock:
@@ -185,12 +195,12 @@ class Emulator:
             issued = self.state.tickets.get(ticket)
             if issued is None:
                 return 40001
-            return 42001 if time.time() >= issued.expires_at else 0
+            return 42001 if self.state.clock() >= issued.expires_at else 0
 
     def invalidate(self, token: str) -> None:
         """Make WeChat drop a token early (as a token fetched elsewhere would)."""
         with self.state.lock:
-            self.state.tokens[token].expires_at = time.time()
+            self.state.tokens[token].expires_at = self.state.clock()
 
     def stats(self) -> dict[str, Any]:
         return _stats(self.state)
@@ -218,7 +228,7 @@ def _stats(state: State) -> dict[str, Any]:
 def _check_token(state: State, token: str, count: bool = True) -> int:
     with state.lock:
         issued = state.tokens.get(token)
-        now = time.time()
+        now = state.clock()
         code = 40001 if issued is None else (42001 if now >= issued.expires_at else 0)
         if count:
             if code:
@@ -229,9 +239,9 @@ def _check_token(state: State, token: str, count: bool = True) -> int:
         return code
 
 
-def _take_fault(state: State, appid: str) -> Fault | None:
+def _take_fault(state: State, appid: str, api: str) -> Fault | None:
     for fault in state.faults:
-        if fault.appid not in (None, appid) or fault.count == 0:
+        if fault.appid not in (None, appid) or fault.api not in (None, api) or fault.count == 0:
             continue
         if state.rng.random() >= fault.rate:
             continue
@@ -253,7 +263,9 @@ def _apply_fault(state: State, fault: Fault) -> None:
         raise _Reply(raw=b"<html>not json</html>")
     if mode == "empty_token":
         raise _Reply({"access_token": "", "expires_in": state.settings.token_ttl})
-    raise _Reply(action=mode)  # reset / hang
+    if mode == "redirect":
+        raise _Reply(status=307, raw=b"", action="redirect:" + fault.location)
+    raise _Reply(action=mode)  # reset / hang / drip
 
 
 def _issue(state: State, key: tuple[str, str], appid: str, now: float) -> _Issued:
@@ -283,7 +295,7 @@ def _admit(state: State, api: str, grant_type: object, appid: str, secret: str,
     _count_call(state, appid, api)
     if appid not in state.apps:
         raise _err(40013, "invalid appid")
-    if fault := _take_fault(state, appid):
+    if fault := _take_fault(state, appid, api):
         _apply_fault(state, fault)
     if state.apps[appid] != secret:
         raise _err(*wrong_secret)
@@ -294,7 +306,7 @@ def _token(state: State, query: dict[str, str]) -> dict[str, Any]:
     with state.lock:
         _admit(state, "token", query.get("grant_type"), appid, query.get("secret", ""),
                (40001, "invalid credential, access_token is invalid or not latest"))
-        now = time.time()
+        now = state.clock()
         key = ("token", appid)
         previous = state.latest.get(key)
         if previous is not None:
@@ -309,7 +321,7 @@ def _stable_token(state: State, body: dict[str, Any]) -> dict[str, Any]:
     with state.lock:
         _admit(state, "stable_token", body.get("grant_type"), appid,
                str(body.get("secret", "")), (40125, "invalid appsecret"))
-        now = time.time()
+        now = state.clock()
         st = state.stable.setdefault(appid, _Stable())
         cur = st.current
         s = state.settings
@@ -339,9 +351,9 @@ def _ticket(state: State, query: dict[str, str]) -> dict[str, Any]:
     with state.lock:
         appid = state.tokens[query["access_token"]].key[1]
         _count_call(state, appid, f"ticket_{kind}")
-        if fault := _take_fault(state, appid):
+        if fault := _take_fault(state, appid, f"ticket_{kind}"):
             _apply_fault(state, fault)
-        now = time.time()
+        now = state.clock()
         key = (f"ticket_{kind}", appid)
         previous = state.latest.get(key)
         if previous is not None:
@@ -363,13 +375,13 @@ def _wecom(state: State, query: dict[str, str]) -> dict[str, Any]:
         _count_call(state, corpid, "wecom")
         if corpid not in state.corps:
             raise _err(40013, "invalid corpid")
-        if fault := _take_fault(state, corpid):
+        if fault := _take_fault(state, corpid, "wecom"):
             if fault.mode == "ip":
                 raise _err(60020, "not allow to access from your ip")
             _apply_fault(state, fault)
         if secret not in state.corps[corpid]:
             raise _err(40001, "invalid secret")
-        now = time.time()
+        now = state.clock()
         key = ("wecom", f"{corpid}:{secret}")
         cur = state.latest.get(key)
         if cur is None or now >= cur.expires_at:
@@ -445,9 +457,36 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(state.settings.hang_seconds)
                 self.close_connection = True
                 return
+            if reply.action == "drip":
+                self._drip(state.settings)
+                return
+            if reply.action and reply.action.startswith("redirect:"):
+                self.send_response(307)
+                self.send_header("Location", reply.action.split(":", 1)[1])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             raw = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
             ctype = "application/json" if reply.raw is None else "text/html"
             self._send(reply.status, raw, ctype)
+
+    def _drip(self, settings: Settings) -> None:
+        """A valid answer sent one byte at a time: every read gets data before any read timeout,
+        so only an overall deadline ends the call."""
+        self.close_connection = True
+        body = json.dumps({"access_token": "drip-" + "x" * 60, "expires_in": 7200}).encode()
+        raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + settings.hang_seconds
+        try:
+            for i in range(len(raw)):
+                if time.monotonic() >= deadline:
+                    return
+                self.wfile.write(raw[i:i + 1])
+                self.wfile.flush()
+                time.sleep(settings.drip_interval)
+        except OSError:
+            pass  # the client gave up
 
     def _control(self, method: str, path: str, state: State) -> Any:
         if path == "/_emu/stats":
