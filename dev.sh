@@ -53,8 +53,9 @@ demo)
     exec .venv/bin/wxtoken demo "$@"
     ;;
 test)
-    # the systemd tests boot a throwaway container (they skip, saying why, when not root)
-    [ "$(id -u)" != 0 ] || apt_install systemd-container
+    # the systemd tests boot a throwaway container (they skip, saying why, when not root);
+    # libfaketime steps a daemon's wall clock
+    [ "$(id -u)" != 0 ] || apt_install systemd-container faketime
     venv test,redis
     .venv/bin/ruff check daemon tests bench
     .venv/bin/mypy

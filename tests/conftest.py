@@ -56,8 +56,9 @@ def daemons() -> Iterator[Callable[..., DaemonProcess]]:
     """Start real daemon processes; all are stopped at the end of the test."""
     started: list[DaemonProcess] = []
 
-    def start(config: Path, env: dict[str, str] | None = None) -> DaemonProcess:
-        d = DaemonProcess(config, env)
+    def start(config: Path, env: dict[str, str] | None = None,
+              prefix: list[str] | None = None, args: list[str] | None = None) -> DaemonProcess:
+        d = DaemonProcess(config, env, prefix, args)
         started.append(d)
         return d
 

@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from wxtoken.record import TokenRecord, load_record, token_path
 
 APPID = "wx1111111111111111"
 SECRET = "s3cr3t-main-0123456789abcdef"
@@ -50,11 +53,13 @@ def write_config(path: Path, top: dict[str, Any], apps: dict[str, dict[str, Any]
 class DaemonProcess:
     """A real `wxtoken run` process whose JSON log lines are collected from stderr."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None, args: list[str] | None = None) -> None:
         self.log_path = config.parent / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wxtoken", "run", "--config", str(config)],
+            [*(prefix or []), sys.executable, "-m", "wxtoken", "run", "--config", str(config),
+             *(args or [])],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def events(self) -> list[dict[str, Any]]:
@@ -117,3 +122,71 @@ def curl(sock: str, *args: str, user: int | None = None,
     return subprocess.run(["curl", "-sS", "--max-time", "20", "--unix-socket", sock, *args],
                           capture_output=True, text=True, timeout=30, user=user,
                           extra_groups=groups, group=user)
+
+
+NOBODY = 65534
+
+
+def raw_request(sock_path: str, data: bytes, timeout: float = 5.0,
+                close_write: bool = False) -> bytes:
+    """Send raw bytes over a Unix socket and return what comes back before EOF or ``timeout``
+    (b"" when nothing came): for requests no well-behaved client would send."""
+    import socket
+    out = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(data)
+        if close_write:
+            s.shutdown(socket.SHUT_WR)
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out
+
+
+def status_line(answer: bytes) -> str:
+    """The status line of a raw HTTP answer ("" when there was none)."""
+    return answer.split(b"\r\n", 1)[0].decode("latin-1") if answer else ""
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads: line")
+
+
+def wait_until(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``check()`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        time.sleep(interval)
+
+
+def stdlib_reader_copy(dest: Path) -> Path:
+    """A copy of the wxtoken package that any user can import (the readers' modules are
+    standard-library only; the repository may sit under a private home directory)."""
+    import shutil
+    pkg = Path(__file__).resolve().parent.parent / "daemon" / "wxtoken"
+    target = dest / "wxtoken"
+    shutil.copytree(pkg, target, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest
+
+
+def run_as(user: int, groups: list[int], code: str, pythonpath: Path,
+           timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run Python ``code`` as another user (the system Python, which every user can run)."""
+    return subprocess.run(["/usr/bin/python3", "-c", code], capture_output=True, text=True,
+                          timeout=timeout, user=user, group=user, extra_groups=groups,
+                          env={"PYTHONPATH": str(pythonpath), "PATH": "/usr/bin:/bin"})
+
+
+def stored(state_dir: Path | str, app: str = "main") -> TokenRecord:
+    """The record in ``<state_dir>/<app>.json``, read with the contract's one loader."""
+    return load_record(token_path(str(state_dir), app), app)[0]

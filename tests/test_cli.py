@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, APPID2, SECRET, SECRET2, TEST_SECRETS, DaemonProcess, run_cli
+from helpers import (
+    APPID,
+    APPID2,
+    NOBODY,
+    SECRET,
+    SECRET2,
+    TEST_SECRETS,
+    DaemonProcess,
+    run_cli,
+)
 
 
 def test_token_prints_the_valid_token_and_status_is_healthy(
@@ -125,3 +138,31 @@ def test_secret_is_not_in_the_daemon_command_line_or_title(
     comm = Path(f"/proc/{d.proc.pid}/comm").read_text()
     assert SECRET not in cmdline + comm and "--config" in cmdline
     d.stop()
+
+
+def test_refresh_of_a_name_that_is_not_ascii_is_one_line(sock_dir: Path) -> None:
+    """`wxtoken refresh 'é' --socket S` is a one-line error, not a traceback."""
+    result = run_cli("refresh", "é", "--socket", str(sock_dir / "none.sock"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "not a valid app name" in result.stderr
+
+
+def test_run_refuses_a_state_dir_owned_by_another_user(
+        make_config: Callable[..., Path], daemons: Callable[..., DaemonProcess]) -> None:
+    """`wxtoken run` as a user who does not own the state dir (root by hand, say) would leave
+    files the service cannot read: it refuses with one line unless --allow-other-owner."""
+    if os.geteuid() != 0:
+        pytest.skip("changing a directory's owner needs root (CI runs as root)")
+    config = make_config()
+    state = config.parent / "state"
+    os.chown(state, NOBODY, NOBODY)
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 78
+    assert result.stderr.strip() == (
+        f"wxtoken: {config}: state_dir: {state} belongs to user {pwd.getpwuid(NOBODY).pw_name},"
+        f" not {pwd.getpwuid(0).pw_name}: run wxtoken as that user (systemctl start wxtoken), "
+        "or pass --allow-other-owner")
+    assert not (state / "main.json").exists()
+    d = daemons(config, args=["--allow-other-owner"])
+    d.wait_for("daemon.ready")
+    assert d.stop() == 0

@@ -52,6 +52,10 @@ BROKEN = [
     ("duplicate credentials", GOOD_APP + f'[apps.other]\nappid = "{APPID}"\nsecret = "y"\n',
      "apps.other: same token credentials as apps.main"),
     ("redis without url", "[redis]\nkey_prefix = \"x\"\n" + GOOD_APP, "redis.url: is required"),
+    ("api_base with a broken IPv6 host", 'api_base = "http://[::1"\n' + GOOD_APP,
+     "api_base: must be an http(s) URL"),
+    ("api_base with a port out of range", 'api_base = "http://127.0.0.1:99999"\n' + GOOD_APP,
+     "api_base: port 99999 is out of range"),
 ]
 
 
@@ -61,6 +65,7 @@ def test_broken_config_exits_78_with_one_line_and_no_traceback(
     """Each broken config: exit 78, exactly one line naming the file, key and problem."""
     path = tmp_path / "config.toml"
     path.write_text(text)
+    path.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if k not in ("CREDENTIALS_DIRECTORY",)}
     for command in ("check-config", "run"):
         result = run_cli(command, "--config", str(path), env=env)
@@ -97,6 +102,7 @@ def test_wxtoken_config_env_var_sets_the_default_path(tmp_path: Path) -> None:
     """$WXTOKEN_CONFIG is used when --config is not given."""
     path = tmp_path / "c.toml"
     path.write_text(GOOD_APP)
+    path.chmod(0o600)
     result = run_cli("check-config", env={"WXTOKEN_CONFIG": str(path)})
     assert result.returncode == 0, result.stderr
     assert f"# {path}: OK" in result.stdout
@@ -106,6 +112,7 @@ def test_secret_sources_resolve_and_are_masked_by_check_config(tmp_path: Path) -
     """secret_file, secret_env and secret_credential all resolve; check-config never prints them."""
     secret_file = tmp_path / "main.secret"
     secret_file.write_text("file-s3cr3t-value-123\n")
+    secret_file.chmod(0o600)
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "cred").write_text("credential-s3cr3t-value-456")
@@ -136,21 +143,36 @@ def test_secret_sources_resolve_and_are_masked_by_check_config(tmp_path: Path) -
     assert all(a.secret not in repr(a) for a in config.apps)
 
 
-def test_inline_secret_in_a_world_readable_config_is_warned_about(tmp_path: Path) -> None:
-    """An inline secret in a file others can read loads, with a warning naming the key."""
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644], ids=["0640", "0604", "0644"])
+def test_inline_secret_in_a_config_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """An inline secret in a config that anyone but its owner can read (e.g. the readers'
+    group, as in the installed root:wxtoken 0640 layout): exit 78 naming the key."""
     path = tmp_path / "config.toml"
     path.write_text(GOOD_APP)
-    path.chmod(0o644)
-    config = load_config(str(path))
-    assert len(config.warnings) == 1 and "apps.main.secret: inline secret" in config.warnings[0]
+    path.chmod(mode)
+    for command in ("check-config", "run"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 78, result.stderr
+        assert result.stderr.strip() == (
+            f"wxtoken: {path}: apps.main.secret: an inline secret in a config file that "
+            f"others can read (mode {mode:04o}); use secret_credential, secret_file or "
+            "secret_env, or make the file readable by its owner only")
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A config file in another encoding: exit 78, one line, no traceback."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(GOOD_APP.encode() + b'# caf\xe9 latin-1\n')
     result = run_cli("check-config", "--config", str(path))
-    assert result.returncode == 0 and "inline secret" in result.stderr
+    assert result.returncode == 78 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"wxtoken: {path}: the config is not UTF-8 text"
 
 
 def test_defaults_match_the_contract(tmp_path: Path) -> None:
     """Unset keys take PRODUCT.md's defaults."""
     path = tmp_path / "config.toml"
     path.write_text(GOOD_APP)
+    path.chmod(0o600)
     c = load_config(str(path))
     assert (c.state_dir, c.refresh_interval, c.renew_before, c.log_format) == (
         "/var/lib/wxtoken", 3600.0, 300.0, "auto")

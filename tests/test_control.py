@@ -23,12 +23,17 @@ from helpers import (
     APPID2,
     CORPID,
     CORPSECRET,
+    NOBODY,
     SECRET,
     SECRET2,
     DaemonProcess,
     curl,
+    raw_request,
     run_cli,
     socket_of,
+    status_line,
+    thread_count,
+    wait_until,
 )
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
@@ -251,3 +256,178 @@ def test_wecom_agent_token_is_kept_in_its_own_file(
     assert emulator.token_status(data["access_token"]) == 0
     assert emulator.calls(CORPID, "wecom") == 1
     d.stop()
+
+
+# -- hardening (issue: adversarial review) -------------------------------------------------------
+REFRESH_HEAD = b"POST /v1/apps/main/refresh HTTP/1.1\r\nHost: localhost\r\n"
+
+
+@pytest.mark.parametrize(("headers", "body", "status"), [
+    (b"Content-Length: -1\r\n", b"", "400"),
+    (b"Content-Length: lots\r\n", b"", "400"),
+    (b"Content-Length: 1e3\r\n", b"", "400"),
+    (b"Content-Length: 99999999\r\n", b"", "413"),
+    (b"", b"", "411"),
+    (b"Transfer-Encoding: chunked\r\n", b"17\r\n{\"invalid_token\": \"x\"}\r\n0\r\n\r\n", "411"),
+], ids=["negative", "not-a-number", "float", "oversized", "missing", "chunked"])
+def test_bad_or_missing_lengths_are_refused_at_once(
+        running: tuple[Path, DaemonProcess, str], emulator: Emulator, headers: bytes,
+        body: bytes, status: str) -> None:
+    """Bad, missing or oversized lengths and chunked bodies: 400/411/413 at once, no refresh."""
+    config, d, _ = running
+    started = time.monotonic()
+    answer = raw_request(socket_of(config), REFRESH_HEAD + headers + b"\r\n" + body)
+    assert status_line(answer).startswith(f"HTTP/1.1 {status} "), answer[:200]
+    assert time.monotonic() - started < 2
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error_class"] == "bad_request"
+    assert emulator.calls() == 1  # the start only: nothing forced a refresh
+    assert "Traceback" not in d.log_path.read_text()
+
+
+def test_an_empty_reported_token_is_a_400_and_costs_nothing(
+        running: tuple[Path, DaemonProcess, str], emulator: Emulator) -> None:
+    """`wxtoken refresh APP --invalid ""` and {"invalid_token": ""} never force a refresh."""
+    config, _, _ = running
+    cli = run_cli("refresh", "main", "--invalid", "", "--config", str(config))
+    assert cli.returncode == 1 and cli.stderr.count("\n") == 1 and "empty" in cli.stderr
+    body = b'{"invalid_token": ""}'
+    answer = raw_request(socket_of(config), REFRESH_HEAD + b"Content-Length: %d\r\n\r\n%s" % (
+        len(body), body))
+    assert status_line(answer).startswith("HTTP/1.1 400 ")
+    assert emulator.calls() == 1
+
+
+def test_malformed_requests_get_an_answer_and_never_a_traceback(
+        running: tuple[Path, DaemonProcess, str]) -> None:
+    """Junk on the socket: each gets a 4xx (or a close), the daemon logs no traceback and
+    keeps serving."""
+    config, d, _ = running
+    sock = socket_of(config)
+    junk = [b"\x00\xff\xfe garbage\r\n\r\n", b"GET /v1/apps/%C3%A9 HTTP/1.1\r\n\r\n",
+            b"GET /v1/apps/\xc3\xa9 HTTP/1.1\r\n\r\n", b"POST /v1/apps/../../x/refresh HTTP/1.1\r\n"
+            b"Content-Length: 2\r\n\r\n{}", b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+            b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"DELETE /v1/apps HTTP/1.1\r\n\r\n"]
+    for data in junk:
+        answer = raw_request(sock, data, close_write=True)
+        if answer:
+            assert status_line(answer)[9:10] == "4", (data[:40], answer[:100])
+    assert json.loads(curl(sock, "http://localhost/v1/apps").stdout)["apps"]
+    assert "Traceback" not in d.log_path.read_text()
+
+
+def test_idle_connections_are_capped_and_timed_out(
+        running: tuple[Path, DaemonProcess, str]) -> None:
+    """300 connections that send nothing hold neither 300 threads nor the socket for good."""
+    import socket
+    config, d, _ = running
+    sock = socket_of(config)
+    baseline = thread_count(d.proc.pid)
+    idle = []
+    try:
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(sock)
+            idle.append(s)
+        time.sleep(0.5)
+        assert thread_count(d.proc.pid) <= baseline + 40
+        for s in idle:  # the server closes every one of them within its read timeout
+            s.settimeout(15)
+            try:
+                assert s.recv(100) is not None
+            except (TimeoutError, ConnectionResetError) as exc:
+                raise AssertionError("an idle connection was kept open") from exc
+    finally:
+        for s in idle:
+            s.close()
+    assert json.loads(curl(sock, "http://localhost/v1/apps").stdout)["apps"]
+
+
+def test_get_of_a_corrupt_token_file_is_a_json_503(
+        running: tuple[Path, DaemonProcess, str]) -> None:
+    """GET /v1/apps/NAME with a corrupt file answers 503 JSON, not an empty reply."""
+    config, d, state = running
+    Path(state, "main.json").write_text("{garbage")
+    result = curl(socket_of(config), "-w", "\n%{http_code}", "http://localhost/v1/apps/main")
+    body, code = result.stdout.rsplit("\n", 1)
+    assert code == "503" and json.loads(body)["error_class"] == "unavailable"
+    assert "not valid JSON" in json.loads(body)["error"]
+    assert "Traceback" not in d.log_path.read_text()
+
+
+def test_reports_during_a_quota_wait_are_429_for_readers_but_root_may_try(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """After 45009 a token reader's report is answered 429 with retry_after (no call); the
+    operator (root, the daemon's own user) may still force one."""
+    emulator.add_fault("quota", count=1)
+    config = make_config(MAIN)
+    d = daemons(config)
+    d.wait_for("refresh.failed")
+    sock = socket_of(config)
+    group = os.stat(sock).st_gid
+    reader = curl(sock, "-w", "\n%{http_code}", "-X", "POST", "-d", '{"invalid_token": "t-0"}',
+                  "http://localhost/v1/apps/main/refresh", user=NOBODY, groups=[group])
+    body, code = reader.stdout.rsplit("\n", 1)
+    assert code == "429", reader.stdout + reader.stderr
+    answer = json.loads(body)
+    assert answer["error_class"] == "waiting" and answer["retry_after"] > 60
+    assert emulator.calls() == 1
+    root = run_cli("refresh", "main", "--config", str(config))
+    assert root.returncode == 0, root.stderr
+    assert emulator.token_status(root.stdout.strip()) == 0 and emulator.calls() == 2
+    d.stop()
+
+
+def test_forced_refreshes_leave_a_reserve_of_the_budget_for_scheduled_ones(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """With 80 % of daily_budget spent, a token reader's passive refresh is 429 `budget` with
+    retry_after, while the scheduled refresh still runs on the remaining 20 %."""
+    emulator.state.settings.token_ttl = 6
+    config = make_config(MAIN, daily_budget=10, refresh_interval=3600, renew_before=2)
+    state = config.parent / "state"
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    assert d.stop() == 0
+    status = json.loads((state / "main.status.json").read_text())
+    status.update(calls_today=8, calls_day=wechat_day(time.time()))
+    (state / "main.status.json").write_text(json.dumps(status))
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    sock = socket_of(config)
+    token = read_token("main", str(state))
+    reader = curl(sock, "-w", "\n%{http_code}", "-X", "POST", "-d",
+                  json.dumps({"invalid_token": token}), "http://localhost/v1/apps/main/refresh",
+                  user=NOBODY, groups=[os.stat(sock).st_gid])
+    body, code = reader.stdout.rsplit("\n", 1)
+    assert code == "429", reader.stdout + reader.stderr
+    answer = json.loads(body)
+    assert answer["error_class"] == "budget" and answer["retry_after"] > 60
+    assert emulator.calls() == 1
+    d.wait_for("token.refreshed", timeout=15)  # the 6 s token is renewed on schedule
+    assert d.stop() == 0
+    assert emulator.calls() == 2
+    assert json.loads((state / "main.status.json").read_text())["calls_today"] == 9
+
+
+def test_a_passive_refresh_that_cannot_be_written_is_written_within_seconds(
+        running: tuple[Path, DaemonProcess, str], emulator: Emulator) -> None:
+    """The new token of a passive refresh whose write failed is written on the store's backoff,
+    not at the next scheduled refresh an hour later, and without fetching again."""
+    config, d, state = running
+    old = read_token("main", state)
+    blocker = Path(state, "main.json")
+    blocker.unlink()
+    blocker.mkdir()
+    (blocker / "keeps-rmdir-from-working").write_text("x")
+    failed = run_cli("refresh", "main", "--invalid", old, "--config", str(config))
+    assert failed.returncode == 1 and "cannot" in failed.stderr
+    assert emulator.calls() == 2
+    (blocker / "keeps-rmdir-from-working").unlink()
+    blocker.rmdir()
+    wait_until(lambda: Path(state, "main.json").is_file(), timeout=10)
+    drop_cache()
+    new = read_token("main", state)
+    assert new != old and emulator.token_status(new) == 0
+    assert emulator.calls() == 2
+    assert d.events()[-1]["event"] == "token.refreshed"

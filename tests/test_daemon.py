@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from wxtoken import TokenUnavailable, read_token
+from wxtoken import TokenUnavailable, read_token, report_invalid
 from wxtoken.emulator import Emulator
+from wxtoken.reader import drop_cache
 
-from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess, read_json
+from helpers import (
+    APPID,
+    APPID2,
+    NOBODY,
+    SECRET,
+    SECRET2,
+    DaemonProcess,
+    read_json,
+    socket_of,
+)
 
 CONTRACT_KEYS = {"app", "appid", "access_token", "expires_at", "refreshed_at"}
 TWO_APPS = {"main": {"appid": APPID, "secret": SECRET},
@@ -149,6 +163,22 @@ def test_stable_token_over_several_lifetimes_is_always_accepted(
     assert emulator.calls(APPID2) <= 3 * (lifetimes + 1), emulator.calls(APPID2)
 
 
+def test_start_removes_leftover_temp_files_and_says_so(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Temp files a killed writer left behind are removed when the daemon starts."""
+    config = make_config()
+    state = config.parent / "state"
+    (state / ".main.k1ll3d.tmp").write_text('{"app": "main", "acc')
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    cleaned = d.wait_for("state_dir.cleaned")
+    assert cleaned["action"] == f"removed {state}/.main.k1ll3d.tmp"
+    assert sorted(p.name for p in state.iterdir()) == [
+        "main.json", "main.lock", "main.status.json"]
+    assert d.stop() == 0
+
+
 def test_sigterm_during_refreshes_stops_cleanly_and_leaves_no_partial_file(
         emulator: Emulator, make_config: Callable[..., Path],
         daemons: Callable[..., DaemonProcess]) -> None:
@@ -242,3 +272,145 @@ def test_daemon_notifies_ready_status_and_watchdog(
     assert messages.index(statuses[0]) < messages.index("READY=1")
     assert messages.count("WATCHDOG=1") >= 3
     assert messages[-1] == "STOPPING=1"
+
+
+# -- hangs, stalls and clock steps ---------------------------------------------------------------
+def test_a_dripping_upstream_is_cut_and_sigterm_stops_the_daemon_promptly(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """An upstream that drips a byte every 0.5 s never completes a refresh: each call is cut at
+    its deadline (renew_before 4 s: 1 s), retried, and SIGTERM ends the daemon at once."""
+    s = emulator.state.settings
+    s.drip_interval, s.hang_seconds = 0.5, 120
+    emulator.add_fault("drip")
+    config = make_config(renew_before=4)
+    d = daemons(config)
+    failed = d.wait_for("refresh.failed", timeout=10)
+    assert "no complete answer from /cgi-bin/token within 1 s" in failed["error"]
+    assert failed["level"] == "warning" and failed["error_class"] == "transient"
+    d.wait_for("refresh.failed", count=2, timeout=10)  # the job is not stuck: it retries
+    started = time.monotonic()
+    assert d.stop(timeout=30) == 0
+    assert time.monotonic() - started < 5
+    assert d.events()[-1]["event"] == "daemon.stopped"
+
+
+FAKETIME = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+
+
+def test_a_wall_clock_stepped_back_an_hour_keeps_tokens_fresh(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """The daemon's wall clock steps back an hour (NTP, a VM restore; libfaketime here, the
+    monotonic clock untouched): refreshes go on at their pace, each new token is written and
+    works, and a passive refresh is not refused."""
+    if not FAKETIME:
+        pytest.skip("libfaketime is not installed (./dev.sh test installs the faketime package)")
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    env = {"LD_PRELOAD": FAKETIME[0], "FAKETIME_TIMESTAMP_FILE": str(offset),
+           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    config = make_config(refresh_interval=2, renew_before=4)
+    state = str(config.parent / "state")
+    d = daemons(config, env=env)
+    d.wait_for("token.refreshed", count=2, timeout=15)
+    offset.write_text("-3600\n")
+    stepped = len([e for e in d.events() if e["event"] == "token.refreshed"])
+    d.wait_for("token.refreshed", count=stepped + 3, timeout=20)
+    drop_cache()
+    token = read_token("main", state)
+    assert emulator.token_status(token) == 0
+    new = report_invalid("main", token, state, socket_of(config))
+    assert new != token and emulator.token_status(new) == 0
+    assert d.stop() == 0
+    events = [e["event"] for e in d.events()]
+    assert "clock.stepped" in events and "token.discarded_older" not in events
+
+
+@pytest.fixture
+def dns_blackhole(tmp_path: Path) -> Iterator[list[str]]:
+    """A command prefix that runs a process whose DNS server never answers (a private mount
+    namespace with its own /etc/resolv.conf): a hang no socket timeout can cut."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a private /etc/resolv.conf needs root and unshare (CI runs as root)")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.77", 53))  # swallows every query
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.77\noptions timeout:30 attempts:5\n")
+    resolv.chmod(0o644)
+    yield ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv)]
+    listener.close()
+
+
+@pytest.mark.slow
+def test_a_job_stalled_where_no_deadline_reaches_stops_the_watchdog_and_stop_is_bounded(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess], dns_blackhole: list[str]) -> None:
+    """A refresh stuck in name resolution (no socket yet, so no deadline can cut it): the
+    daemon stops feeding systemd's watchdog, says why, and SIGTERM still ends it promptly."""
+    config = make_config(renew_before=4)
+    first = daemons(config)
+    first.wait_for("daemon.ready")
+    assert first.stop() == 0
+    stalled = make_config(name="stalled.toml", refresh_interval=5, renew_before=4,
+                          api_base="http://wxtoken-blackhole.test:80")
+    sock_path = str(tmp_path / "notify.sock")
+    pings: list[float] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(sock_path)
+        server.settimeout(0.5)
+        d = daemons(stalled, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "2000000"},
+                    prefix=dns_blackhole)
+        deadline = time.monotonic() + 60
+        withheld = None
+        while time.monotonic() < deadline and withheld is None:
+            with contextlib.suppress(TimeoutError):
+                if server.recv(200) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+            withheld = next((e for e in d.events() if e["event"] == "watchdog.withheld"), None)
+        assert withheld is not None, "the watchdog was fed while a job was stalled"
+        assert withheld["level"] == "error" and withheld["app"] == "main"
+        assert pings, "no WATCHDOG=1 before the stall"
+        since = time.monotonic()
+        quiet_until = since + 4
+        while time.monotonic() < quiet_until:
+            with contextlib.suppress(TimeoutError):
+                assert server.recv(200) != b"WATCHDOG=1", "pinged while stalled"
+    started = time.monotonic()
+    assert d.stop(timeout=60) == 0
+    assert time.monotonic() - started < 30  # TimeoutStopSec=90 is never reached
+    assert "daemon.stop_abandoned" in [e["event"] for e in d.events()]
+
+
+def test_a_token_reader_cannot_take_the_writers_lock(
+        emulator: Emulator, make_config: Callable[..., Path], sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A member of the files' group can read the token but cannot open (so cannot flock) the
+    lock file, so it cannot stop the daemon's refreshes."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root (CI runs as root)")
+    state = sock_dir / "state"  # a path other users can reach
+    state.mkdir(mode=0o750)
+    config = make_config(refresh_interval=1, state_dir=str(state))
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    group = os.stat(state / "main.json").st_gid
+    code = ("import fcntl, json, os, sys, time\n"
+            "state = sys.argv[1]\n"
+            "json.load(open(os.path.join(state, 'main.json')))\n"
+            "try:\n"
+            "    fd = os.open(os.path.join(state, 'main.lock'), os.O_RDONLY)\n"
+            "except PermissionError:\n"
+            "    print('refused'); sys.exit(0)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True); time.sleep(5)\n")
+    holder = subprocess.Popen(["/usr/bin/python3", "-c", code, str(state)],
+                              stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY,
+                              extra_groups=[group])
+    out, _ = holder.communicate(timeout=30)
+    assert out.strip() == "refused"
+    assert stat.S_IMODE((state / "main.lock").stat().st_mode) == 0o600
+    before = len([e for e in d.events() if e["event"] == "token.refreshed"])
+    d.wait_for("token.refreshed", count=before + 2, timeout=10)
+    assert d.stop() == 0

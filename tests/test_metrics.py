@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess
+from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess, wait_until
 
 
 def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -20,13 +19,6 @@ def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_metrics_file_parses_and_tracks_refreshes(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from wxtoken import TokenCorrupt, TokenExpired, TokenMissing, TokenUnavailable, 
 from wxtoken.reader import CHECK_EVERY, drop_cache
 from wxtoken.record import TokenRecord
 from wxtoken.store import atomic_write
+
+from helpers import NOBODY, run_as, stdlib_reader_copy
 
 
 def write_token(state: Path, token: str, expires_in: int = 7200, app: str = "main") -> None:
@@ -129,3 +132,42 @@ def test_reader_import_loads_no_daemon_dependencies(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert json.loads(out) == []
+
+
+def test_a_state_dir_that_is_a_file_or_a_loop_is_token_unavailable(tmp_path: Path) -> None:
+    """A state dir that is a regular file, or a symlink loop: TokenUnavailable with a reason,
+    never a raw OSError."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(TokenMissing, match="not a directory"):
+        read_token("main", str(not_a_dir))
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(TokenUnavailable, match="symbolic links"):
+        read_token("main", str(loop))
+
+
+def test_a_fifo_in_place_of_the_token_file_does_not_hang_the_reader(tmp_path: Path) -> None:
+    """Something that is not a regular file at <app>.json is TokenCorrupt at once (opening a
+    FIFO would block for ever)."""
+    os.mkfifo(tmp_path / "main.json")
+    with pytest.raises(TokenCorrupt, match="not a regular file"):
+        read_token("main", str(tmp_path))
+
+
+def test_permission_denied_is_not_reported_as_missing(sock_dir: Path) -> None:
+    """A reader outside the files' group is told "permission denied", not "missing"."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root (CI runs as root)")
+    state = sock_dir / "state"
+    state.mkdir(mode=0o755)
+    write_token(state, "tok-private")
+    (state / "main.json").chmod(0o600)
+    code = ("import sys\nfrom wxtoken import read_token, TokenMissing, TokenUnavailable\n"
+            "try:\n    read_token('main', sys.argv[1])\n"
+            "except TokenMissing as e:\n    print('missing', e)\n"
+            "except TokenUnavailable as e:\n    print(type(e).__name__, e)\n")
+    lib = stdlib_reader_copy(sock_dir / "lib")
+    result = run_as(NOBODY, [], code.replace("sys.argv[1]", repr(str(state))), lib)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("TokenCorrupt ") and "permission denied" in result.stdout

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from wxtoken import schedule
 from wxtoken.clock import next_wechat_midnight
-from wxtoken.config import AppConfig, Config
+from wxtoken.config import Api, AppConfig, Config
 from wxtoken.emulator import Emulator
 from wxtoken.record import TokenRecord
-from wxtoken.refresher import Refresher, backoff
-from wxtoken.store import Store
+from wxtoken.refresher import Refresher
+from wxtoken.status import AppStatus
+from wxtoken.store import FileStore
 from wxtoken.upstream import WeChatClient
 
-from helpers import APPID, APPID2, SECRET, SECRET2
+from helpers import APPID, APPID2, SECRET, SECRET2, stored
 
-MAIN = AppConfig(name="main", api="token", appid=APPID, secret=SECRET)
-MINI = AppConfig(name="mini", api="stable_token", appid=APPID2, secret=SECRET2)
+MAIN = AppConfig(name="main", api=Api.TOKEN, appid=APPID, secret=SECRET)
+MINI = AppConfig(name="mini", api=Api.STABLE_TOKEN, appid=APPID2, secret=SECRET2)
 
 
 class Clock:
@@ -42,30 +47,46 @@ def client(emulator: Emulator) -> Iterator[WeChatClient]:
     c.close()
 
 
-def make(tmp_path: Path, client: WeChatClient, app: AppConfig = MAIN, clock: Clock | None = None,
+def make(tmp_path: Path, client: WeChatClient, app: AppConfig = MAIN,
+         clock: Callable[[], float] | None = None,
          **settings: Any) -> Refresher:
     config = Config("test.toml", (app,), state_dir=str(tmp_path), **settings)
     return Refresher(config, app, client, clock=clock or Clock(), rng=random.Random(7))
 
 
-def test_due_time_is_interval_or_renew_before_whichever_first(tmp_path: Path,
-                                                             client: WeChatClient) -> None:
+def due(record: TokenRecord, api: Api = Api.TOKEN, interval: float = 3600,
+        renew_before: float = 300, apps: int = 1, seed: int = 7) -> list[float]:
+    rng = random.Random(seed)
+    return [schedule.jittered_due_at(record, api, interval, renew_before, apps, rng)
+            for _ in range(200)]
+
+
+def test_due_time_is_interval_or_renew_before_whichever_first() -> None:
     """Due at refreshed + interval or expiry - renew_before, whichever first; jitter earlier."""
-    r = make(tmp_path, client, refresh_interval=3600, renew_before=300)
     rec = TokenRecord("main", APPID, "t", expires_at=10_000 + 7200, refreshed_at=10_000)
-    dues = [r.due_at(rec) for _ in range(200)]
-    assert all(10_000 + 3600 - 30 <= d <= 10_000 + 3600 for d in dues)
+    assert all(10_000 + 3600 - 30 <= d <= 10_000 + 3600 for d in due(rec))
     short = TokenRecord("main", APPID, "t", expires_at=10_000 + 1000, refreshed_at=10_000)
-    assert all(10_000 + 700 - 30 <= r.due_at(short) <= 10_000 + 700 for _ in range(200))
+    assert all(10_000 + 700 - 30 <= d <= 10_000 + 700 for d in due(short))
     tiny = TokenRecord("main", APPID, "t", expires_at=10_000 + 100, refreshed_at=10_000)
-    assert all(10_000 + 45 <= r.due_at(tiny) <= 10_000 + 50 for _ in range(200))  # half-life cap
+    assert all(10_000 + 45 <= d <= 10_000 + 50 for d in due(tiny))  # half-life cap
+    spread = due(rec, apps=1000)  # many apps: spread over up to a quarter of the interval
+    assert min(spread) < 10_000 + 3600 - 400 and min(spread) >= 10_000 + 3600 - 500
 
 
-def test_stable_token_is_due_inside_the_last_window(tmp_path: Path, client: WeChatClient) -> None:
-    """stable_token ignores the interval and aims inside WeChat's last renew_before seconds."""
-    r = make(tmp_path, client, MINI, refresh_interval=600, renew_before=300)
+def test_stable_token_is_due_inside_the_last_window() -> None:
+    """stable_token ignores the interval and aims inside WeChat's last 300 s, even when
+    renew_before is longer."""
     rec = TokenRecord("mini", APPID2, "t", expires_at=10_000 + 7200, refreshed_at=10_000)
-    assert all(17_200 - 240 <= r.due_at(rec) <= 17_200 - 180 for _ in range(200))
+    for renew_before in (300, 1600):
+        dues = due(rec, Api.STABLE_TOKEN, interval=600, renew_before=renew_before)
+        assert all(17_200 - 240 <= d <= 17_200 - 180 for d in dues)
+
+
+def test_a_record_keeps_its_jittered_due_time(tmp_path: Path, client: WeChatClient) -> None:
+    """The jitter is drawn once per record: asking again gives the same time."""
+    r = make(tmp_path, client)
+    rec = TokenRecord("main", APPID, "t", expires_at=10_000 + 7200, refreshed_at=10_000)
+    assert len({r.due_at(rec, AppStatus()) for _ in range(20)}) == 1
 
 
 def test_fresh_file_means_no_upstream_call(tmp_path: Path, client: WeChatClient,
@@ -99,7 +120,7 @@ def test_daily_budget_stops_calls_and_survives_restart(tmp_path: Path, client: W
     clock.offset = next_wechat_midnight(clock()) - time.time() + 120
     assert restarted.run().state == "refreshed"
     assert emulator.calls() == 4
-    assert Store(str(tmp_path), "main").read_status().calls_today == 1
+    assert FileStore(str(tmp_path), "main").read_status().calls_today == 1
 
 
 def test_quota_exhausted_waits_for_the_daily_reset(tmp_path: Path, client: WeChatClient,
@@ -143,7 +164,7 @@ def test_transient_failures_back_off_and_keep_the_valid_token(
     assert all(0.9 <= d <= 15.0 for d in delays), delays  # floor 1 s, cap renew_before / 4
     emulator.clear_faults()
     assert r.run().state == "refreshed"
-    assert Store(str(tmp_path), "main").read_status().failures == 0
+    assert FileStore(str(tmp_path), "main").read_status().failures == 0
 
 
 def test_hard_error_is_retried_once_after_restart(tmp_path: Path, client: WeChatClient,
@@ -186,26 +207,179 @@ def test_corrupt_file_is_logged_and_replaced(tmp_path: Path, client: WeChatClien
         assert r.run(first=True).state == "refreshed"
     unusable = [e for e in logs if e["event"] == "token_file.unusable"]
     assert "not valid JSON" in unusable[0]["reason"]
-    assert Store(str(tmp_path), "main").read().app == "main"
+    assert stored(tmp_path).app == "main"
 
 
-def test_newer_file_is_never_replaced_by_an_older_result(tmp_path: Path,
-                                                         client: WeChatClient) -> None:
-    """A file stamped later than our fetch (clock stepped back) is kept."""
+def test_a_file_stamped_in_the_future_is_due_and_the_fetched_token_wins(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """After the clock stepped back an hour the file's times lie in the future: it is due at
+    once, and the token fetched replaces it (WeChat has just retired the file's token)."""
     now = int(time.time())
-    newer = TokenRecord("main", APPID, "newer-token", expires_at=now + 200, refreshed_at=now + 100)
-    Store(str(tmp_path), "main").write(newer)
-    r = make(tmp_path, client, renew_before=300)
-    assert r.run().state == "fresh"
-    assert Store(str(tmp_path), "main").read() == newer
+    store = FileStore(str(tmp_path), "main")
+    store.write(TokenRecord("main", APPID, "from-the-future", expires_at=now + 3600 + 7200,
+                            refreshed_at=now + 3600))
+    r = make(tmp_path, client)
+    assert r.run().state == "refreshed"
+    record = stored(tmp_path)
+    assert record.access_token != "from-the-future"
+    assert emulator.token_status(record.access_token) == 0
+    assert now <= record.refreshed_at <= now + 2
 
 
-def test_stale_temp_files_are_removed_on_first_run(tmp_path: Path, client: WeChatClient) -> None:
-    """Temp files a killed writer left are removed when the daemon starts."""
-    (tmp_path / ".main.k1ll3d.tmp").write_text('{"app": "main", "acc')
-    make(tmp_path, client).run(first=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "main.json", "main.lock", "main.status.json"]
+def test_a_token_fetched_under_the_lock_always_replaces_the_file(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """Clock stepped back 30 s just after a refresh (the file looks newer than now): a passive
+    refresh's token is written, never discarded as "older"."""
+    r = make(tmp_path, client)
+    assert r.run(first=True).state == "refreshed"
+    store = FileStore(str(tmp_path), "main")
+    current = stored(tmp_path)
+    store.write(current.replace(refreshed_at=current.refreshed_at + 30,
+                                expires_at=current.expires_at + 30))
+    forced = r.force(current.access_token)
+    assert forced.state == "refreshed"
+    written = stored(tmp_path)
+    assert written.access_token != current.access_token
+    assert emulator.token_status(written.access_token) == 0
+
+
+def test_passive_refresh_spacing_is_not_stretched_by_a_backward_step(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """A last forced refresh stamped an hour ahead (clock stepped back) does not refuse
+    passive refreshes for that hour."""
+    r = make(tmp_path, client)
+    r.run(first=True)
+    store = FileStore(str(tmp_path), "main")
+    status = store.read_status()
+    status.last_forced_at = time.time() + 3600
+    store.write_status(status)
+    forced = r.force(stored(tmp_path).access_token)
+    assert forced.state == "refreshed", forced
+    assert emulator.calls() == 2
+
+
+# -- a simulated day: the refresher and the emulator share a clock that jumps -----------------
+class SimClock:
+    """Simulated time, shared by the refresher and the emulator; it moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sim() -> SimClock:
+    return SimClock()
+
+
+@pytest.fixture
+def sim_emulator(sim: SimClock) -> Iterator[Emulator]:
+    with Emulator({APPID: SECRET, APPID2: SECRET2}, clock=sim) as emu:
+        yield emu
+
+
+@dataclass
+class Day:
+    """What a simulated stretch of time did."""
+
+    outcomes: list[str]
+    forced: list[str]
+    history: list[tuple[float, str]]  # (when, the file's token from then on)
+
+    def expired_seconds(self, emu: Emulator, end: float) -> float:
+        """How long readers of the file held a token WeChat refused."""
+        total = 0.0
+        marks = [*self.history, (end, "")]
+        for (since, token), (until, _) in itertools.pairwise(marks):
+            dies = emu.state.tokens[token].expires_at
+            total += max(0.0, until - max(since, dies))
+        return total
+
+
+def simulate(r: Refresher, sim: SimClock, seconds: float,
+             report_every: float | None = None) -> Day:
+    """Run the app's job when it asks to run (and, if given, a reader that reports the file's
+    current token as invalid every ``report_every`` s) for ``seconds`` of simulated time."""
+    end = sim.now + seconds
+    day = Day([], [], [])
+    next_run = sim.now
+    next_report = sim.now + report_every if report_every else math.inf
+    while sim.now < end:
+        if next_report <= next_run:
+            sim.now = max(sim.now, next_report)
+            next_report += report_every or math.inf
+            forced = r.force(stored(r.config.state_dir, r.app.name).access_token)
+            day.forced.append(forced.state)
+            if forced.outcome is not None:
+                next_run = forced.outcome.next_at
+        else:
+            sim.now = max(sim.now, next_run)
+            outcome = r.run(first=not day.outcomes)
+            day.outcomes.append(outcome.state)
+            next_run = max(outcome.next_at, sim.now + 0.001)
+        token = stored(r.config.state_dir, r.app.name).access_token
+        if not day.history or day.history[-1][1] != token:
+            day.history.append((sim.now, token))
+    return day
+
+
+def test_stable_token_with_a_large_renew_before_never_expires(
+        tmp_path: Path, sim: SimClock, sim_emulator: Emulator) -> None:
+    """renew_before 1600 reaches past WeChat's 300 s stable_token window: over a simulated
+    day the file never holds an expired token, and calls stay a few per lifetime."""
+    client = WeChatClient(sim_emulator.url)
+    r = make(tmp_path, client, MINI, clock=sim, renew_before=1600)
+    start = sim.now
+    day = simulate(r, sim, 86400)
+    assert day.expired_seconds(sim_emulator, start + 86400) == 0
+    assert sim_emulator.calls(APPID2) <= 13 * 5
+    client.close()
+
+
+def test_a_ticket_refused_for_good_replaces_the_token_once_per_lifetime(
+        tmp_path: Path, sim: SimClock, sim_emulator: Emulator) -> None:
+    """getticket answering 40001 all day: the token is replaced at most once per lifetime,
+    ticket retries back off, and the budget is never spent."""
+    sim_emulator.add_fault("errcode:40001", api="ticket_jsapi")
+    app = AppConfig(name="main", api=Api.TOKEN, appid=APPID, secret=SECRET, tickets=("jsapi",))
+    client = WeChatClient(sim_emulator.url)
+    r = make(tmp_path, client, app, clock=sim)
+    day = simulate(r, sim, 86400)
+    token_calls = sim_emulator.calls(APPID, "token")
+    assert token_calls <= 2 * 25 + 1, token_calls  # 25 refreshes, one early replacement each
+    assert sim_emulator.calls(APPID, "ticket_jsapi") <= 100
+    assert "budget" not in day.outcomes
+    client.close()
+
+
+def test_a_reader_that_keeps_reporting_cannot_spend_the_day(
+        tmp_path: Path, sim: SimClock, sim_emulator: Emulator) -> None:
+    """A reader reports every token it gets, every 10 s, for a simulated day: forced refreshes
+    thin out, the budget's reserve keeps the scheduled refreshes going, no token expires."""
+    client = WeChatClient(sim_emulator.url)
+    r = make(tmp_path, client, clock=sim)
+    start = sim.now
+    day = simulate(r, sim, 86400, report_every=10)
+    assert day.forced.count("refreshed") <= 60, day.forced.count("refreshed")
+    assert "budget" not in day.outcomes
+    assert day.expired_seconds(sim_emulator, start + 86400) == 0
+    client.close()
+
+
+def test_reports_during_a_hard_error_wait_make_no_call(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """While a hard error (IP not whitelisted) backs off, a reader's report is answered
+    "waiting" with retry_after, without calling WeChat."""
+    r = make(tmp_path, client)
+    r.run(first=True)
+    emulator.add_fault("ip")
+    assert r.force(None).state == "failed"
+    calls = emulator.calls()
+    waiting = r.force(stored(tmp_path).access_token)
+    assert waiting.state == "waiting" and waiting.retry_after > 0
+    assert emulator.calls() == calls
 
 
 def test_backoff_is_capped_jittered_and_floored() -> None:
@@ -213,19 +387,19 @@ def test_backoff_is_capped_jittered_and_floored() -> None:
     rng = random.Random(1)
     for failures in range(1, 40):
         ceiling = max(1.0, min(60.0, 2 ** (failures - 1)))
-        values = [backoff(failures, 1.0, 60.0, rng) for _ in range(50)]
+        values = [schedule.backoff(failures, 1.0, 60.0, rng) for _ in range(50)]
         assert all(1.0 <= v <= ceiling for v in values)
-        equal = [backoff(failures, 1.0, 60.0, rng, full_jitter=False) for _ in range(50)]
+        equal = [schedule.backoff(failures, 1.0, 60.0, rng, full_jitter=False) for _ in range(50)]
         assert all(max(1.0, ceiling / 2) <= v <= ceiling for v in equal)
-    assert max(backoff(30, 1.0, 60.0, rng) for _ in range(200)) > 30
-    assert min(backoff(30, 1.0, 60.0, rng) for _ in range(200)) < 30
+    assert max(schedule.backoff(30, 1.0, 60.0, rng) for _ in range(200)) > 30
+    assert min(schedule.backoff(30, 1.0, 60.0, rng) for _ in range(200)) < 30
 
 
 def test_retries_come_faster_as_the_token_nears_its_end(tmp_path: Path, client: WeChatClient,
                                                         emulator: Emulator) -> None:
     """Transient failures: the wait never exceeds an eighth of the token's remaining life."""
     now = int(time.time())
-    Store(str(tmp_path), "main").write(
+    FileStore(str(tmp_path), "main").write(
         TokenRecord("main", APPID, "old-token", expires_at=now + 40, refreshed_at=now - 7160))
     emulator.add_fault("busy")
     clock = Clock()
@@ -243,21 +417,21 @@ def test_retries_come_faster_as_the_token_nears_its_end(tmp_path: Path, client: 
 def test_token_refused_while_fetching_a_ticket_is_replaced_at_once(
         tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
     """getticket answering 42001 means WeChat dropped the token early: it is replaced now."""
-    app = AppConfig(name="main", api="token", appid=APPID, secret=SECRET, tickets=("jsapi",))
+    app = AppConfig(name="main", api=Api.TOKEN, appid=APPID, secret=SECRET, tickets=("jsapi",))
     r = make(tmp_path, client, app)
     assert r.run(first=True).state == "refreshed"
-    store = Store(str(tmp_path), "main")
-    old = store.read()
+    store = FileStore(str(tmp_path), "main")
+    old = stored(tmp_path)
     assert "jsapi" in old.tickets
     store.write(old.replace(tickets={}))  # e.g. `tickets` was added to the config since
     emulator.invalidate(old.access_token)  # and another process fetched a token meanwhile
     with capture_logs() as logs:
         outcome = r.run()
     assert outcome.state == "refreshed"
-    new = store.read()
+    new = stored(tmp_path)
     assert new.access_token != old.access_token
     assert emulator.token_status(new.access_token) == 0
     assert emulator.ticket_status(new.tickets["jsapi"][0]) == 0
     assert [e["event"] for e in logs if e["event"].startswith(("ticket.", "token."))] == [
-        "ticket.failed", "ticket.refreshed", "token.refreshed"]
+        "ticket.failed", "ticket.token_refused", "ticket.refreshed", "token.refreshed"]
     assert emulator.calls(APPID, "token") == 2

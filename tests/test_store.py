@@ -13,7 +13,10 @@ import pytest
 
 from wxtoken.errors import StoreError, TokenCorrupt
 from wxtoken.record import TokenRecord, parse_record
-from wxtoken.store import AppStatus, Store, atomic_write
+from wxtoken.status import AppStatus, LastResult
+from wxtoken.store import FileStore, atomic_write, clean_state_dir
+
+from helpers import stored
 
 
 def record(token: str, refreshed_at: int | None = None) -> TokenRecord:
@@ -25,7 +28,7 @@ def test_write_produces_the_contract_file_with_explicit_mode(tmp_path: Path) -> 
     """The file is the contract JSON, mode set explicitly whatever the umask."""
     old = os.umask(0o077)
     try:
-        Store(str(tmp_path), "main", file_mode=0o640).write(record("tok"))
+        FileStore(str(tmp_path), "main", file_mode=0o640).write(record("tok"))
     finally:
         os.umask(old)
     path = tmp_path / "main.json"
@@ -38,25 +41,25 @@ def test_write_produces_the_contract_file_with_explicit_mode(tmp_path: Path) -> 
 def test_file_group_is_applied(tmp_path: Path) -> None:
     """file_group chgrps the token file (here to the caller's own primary group)."""
     group = grp.getgrgid(os.getgid()).gr_name
-    Store(str(tmp_path), "main", file_group=group).write(record("tok"))
+    FileStore(str(tmp_path), "main", file_group=group).write(record("tok"))
     assert (tmp_path / "main.json").stat().st_gid == os.getgid()
     with pytest.raises(StoreError, match="does not exist"):
-        Store(str(tmp_path), "main", file_group="no-such-group-wxt").write(record("tok"))
+        FileStore(str(tmp_path), "main", file_group="no-such-group-wxt").write(record("tok"))
 
 
 def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
     """When the write fails (group missing), the previous token file is untouched."""
-    Store(str(tmp_path), "main").write(record("old"))
+    FileStore(str(tmp_path), "main").write(record("old"))
     before = (tmp_path / "main.json").read_bytes()
     with pytest.raises(StoreError):
-        Store(str(tmp_path), "main", file_group="no-such-group-wxt").write(record("new"))
+        FileStore(str(tmp_path), "main", file_group="no-such-group-wxt").write(record("new"))
     assert (tmp_path / "main.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["main.json"]
 
 
 def test_unwritable_directory_is_a_clear_store_error(tmp_path: Path) -> None:
     """A directory that cannot take the temp file raises StoreError naming the file."""
-    store = Store(str(tmp_path / "missing-dir"), "main")
+    store = FileStore(str(tmp_path / "missing-dir"), "main")
     with pytest.raises(StoreError, match=r"cannot write .*main.json: No such file or directory"):
         store.write(record("tok"))
 
@@ -64,32 +67,34 @@ def test_unwritable_directory_is_a_clear_store_error(tmp_path: Path) -> None:
 def test_directory_in_place_of_the_token_file_is_replaced(tmp_path: Path) -> None:
     """An empty directory squatting on <app>.json is removed and the file written."""
     (tmp_path / "main.json").mkdir()
-    store = Store(str(tmp_path), "main")
+    store = FileStore(str(tmp_path), "main")
     with pytest.raises(TokenCorrupt):
         store.read()
     store.write(record("tok"))
-    assert store.read().access_token == "tok"
+    assert stored(tmp_path).access_token == "tok"
 
 
-def test_stale_temp_files_are_removed_only_for_that_app(tmp_path: Path) -> None:
-    """A crash's leftovers (.main.*.tmp) go; other apps' and other files stay."""
-    for name in (".main.abc123.tmp", ".main.zz.tmp", ".other.abc.tmp", "main.json.bak"):
+def test_start_removes_every_apps_temp_files_in_one_scan(tmp_path: Path) -> None:
+    """A crash's leftovers (.<app>.*.tmp) go, whatever the app; other files stay."""
+    for name in (".main.abc123.tmp", ".main.zz.tmp", ".other.abc.tmp", "main.json.bak",
+                 "main.json"):
         (tmp_path / name).write_text("x")
-    removed = Store(str(tmp_path), "main").remove_stale_temp()
-    assert sorted(os.path.basename(p) for p in removed) == [".main.abc123.tmp", ".main.zz.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abc.tmp", "main.json.bak"]
+    removed = clean_state_dir(str(tmp_path))
+    assert sorted(removed) == [f"removed {tmp_path}/{n}" for n in (
+        ".main.abc123.tmp", ".main.zz.tmp", ".other.abc.tmp")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["main.json", "main.json.bak"]
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["two-stores", "one-store"])
 def test_lock_serialises_writers(tmp_path: Path, shared: bool) -> None:
     """Writers never hold the lock at once: separate Store objects (as in two daemons) or
     threads sharing one Store (scheduler and control endpoint; filelock alone is reentrant)."""
-    one = Store(str(tmp_path), "main")
+    one = FileStore(str(tmp_path), "main")
     holders: list[int] = []
     overlaps: list[int] = []
 
     def worker(n: int) -> None:
-        store = one if shared else Store(str(tmp_path), "main")
+        store = one if shared else FileStore(str(tmp_path), "main")
         for _ in range(20):
             with store.locked():
                 holders.append(n)
@@ -108,15 +113,15 @@ def test_lock_serialises_writers(tmp_path: Path, shared: bool) -> None:
 
 def test_lock_timeout_is_a_store_error(tmp_path: Path) -> None:
     """Waiting too long for the lock is reported as a StoreError, not a hang."""
-    a, b = Store(str(tmp_path), "main"), Store(str(tmp_path), "main")
+    a, b = FileStore(str(tmp_path), "main"), FileStore(str(tmp_path), "main")
     with a.locked(), pytest.raises(StoreError, match="timed out"), b.locked(timeout=0.2):
         pass
 
 
 def test_status_roundtrip_and_damaged_status_starts_afresh(tmp_path: Path) -> None:
     """The status file round-trips; a damaged one reads as a fresh status."""
-    store = Store(str(tmp_path), "main")
-    status = AppStatus(last_result="ok", calls_day="2026-11-24", calls_today=3)
+    store = FileStore(str(tmp_path), "main")
+    status = AppStatus(last_result=LastResult.OK, calls_day="2026-11-24", calls_today=3)
     store.write_status(status)
     assert store.read_status() == status
     (tmp_path / "main.status.json").write_text("{not json")
@@ -150,3 +155,17 @@ def test_atomic_write_never_shows_a_partial_file(tmp_path: Path) -> None:
     t.join()
     assert bad == [] and reads > 0
 
+
+
+def test_lock_files_are_the_daemons_alone(tmp_path: Path) -> None:
+    """Lock files are created 0600, and an older, group-readable one is made 0600 when the
+    daemon starts: a reader in the files' group could otherwise flock() it read-only and stop
+    every refresh."""
+    store = FileStore(str(tmp_path), "main")
+    with store.locked():
+        pass
+    lock = tmp_path / "main.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    lock.chmod(0o640)  # as an earlier version left it
+    assert clean_state_dir(str(tmp_path)) == [f"made {lock} 0600"]
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600

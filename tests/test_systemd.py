@@ -23,6 +23,8 @@ from wxtoken.emulator import Emulator
 from helpers import APPID, APPID2, SECRET, assert_no_secret
 from nspawn import Container, cannot_boot_reason
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "wxtoken.service"
 
@@ -102,6 +104,20 @@ def test_unit_scores_ok_on_security_and_verifies() -> None:
     match = re.search(r"Overall exposure level for wxtoken.service: ([\d.]+) (\w+)", out)
     assert match, out[-500:]
     assert float(match.group(1)) <= 1.2 and match.group(2) == "OK"
+
+
+def test_install_fails_loudly_when_pip_fails(box: Container) -> None:
+    """install.sh stops with a non-zero status and pip's reason when the install fails,
+    instead of reporting success."""
+    box.sh("rm -rf /tmp/broken && cp -r /src /tmp/broken && "
+           "printf '[project]\\nname = \"wxtoken\"\\nversion = \"not a version\"\\n' "
+           "> /tmp/broken/pyproject.toml")
+    result = box.run("/tmp/broken/deploy/systemd/install.sh", check=False, timeout=600)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "pip install failed" in result.stderr
+    assert "installed; start with" not in result.stdout
+    assert box.run("test", "-e", "/etc/systemd/system/wxtoken.service",
+                   check=False).returncode != 0
 
 
 def test_install_now_starts_a_notify_service_that_writes_the_token(
@@ -226,6 +242,47 @@ def test_watchdog_is_fed_by_the_scheduler_and_a_hung_daemon_is_restarted(
     box.run("systemctl", "stop", "wxtoken")
     box.run("rm", "/etc/systemd/system/wxtoken.service.d/watchdog.conf")
     box.run("systemctl", "daemon-reload")
+
+
+def test_a_root_run_by_hand_does_not_lock_the_service_out(box: Container, emu: Emulator) -> None:
+    """`wxtoken run` by hand as root is refused (one line, exit 78); forced with
+    --allow-other-owner it leaves root-owned files, which the service then replaces."""
+    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=by_name(emu), appid=APPID), "0640")
+    box.sh("mkdir -p /run/creds && cp /etc/wxtoken/main.secret /run/creds/main && "
+           "rm -f /var/lib/wxtoken/main.json /var/lib/wxtoken/main.lock")
+    env = "CREDENTIALS_DIRECTORY=/run/creds"
+    refused = box.sh(f"{env} timeout -s TERM 20 wxtoken run", check=False)
+    assert refused.returncode == 78
+    assert "/var/lib/wxtoken belongs to user wxtoken, not root" in refused.stderr
+    box.sh(f"{env} timeout -s TERM 8 wxtoken run --allow-other-owner", check=False)
+    owners = box.sh("stat -c '%U %n' /var/lib/wxtoken/main.*").stdout
+    assert "root /var/lib/wxtoken/main.json" in owners, owners
+    assert "root /var/lib/wxtoken/main.lock" in owners, owners
+    box.run("systemctl", "start", "wxtoken")
+    assert re.match(r"1/1 apps fresh", show(box, "StatusText")), show(box, "StatusText")
+    owners = box.sh("stat -c '%U %n' /var/lib/wxtoken/main.*").stdout
+    assert "root" not in owners, owners
+    box.run("systemctl", "stop", "wxtoken")
+
+
+def test_a_file_group_the_unit_cannot_map_is_refused_at_start(
+        box: Container, emu: Emulator) -> None:
+    """file_group under PrivateUsers=yes (no other group is mapped): exit 78 with one line
+    naming the key, no restart loop."""
+    box.run("usermod", "-aG", "www-data", "wxtoken")
+    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=by_name(emu), appid=APPID)
+              + 'file_group = "www-data"\n', "0640")
+    try:
+        assert box.run("systemctl", "start", "wxtoken", check=False).returncode != 0
+        time.sleep(7)  # longer than RestartSec=5
+        assert show(box, "ExecMainStatus") == "78" and show(box, "NRestarts") == "0"
+        journal = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
+        assert "apps.main.file_group: the daemon cannot give files to group 'www-data'" \
+            in journal
+    finally:
+        box.run("systemctl", "stop", "wxtoken", check=False)
+        box.run("systemctl", "reset-failed", "wxtoken", check=False)
+        box.run("gpasswd", "-d", "wxtoken", "www-data", check=False)
 
 
 def test_config_error_exits_78_without_a_restart_loop(box: Container) -> None:

@@ -12,10 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from wxtoken import TokenUnavailable, read_token
 from wxtoken.emulator import Emulator
 
 from helpers import APPID, SECRET, DaemonProcess
+
+pytestmark = pytest.mark.slow
 
 # A reader in its own process: parse the given files continuously until `stop` appears, then
 # print what it saw. Raw open + read + json.loads on every iteration (no caching), like any

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
-from wxtoken.config import AppConfig
+from wxtoken.config import Api, AppConfig
 from wxtoken.emulator import Emulator
 from wxtoken.errcodes import FETCH_ERRCODES, ErrorClass, business_token_invalid, classify
 from wxtoken.errors import UpstreamError
@@ -16,9 +19,9 @@ from wxtoken.upstream import WeChatClient
 
 from helpers import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2
 
-MAIN = AppConfig(name="main", api="token", appid=APPID, secret=SECRET)
-MINI = AppConfig(name="mini", api="stable_token", appid=APPID2, secret=SECRET2)
-CORP = AppConfig(name="corp", api="wecom", appid=CORPID, secret=CORPSECRET, agentid="1000002")
+MAIN = AppConfig(name="main", api=Api.TOKEN, appid=APPID, secret=SECRET)
+MINI = AppConfig(name="mini", api=Api.STABLE_TOKEN, appid=APPID2, secret=SECRET2)
+CORP = AppConfig(name="corp", api=Api.WECOM, appid=CORPID, secret=CORPSECRET, agentid="1000002")
 
 
 @pytest.fixture
@@ -79,10 +82,10 @@ def test_faults_are_classified_and_never_leak_the_secret(
 
 
 @pytest.mark.parametrize(("app", "code"), [
-    (AppConfig(name="m", api="token", appid=APPID, secret="wrong-s3cr3t-1"), 40001),
-    (AppConfig(name="m", api="stable_token", appid=APPID, secret="wrong-s3cr3t-1"), 40125),
-    (AppConfig(name="m", api="token", appid="wxunknown", secret="wrong-s3cr3t-1"), 40013),
-    (AppConfig(name="m", api="wecom", appid=CORPID, secret="wrong-s3cr3t-1", agentid="1"), 40001),
+    (AppConfig(name="m", api=Api.TOKEN, appid=APPID, secret="wrong-s3cr3t-1"), 40001),
+    (AppConfig(name="m", api=Api.STABLE_TOKEN, appid=APPID, secret="wrong-s3cr3t-1"), 40125),
+    (AppConfig(name="m", api=Api.TOKEN, appid="wxunknown", secret="wrong-s3cr3t-1"), 40013),
+    (AppConfig(name="m", api=Api.WECOM, appid=CORPID, secret="wrong-s3cr3t-1", agentid="1"), 40001),
 ])
 def test_bad_credentials_are_permanent_errors(app: AppConfig, code: int,
                                               client: WeChatClient) -> None:
@@ -142,3 +145,63 @@ def test_every_contract_errcode_is_in_the_one_table() -> None:
     assert classify(99999)[0] is ErrorClass.PERMANENT
     assert all(business_token_invalid(c) for c in (40001, 40014, 42001))
     assert not business_token_invalid(45009)
+
+
+def test_a_dripping_server_is_cut_at_the_overall_deadline(emulator: Emulator) -> None:
+    """A server sending one byte every 0.2 s (every read within its timeout) is cut at the
+    call's overall deadline, with a transient error; the next call works."""
+    s = emulator.state.settings
+    s.drip_interval, s.hang_seconds = 0.2, 60
+    emulator.add_fault("drip", count=1)
+    client = WeChatClient(emulator.url, timeout=(2.0, 1.0), deadline=1.5)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as err:
+        client.fetch(MAIN)
+    took = time.monotonic() - started
+    assert 1.4 <= took < 2.5, took
+    assert err.value.kind is ErrorClass.TRANSIENT
+    assert "no complete answer from /cgi-bin/token within 1.5 s" in str(err.value)
+    assert emulator.token_status(client.fetch(MAIN).access_token) == 0
+    client.close()
+
+
+class _Trap(ThreadingHTTPServer):
+    """Records every request it receives (a host a redirect would send the secret to)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        trap = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                trap.seen.append(f"{self.command} {self.path} {self.rfile.read(length)!r}")
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = _record
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.mark.parametrize("app", [MAIN, MINI, CORP], ids=lambda a: a.api)
+def test_redirects_are_never_followed(app: AppConfig, client: WeChatClient,
+                                      emulator: Emulator) -> None:
+    """A 307 from api_base is a permanent error; nothing (secret included) goes elsewhere."""
+    trap = _Trap()
+    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    try:
+        emulator.add_fault("redirect", location=f"http://127.0.0.1:{trap.server_port}/steal")
+        with pytest.raises(UpstreamError) as err:
+            client.fetch(app)
+        assert err.value.kind is ErrorClass.PERMANENT
+        assert "redirect" in str(err.value) and "307" in str(err.value)
+        assert trap.seen == []
+    finally:
+        trap.shutdown()
+        trap.server_close()

@@ -6,17 +6,21 @@ Reader commands (token, status) import neither the scheduler nor the HTTP client
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import os
+import pwd
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
 from wxtoken import __version__
 from wxtoken.clock import human_delta
-from wxtoken.config import default_config_path, load_config
+from wxtoken.config import Config, default_config_path, load_config
 from wxtoken.errors import ConfigError, StoreError, TokenUnavailable, WxtokenError
-from wxtoken.health import app_health
+from wxtoken.health import app_health_from_files
 from wxtoken.reader import read_token
 
 EX_CONFIG = 78
@@ -30,18 +34,72 @@ def _cmd_run(args: argparse.Namespace) -> int:
     log = logs.get_logger()
     for warning in config.warnings:
         log.warning("config.warning", problem=warning)
-    _ensure_state_dir(config.state_dir)
+    _check_state_dir(config, args.allow_other_owner)
+    _check_file_groups(config)
     from wxtoken.daemon import run
     return run(config)
 
 
-def _ensure_state_dir(state_dir: str) -> None:
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_state_dir(config: Config, allow_other_owner: bool) -> None:
+    """The state dir exists (created if need be), is a directory, is writable, and belongs to
+    this user: the daemon owns it. A run as another user (root by hand, say) would leave files
+    the service cannot read."""
+    state_dir = config.state_dir
     try:
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        st = os.stat(state_dir)
+    except FileExistsError:
+        raise ConfigError([f"{config.path}: state_dir: {state_dir} is not a directory"]) from None
     except OSError as exc:
         raise StoreError(f"cannot create state_dir {state_dir}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError([f"{config.path}: state_dir: {state_dir} is not a directory"])
+    if st.st_uid != os.geteuid() and not allow_other_owner:
+        raise ConfigError([f"{config.path}: state_dir: {state_dir} belongs to user "
+                           f"{_user(st.st_uid)}, not {_user(os.geteuid())}: run wxtoken as that "
+                           "user (systemctl start wxtoken), or pass --allow-other-owner"])
     if not os.access(state_dir, os.W_OK | os.X_OK):
         raise StoreError(f"state_dir {state_dir} is not writable by this user")
+
+
+def _check_file_groups(config: Config) -> None:
+    """Every file_group is one this process can give files to, tried for real on a scratch
+    file: under the shipped unit (PrivateUsers=yes) no group but the daemon's is mapped, and a
+    daemon that cannot chown would fail every write."""
+    problems = []
+    tried: dict[str, str | None] = {}
+    for app in config.apps:
+        if app.file_group is None:
+            continue
+        if app.file_group not in tried:
+            tried[app.file_group] = _chown_problem(config.state_dir, app.file_group)
+        if (problem := tried[app.file_group]) is not None:
+            problems.append(f"{config.path}: apps.{app.name}.file_group: {problem}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _chown_problem(state_dir: str, group: str) -> str | None:
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return f"group {group!r} does not exist"
+    with tempfile.TemporaryFile(dir=state_dir) as probe:
+        try:
+            os.fchown(probe.fileno(), -1, gid)
+        except OSError as exc:
+            return (f"the daemon cannot give files to group {group!r} ({exc.strerror}): the "
+                    "daemon's user is not in that group, or the service runs with "
+                    "PrivateUsers=yes, which maps no other group; leave file_group unset and "
+                    "add the readers to the daemon's group")
+    return None
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
@@ -81,7 +139,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config, resolve_secrets=False)
     now = time.time()
-    apps = [app_health(config, app, now) for app in config.apps]
+    apps = [app_health_from_files(config, app, now) for app in config.apps]
     healthy = all(a["healthy"] for a in apps)
     if args.json:
         print(json.dumps({"healthy": healthy, "apps": apps}, indent=2, ensure_ascii=False))
@@ -143,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wxtoken {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p.add_argument("--allow-other-owner", action="store_true",
+                   help="run although the state dir belongs to another user (its files will "
+                        "then belong to this one)")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("token", parents=[common], help="print an app's valid token (no network)")
     p.add_argument("app")

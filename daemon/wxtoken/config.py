@@ -6,6 +6,7 @@ the key and the problem). Unknown keys are errors, never silently ignored.
 
 from __future__ import annotations
 
+import enum
 import os
 import stat
 import tomllib
@@ -15,10 +16,25 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from wxtoken.errors import ConfigError, WxtokenError
-from wxtoken.record import APP_NAME_RE, TICKET_TYPES
+from wxtoken.record import (
+    APP_NAME_RE,
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    TICKET_TYPES,
+)
+from wxtoken.schedule import STABLE_WINDOW
 
-DEFAULT_CONFIG = "/etc/wxtoken/config.toml"
-APIS = ("token", "stable_token", "wecom")
+
+class Api(enum.StrEnum):
+    """Which WeChat endpoint hands out an app's token."""
+
+    TOKEN = "token"  # noqa: S105 - cgi-bin/token (a name, not a password)
+    STABLE_TOKEN = "stable_token"  # noqa: S105 - cgi-bin/stable_token
+    WECOM = "wecom"  # WeCom gettoken
+
+
+APIS = tuple(Api)
 LOG_FORMATS = ("auto", "journal", "json", "console")
 SECRET_SOURCES = ("secret_file", "secret_env", "secret_credential", "secret")
 TOP_KEYS = frozenset({
@@ -36,7 +52,7 @@ class AppConfig:
     """One ``[apps.NAME]`` table, resolved."""
 
     name: str
-    api: str
+    api: Api
     appid: str  # the corpid for api = "wecom"
     secret: str = field(repr=False)
     secret_source: str = ""  # where the secret came from, for check-config (never the secret)
@@ -58,14 +74,14 @@ class Config:
 
     path: str
     apps: tuple[AppConfig, ...]
-    state_dir: str = "/var/lib/wxtoken"
+    state_dir: str = DEFAULT_STATE_DIR
     refresh_interval: float = 3600.0
     renew_before: float = 300.0
     api_base: str | None = None
     ca_bundle: str | None = None
     log_format: str = "auto"
     daily_budget: int = 1000
-    control_socket: str = "/run/wxtoken/control.sock"
+    control_socket: str = DEFAULT_SOCKET
     metrics_file: str | None = None
     redis: RedisConfig | None = None
     warnings: tuple[str, ...] = ()
@@ -129,9 +145,18 @@ class _Checker:
 
 
 def _check_url(value: str) -> str | None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. "http://[::1": an unclosed IPv6 address
         return f"must be an http(s) URL, not {value!r}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http(s) URL, not {value!r}"
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        port = parts.netloc.rsplit(":", 1)[-1]
+        return (f"port {port} is out of range" if port.isdigit() else
+                f"port {port!r} is not a number")
     return None
 
 
@@ -166,6 +191,17 @@ def _read_secret_file(path: str) -> str:
         return fh.read(65536).decode("utf-8", "replace").strip()
 
 
+def inline_secret_problem(config_mode: int) -> str | None:
+    """The one rule for a secret written inside a config file: only the file's owner may be
+    able to read the file (the installed layout lets the readers' group read the config)."""
+    mode = stat.S_IMODE(config_mode)
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        return (f"an inline secret in a config file that others can read (mode {mode:04o}); "
+                "use secret_credential, secret_file or secret_env, or make the file readable "
+                "by its owner only")
+    return None
+
+
 def _resolve_secret(ck: _Checker, app: dict[str, Any], prefix: str,
                     config_mode: int) -> tuple[str, str]:
     """Return (secret, description of its source); report problems on the checker."""
@@ -182,15 +218,18 @@ def _resolve_secret(ck: _Checker, app: dict[str, Any], prefix: str,
     secret = ""
     try:
         if key == "secret":
-            if config_mode & stat.S_IROTH:
-                ck.warnings.append(f"{ck.path}: {prefix}secret: inline secret in a config file "
-                                   "readable by others; use secret_file or secret_credential")
+            if problem := inline_secret_problem(config_mode):
+                ck.bad(prefix + key, problem)
+                return "", ""
             return value.strip(), "inline"
         if key == "secret_file":
             if problem := _check_abs_path(value):
                 ck.bad(prefix + key, problem)
                 return "", ""
             secret = _read_secret_file(value)
+            if os.stat(value).st_mode & stat.S_IROTH:
+                ck.warnings.append(f"{ck.path}: {prefix}{key}: {value} is readable by every "
+                                   "user; make it readable by the daemon's user only")
         elif key == "secret_env":
             secret = os.environ.get(value, "").strip()
             if not secret:
@@ -242,9 +281,11 @@ def _parse_app(ck: _Checker, name: str, app: Any, config_mode: int,
         return None
     n_before = len(ck.problems)
     ck.unknown(app, APP_KEYS, prefix)
-    api = app.get("api", "token")
-    if api not in APIS:
-        ck.bad(prefix + "api", f"must be one of {', '.join(APIS)}, not {api!r}")
+    raw_api = app.get("api", "token")
+    if raw_api not in APIS:
+        ck.bad(prefix + "api", f"must be one of {', '.join(APIS)}, not {raw_api!r}")
+        raw_api = "token"
+    api = Api(raw_api)
     agentid: str | None = None
     if api == "wecom":
         if "appid" in app:
@@ -291,7 +332,7 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     ck = _Checker(path)
     ck.unknown(doc, TOP_KEYS, "")
-    state_dir = ck.string(doc, "state_dir", "", "/var/lib/wxtoken", _check_abs_path)
+    state_dir = ck.string(doc, "state_dir", "", DEFAULT_STATE_DIR, _check_abs_path)
     refresh_interval = ck.number(doc, "refresh_interval", 3600.0, 0.1, 86400)
     renew_before = ck.number(doc, "renew_before", 300.0, 0, 3600)
     api_base = ck.string(doc, "api_base", "", None, _check_url)
@@ -301,8 +342,7 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
         ck.bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
         log_format = "auto"
     daily_budget = int(ck.number(doc, "daily_budget", 1000, 1, 100_000, integer=True))
-    control_socket = ck.string(doc, "control_socket", "", "/run/wxtoken/control.sock",
-                               _check_socket_path)
+    control_socket = ck.string(doc, "control_socket", "", DEFAULT_SOCKET, _check_socket_path)
     metrics_file = ck.string(doc, "metrics_file", "", None, _check_metrics_path)
     redis: RedisConfig | None = None
     if "redis" in doc:
@@ -332,14 +372,18 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
                        "two apps would invalidate each other's tokens")
             seen[identity] = name
             apps.append(app)
+    if renew_before > STABLE_WINDOW and any(a.api == Api.STABLE_TOKEN for a in apps):
+        ck.warnings.append(f"{path}: renew_before: {renew_before:g} s reaches past WeChat's "
+                           f"{STABLE_WINDOW:g} s stable_token window: stable_token apps renew "
+                           f"within their last {STABLE_WINDOW:g} s")
     if ck.problems:
         raise ConfigError(ck.problems)
     return Config(
-        path=path, apps=tuple(apps), state_dir=state_dir or "/var/lib/wxtoken",
+        path=path, apps=tuple(apps), state_dir=state_dir or DEFAULT_STATE_DIR,
         refresh_interval=float(refresh_interval), renew_before=float(renew_before),
         api_base=api_base.rstrip("/") if api_base else None, ca_bundle=ca_bundle,
         log_format=log_format, daily_budget=daily_budget,
-        control_socket=control_socket or "/run/wxtoken/control.sock", metrics_file=metrics_file,
+        control_socket=control_socket or DEFAULT_SOCKET, metrics_file=metrics_file,
         redis=redis, warnings=tuple(ck.warnings),
     )
 
@@ -359,4 +403,6 @@ def load_config(path: str | None = None, resolve_secrets: bool = True) -> Config
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: the config is not UTF-8 text"]) from None
     return parse_config(doc, path, mode, resolve_secrets)

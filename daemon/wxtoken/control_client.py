@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from wxtoken.errors import ControlError
-from wxtoken.reader import DEFAULT_SOCKET
+from wxtoken.record import APP_NAME_RE, DEFAULT_SOCKET
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -64,6 +64,15 @@ def request(method: str, path: str, body: dict[str, Any] | None = None,
 
 def refresh(app: str, invalid_token: str | None = None,
             control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0) -> dict[str, Any]:
-    """Ask the daemon for a new token (passive refresh); returns {"access_token", ...}."""
-    body = {"invalid_token": invalid_token} if invalid_token else {}
+    """Ask the daemon for a new token (passive refresh); returns {"access_token", ...}.
+
+    With ``invalid_token`` the daemon refreshes only if that is still the current token; an
+    empty one is refused (it would turn compare-and-refresh into an unconditional refresh).
+    """
+    if not APP_NAME_RE.match(app):
+        raise ControlError(f"{app!r} is not a valid app name (letters, digits, '_' and '-')")
+    if invalid_token is not None and not invalid_token:
+        raise ControlError("the reported token is empty: pass the token WeChat refused, or "
+                           "leave --invalid out to refresh unconditionally")
+    body = {"invalid_token": invalid_token} if invalid_token is not None else {}
     return request("POST", f"/v1/apps/{app}/refresh", body, control_socket, timeout)

@@ -1,13 +1,20 @@
-"""The daemon: an APScheduler job per app, systemd notification, clean shutdown on signals.
+"""The daemon: an APScheduler job per app, the control endpoint, systemd notification, a
+monitor thread, and a stop that is always bounded.
 
-The scheduler sleeps until the next job is due (no polling). Each job runs the app's Refresher and
-then moves its own next run to the time the Refresher asked for.
+The scheduler sleeps until the next job is due (no polling). Each job runs the app's Refresher
+and then moves its own next run to the time the Refresher asked for. The monitor wakes a few
+times a minute at most: it feeds systemd's watchdog only while no job is stalled, extends the
+start timeout while first fetches progress, and reschedules every job when the wall clock steps
+(APScheduler's run times are wall-clock times: a step back would delay every job by the step).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,20 +28,26 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from wxtoken import sdnotify
-from wxtoken.clock import human_delta
-from wxtoken.config import Config
-from wxtoken.control import ControlServer
+from wxtoken import schedule, sdnotify
 from wxtoken.errors import ConfigError
+from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
-from wxtoken.refresher import Forced, Outcome, Refresher
+from wxtoken.refresher import Forced, Refresher
+from wxtoken.schedule import Outcome, State
+from wxtoken.store import clean_state_dir
 from wxtoken.upstream import WeChatClient
 
 if TYPE_CHECKING:
+    from wxtoken.config import Config
+    from wxtoken.control import ControlServer
     from wxtoken.metrics import Metrics
 
 MAX_CONCURRENT_FETCHES = 8
-GOOD_STATES = {"fresh", "reused", "refreshed", "unchanged"}
+# a job moved to a time that comes before it has returned would be skipped by APScheduler
+# ("maximum number of running instances reached") and fall back to its safety-net interval
+MIN_RESCHEDULE = 0.2
+CLOCK_STEP = 2.0  # a change of wall minus monotonic time larger than this is a clock step
+STARTING_TICK = 10.0  # the monitor's period before READY (it extends the start timeout)
 
 
 def _utc(ts: float) -> datetime:
@@ -51,107 +64,128 @@ class Daemon:
             raise ConfigError([f"{config.path}: redis: the fleet mode is not implemented in this "
                                "version; remove the [redis] table"])
         self.config = config
-        self.client = client or WeChatClient(config.api_base, config.ca_bundle)
+        deadline = schedule.call_deadline(config.renew_before)
+        self.client = client or WeChatClient(config.api_base, config.ca_bundle,
+                                             deadline=deadline)
         self.notify = notify
         self.clock = clock
         self.log = get_logger()
-        self.refreshers = {app.name: Refresher(config, app, self.client, clock=clock)
+        rng = random.Random()  # one for all apps: 10,000 generators would cost 25 MB
+        self.refreshers = {app.name: Refresher(config, app, self.client, clock=clock, rng=rng)
                            for app in config.apps}
+        # a job running for longer than this is stuck somewhere no deadline reaches
+        # (name resolution, a hung disk): twice the longest a run may hold the lock, plus slack
+        self.stall_after = 2 * max(r.hold_limit for r in self.refreshers.values()) + 10
+        self.stop_wait = min(45.0, self.stall_after)  # under TimeoutStopSec=90 with the rest
+        # every job sets its own next run; should one be lost, its trigger runs it this often
+        self.safety_net = max(1.0, min(3600.0, config.renew_before / 2))
         self.outcomes: dict[str, Outcome] = {}
         self._lock = threading.Condition()
-        self._inflight = 0
+        self._inflight: dict[int, tuple[str, float]] = {}  # work id -> (app, monotonic start)
         self._stopping = False
+        self._stopped = threading.Event()
         self.control: ControlServer | None = None
         self.metrics: Metrics | None = None
         if config.metrics_file:
             from wxtoken.metrics import Metrics  # prometheus_client only when metrics are on
-            self.metrics = Metrics(config, config.metrics_file)
+            self.metrics = Metrics(config.metrics_file, self.health, len(config.apps))
         self.ready = threading.Event()
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
-            executors={
-                "default": ThreadPoolExecutor(min(MAX_CONCURRENT_FETCHES, len(config.apps))),
-                "watchdog": ThreadPoolExecutor(1),
-            },
+            executors={"default": ThreadPoolExecutor(min(MAX_CONCURRENT_FETCHES,
+                                                         len(config.apps)))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
+        self._monitor_thread = threading.Thread(target=self._monitor, name="monitor",
+                                                daemon=True)
 
+    # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
         self.log.info("daemon.starting", apps=len(self.refreshers),
                       state_dir=self.config.state_dir)
+        for done in clean_state_dir(self.config.state_dir):
+            self.log.info("state_dir.cleaned", action=done)
         now = self.clock()
         for name in self.refreshers:
             self.scheduler.add_job(
                 # the job sets its own next run; the interval is only a safety net
-                self._tick, IntervalTrigger(seconds=max(3600.0, self.config.refresh_interval)),
+                self._tick, IntervalTrigger(seconds=self.safety_net),
                 args=[name], id=name, name=f"refresh {name}", next_run_time=_utc(now))
         try:
-            self.control = ControlServer(self.config.control_socket, self.refreshers,
-                                         self._on_forced, self._working)
+            from wxtoken.control import ControlServer
+            self.control = ControlServer(self.config.control_socket, self.config, self.force)
         except OSError as exc:  # e.g. /run/wxtoken missing when run by hand: refresh is off
             self.control = None
             self.log.warning("control.disabled", socket=self.config.control_socket,
                              reason=exc.strerror or str(exc))
-        interval = sdnotify.watchdog_interval()
-        if interval:
-            self.scheduler.add_job(self.notify, IntervalTrigger(seconds=interval),
-                                   args=["WATCHDOG=1"], id="_watchdog", executor="watchdog")
         self.scheduler.start()
         if self.control is not None:
             self.control.start()
         if self.metrics is not None:
             self.metrics.start()
+        self._monitor_thread.start()
 
+    # -- work in flight ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _working(self) -> Iterator[bool]:
-        """Count work in flight (stop() waits for it); yields False once stopping."""
+    def _working(self, name: str) -> Iterator[bool]:
+        """Count work in flight (the monitor and stop() watch it); yields False once stopping."""
+        key = id(threading.current_thread())
         with self._lock:
             if self._stopping:
                 yield False
                 return
-            self._inflight += 1
+            self._inflight[key] = (name, time.monotonic())
         try:
             yield True
         finally:
             with self._lock:
-                self._inflight -= 1
+                self._inflight.pop(key, None)
                 self._lock.notify_all()
 
-    def _tick(self, name: str) -> None:
-        with self._working() as ok:
-            if ok:
-                self._refresh(name)
-
-    def _on_forced(self, name: str, forced: Forced) -> None:
-        """After a passive refresh (run inside _working), the app's schedule follows it."""
-        if forced.outcome is None:
-            return
-        if self.metrics is not None:
-            self.metrics.observe(name, forced.outcome.state)
+    def _stalled(self) -> list[tuple[str, float]]:
+        """(app, seconds running) of every piece of work running longer than stall_after."""
+        now = time.monotonic()
         with self._lock:
-            self.outcomes[name] = forced.outcome
-        with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
-            self.scheduler.modify_job(name, next_run_time=_utc(forced.outcome.next_at))
-        if self.ready.is_set():
-            self.notify(f"STATUS={self.summary()}")
+            return [(name, now - began) for name, began in self._inflight.values()
+                    if now - began > self.stall_after]
 
-    def _refresh(self, name: str) -> None:
-        first = name not in self.outcomes
-        refresher = self.refreshers[name]
-        try:
-            outcome = refresher.run(first=first)
-        except Exception as exc:  # a bug or a disk problem must not kill the app's schedule
-            retry = max(1.0, min(60.0, self.config.renew_before / 4))
-            refresher.log.error("refresh.crashed", error=str(exc) or type(exc).__name__,
-                                next_in=retry)
-            outcome = Outcome("failed", self.clock() + retry)
+    # -- the jobs ---------------------------------------------------------------------------------
+    def _tick(self, name: str) -> None:
+        with self._working(name) as ok:
+            if not ok:
+                return
+            first = name not in self.outcomes
+            refresher = self.refreshers[name]
+            try:
+                outcome = refresher.run(first=first)
+            except Exception as exc:  # a bug must not kill the app's schedule
+                retry = max(1.0, min(60.0, self.config.renew_before / 4))
+                refresher.log.error("refresh.crashed", error=str(exc) or type(exc).__name__,
+                                    next_in=retry)
+                outcome = Outcome(State.FAILED, self.clock() + retry)
+            self._after(name, outcome)
+
+    def force(self, name: str, invalid_token: str | None, privileged: bool) -> Forced | None:
+        """A passive refresh of app ``name`` (the control endpoint's one way in); None once the
+        daemon is stopping. The app's job then runs when the refresh asks for."""
+        with self._working(name) as ok:
+            if not ok:
+                return None
+            forced = self.refreshers[name].force(invalid_token, privileged)
+            if forced.outcome is not None:
+                self._after(name, forced.outcome)
+            return forced
+
+    def _after(self, name: str, outcome: Outcome) -> None:
+        """Reschedule the app's job, count the result, tell systemd."""
         if self.metrics is not None:
             self.metrics.observe(name, outcome.state)
         with self._lock:
             self.outcomes[name] = outcome
             all_tried = len(self.outcomes) == len(self.refreshers)
         try:
-            self.scheduler.modify_job(name, next_run_time=_utc(outcome.next_at))
+            self.scheduler.modify_job(name, next_run_time=_utc(
+                max(outcome.next_at, self.clock() + MIN_RESCHEDULE)))
         except (JobLookupError, SchedulerNotRunningError):
             return  # shutting down
         if all_tried:
@@ -161,39 +195,90 @@ class Daemon:
                 self.notify("READY=1")
                 self.log.info("daemon.ready", summary=self.summary())
 
+    # -- health -----------------------------------------------------------------------------------
+    def health(self) -> list[dict[str, Any]]:
+        """Every app's health from what its refresher last saw (no file reads)."""
+        now = time.time()
+        return [app_health(self.config, r.app, r.record, r.status, now, problem=r.problem)
+                for r in self.refreshers.values()]
+
     def summary(self) -> str:
         """One line for systemd's STATUS=, e.g. "2/2 apps fresh; next: main in 59m"."""
         with self._lock:
-            outcomes = dict(self.outcomes)
-        now = self.clock()
-        good = sum(1 for o in outcomes.values()
-                   if o.state in GOOD_STATES and (o.expires_at or 0) > now)
-        text = f"{good}/{len(self.refreshers)} apps fresh"
-        failing = sorted(n for n, o in outcomes.items() if o.state not in GOOD_STATES)
-        if failing:
-            text += f"; failing: {', '.join(failing[:3])}" + ("…" if len(failing) > 3 else "")
-        if outcomes:
-            name, nxt = min(outcomes.items(), key=lambda kv: kv[1].next_at)
-            text += f"; next: {name} in {human_delta(nxt.next_at - now)}"
-        return text
+            next_runs = {name: o.next_at for name, o in self.outcomes.items()}
+        return summary(self.health(), next_runs, self.clock())
 
-    def stop(self, timeout: float = 80.0) -> None:
-        """Let refreshes in progress finish (never cut a write short), then stop the scheduler."""
+    # -- the monitor ------------------------------------------------------------------------------
+    def _monitor(self) -> None:
+        watchdog = sdnotify.watchdog_interval()
+        clock_check = min(60.0, max(1.0, self.config.renew_before / 4))
+        period = min(watchdog or clock_check, clock_check)
+        offset = time.time() - time.monotonic()
+        tried = 0
+        withheld = False
+        while not self._stopped.wait(period if self.ready.is_set() else min(period,
+                                                                             STARTING_TICK)):
+            now_offset = time.time() - time.monotonic()
+            if abs(now_offset - offset) > CLOCK_STEP:
+                self._clock_stepped(now_offset - offset)
+            offset = now_offset
+            if not self.ready.is_set():
+                with self._lock:
+                    progress, tried = len(self.outcomes) > tried, len(self.outcomes)
+                if progress:  # first fetches are moving: keep systemd from timing out
+                    self.notify(f"EXTEND_TIMEOUT_USEC={int(3 * STARTING_TICK * 1_000_000)}")
+            stalled = self._stalled()
+            if stalled:
+                if not withheld:
+                    app, running = max(stalled, key=lambda s: s[1])
+                    self.log.error("watchdog.withheld", app=app, running_for=int(running),
+                                   reason="a job is stuck where no deadline reaches it; "
+                                   "systemd's watchdog will restart the daemon")
+                withheld = True
+            else:
+                withheld = False
+                if watchdog:
+                    self.notify("WATCHDOG=1")
+
+    def _clock_stepped(self, by: float) -> None:
+        self.log.warning("clock.stepped", by=round(by, 1),
+                         reason="rescheduling every app from its file")
+        now = _utc(self.clock())
+        for name in self.refreshers:
+            with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+                self.scheduler.modify_job(name, next_run_time=now)
+
+    # -- stop -------------------------------------------------------------------------------------
+    def stop(self) -> bool:
+        """Let work in progress finish (never cut a write short), within ``stop_wait``; then stop.
+        False when some work had to be abandoned (stuck where no deadline reaches)."""
         self.notify("STOPPING=1")
         self.log.info("daemon.stopping")
+        self._stopped.set()
         if self.control is not None:
             self.control.stop()
         with self._lock:
             self._stopping = True
             # APScheduler's shutdown() holds its job store lock while it waits for running jobs,
-            # and a running job needs that lock to set its next run: wait for them first.
-            self._lock.wait_for(lambda: self._inflight == 0, timeout)
+            # and a running job needs that lock to set its next run: wait for them first
+            self._lock.wait_for(lambda: len(self._stalled_locked()) == len(self._inflight),
+                                self.stop_wait)
+            left = [name for name, _ in self._inflight.values()]
         with contextlib.suppress(SchedulerNotRunningError):
             self.scheduler.shutdown(wait=False)
         if self.metrics is not None:
             self.metrics.stop()
         self.client.close()
+        if left:
+            self.log.warning("daemon.stop_abandoned", apps=sorted(set(left)),
+                             reason="stuck where no deadline reaches; the files stay whole")
         self.log.info("daemon.stopped")
+        return not left
+
+    def _stalled_locked(self) -> list[str]:
+        now = time.monotonic()
+        return [name for name, began in self._inflight.values()
+                if now - began > self.stall_after]
 
 
 def run(config: Config) -> int:
@@ -207,11 +292,18 @@ def run(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, on_signal)
     daemon = Daemon(config)
+    clean = True
     try:
         daemon.start()
         stop.wait()
     finally:
-        daemon.stop()
+        clean = daemon.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not clean:
+        # a thread stuck in a call that cannot be interrupted would keep the interpreter from
+        # exiting (the executor's threads are joined at exit): leave now, the files are whole
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

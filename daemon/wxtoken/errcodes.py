@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class ErrorClass(enum.Enum):
+class ErrorClass(enum.StrEnum):
     """How a failed fetch is handled."""
 
     TRANSIENT = "transient"  # retry soon, capped exponential backoff with jitter
@@ -14,6 +14,8 @@ class ErrorClass(enum.Enum):
     NEEDS_HUMAN = "needs_human"  # the account needs an operator: long backoff, error log
     TOKEN_INVALID = "token_invalid"  # noqa: S105 - only on business APIs: the token is no longer good
 
+
+HARD_ERRORS = frozenset({ErrorClass.PERMANENT, ErrorClass.NEEDS_HUMAN})
 
 # errcode -> (class, hint for the operator). On the token endpoints 40001 means "bad secret".
 FETCH_ERRCODES: dict[int, tuple[ErrorClass, str]] = {

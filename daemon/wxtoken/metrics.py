@@ -1,37 +1,40 @@
 """Prometheus textfile metrics (node exporter's textfile collector), written atomically.
 
-The values are read from the apps' files when the file is written, so they agree with
-`wxtoken status` whichever daemon made the refresh. Writes are coalesced: a burst of refreshes
-(1,000 apps starting) costs a few writes, not one per refresh.
+The figures come from the daemon's in-memory health (what its refreshers last saw), so a write
+reads no files even at 10,000 apps. Writes are coalesced: a burst of refreshes (many apps
+starting) costs a few writes, not one per refresh.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from wxtoken.config import Config
-from wxtoken.health import app_health
 from wxtoken.logs import get_logger
+from wxtoken.schedule import State
 
-COALESCE = 0.25  # seconds to gather a burst of refreshes into one write
-RESULTS = {"refreshed": "ok", "unchanged": "unchanged", "failed": "error", "budget": "budget"}
+RESULTS = {State.REFRESHED: "ok", State.UNCHANGED: "unchanged", State.FAILED: "error",
+           State.BUDGET: "budget"}
 
 
 class Metrics:
-    """Collects per-app figures and rewrites ``metrics_file`` after refreshes."""
+    """Collects per-app figures and rewrites ``path`` after refreshes."""
 
-    def __init__(self, config: Config, path: str) -> None:
-        self.config = config
+    def __init__(self, path: str, health: Callable[[], list[dict[str, Any]]],
+                 apps: int = 1) -> None:
         self.path = path
+        self.health = health
         self.log = get_logger()
         self.up = 1
+        # gather a burst into one write: longer with more apps, as each write covers them all
+        self.coalesce = 0.25 * math.ceil(max(1, apps) / 1000)
         self.results: Counter[tuple[str, str]] = Counter()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -44,7 +47,7 @@ class Metrics:
         self._dirty.set()
         self._thread.start()
 
-    def observe(self, app: str, state: str) -> None:
+    def observe(self, app: str, state: State) -> None:
         """Count one refresh attempt's result and schedule a write."""
         result = RESULTS.get(state)
         if result is not None:
@@ -66,7 +69,7 @@ class Metrics:
             self._dirty.wait()  # sleeps until a refresh happened: no polling
             if self._stopping:
                 return
-            time.sleep(COALESCE)
+            time.sleep(self.coalesce)
             self._dirty.clear()
             self.write()
 
@@ -78,7 +81,6 @@ class Metrics:
                              error=exc.strerror or str(exc))
 
     def collect(self) -> Iterator[Any]:
-        now = time.time()
         up = GaugeMetricFamily("wxtoken_up", "1 while the wxtoken daemon runs")
         up.add_metric([], self.up)
         expiry = GaugeMetricFamily("wxtoken_token_expiry_timestamp_seconds",
@@ -90,13 +92,13 @@ class Metrics:
                                   labels=["app"])
         total = CounterMetricFamily("wxtoken_refresh", "Refresh attempts by this daemon process",
                                     labels=["app", "result"])
-        for app in self.config.apps:
-            health = app_health(self.config, app, now)
+        for health in self.health():
+            name = health["app"]
             if "expires_at" in health:
-                expiry.add_metric([app.name], health["expires_at"])
+                expiry.add_metric([name], health["expires_at"])
             if health.get("last_success_at"):
-                success.add_metric([app.name], health["last_success_at"])
-            calls.add_metric([app.name], health["calls_today"])
+                success.add_metric([name], health["last_success_at"])
+            calls.add_metric([name], health["calls_today"])
         with self._lock:
             for (app_name, result), count in sorted(self.results.items()):
                 total.add_metric([app_name, result], count)

@@ -12,11 +12,16 @@ from __future__ import annotations
 import os
 import time
 
-from wxtoken.errors import TokenCorrupt, TokenExpired, TokenMissing
-from wxtoken.record import APP_NAME_RE, TokenRecord, parse_record, token_path
+from wxtoken.errors import TokenExpired, TokenMissing, TokenUnavailable
+from wxtoken.record import (
+    APP_NAME_RE,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    TokenRecord,
+    load_record,
+    token_path,
+)
 
-DEFAULT_STATE_DIR = "/var/lib/wxtoken"
-DEFAULT_SOCKET = "/run/wxtoken/control.sock"
 CHECK_EVERY = 0.1  # seconds between re-validations of the file
 
 
@@ -55,7 +60,8 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR) -> Token:
     """Return the app's valid access_token from ``<state_dir>/<app>.json``.
 
-    Raises TokenMissing, TokenCorrupt or TokenExpired (all ``TokenUnavailable``, a LookupError).
+    Raises TokenMissing, TokenCorrupt or TokenExpired (all ``TokenUnavailable``, a LookupError);
+    "permission denied" is TokenCorrupt (the file is there, this user cannot use it).
     """
     entry = _cache.get((state_dir, app))
     if entry is not None and time.monotonic() < entry[1]:
@@ -68,26 +74,19 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
         raise TokenMissing(app, "not a valid app name (letters, digits, '_' and '-')")
     path = token_path(state_dir, app)
     try:
-        st = os.stat(path)
-        if entry is not None and _identity(st) == entry[2]:
-            token = entry[0]
-        else:
-            # open + fstat: the identity must describe the bytes we parse, not a later file
-            with open(path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                raw = fh.read()
-            token = Token(parse_record(raw, app))
-    except FileNotFoundError:
-        _cache.pop((state_dir, app), None)
-        raise TokenMissing(app, f"no token file {path} (is the wxtoken daemon running?)") from None
-    except IsADirectoryError:
-        raise TokenCorrupt(app, f"{path} is a directory") from None
-    except PermissionError:
-        raise TokenMissing(app, f"permission denied reading {path} "
-                                "(add this user to the wxtoken group)") from None
-    except TokenCorrupt:
-        _cache.pop((state_dir, app), None)
-        raise
+        st: os.stat_result | None = os.stat(path)
+    except OSError:
+        st = None  # the loader says why
+    if entry is not None and st is not None and _identity(st) == entry[2]:
+        token = entry[0]
+    else:
+        try:
+            # the identity must describe the bytes parsed (fstat of the same open), not a later file
+            record, st = load_record(path, app)
+        except TokenUnavailable:
+            _cache.pop((state_dir, app), None)
+            raise
+        token = Token(record)
     now = time.monotonic()  # before time.time(): the deadline below must not overshoot expiry
     remaining = token.expires_at - time.time()
     if remaining <= 0:

@@ -1,16 +1,26 @@
-"""The token file's format: the contract other programs read. Standard library only."""
+"""The token file's format and where it lives: the contract other programs read.
+
+Standard library only: ``read_token`` imports it. :func:`load_record` is the one loader of a
+token file; it raises only ``TokenMissing`` and ``TokenCorrupt``.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 
-from wxtoken.errors import TokenCorrupt
+from wxtoken.errors import TokenCorrupt, TokenMissing
 
+DEFAULT_STATE_DIR = "/var/lib/wxtoken"
+DEFAULT_SOCKET = "/run/wxtoken/control.sock"
+DEFAULT_CONFIG = "/etc/wxtoken/config.toml"
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TICKET_TYPES = ("jsapi", "wx_card")
 MAX_TOKEN_LEN = 2048  # WeChat promises <= 512; leave headroom, but refuse nonsense
+MAX_FILE_BYTES = 65536  # a token file is a few hundred bytes
 
 
 class TokenRecord:
@@ -73,6 +83,41 @@ def _int_field(data: dict[str, object], key: str, app: str) -> int:
     if type(value) is not int or value <= 0:
         raise TokenCorrupt(app, f"field {key!r} is missing or not a positive integer")
     return value
+
+
+def load_record(path: str, app: str) -> tuple[TokenRecord, os.stat_result]:
+    """Read and validate the token file at ``path``; return the record and the file's stat.
+
+    Raises TokenMissing when there is no such file, TokenCorrupt for anything there that cannot
+    be used (not JSON, another app's, not a regular file, permission denied, …). The open never
+    blocks (a FIFO in its place is refused, not waited on).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TokenMissing(app, f"no token file {path} (is the wxtoken daemon running?)") from None
+    except NotADirectoryError:
+        raise TokenMissing(app, f"{os.path.dirname(path)} is not a directory") from None
+    except PermissionError:
+        raise TokenCorrupt(app, f"permission denied reading {path} "
+                                "(add this user to the wxtoken group)") from None
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise TokenCorrupt(app, f"cannot open {path}: {reason}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise TokenCorrupt(app, f"{path} is {kind}")
+        raw = os.read(fd, MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise TokenCorrupt(app, f"cannot read {path}: {os.strerror(exc.errno or errno.EIO)}"
+                           ) from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_FILE_BYTES:
+        raise TokenCorrupt(app, f"{path} is too large to be a token file")
+    return parse_record(raw, app), st
 
 
 def parse_record(raw: bytes, app: str) -> TokenRecord:

@@ -1,11 +1,23 @@
-"""One app's refresh decision and action, taken under the writers' lock, from the file.
+"""One app's refresh decision, taken under the writers' lock, from the store.
 
-Because the decision reads the file under the lock (never memory), any number of daemons,
-restarts and CLI calls on one state directory make one upstream call per refresh.
+Because the decision reads the record under the lock (never memory), any number of daemons,
+restarts and CLI calls on one store make one upstream call per refresh.
+
+A scheduled run (:meth:`Refresher.run`), in order:
+
+1. a token fetched earlier but not written (disk full, …) is written, unless the file changed;
+2. a valid record that is not due costs nothing (its tickets are renewed when they are due);
+3. while a backoff, quota or budget wait runs, nothing is called;
+4. otherwise the calls are counted, the token is fetched, then its tickets, and all is written.
+
+A passive refresh (:meth:`Refresher.force`) takes the same lock and the same path, behind its
+own limits: the spacing between forced refreshes, stable_token's 20 a day, a reserve of the
+budget for scheduled refreshes, and the quota and hard-error waits.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import random
 import time
@@ -16,294 +28,328 @@ from typing import Any
 from wxtoken import schedule
 from wxtoken.clock import next_wechat_midnight, wechat_day
 from wxtoken.config import AppConfig, Config
-from wxtoken.errcodes import ErrorClass
-from wxtoken.errors import StoreError, TokenCorrupt, UpstreamError
+from wxtoken.errcodes import HARD_ERRORS, ErrorClass
+from wxtoken.errors import StoreError, TokenCorrupt, UpstreamError, WxtokenError
 from wxtoken.logs import get_logger, mask
 from wxtoken.record import TokenRecord
-from wxtoken.store import AppStatus, Store
+from wxtoken.schedule import Outcome, State
+from wxtoken.status import AppStatus, LastResult
+from wxtoken.store import FileStore, TokenStore
 from wxtoken.upstream import Fetched, WeChatClient
 
 TRANSIENT_BASE = 1.0
-HARD_ERRORS = (ErrorClass.PERMANENT, ErrorClass.NEEDS_HUMAN)
-FORCE_SPACING = 30.0  # at most one forced (passive) refresh per app per 30 s
+STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 STABLE_FORCE_PER_DAY = 20  # WeChat's limit on stable_token force_refresh
+FORCED_SHARE = 0.8  # forced refreshes may use this share of daily_budget; the rest is kept
+WAITS_FOR_READERS = HARD_ERRORS | {ErrorClass.QUOTA_EXHAUSTED}
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one run did, and when the next run should be (Unix seconds)."""
+class ForcedState(enum.StrEnum):
+    """The answer to a passive refresh request."""
 
-    state: str  # fresh | reused | refreshed | unchanged | failed | waiting | budget
-    next_at: float
-    expires_at: int | None = None
+    CURRENT = "current"  # the reported token was already replaced: here is the current one
+    REFRESHED = "refreshed"
+    RATE_LIMITED = "rate_limited"  # spacing between forced refreshes, or stable_token's 20/day
+    WAITING = "waiting"  # a quota (45009) or hard-error wait runs
+    BUDGET = "budget"  # the share of daily_budget forced refreshes may use is spent
+    FAILED = "failed"  # WeChat refused
+    STORE_FAILED = "store_failed"  # the state could not be read or written
 
 
 @dataclass(frozen=True)
 class Forced:
-    """The answer to a passive refresh request."""
+    """What a passive refresh did; ``outcome`` (when set) reschedules the app's job."""
 
-    state: str  # current | refreshed | rate_limited | budget | failed
+    state: ForcedState
     record: TokenRecord | None
-    outcome: Outcome | None = None  # for rescheduling the app's job
-    error: UpstreamError | None = None
+    outcome: Outcome | None = None
+    error: WxtokenError | None = None
     retry_after: float = 0.0
 
 
-def backoff(failures: int, base: float, cap: float, rng: random.Random,
-            full_jitter: bool = True) -> float:
-    """Capped exponential backoff, never shorter than ``base``.
+@dataclass(frozen=True)
+class _Pending:
+    """A token fetched but not yet written, and the token the file held when it was fetched:
+    it is written later only if nobody has written the file since."""
 
-    Full jitter (uniform over [0, ceiling]) spreads transient retries; hard errors use equal
-    jitter (uniform over [ceiling/2, ceiling]) so that the waits really grow.
-    """
-    ceiling = min(cap, base * 2 ** min(failures - 1, 30))
-    return max(base, rng.uniform(0 if full_jitter else ceiling / 2, ceiling))
+    record: TokenRecord
+    replaces: str | None
+
+
+@dataclass(frozen=True)
+class _Tickets:
+    record: TokenRecord  # with every ticket that could be had (old ones kept while valid)
+    refused: bool  # getticket said the token is no longer good (40001/42001)
+    unused: int  # counted calls that were not made
 
 
 class Refresher:
-    """Keeps one app's token file (and its tickets) fresh."""
+    """Keeps one app's token (and its tickets) fresh."""
 
     def __init__(self, config: Config, app: AppConfig, client: WeChatClient,
-                 store: Store | None = None, clock: Callable[[], float] = time.time,
+                 store: TokenStore | None = None, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, log: Any = None) -> None:
         self.config = config
         self.app = app
         self.client = client
-        self.store = store or Store(config.state_dir, app.name, app.file_mode, app.file_group)
+        self.store: TokenStore = store or FileStore(config.state_dir, app.name, app.file_mode,
+                                                    app.file_group)
         self.clock = clock
         self.rng = rng or random.Random()
         self.log = log or get_logger(app=app.name, appid=app.appid, api=app.api)
+        deadline = schedule.call_deadline(config.renew_before)
+        # the longest a run holds the lock (its calls, each bounded, and its writes): others
+        # wait that long for it, and the daemon calls a run that takes twice as long stalled
+        self.hold_limit = deadline * (1 + len(app.tickets)) + STORE_SLACK
+        self.lock_timeout = self.hold_limit
         self.transient_cap = min(300.0, max(TRANSIENT_BASE, config.renew_before / 4))
         self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
         self.hard_cap = max(self.hard_base, config.refresh_interval)
-        # a token fetched but not yet written (disk full, …): written on the next run instead of
-        # fetching again, since every fetch shortens the life of the token readers hold
-        self.pending: TokenRecord | None = None
+        self.pending: _Pending | None = None
         self.store_failures = 0
         self.ticket_failures = 0
         self.ticket_retry_at = 0.0
-        # WeChat refused the token while we fetched a ticket: it was dropped early (another
-        # fetch somewhere). Replace it at once rather than waiting for its due time.
-        self.token_refused = False
-
-    # -- the schedule -------------------------------------------------------------------------
-    def _lead(self, record: TokenRecord) -> float:
-        return schedule.lead(record, self.config.renew_before)
-
-    def due_at(self, record: TokenRecord, status: AppStatus | None = None) -> float:
-        """When this record should be replaced, jitter included (always earlier, never later)."""
-        exact: float | None = None
-        if status is not None and int(status.refreshed_at_exact) == record.refreshed_at:
-            exact = status.refreshed_at_exact  # the file's whole seconds, made exact
-        latest = schedule.due_at(record, self.app.api, self.config.refresh_interval,
-                                 self.config.renew_before, exact)
-        if self.app.api == "stable_token":
-            spread = self._lead(record) * (schedule.STABLE_EARLIEST - schedule.STABLE_LATEST)
-            return latest - self.rng.uniform(0, spread)
-        span = max(0.0, latest - (exact or record.refreshed_at))
-        return latest - self.rng.uniform(0, self._spread(span))
-
-    def _spread(self, span: float) -> float:
-        """Jitter window: small (<= 30 s) for a few apps; with many apps in one daemon, wide
-        enough (half a second per app, at most a quarter of the interval) that their refreshes
-        spread out instead of hitting WeChat in one burst every interval."""
-        small = min(30.0, 0.05 * span)
-        return min(max(small, 0.5 * len(self.config.apps)), max(small, 0.25 * span))
-
-    def tickets_due_at(self, record: TokenRecord) -> float:
-        """When a configured ticket is missing or close to expiry (inf when none configured)."""
-        due = math.inf
-        for kind in self.app.tickets:
-            ticket = record.tickets.get(kind)
-            if ticket is None:
-                due = min(due, self.ticket_retry_at)
-            else:
-                due = min(due, max(ticket[1] - self._lead(record), self.ticket_retry_at))
-        return due
+        self._due: tuple[str, float, float] | None = None  # (token, refreshed, jittered due)
+        # what the last run saw (the daemon's health and metrics read these, not the files)
+        self.record: TokenRecord | None = None
+        self.status = AppStatus()
+        self.problem: str | None = None  # the state could not be read or written
 
     # -- entry points ---------------------------------------------------------------------------
     def run(self, first: bool = False) -> Outcome:
-        """Refresh if due (decided under the lock, from the file); return what happened.
+        """Refresh if due (decided under the lock, from the store); return what happened.
 
-        A state directory that cannot be written (disk full, read-only, permissions) never loses
-        the current file: the run is retried with backoff until the cause goes away.
+        A state that cannot be written (disk full, read-only, permissions) never loses the
+        current token: the run is retried with backoff until the cause goes away.
         """
         try:
-            with self.store.locked():
-                if first:
-                    for tmp in self.store.remove_stale_temp():
-                        self.log.info("store.temp_removed", path=tmp)
+            with self.store.locked(self.lock_timeout):
                 outcome = self._run_locked(first)
         except StoreError as exc:
             return self._store_failed(exc)
-        self.store_failures = 0
+        self.store_failures, self.problem = 0, None
         return outcome
 
-    def force(self, invalid_token: str | None = None, timeout: float = 30.0) -> Forced:
+    def force(self, invalid_token: str | None = None, privileged: bool = False) -> Forced:
         """Passive refresh: replace the token now, unless the reported one is already replaced.
 
         Concurrent requests are serialised by the lock; after the first has refreshed, the others
         find a token other than the one they report and get it without an upstream call.
+        ``privileged`` (root or the daemon's own user) may call through a quota or hard-error
+        wait and use the whole budget.
         """
         try:
-            with self.store.locked(timeout):
-                return self._force_locked(invalid_token)
+            with self.store.locked(self.lock_timeout):
+                forced = self._force_locked(invalid_token, privileged)
         except StoreError as exc:
-            self._store_failed(exc)
-            raise
+            return Forced(ForcedState.STORE_FAILED, None, self._store_failed(exc), error=exc)
+        self.store_failures, self.problem = 0, None
+        return forced
+
+    # -- the schedule -------------------------------------------------------------------------
+    def due_at(self, record: TokenRecord, status: AppStatus) -> float:
+        """When this record should be replaced, jitter included (drawn once per record)."""
+        exact = status.refreshed_at_exact if int(
+            status.refreshed_at_exact) == record.refreshed_at else None
+        key = (record.access_token, float(record.refreshed_at))
+        if self._due is None or self._due[:2] != key:
+            due = schedule.jittered_due_at(record, self.app.api, self.config.refresh_interval,
+                                           self.config.renew_before, len(self.config.apps),
+                                           self.rng, exact)
+            self._due = (*key, due)
+        return self._due[2]
+
+    def _is_due(self, record: TokenRecord, status: AppStatus, now: float) -> bool:
+        if schedule.from_the_future(record.refreshed_at, now):
+            self.log.warning("token.from_the_future", refreshed_in=int(record.refreshed_at - now),
+                             reason="the clock stepped back: replacing the token now")
+            return True
+        return self.due_at(record, status) <= now
+
+    def tickets_due_at(self, record: TokenRecord) -> float:
+        """When a configured ticket is missing or close to expiry (inf when none configured)."""
+        due = math.inf
+        ahead = schedule.lead(record, self.app.api, self.config.renew_before)
+        for kind in self.app.tickets:
+            ticket = record.tickets.get(kind)
+            due = min(due, self.ticket_retry_at if ticket is None else
+                      max(ticket[1] - ahead, self.ticket_retry_at))
+        return due
+
+    def _next_at(self, record: TokenRecord, status: AppStatus) -> float:
+        return min(self.due_at(record, status), self.tickets_due_at(record))
 
     # -- the scheduled run ------------------------------------------------------------------------
-    def _store_failed(self, exc: StoreError) -> Outcome:
-        self.store_failures += 1
-        delay = backoff(self.store_failures, TRANSIENT_BASE, self.transient_cap, self.rng)
-        self.log.error("store.failed", error=str(exc), attempt=self.store_failures,
-                       next_in=round(delay, 1), token_pending=self.pending is not None)
-        return Outcome("failed", self.clock() + delay)
-
-    def _current(self) -> TokenRecord | None:
-        try:
-            return self.store.read()
-        except FileNotFoundError:
-            return None
-        except PermissionError as exc:
-            raise StoreError(f"cannot read {self.store.path}: {exc.strerror}") from None
-        except (TokenCorrupt, OSError) as exc:
-            self.log.warning("token_file.unusable", reason=str(exc), path=self.store.path)
-            return None
-
     def _run_locked(self, first: bool) -> Outcome:
         now = self.clock()
-        record = self._current()
+        record = self._read()
         status = self.store.read_status()
+        self.record, self.status = record, status
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return written
-        if record is not None and record.expires_at > now and not self.token_refused:
-            due = self.due_at(record, status)
-            if due > now and self.tickets_due_at(record) <= now:
-                outcome = self._refresh_tickets(record, status, now, due)
-                if not self.token_refused:
-                    return outcome
-                record = self._current()
-            elif due > now:
+        if record is not None and record.expires_at > now and not self._is_due(record, status,
+                                                                               now):
+            if self.tickets_due_at(record) > now:
                 if first:
                     self.log.info("token.reused", expires_in=int(record.expires_at - now),
-                                  next_in=int(due - now))
-                next_at = min(due, self.tickets_due_at(record))
-                return Outcome("reused" if first else "fresh", next_at, record.expires_at)
-        if status.retry_at > now and not (first and status.error_class in {
-                c.value for c in HARD_ERRORS}):
-            # a hard error may have been fixed by the operator before this restart: try once
-            expires = record.expires_at if record else None
-            state = "budget" if status.last_result == "budget" else "waiting"
-            return Outcome(state, status.retry_at, expires)
-        if not self._spend_call(status, now):
-            return Outcome("budget", status.retry_at, record.expires_at if record else None)
-        try:
-            fetched = self.client.fetch(self.app)
-        except UpstreamError as exc:
-            return self._failed(exc, status, record, now)
-        return self._store_fetched(fetched, record, status, now)
+                                  next_in=int(self._next_at(record, status) - now))
+                return Outcome(State.REUSED if first else State.FRESH,
+                               self._next_at(record, status), record.expires_at)
+            if (outcome := self._refresh_tickets(record, status, now)) is not None:
+                return outcome
+            # getticket refused the token: WeChat dropped it early; replace it now
+        if (waiting := self._waiting(record, status, now, first)) is not None:
+            return waiting
+        if not self._spend(status, now, 1 + len(self.app.tickets)):
+            return Outcome(State.BUDGET, status.retry_at, record.expires_at if record else None)
+        return self._call(record, status, now, forced=False)
 
-    def _spend_call(self, status: AppStatus, now: float, calls: int = 1) -> bool:
+    def _read(self) -> TokenRecord | None:
+        try:
+            return self.store.read()
+        except TokenCorrupt as exc:
+            # unreadable counts too: this daemon owns the state dir and replaces what it
+            # cannot use (a file left by a run as another user, say)
+            self.log.warning("token_file.unusable", reason=exc.reason)
+            return None
+
+    def _waiting(self, record: TokenRecord | None, status: AppStatus, now: float,
+                 first: bool) -> Outcome | None:
+        retry_at = status.retry_at if status.retry_at <= now + schedule.MAX_WAIT else 0.0
+        if retry_at <= now:
+            return None
+        if first and status.error_class in HARD_ERRORS:
+            return None  # a hard error may have been fixed by the operator before this restart
+        state = State.BUDGET if status.last_result is LastResult.BUDGET else State.WAITING
+        return Outcome(state, retry_at, record.expires_at if record else None)
+
+    def _spend(self, status: AppStatus, now: float, calls: int) -> bool:
         """Count upstream calls against the daily budget *before* making them (a crash cannot
         hide spent quota); False, with an error line once, when the budget is spent."""
-        day = wechat_day(now)
-        if status.calls_day != day:
-            status.calls_day, status.calls_today, status.forced_today = day, 0, 0
-        if status.calls_today + calls > self.config.daily_budget:
+        if self._calls_today(status, now) + calls > self.config.daily_budget:
             status.retry_at = next_wechat_midnight(now) + self.rng.uniform(0, 60)
-            if status.last_result != "budget":
+            if status.last_result is not LastResult.BUDGET:
                 self.log.error("budget.exhausted", calls_today=status.calls_today,
                                daily_budget=self.config.daily_budget,
                                next_in=int(status.retry_at - now))
-            status.last_result = "budget"
+            status.last_result = LastResult.BUDGET
             self.store.write_status(status)
             return False
         status.calls_today += calls
         status.last_attempt_at = now
-        self.store.write_status(status)
+        self.store.write_status(status, durable=False)  # survives a crash of this process
         return True
 
+    @staticmethod
+    def _calls_today(status: AppStatus, now: float) -> int:
+        day = wechat_day(now)
+        if status.calls_day != day:
+            status.calls_day, status.calls_today, status.forced_today = day, 0, 0
+        return status.calls_today
+
+    def _call(self, record: TokenRecord | None, status: AppStatus, now: float,
+              forced: bool) -> Outcome:
+        """Fetch a token (the calls are counted) and store it."""
+        try:
+            fetched = self.client.fetch(
+                self.app, force_refresh=forced and self.app.api == "stable_token")
+        except UpstreamError as exc:
+            status.calls_today -= len(self.app.tickets)  # counted, never asked for
+            return self._failed(exc, status, record, now)
+        return self._store_fetched(fetched, record, status, now, forced)
+
     def _store_fetched(self, fetched: Fetched, record: TokenRecord | None, status: AppStatus,
-                       now: float, forced: bool = False) -> Outcome:
+                       now: float, forced: bool) -> Outcome:
         done = self.clock()
         status.failures, status.retry_at = 0, 0.0
         status.error_class = status.errcode = status.errmsg = status.error = None
         status.last_success_at = done
         if record is not None and fetched.access_token == record.access_token:
-            # stable_token's normal mode hands back the same token outside its last window:
-            # that is not a refresh. Correct the expiry if WeChat says it is sooner, then retry
-            # a few times inside the window (bounded: a quarter of the lead apart).
-            expires_at = min(record.expires_at, int(now) + fetched.expires_in)
-            if expires_at != record.expires_at:
-                record = record.replace(expires_at=expires_at)
-                self.store.write(record)
-            status.last_result = "unchanged"
-            self.store.write_status(status)
-            next_at = done + max(1.0, self._lead(record) / 4)
-            self.log.info("token.unchanged", expires_in=int(expires_at - done),
-                          took_ms=fetched.took_ms, next_in=int(next_at - done))
-            return Outcome("unchanged", next_at, expires_at)
+            return self._unchanged(fetched, record, status, now, done)
+        # a token this process just fetched under the lock always wins: nothing else can have
+        # written meanwhile, and WeChat has already retired the file's token
         new = TokenRecord(app=self.app.name, appid=self.app.appid,
                           access_token=fetched.access_token,
-                          expires_at=int(now) + fetched.expires_in, refreshed_at=int(now))
-        if record is not None and record.refreshed_at > new.refreshed_at:
-            # never replace a newer file with an older result (a clock step backwards)
-            self.log.warning("token.discarded_older", token=mask(new.access_token))
-            return Outcome("fresh", self.due_at(record), record.expires_at)
+                          expires_at=int(now) + fetched.expires_in, refreshed_at=int(now),
+                          tickets=dict(record.tickets) if record else None)
         # tickets belong to the new token's file: fetched first, so readers see both at once
-        self.token_refused = False
-        new = self._with_tickets(new, record, status, now)
-        self.pending = new
-        self.store.write(new)
-        self.pending = None
+        tickets = self._fetch_tickets(new, now)
+        status.calls_today -= tickets.unused
+        new = tickets.record
+        self._write(new, replaces=record.access_token if record else None)
         status.refreshed_at_exact = now
-        status.last_result = "ok"
+        status.last_result = LastResult.OK
         self.store.write_status(status)
-        due = self.due_at(new, status)
+        next_at = self._next_at(new, status)
         self.log.info("token.refreshed", token=mask(new.access_token), forced=forced,
                       expires_in=fetched.expires_in, took_ms=fetched.took_ms,
-                      calls_today=status.calls_today, next_in=int(due - done))
-        return Outcome("refreshed", min(due, self.tickets_due_at(new)), new.expires_at)
+                      calls_today=status.calls_today, next_in=int(next_at - done))
+        return Outcome(State.REFRESHED, next_at, new.expires_at)
+
+    def _unchanged(self, fetched: Fetched, record: TokenRecord, status: AppStatus, now: float,
+                   done: float) -> Outcome:
+        """stable_token's normal mode hands back the same token outside its last window: that
+        is not a refresh. Correct the expiry if WeChat says it is sooner, then retry a few times
+        inside the window (a quarter of the lead apart; the lead never exceeds the window)."""
+        status.calls_today -= len(self.app.tickets)
+        expires_at = min(record.expires_at, int(now) + fetched.expires_in)
+        if expires_at != record.expires_at:
+            record = record.replace(expires_at=expires_at)
+            self._write(record, replaces=record.access_token)
+        status.last_result = LastResult.UNCHANGED
+        self.store.write_status(status)
+        next_at = done + max(1.0, schedule.lead(record, self.app.api,
+                                                self.config.renew_before) / 4)
+        self.log.info("token.unchanged", expires_in=int(expires_at - done),
+                      took_ms=fetched.took_ms, next_in=int(next_at - done))
+        return Outcome(State.UNCHANGED, next_at, expires_at)
+
+    def _write(self, record: TokenRecord, replaces: str | None) -> None:
+        """Write the record; if that fails, keep it to write later instead of fetching again
+        (every fetch shortens the life of the token readers hold)."""
+        self.pending = _Pending(record, replaces)
+        self.store.write(record)
+        self.pending = None
+        self.record = record
 
     def _write_pending(self, record: TokenRecord | None, status: AppStatus,
                        now: float) -> Outcome | None:
-        pending, self.pending = self.pending, None
-        if pending is None or pending.expires_at <= now or (
-                record is not None and record.refreshed_at > pending.refreshed_at):
-            return None  # gone stale, or another writer has a newer token
-        self.pending = pending
-        self.store.write(pending)
-        self.pending = None
-        status.last_result = "ok"
+        pending = self.pending
+        assert pending is not None
+        if pending.record.expires_at <= now or (
+                record.access_token if record else None) != pending.replaces:
+            self.pending = None
+            self.log.info("token.pending_dropped", token=mask(pending.record.access_token),
+                          reason="expired" if pending.record.expires_at <= now else
+                          "the file was written by another writer since")
+            return None
+        self._write(pending.record, pending.replaces)
+        status.last_result = LastResult.OK
+        status.refreshed_at_exact = float(pending.record.refreshed_at)
         self.store.write_status(status)
-        due = self.due_at(pending)
-        self.log.info("token.refreshed", token=mask(pending.access_token), late_write=True,
-                      expires_in=int(pending.expires_at - now), next_in=int(due - now))
-        return Outcome("refreshed", due, pending.expires_at)
+        next_at = self._next_at(pending.record, status)
+        self.log.info("token.refreshed", token=mask(pending.record.access_token),
+                      late_write=True, expires_in=int(pending.record.expires_at - now),
+                      next_in=int(next_at - now))
+        return Outcome(State.REFRESHED, next_at, pending.record.expires_at)
 
     # -- tickets ----------------------------------------------------------------------------------
-    def _with_tickets(self, record: TokenRecord, previous: TokenRecord | None,
-                      status: AppStatus, now: float) -> TokenRecord:
-        """``record`` with fresh tickets; a ticket that cannot be fetched keeps its valid old
-        value (tickets do not die with the token) and is retried with backoff."""
-        if not self.app.tickets:
-            return record
-        tickets = dict(previous.tickets) if previous is not None else {}
-        failed = False
+    def _fetch_tickets(self, record: TokenRecord, now: float) -> _Tickets:
+        """``record`` with fresh tickets; a ticket that cannot be had keeps its valid old value
+        (tickets do not die with the token) and is retried with backoff."""
+        tickets = dict(record.tickets)
+        failed = refused = False
+        asked = 0
         for kind in self.app.tickets:
-            if not self._spend_call(status, now):
-                failed = True
-                break
+            asked += 1
             try:
                 got = self.client.fetch_ticket(self.app, record.access_token, kind)
             except UpstreamError as exc:
                 failed = True
                 self.log.warning("ticket.failed", ticket=kind, error=str(exc),
                                  errcode=exc.errcode, errmsg=exc.errmsg)
-                # stable_token cannot be replaced early without a (scarce) forced refresh
-                if exc.kind is ErrorClass.TOKEN_INVALID and self.app.api != "stable_token":
-                    self.token_refused = True
+                if exc.kind is ErrorClass.TOKEN_INVALID:
+                    refused = True
                     break
                 continue
             tickets[kind] = (got.access_token, int(now) + got.expires_in)
@@ -311,44 +357,76 @@ class Refresher:
                           took_ms=got.took_ms)
         if failed:
             self.ticket_failures += 1
-            self.ticket_retry_at = now + backoff(self.ticket_failures, TRANSIENT_BASE,
-                                                 self.transient_cap, self.rng)
+            # a refused token that replacing did not (or may not) cure: back off hard
+            base, cap = (self.hard_base, self.hard_cap) if refused else (
+                TRANSIENT_BASE, self.transient_cap)
+            self.ticket_retry_at = now + schedule.backoff(self.ticket_failures, base, cap,
+                                                          self.rng, full_jitter=not refused)
         else:
             self.ticket_failures, self.ticket_retry_at = 0, 0.0
         kept = {k: v for k, v in tickets.items() if k in self.app.tickets and v[1] > now}
-        return record.replace(tickets=kept)
+        return _Tickets(record.replace(tickets=kept), refused, len(self.app.tickets) - asked)
 
-    def _refresh_tickets(self, record: TokenRecord, status: AppStatus, now: float,
-                         token_due: float) -> Outcome:
-        updated = self._with_tickets(record, record, status, now)
-        if updated != record:
-            self.store.write(updated)
-        return Outcome("fresh", min(token_due, self.tickets_due_at(updated)), record.expires_at)
+    def _refresh_tickets(self, record: TokenRecord, status: AppStatus,
+                         now: float) -> Outcome | None:
+        """Renew due tickets with the file's token; None when getticket refused the token and
+        it may be replaced now (at most once per token lifetime)."""
+        if not self._spend(status, now, len(self.app.tickets)):
+            return Outcome(State.BUDGET, status.retry_at, record.expires_at)
+        tickets = self._fetch_tickets(record, now)
+        status.calls_today -= tickets.unused
+        if tickets.record != record:
+            self._write(tickets.record, replaces=record.access_token)
+        self.store.write_status(status, durable=False)
+        if tickets.refused:
+            lifetime = record.expires_at - record.refreshed_at
+            if self.app.api == "stable_token":
+                # replacing early would cost one of the 20 forced refreshes a day
+                self.log.warning("ticket.token_refused", action="waiting for the next window")
+            elif schedule.elapsed(status.ticket_replaced_at, now) >= lifetime:
+                status.ticket_replaced_at = now
+                self.log.warning("ticket.token_refused", action="replacing the token now")
+                return None
+            else:
+                self.log.error("ticket.token_refused", action="backing off",
+                               next_in=int(self.ticket_retry_at - now),
+                               reason="the token was already replaced for this in its lifetime")
+        return Outcome(State.FRESH, self._next_at(tickets.record, status), record.expires_at)
 
     # -- failures -------------------------------------------------------------------------------
+    def _store_failed(self, exc: StoreError) -> Outcome:
+        self.store_failures += 1
+        self.problem = str(exc)
+        delay = schedule.backoff(self.store_failures, TRANSIENT_BASE, self.transient_cap,
+                                 self.rng)
+        self.log.error("store.failed", error=str(exc), attempt=self.store_failures,
+                       next_in=round(delay, 1), token_pending=self.pending is not None)
+        return Outcome(State.FAILED, self.clock() + delay)
+
     def _failed(self, exc: UpstreamError, status: AppStatus, record: TokenRecord | None,
                 now: float) -> Outcome:
+        now = max(now, self.clock())  # the wait runs from the failure, not the call's start
         status.failures += 1
-        status.last_result = "error"
-        status.error_class = exc.kind.value
+        status.last_result = LastResult.ERROR
+        status.error_class = exc.kind
         status.errcode, status.errmsg, status.error = exc.errcode, exc.errmsg, str(exc)
         if exc.kind is ErrorClass.QUOTA_EXHAUSTED:
             delay = next_wechat_midnight(now) - now + self.rng.uniform(0, 60)
         elif exc.kind in HARD_ERRORS:
-            delay = backoff(status.failures, self.hard_base, self.hard_cap, self.rng,
-                            full_jitter=False)
+            delay = schedule.backoff(status.failures, self.hard_base, self.hard_cap, self.rng,
+                                     full_jitter=False)
         else:
             cap = self.transient_cap
             if record is not None and record.expires_at > now:
                 # the closer the token in the file is to its end, the more often we try
                 cap = min(cap, max(TRANSIENT_BASE, (record.expires_at - now) / 8))
-            delay = backoff(status.failures, TRANSIENT_BASE, cap, self.rng)
+            delay = schedule.backoff(status.failures, TRANSIENT_BASE, cap, self.rng)
         status.retry_at = now + delay
         self.store.write_status(status)
         fields: dict[str, Any] = {
             "error": str(exc), "error_class": exc.kind.value, "attempt": status.failures,
             "next_in": round(delay, 1),
-            "token_valid_for": int(record.expires_at - now) if record else 0,
+            "token_valid_for": max(0, int(record.expires_at - now)) if record else 0,
         }
         if exc.errcode is not None:
             fields.update(errcode=exc.errcode, errmsg=exc.errmsg)
@@ -356,38 +434,78 @@ class Refresher:
             self.log.warning("refresh.failed", **fields)
         else:
             self.log.error("refresh.failed", **fields)
-        return Outcome("failed", status.retry_at, record.expires_at if record else None)
+        return Outcome(State.FAILED, status.retry_at, record.expires_at if record else None)
 
     # -- passive refresh -------------------------------------------------------------------------
-    def _force_locked(self, invalid_token: str | None) -> Forced:
+    def _force_locked(self, invalid_token: str | None, privileged: bool) -> Forced:
         now = self.clock()
-        record = self._current()
+        record = self._read()
         status = self.store.read_status()
+        self.record, self.status = record, status
         valid = record is not None and record.expires_at > now
         if invalid_token is not None and valid and record is not None and \
                 record.access_token != invalid_token:
-            return Forced("current", record)  # already replaced: no upstream call
-        since = now - status.last_forced_at
-        if since < FORCE_SPACING:
-            self.log.warning("refresh.rate_limited", reason="one forced refresh per 30 s",
-                             retry_after=round(FORCE_SPACING - since, 1))
-            return Forced("rate_limited", record, retry_after=FORCE_SPACING - since)
-        if self.app.api == "stable_token" and status.calls_day == wechat_day(now) and \
-                status.forced_today >= STABLE_FORCE_PER_DAY:
-            retry = next_wechat_midnight(now) - now
-            self.log.error("refresh.rate_limited", reason="stable_token force_refresh: 20 a day",
-                           retry_after=int(retry))
-            return Forced("rate_limited", record, retry_after=retry)
-        if not self._spend_call(status, now):
-            return Forced("budget", record, retry_after=status.retry_at - now)
-        status.forced_today += 1
-        status.last_forced_at = now
-        self.store.write_status(status)
-        self.log.info("refresh.forced", reported=mask(invalid_token) if invalid_token else None)
+            return Forced(ForcedState.CURRENT, record)  # already replaced: no upstream call
+        if self.pending is not None and (written := self._write_pending(record, status, now)):
+            return Forced(ForcedState.REFRESHED, self.record, written)  # fetched already
+        if (refused := self._force_refused(record, status, now, privileged)) is not None:
+            return refused
+        self._count_forced(status, now, invalid_token)
         try:
             fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
         except UpstreamError as exc:
+            status.calls_today -= len(self.app.tickets)
             outcome = self._failed(exc, status, record, now)
-            return Forced("failed", record if valid else None, outcome, error=exc)
+            return Forced(ForcedState.FAILED, record if valid else None, outcome, error=exc)
         outcome = self._store_fetched(fetched, record, status, now, forced=True)
-        return Forced("refreshed", self.store.read(), outcome)
+        return Forced(ForcedState.REFRESHED, self.record, outcome)
+
+    def _force_refused(self, record: TokenRecord | None, status: AppStatus, now: float,
+                       privileged: bool) -> Forced | None:
+        """Why this passive refresh may not call WeChat now (None: it may)."""
+        retry_at = status.retry_at if status.retry_at <= now + schedule.MAX_WAIT else 0.0
+        if retry_at > now and status.last_result is LastResult.BUDGET:
+            return Forced(ForcedState.BUDGET, record, retry_after=retry_at - now)
+        if retry_at > now and status.error_class in WAITS_FOR_READERS and not privileged:
+            self.log.warning("refresh.refused", reason=f"waiting after {status.error_class}",
+                             errcode=status.errcode, retry_after=int(retry_at - now))
+            return Forced(ForcedState.WAITING, record, retry_after=retry_at - now)
+        since = schedule.elapsed(status.last_forced_at, now)
+        spacing = schedule.force_spacing(status.forced_streak)
+        if since < spacing:
+            self.log.warning("refresh.rate_limited", reason=f"one forced refresh per {spacing:g} s",
+                             retry_after=round(spacing - since, 1))
+            return Forced(ForcedState.RATE_LIMITED, record, retry_after=spacing - since)
+        calls_today = self._calls_today(status, now)
+        midnight = next_wechat_midnight(now) - now
+        if self.app.api == "stable_token" and status.forced_today >= STABLE_FORCE_PER_DAY:
+            self.log.error("refresh.rate_limited", reason="stable_token force_refresh: 20 a day",
+                           retry_after=int(midnight))
+            return Forced(ForcedState.RATE_LIMITED, record, retry_after=midnight)
+        share = 1.0 if privileged else FORCED_SHARE
+        if calls_today + 1 + len(self.app.tickets) > math.floor(self.config.daily_budget * share):
+            self.log.warning("refresh.refused", reason="the rest of daily_budget is kept for "
+                             "scheduled refreshes", calls_today=calls_today,
+                             retry_after=int(midnight))
+            return Forced(ForcedState.BUDGET, record, retry_after=midnight)
+        return None
+
+    def _count_forced(self, status: AppStatus, now: float, reported: str | None) -> None:
+        """Count a forced refresh. One that follows the last within twice the spacing extends
+        the streak (the tokens just handed out keep being reported: the spacing doubles); after
+        a quiet spell the streak starts afresh."""
+        quiet = schedule.elapsed(status.last_forced_at, now)
+        follows = quiet <= 2 * schedule.force_spacing(status.forced_streak)
+        status.forced_streak = status.forced_streak + 1 if follows else 0
+        status.forced_today += 1
+        status.last_forced_at = now
+        status.calls_today += 1 + len(self.app.tickets)
+        status.last_attempt_at = now
+        self.store.write_status(status, durable=False)
+        self.log.info("refresh.forced", reported=mask(reported) or None,
+                      streak=status.forced_streak)
+        if status.forced_streak >= 2:
+            self.log.warning("refresh.reported_again", streak=status.forced_streak,
+                             next_spacing=schedule.force_spacing(status.forced_streak),
+                             reason="the tokens just handed out keep being reported invalid: "
+                             "a reader bug, or another process fetching tokens for this appid")

@@ -21,8 +21,8 @@ from wechatpy.session import SessionStorage
 from wechatpy.session.memorystorage import MemoryStorage
 
 from wxtoken.errors import TokenUnavailable
-from wxtoken.reader import DEFAULT_SOCKET, DEFAULT_STATE_DIR, drop_cache, read_token, report_invalid
-from wxtoken.record import TICKET_TYPES
+from wxtoken.reader import drop_cache, read_token, report_invalid
+from wxtoken.record import DEFAULT_SOCKET, DEFAULT_STATE_DIR, TICKET_TYPES
 
 
 class WxtokenStorage(SessionStorage):  # type: ignore[misc]

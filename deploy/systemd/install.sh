@@ -45,8 +45,12 @@ fi
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/daemon" "$build/"
-"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$build" 2>&1 |
-    grep -v "^WARNING: Location" >&2 || true
+# pip's own status decides (a pipe into a filter would hide it); its output is shown on failure
+if ! "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$build" \
+        >"$build/pip.log" 2>&1; then
+    cat "$build/pip.log" >&2
+    die "pip install failed (see above); the unit, user and config were not touched"
+fi
 install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
 ln -sf "$PREFIX/bin/wxtoken" "$LINK"
 

@@ -1,0 +1,92 @@
+"""The daemon's bookkeeping for one app (``<app>.status.json``): last result, backoff, calls
+counted against the daily budget. Standard library only: `wxtoken status` reads it."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from wxtoken.errcodes import ErrorClass
+
+
+class LastResult(enum.StrEnum):
+    """The last attempt's result, as `wxtoken status` shows it."""
+
+    NONE = "none"
+    OK = "ok"
+    UNCHANGED = "unchanged"
+    ERROR = "error"
+    BUDGET = "budget"
+
+
+@dataclass
+class AppStatus:
+    """One app's persisted bookkeeping. Unknown or damaged fields read as their defaults."""
+
+    last_result: LastResult = LastResult.NONE
+    last_attempt_at: float = 0.0
+    last_success_at: float = 0.0
+    refreshed_at_exact: float = 0.0  # the token file's refreshed_at with its fraction
+    failures: int = 0  # consecutive failed attempts (drives the backoff)
+    retry_at: float = 0.0  # no upstream call before this (backoff, quota, budget)
+    error_class: ErrorClass | None = None
+    errcode: int | None = None
+    errmsg: str | None = None
+    error: str | None = None  # our one-line description of the last failure
+    calls_day: str = ""  # the WeChat day (Asia/Shanghai) calls_today counts
+    calls_today: int = 0
+    forced_today: int = 0  # forced refreshes (passive refresh) on calls_day
+    last_forced_at: float = 0.0
+    forced_streak: int = 0  # reports in a row of freshly issued tokens (widens the spacing)
+    ticket_replaced_at: float = 0.0  # last time a refused ticket made us replace the token
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> AppStatus:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        status = cls()
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            try:
+                if f.name == "last_result":
+                    value = LastResult(value)
+                elif f.name == "error_class":
+                    value = None if value is None else ErrorClass(value)
+                elif isinstance(getattr(status, f.name), float):
+                    value = float(value)
+            except (ValueError, TypeError):
+                continue  # a value another version wrote: keep the default
+            setattr(status, f.name, value)
+        return status
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
+
+
+def status_path(state_dir: str, app: str) -> str:
+    return os.path.join(state_dir, f"{app}.status.json")
+
+
+def read_status(path: str) -> AppStatus:
+    """The status file at ``path``; a fresh AppStatus when it is missing, unreadable or damaged
+    (it is bookkeeping only, and `wxtoken status` must work while the daemon rewrites it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return AppStatus()
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return AppStatus()
+        return AppStatus.from_json(os.read(fd, 65536))
+    except (OSError, ValueError, TypeError):
+        return AppStatus()
+    finally:
+        os.close(fd)
