@@ -157,7 +157,7 @@ def test_stable_token_passive_refresh_uses_force_and_its_daily_limit(
     d.stop()
 
 
-def test_daily_budget_and_upstream_errors_are_answered_with_their_class(
+def test_upstream_errors_are_answered_with_their_class(
         running: tuple[Path, DaemonProcess, str], emulator: Emulator) -> None:
     """An upstream error comes back as 502 with errcode and class; never a hang."""
     config, _, state = running
@@ -169,6 +169,24 @@ def test_daily_budget_and_upstream_errors_are_answered_with_their_class(
     assert err.value.status == 502 and err.value.error_class == "permanent"
     assert err.value.errcode == 40164 and "whitelist" in str(err.value)
     assert read_token("main", state)  # the current token is kept
+
+
+def test_a_spent_daily_budget_is_a_429_for_everyone(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Once daily_budget is spent, a passive refresh (the operator's too) is 429 `budget` with
+    retry_after until the WeChat day ends, and makes no call."""
+    config = make_config(MAIN, daily_budget=2, refresh_interval=0.5)
+    state = config.parent / "state"
+    d = daemons(config)
+    d.wait_for("budget.exhausted", timeout=15)
+    with pytest.raises(ControlError) as err:
+        report_invalid("main", read_token("main", str(state)), str(state), socket_of(config))
+    assert err.value.status == 429 and err.value.error_class == "budget"
+    assert err.value.retry_after is not None and err.value.retry_after > 60
+    assert "daily_budget" in str(err.value) or "budget" in str(err.value)
+    assert d.stop() == 0
+    assert emulator.calls() == 2
 
 
 def test_operator_refresh_overrides_the_quota_wait(

@@ -414,3 +414,32 @@ def test_a_token_reader_cannot_take_the_writers_lock(
     before = len([e for e in d.events() if e["event"] == "token.refreshed"])
     d.wait_for("token.refreshed", count=before + 2, timeout=10)
     assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_long_first_round_extends_the_start_timeout_while_it_progresses(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """200 apps at 0.5 s per call (8 at a time) need ~13 s before READY: meanwhile the daemon
+    extends systemd's start timeout (EXTEND_TIMEOUT_USEC=) because first fetches progress."""
+    emulator.state.settings.latency = 0.5
+    apps = {}
+    for i in range(200):
+        appid = f"wx{i:016d}"
+        emulator.state.apps[appid] = f"s3cr3t-many-{i}"
+        apps[f"app{i}"] = {"appid": appid, "secret": f"s3cr3t-many-{i}"}
+    config = make_config(apps)
+    sock_path = str(tmp_path / "notify.sock")
+    messages: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(sock_path)
+        server.settimeout(40)
+        d = daemons(config, env={"NOTIFY_SOCKET": sock_path})
+        while "READY=1" not in messages:
+            messages.append(server.recv(200).decode())
+    extends = [m for m in messages if m.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extends, messages[-5:]
+    assert int(extends[0].split("=")[1]) >= 20_000_000
+    assert messages.index(extends[0]) < messages.index("READY=1")
+    assert d.stop() == 0
+    assert emulator.calls() == 200

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from wechatpy.session.memorystorage import MemoryStorage
+
 from wxtoken.emulator import Emulator
 from wxtoken.reader import drop_cache, read_token
+from wxtoken.record import TokenRecord
+from wxtoken.store import atomic_write
 from wxtoken.wechatpy_session import WeChatClient, WxtokenStorage
 
 from helpers import APPID, SECRET, DaemonProcess
@@ -41,13 +46,27 @@ def test_wechatpy_client_uses_the_daemons_token_and_reports_refused_ones(
     d.stop()
 
 
-def test_storage_keeps_other_keys_in_its_fallback(tmp_path: Path) -> None:
-    """Keys wxtoken does not own (OAuth, component tokens…) live in the fallback storage."""
-    storage = WxtokenStorage("main", state_dir=str(tmp_path))
+def test_storage_answers_from_the_file_and_keeps_other_keys_in_its_fallback(
+        tmp_path: Path) -> None:
+    """The token (and configured tickets) come from the file, whatever the fallback holds;
+    set() never writes them; other keys (OAuth, tickets wxtoken does not keep) live in the
+    fallback."""
+    fallback = MemoryStorage()
+    storage = WxtokenStorage("main", state_dir=str(tmp_path), fallback=fallback)
     storage.set("wx1_access_token", "ignored", 7200)
-    assert storage.get("wx1_access_token") is None  # no file yet, and set() never writes it
+    assert fallback.get("wx1_access_token") is None  # set() never writes the daemon's keys
+    assert storage.get("wx1_access_token", "none") == "none"  # no file yet
+    now = int(time.time())
+    atomic_write(str(tmp_path / "main.json"), TokenRecord(
+        "main", "wx1", "file-token-0123456789", now + 7200, now,
+        {"jsapi": ("file-ticket-0123", now + 7200)}).to_json(), 0o640)
+    fallback.set("wx1_access_token", "stale-token-in-the-fallback", 7200)
+    assert storage.get("wx1_access_token") == "file-token-0123456789"
+    assert storage.get("wx1_jsapi_ticket") == "file-ticket-0123"
+    assert storage.get("wx1_jsapi_ticket_expires_at") == now + 7200
+    fallback.set("wx1_wx_card_ticket", "wechatpy-own-card-ticket", 7200)
+    assert storage.get("wx1_wx_card_ticket") == "wechatpy-own-card-ticket"  # not in the file
     storage.set("wx1_refresh_token", "r-123", 7200)
-    assert storage.get("wx1_refresh_token") == "r-123"
+    assert fallback.get("wx1_refresh_token") == "r-123"
     storage.delete("wx1_refresh_token")
     assert storage.get("wx1_refresh_token", "gone") == "gone"
-    assert storage.get("wx1_jsapi_ticket") is None  # not configured: wechatpy manages it

@@ -35,8 +35,9 @@ from wxtoken.config import Config
 from wxtoken.errors import TokenUnavailable, UpstreamError
 from wxtoken.health import app_health_from_files
 from wxtoken.logs import get_logger
+from wxtoken.passive import ForcedState
 from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
-from wxtoken.refresher import Forced, ForcedState
+from wxtoken.refresher import Forced
 
 SOCKET_MODE = 0o660
 MAX_BODY = 4096

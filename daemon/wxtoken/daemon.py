@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import FrameType
@@ -105,12 +106,18 @@ class Daemon:
                       state_dir=self.config.state_dir)
         for done in clean_state_dir(self.config.state_dir):
             self.log.info("state_dir.cleaned", action=done)
+        # one pass over every app's files, in this thread: apps with a valid token that is not
+        # due are settled here (no lock, no upstream call, no thread contention), the others
+        # run at once
         now = self.clock()
-        for name in self.refreshers:
+        for name, refresher in self.refreshers.items():
+            outcome = refresher.peek(first=True)
+            if outcome is not None:
+                self.outcomes[name] = outcome
             self.scheduler.add_job(
                 # the job sets its own next run; the interval is only a safety net
-                self._tick, IntervalTrigger(seconds=self.safety_net),
-                args=[name], id=name, name=f"refresh {name}", next_run_time=_utc(now))
+                self._tick, IntervalTrigger(seconds=self.safety_net), args=[name], id=name,
+                name=f"refresh {name}", next_run_time=_utc(outcome.next_at if outcome else now))
         try:
             from wxtoken.control import ControlServer
             self.control = ControlServer(self.config.control_socket, self.config, self.force)
@@ -124,6 +131,8 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.start()
         self._monitor_thread.start()
+        if len(self.outcomes) == len(self.refreshers):
+            self._ready()  # every token was reused: nothing left to try
 
     # -- work in flight ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -188,12 +197,19 @@ class Daemon:
                 max(outcome.next_at, self.clock() + MIN_RESCHEDULE)))
         except (JobLookupError, SchedulerNotRunningError):
             return  # shutting down
-        if all_tried:
-            self.notify(f"STATUS={self.summary()}")
-            if not self.ready.is_set():
-                self.ready.set()
-                self.notify("READY=1")
-                self.log.info("daemon.ready", summary=self.summary())
+        if all_tried and not self.ready.is_set():
+            self._ready()
+
+    def _ready(self) -> None:
+        with self._lock:
+            if self.ready.is_set():
+                return
+            self.ready.set()
+            states = Counter(o.state.value for o in self.outcomes.values())
+        line = self.summary()
+        self.notify(f"STATUS={line}")
+        self.notify("READY=1")
+        self.log.info("daemon.ready", summary=line, **dict(sorted(states.items())))
 
     # -- health -----------------------------------------------------------------------------------
     def health(self) -> list[dict[str, Any]]:
@@ -227,6 +243,8 @@ class Daemon:
                     progress, tried = len(self.outcomes) > tried, len(self.outcomes)
                 if progress:  # first fetches are moving: keep systemd from timing out
                     self.notify(f"EXTEND_TIMEOUT_USEC={int(3 * STARTING_TICK * 1_000_000)}")
+            if self.ready.is_set():
+                self.notify(f"STATUS={self.summary()}")  # a few times a minute at most
             stalled = self._stalled()
             if stalled:
                 if not withheld:

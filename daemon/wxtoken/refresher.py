@@ -17,43 +17,29 @@ budget for scheduled refreshes, and the quota and hard-error waits.
 
 from __future__ import annotations
 
-import enum
-import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from wxtoken import schedule
-from wxtoken.clock import next_wechat_midnight, wechat_day
+from wxtoken import passive, schedule
+from wxtoken.clock import next_wechat_midnight
 from wxtoken.config import AppConfig, Config
 from wxtoken.errcodes import HARD_ERRORS, ErrorClass
 from wxtoken.errors import StoreError, TokenCorrupt, UpstreamError, WxtokenError
 from wxtoken.logs import get_logger, mask
+from wxtoken.passive import ForcedState
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import Outcome, State
 from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore, TokenStore
+from wxtoken.tickets import Tickets
 from wxtoken.upstream import Fetched, WeChatClient
 
 TRANSIENT_BASE = 1.0
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
-STABLE_FORCE_PER_DAY = 20  # WeChat's limit on stable_token force_refresh
-FORCED_SHARE = 0.8  # forced refreshes may use this share of daily_budget; the rest is kept
-WAITS_FOR_READERS = HARD_ERRORS | {ErrorClass.QUOTA_EXHAUSTED}
-
-
-class ForcedState(enum.StrEnum):
-    """The answer to a passive refresh request."""
-
-    CURRENT = "current"  # the reported token was already replaced: here is the current one
-    REFRESHED = "refreshed"
-    RATE_LIMITED = "rate_limited"  # spacing between forced refreshes, or stable_token's 20/day
-    WAITING = "waiting"  # a quota (45009) or hard-error wait runs
-    BUDGET = "budget"  # the share of daily_budget forced refreshes may use is spent
-    FAILED = "failed"  # WeChat refused
-    STORE_FAILED = "store_failed"  # the state could not be read or written
+QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
 
 
 @dataclass(frozen=True)
@@ -74,13 +60,6 @@ class _Pending:
 
     record: TokenRecord
     replaces: str | None
-
-
-@dataclass(frozen=True)
-class _Tickets:
-    record: TokenRecord  # with every ticket that could be had (old ones kept while valid)
-    refused: bool  # getticket said the token is no longer good (40001/42001)
-    unused: int  # counted calls that were not made
 
 
 class Refresher:
@@ -105,10 +84,11 @@ class Refresher:
         self.transient_cap = min(300.0, max(TRANSIENT_BASE, config.renew_before / 4))
         self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
         self.hard_cap = max(self.hard_base, config.refresh_interval)
+        self.tickets = Tickets(app, client, self.log, self.rng,
+                               (TRANSIENT_BASE, self.transient_cap),
+                               (self.hard_base, self.hard_cap))
         self.pending: _Pending | None = None
         self.store_failures = 0
-        self.ticket_failures = 0
-        self.ticket_retry_at = 0.0
         self._due: tuple[str, float, float] | None = None  # (token, refreshed, jittered due)
         # what the last run saw (the daemon's health and metrics read these, not the files)
         self.record: TokenRecord | None = None
@@ -122,6 +102,8 @@ class Refresher:
         A state that cannot be written (disk full, read-only, permissions) never loses the
         current token: the run is retried with backoff until the cause goes away.
         """
+        if (idle := self.peek(first)) is not None:
+            return idle
         try:
             with self.store.locked(self.lock_timeout):
                 outcome = self._run_locked(first)
@@ -160,26 +142,45 @@ class Refresher:
         return self._due[2]
 
     def _is_due(self, record: TokenRecord, status: AppStatus, now: float) -> bool:
-        if schedule.from_the_future(record.refreshed_at, now):
-            self.log.warning("token.from_the_future", refreshed_in=int(record.refreshed_at - now),
-                             reason="the clock stepped back: replacing the token now")
-            return True
-        return self.due_at(record, status) <= now
+        return schedule.from_the_future(record.refreshed_at, now) or \
+            self.due_at(record, status) <= now
 
     def tickets_due_at(self, record: TokenRecord) -> float:
-        """When a configured ticket is missing or close to expiry (inf when none configured)."""
-        due = math.inf
-        ahead = schedule.lead(record, self.app.api, self.config.renew_before)
-        for kind in self.app.tickets:
-            ticket = record.tickets.get(kind)
-            due = min(due, self.ticket_retry_at if ticket is None else
-                      max(ticket[1] - ahead, self.ticket_retry_at))
-        return due
+        return self.tickets.due_at(record, schedule.lead(record, self.app.api,
+                                                          self.config.renew_before))
 
     def _next_at(self, record: TokenRecord, status: AppStatus) -> float:
         return min(self.due_at(record, status), self.tickets_due_at(record))
 
     # -- the scheduled run ------------------------------------------------------------------------
+    def peek(self, first: bool = False) -> Outcome | None:
+        """The run's outcome when a look without the lock shows nothing to do (a valid record,
+        not due, tickets not due, nothing pending); None when the run must take the lock.
+        Deciding *not* to act needs no exclusion, and a restart of 10,000 apps takes no lock."""
+        if self.pending is not None:
+            return None
+        now = self.clock()
+        try:
+            record = self.store.read()
+        except TokenCorrupt:
+            return None
+        status = self.store.read_status()
+        if record is None or record.expires_at <= now or self._is_due(record, status, now) \
+                or self.tickets_due_at(record) <= now:
+            return None
+        self.record, self.status = record, status
+        return self._reused(record, status, now, first)
+
+    def _reused(self, record: TokenRecord, status: AppStatus, now: float,
+                first: bool) -> Outcome:
+        next_at = self._next_at(record, status)
+        if first:
+            # one line per app is noise past a hundred apps: daemon.ready counts them
+            log = self.log.info if len(self.config.apps) <= QUIET_ABOVE else self.log.debug
+            log("token.reused", expires_in=int(record.expires_at - now),
+                next_in=int(next_at - now))
+        return Outcome(State.REUSED if first else State.FRESH, next_at, record.expires_at)
+
     def _run_locked(self, first: bool) -> Outcome:
         now = self.clock()
         record = self._read()
@@ -187,14 +188,13 @@ class Refresher:
         self.record, self.status = record, status
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return written
+        if record is not None and schedule.from_the_future(record.refreshed_at, now):
+            self.log.warning("token.from_the_future", refreshed_in=int(record.refreshed_at - now),
+                             reason="the clock stepped back: replacing the token now")
         if record is not None and record.expires_at > now and not self._is_due(record, status,
                                                                                now):
             if self.tickets_due_at(record) > now:
-                if first:
-                    self.log.info("token.reused", expires_in=int(record.expires_at - now),
-                                  next_in=int(self._next_at(record, status) - now))
-                return Outcome(State.REUSED if first else State.FRESH,
-                               self._next_at(record, status), record.expires_at)
+                return self._reused(record, status, now, first)
             if (outcome := self._refresh_tickets(record, status, now)) is not None:
                 return outcome
             # getticket refused the token: WeChat dropped it early; replace it now
@@ -226,7 +226,7 @@ class Refresher:
     def _spend(self, status: AppStatus, now: float, calls: int) -> bool:
         """Count upstream calls against the daily budget *before* making them (a crash cannot
         hide spent quota); False, with an error line once, when the budget is spent."""
-        if self._calls_today(status, now) + calls > self.config.daily_budget:
+        if passive.calls_today(status, now) + calls > self.config.daily_budget:
             status.retry_at = next_wechat_midnight(now) + self.rng.uniform(0, 60)
             if status.last_result is not LastResult.BUDGET:
                 self.log.error("budget.exhausted", calls_today=status.calls_today,
@@ -239,13 +239,6 @@ class Refresher:
         status.last_attempt_at = now
         self.store.write_status(status, durable=False)  # survives a crash of this process
         return True
-
-    @staticmethod
-    def _calls_today(status: AppStatus, now: float) -> int:
-        day = wechat_day(now)
-        if status.calls_day != day:
-            status.calls_day, status.calls_today, status.forced_today = day, 0, 0
-        return status.calls_today
 
     def _call(self, record: TokenRecord | None, status: AppStatus, now: float,
               forced: bool) -> Outcome:
@@ -273,7 +266,7 @@ class Refresher:
                           expires_at=int(now) + fetched.expires_in, refreshed_at=int(now),
                           tickets=dict(record.tickets) if record else None)
         # tickets belong to the new token's file: fetched first, so readers see both at once
-        tickets = self._fetch_tickets(new, now)
+        tickets = self.tickets.fetch(new, now)
         status.calls_today -= tickets.unused
         new = tickets.record
         self._write(new, replaces=record.access_token if record else None)
@@ -334,46 +327,13 @@ class Refresher:
         return Outcome(State.REFRESHED, next_at, pending.record.expires_at)
 
     # -- tickets ----------------------------------------------------------------------------------
-    def _fetch_tickets(self, record: TokenRecord, now: float) -> _Tickets:
-        """``record`` with fresh tickets; a ticket that cannot be had keeps its valid old value
-        (tickets do not die with the token) and is retried with backoff."""
-        tickets = dict(record.tickets)
-        failed = refused = False
-        asked = 0
-        for kind in self.app.tickets:
-            asked += 1
-            try:
-                got = self.client.fetch_ticket(self.app, record.access_token, kind)
-            except UpstreamError as exc:
-                failed = True
-                self.log.warning("ticket.failed", ticket=kind, error=str(exc),
-                                 errcode=exc.errcode, errmsg=exc.errmsg)
-                if exc.kind is ErrorClass.TOKEN_INVALID:
-                    refused = True
-                    break
-                continue
-            tickets[kind] = (got.access_token, int(now) + got.expires_in)
-            self.log.info("ticket.refreshed", ticket=kind, expires_in=got.expires_in,
-                          took_ms=got.took_ms)
-        if failed:
-            self.ticket_failures += 1
-            # a refused token that replacing did not (or may not) cure: back off hard
-            base, cap = (self.hard_base, self.hard_cap) if refused else (
-                TRANSIENT_BASE, self.transient_cap)
-            self.ticket_retry_at = now + schedule.backoff(self.ticket_failures, base, cap,
-                                                          self.rng, full_jitter=not refused)
-        else:
-            self.ticket_failures, self.ticket_retry_at = 0, 0.0
-        kept = {k: v for k, v in tickets.items() if k in self.app.tickets and v[1] > now}
-        return _Tickets(record.replace(tickets=kept), refused, len(self.app.tickets) - asked)
-
     def _refresh_tickets(self, record: TokenRecord, status: AppStatus,
                          now: float) -> Outcome | None:
         """Renew due tickets with the file's token; None when getticket refused the token and
         it may be replaced now (at most once per token lifetime)."""
         if not self._spend(status, now, len(self.app.tickets)):
             return Outcome(State.BUDGET, status.retry_at, record.expires_at)
-        tickets = self._fetch_tickets(record, now)
+        tickets = self.tickets.fetch(record, now)
         status.calls_today -= tickets.unused
         if tickets.record != record:
             self._write(tickets.record, replaces=record.access_token)
@@ -389,7 +349,7 @@ class Refresher:
                 return None
             else:
                 self.log.error("ticket.token_refused", action="backing off",
-                               next_in=int(self.ticket_retry_at - now),
+                               next_in=int(self.tickets.retry_at - now),
                                reason="the token was already replaced for this in its lifetime")
         return Outcome(State.FRESH, self._next_at(tickets.record, status), record.expires_at)
 
@@ -448,9 +408,23 @@ class Refresher:
             return Forced(ForcedState.CURRENT, record)  # already replaced: no upstream call
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return Forced(ForcedState.REFRESHED, self.record, written)  # fetched already
-        if (refused := self._force_refused(record, status, now, privileged)) is not None:
-            return refused
-        self._count_forced(status, now, invalid_token)
+        calls = 1 + len(self.app.tickets)
+        refusal = passive.refusal(status, now, self.app.api, self.config.daily_budget, calls,
+                                  privileged)
+        if refusal is not None:
+            log = self.log.error if refusal.retry_after > 3600 else self.log.warning
+            log("refresh.refused", state=refusal.state, reason=refusal.reason,
+                retry_after=round(refusal.retry_after, 1))
+            return Forced(refusal.state, record, retry_after=refusal.retry_after)
+        passive.count_forced(status, now, calls)
+        self.store.write_status(status, durable=False)
+        self.log.info("refresh.forced", reported=mask(invalid_token) or None,
+                      streak=status.forced_streak)
+        if status.forced_streak >= 2:
+            self.log.warning("refresh.reported_again", streak=status.forced_streak,
+                             next_spacing=schedule.force_spacing(status.forced_streak),
+                             reason="the tokens just handed out keep being reported invalid: "
+                             "a reader bug, or another process fetching tokens for this appid")
         try:
             fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
         except UpstreamError as exc:
@@ -459,53 +433,3 @@ class Refresher:
             return Forced(ForcedState.FAILED, record if valid else None, outcome, error=exc)
         outcome = self._store_fetched(fetched, record, status, now, forced=True)
         return Forced(ForcedState.REFRESHED, self.record, outcome)
-
-    def _force_refused(self, record: TokenRecord | None, status: AppStatus, now: float,
-                       privileged: bool) -> Forced | None:
-        """Why this passive refresh may not call WeChat now (None: it may)."""
-        retry_at = status.retry_at if status.retry_at <= now + schedule.MAX_WAIT else 0.0
-        if retry_at > now and status.last_result is LastResult.BUDGET:
-            return Forced(ForcedState.BUDGET, record, retry_after=retry_at - now)
-        if retry_at > now and status.error_class in WAITS_FOR_READERS and not privileged:
-            self.log.warning("refresh.refused", reason=f"waiting after {status.error_class}",
-                             errcode=status.errcode, retry_after=int(retry_at - now))
-            return Forced(ForcedState.WAITING, record, retry_after=retry_at - now)
-        since = schedule.elapsed(status.last_forced_at, now)
-        spacing = schedule.force_spacing(status.forced_streak)
-        if since < spacing:
-            self.log.warning("refresh.rate_limited", reason=f"one forced refresh per {spacing:g} s",
-                             retry_after=round(spacing - since, 1))
-            return Forced(ForcedState.RATE_LIMITED, record, retry_after=spacing - since)
-        calls_today = self._calls_today(status, now)
-        midnight = next_wechat_midnight(now) - now
-        if self.app.api == "stable_token" and status.forced_today >= STABLE_FORCE_PER_DAY:
-            self.log.error("refresh.rate_limited", reason="stable_token force_refresh: 20 a day",
-                           retry_after=int(midnight))
-            return Forced(ForcedState.RATE_LIMITED, record, retry_after=midnight)
-        share = 1.0 if privileged else FORCED_SHARE
-        if calls_today + 1 + len(self.app.tickets) > math.floor(self.config.daily_budget * share):
-            self.log.warning("refresh.refused", reason="the rest of daily_budget is kept for "
-                             "scheduled refreshes", calls_today=calls_today,
-                             retry_after=int(midnight))
-            return Forced(ForcedState.BUDGET, record, retry_after=midnight)
-        return None
-
-    def _count_forced(self, status: AppStatus, now: float, reported: str | None) -> None:
-        """Count a forced refresh. One that follows the last within twice the spacing extends
-        the streak (the tokens just handed out keep being reported: the spacing doubles); after
-        a quiet spell the streak starts afresh."""
-        quiet = schedule.elapsed(status.last_forced_at, now)
-        follows = quiet <= 2 * schedule.force_spacing(status.forced_streak)
-        status.forced_streak = status.forced_streak + 1 if follows else 0
-        status.forced_today += 1
-        status.last_forced_at = now
-        status.calls_today += 1 + len(self.app.tickets)
-        status.last_attempt_at = now
-        self.store.write_status(status, durable=False)
-        self.log.info("refresh.forced", reported=mask(reported) or None,
-                      streak=status.forced_streak)
-        if status.forced_streak >= 2:
-            self.log.warning("refresh.reported_again", streak=status.forced_streak,
-                             next_spacing=schedule.force_spacing(status.forced_streak),
-                             reason="the tokens just handed out keep being reported invalid: "
-                             "a reader bug, or another process fetching tokens for this appid")

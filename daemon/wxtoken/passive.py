@@ -1,0 +1,95 @@
+"""The rules a passive refresh (a reader reporting a token WeChat refused) obeys, as pure
+functions of the app's bookkeeping: they decide whether a forced refresh may call WeChat now.
+
+- One forced refresh per app per 30 s; while they keep coming (each within twice the spacing of
+  the last) the spacing doubles, up to 30 minutes. After a quiet spell it starts afresh.
+- stable_token: WeChat allows 20 ``force_refresh`` calls a day.
+- Forced refreshes may use 80 % of ``daily_budget``; the rest is kept for scheduled refreshes.
+- While a quota (45009) or hard-error wait runs, token readers are answered "waiting".
+
+The operator (root, or the daemon's own user) may call through a wait and use the whole budget;
+the spacing and WeChat's own limits hold for everyone.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from wxtoken import schedule
+from wxtoken.clock import next_wechat_midnight, wechat_day
+from wxtoken.errcodes import HARD_ERRORS, ErrorClass
+from wxtoken.status import AppStatus, LastResult
+
+STABLE_FORCE_PER_DAY = 20  # WeChat's limit on stable_token force_refresh
+FORCED_SHARE = 0.8  # forced refreshes may use this share of daily_budget; the rest is kept
+WAITS_FOR_READERS = HARD_ERRORS | {ErrorClass.QUOTA_EXHAUSTED}
+
+
+class ForcedState(enum.StrEnum):
+    """The answer to a passive refresh request."""
+
+    CURRENT = "current"  # the reported token was already replaced: here is the current one
+    REFRESHED = "refreshed"
+    RATE_LIMITED = "rate_limited"  # spacing between forced refreshes, or stable_token's 20/day
+    WAITING = "waiting"  # a quota (45009) or hard-error wait runs
+    BUDGET = "budget"  # the share of daily_budget forced refreshes may use is spent
+    FAILED = "failed"  # WeChat refused
+    STORE_FAILED = "store_failed"  # the state could not be read or written
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a forced refresh may not call WeChat now, and when to ask again."""
+
+    state: ForcedState
+    retry_after: float
+    reason: str
+
+
+def calls_today(status: AppStatus, now: float) -> int:
+    """Upstream calls counted on the current WeChat day (the counters start afresh on a new
+    day)."""
+    day = wechat_day(now)
+    if status.calls_day != day:
+        status.calls_day, status.calls_today, status.forced_today = day, 0, 0
+    return status.calls_today
+
+
+def refusal(status: AppStatus, now: float, api: str, daily_budget: int, calls: int,
+            privileged: bool) -> Refusal | None:
+    """Whether a forced refresh costing ``calls`` upstream calls may go ahead (None) or not."""
+    retry_at = status.retry_at if status.retry_at <= now + schedule.MAX_WAIT else 0.0
+    if retry_at > now and status.last_result is LastResult.BUDGET:
+        return Refusal(ForcedState.BUDGET, retry_at - now, "the daily budget is spent")
+    if retry_at > now and status.error_class in WAITS_FOR_READERS and not privileged:
+        return Refusal(ForcedState.WAITING, retry_at - now,
+                       f"waiting after {status.error_class} (errcode {status.errcode})")
+    since = schedule.elapsed(status.last_forced_at, now)
+    spacing = schedule.force_spacing(status.forced_streak)
+    if since < spacing:
+        return Refusal(ForcedState.RATE_LIMITED, spacing - since,
+                       f"one forced refresh per {spacing:g} s")
+    midnight = next_wechat_midnight(now) - now
+    used = calls_today(status, now)
+    if api == "stable_token" and status.forced_today >= STABLE_FORCE_PER_DAY:
+        return Refusal(ForcedState.RATE_LIMITED, midnight,
+                       "stable_token force_refresh: 20 a day")
+    share = 1.0 if privileged else FORCED_SHARE
+    if used + calls > math.floor(daily_budget * share):
+        return Refusal(ForcedState.BUDGET, midnight,
+                       "the rest of daily_budget is kept for scheduled refreshes")
+    return None
+
+
+def count_forced(status: AppStatus, now: float, calls: int) -> None:
+    """Count a forced refresh about to be made: one that follows the last within twice the
+    spacing extends the streak (the spacing doubles); after a quiet spell it starts afresh."""
+    follows = schedule.elapsed(status.last_forced_at, now) <= 2 * schedule.force_spacing(
+        status.forced_streak)
+    status.forced_streak = status.forced_streak + 1 if follows else 0
+    status.forced_today += 1
+    status.last_forced_at = now
+    status.calls_today += calls
+    status.last_attempt_at = now

@@ -1,0 +1,89 @@
+"""The passive-refresh rules as pure functions of the bookkeeping: no server, no files."""
+
+from __future__ import annotations
+
+import time
+
+from wxtoken import passive
+from wxtoken.clock import wechat_day
+from wxtoken.errcodes import ErrorClass
+from wxtoken.passive import ForcedState
+from wxtoken.status import AppStatus, LastResult
+
+NOW = float(int(time.time()))
+
+
+def status(**fields: object) -> AppStatus:
+    s = AppStatus(calls_day=wechat_day(NOW))
+    for key, value in fields.items():
+        setattr(s, key, value)
+    return s
+
+
+def test_spacing_doubles_while_forced_refreshes_keep_coming_and_resets_after_quiet() -> None:
+    """30 s, 60 s, 120 s … up to 30 min between forced refreshes that follow each other; a
+    quiet spell (twice the spacing) starts afresh."""
+    s = status()
+    now = NOW
+    gaps = []
+    for _ in range(10):
+        assert passive.refusal(s, now, "token", 1000, 1, False) is None
+        passive.count_forced(s, now, 1)
+        refused = passive.refusal(s, now + 1, "token", 1000, 1, False)
+        assert refused is not None and refused.state is ForcedState.RATE_LIMITED
+        gaps.append(round(refused.retry_after + 1))
+        now += refused.retry_after + 1
+    assert gaps == [30, 60, 120, 240, 480, 960, 1800, 1800, 1800, 1800]
+    passive.count_forced(s, now + 2 * 1800 + 1, 1)  # after an hour of quiet
+    assert s.forced_streak == 0
+
+
+def test_readers_may_use_80_percent_of_the_budget_the_operator_all_of_it() -> None:
+    """Forced refreshes stop at 80 % of daily_budget for readers; the operator may go on."""
+    s = status(calls_today=8)
+    refused = passive.refusal(s, NOW, "token", 10, 1, privileged=False)
+    assert refused is not None and refused.state is ForcedState.BUDGET
+    assert refused.retry_after > 0
+    assert passive.refusal(s, NOW, "token", 10, 1, privileged=True) is None
+    assert passive.refusal(status(calls_today=7), NOW, "token", 10, 1, False) is None
+
+
+def test_quota_and_hard_error_waits_hold_for_readers_only() -> None:
+    """During a 45009 or hard-error wait a reader gets "waiting"; the operator may try."""
+    for kind in (ErrorClass.QUOTA_EXHAUSTED, ErrorClass.PERMANENT, ErrorClass.NEEDS_HUMAN):
+        s = status(retry_at=NOW + 600, error_class=kind, last_result=LastResult.ERROR)
+        refused = passive.refusal(s, NOW, "token", 1000, 1, privileged=False)
+        assert refused is not None and refused.state is ForcedState.WAITING
+        assert 599 <= refused.retry_after <= 600
+        assert passive.refusal(s, NOW, "token", 1000, 1, privileged=True) is None
+    transient = status(retry_at=NOW + 5, error_class=ErrorClass.TRANSIENT)
+    assert passive.refusal(transient, NOW, "token", 1000, 1, False) is None
+
+
+def test_a_spent_budget_holds_for_everyone() -> None:
+    """Once the whole budget is spent, not even the operator calls until the reset."""
+    s = status(retry_at=NOW + 3600, last_result=LastResult.BUDGET)
+    refused = passive.refusal(s, NOW, "token", 1000, 1, privileged=True)
+    assert refused is not None and refused.state is ForcedState.BUDGET
+
+
+def test_stable_token_has_20_forced_refreshes_a_day() -> None:
+    """The 21st stable_token force_refresh of the WeChat day is refused until midnight."""
+    s = status(forced_today=20)
+    refused = passive.refusal(s, NOW, "stable_token", 1000, 1, privileged=True)
+    assert refused is not None and refused.state is ForcedState.RATE_LIMITED
+    assert refused.retry_after > 30
+    assert passive.refusal(s, NOW, "token", 1000, 1, privileged=True) is None
+
+
+def test_times_from_before_a_backward_clock_step_do_not_block() -> None:
+    """A last forced refresh or a wait stamped far ahead of the clock is not trusted."""
+    s = status(last_forced_at=NOW + 3600, retry_at=NOW + 5 * 86400,
+               error_class=ErrorClass.PERMANENT)
+    assert passive.refusal(s, NOW, "token", 1000, 1, privileged=False) is None
+
+
+def test_a_new_wechat_day_starts_the_counts_afresh() -> None:
+    """Counters of another WeChat day do not count today."""
+    s = AppStatus(calls_day="2001-01-01", calls_today=999, forced_today=20)
+    assert passive.calls_today(s, NOW) == 0 and s.forced_today == 0
