@@ -152,6 +152,13 @@ def status_line(answer: bytes) -> str:
     return answer.split(b"\r\n", 1)[0].decode("latin-1") if answer else ""
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS: line")
+
+
 def thread_count(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Threads:"):

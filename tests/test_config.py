@@ -56,6 +56,8 @@ BROKEN = [
      "api_base: must be an http(s) URL"),
     ("api_base with a port out of range", 'api_base = "http://127.0.0.1:99999"\n' + GOOD_APP,
      "api_base: port 99999 is out of range"),
+    ("api_base with port 0", 'api_base = "http://127.0.0.1:0"\n' + GOOD_APP,
+     "api_base: port 0 is out of range"),
 ]
 
 

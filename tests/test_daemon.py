@@ -175,7 +175,7 @@ def test_start_removes_leftover_temp_files_and_says_so(
     cleaned = d.wait_for("state_dir.cleaned")
     assert cleaned["action"] == f"removed {state}/.main.k1ll3d.tmp"
     assert sorted(p.name for p in state.iterdir()) == [
-        "main.json", "main.lock", "main.status.json"]
+        ".locks", "main.json", "main.status.json"]
     assert d.stop() == 0
 
 
@@ -387,33 +387,45 @@ def test_a_token_reader_cannot_take_the_writers_lock(
         emulator: Emulator, make_config: Callable[..., Path], sock_dir: Path,
         daemons: Callable[..., DaemonProcess]) -> None:
     """A member of the files' group can read the token but cannot open (so cannot flock) the
-    lock file, so it cannot stop the daemon's refreshes."""
+    lock file, so it cannot stop the daemon's refreshes; not even with a descriptor it opened
+    on an earlier version's group-readable lock file before the upgrade."""
     if os.geteuid() != 0:
         pytest.skip("switching to another user needs root (CI runs as root)")
     state = sock_dir / "state"  # a path other users can reach
     state.mkdir(mode=0o750)
+    old = state / "main.lock"
+    old.write_text("")
+    old.chmod(0o640)  # as an earlier version left it
+    code = ("import fcntl, json, os, sys, time\n"
+            "state = sys.argv[1]\n"
+            "early = os.open(os.path.join(state, 'main.lock'), os.O_RDONLY)\n"
+            "print('opened', flush=True)\n"
+            "sys.stdin.readline()  # the daemon has started\n"
+            "json.load(open(os.path.join(state, 'main.json')))\n"
+            "fcntl.flock(early, fcntl.LOCK_EX)\n"
+            "try:\n"
+            "    os.open(os.path.join(state, '.locks', 'main.lock'), os.O_RDONLY)\n"
+            "except PermissionError:\n"
+            "    print('refused', flush=True)\n"
+            "time.sleep(5)\n")
+    holder = subprocess.Popen(["/usr/bin/python3", "-c", code, str(state)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, user=NOBODY,
+                              group=NOBODY, extra_groups=[os.getgid()])
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline().strip() == "opened"
     config = make_config(refresh_interval=1, state_dir=str(state))
     d = daemons(config)
     d.wait_for("daemon.ready")
-    group = os.stat(state / "main.json").st_gid
-    code = ("import fcntl, json, os, sys, time\n"
-            "state = sys.argv[1]\n"
-            "json.load(open(os.path.join(state, 'main.json')))\n"
-            "try:\n"
-            "    fd = os.open(os.path.join(state, 'main.lock'), os.O_RDONLY)\n"
-            "except PermissionError:\n"
-            "    print('refused'); sys.exit(0)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True); time.sleep(5)\n")
-    holder = subprocess.Popen(["/usr/bin/python3", "-c", code, str(state)],
-                              stdout=subprocess.PIPE, text=True, user=NOBODY, group=NOBODY,
-                              extra_groups=[group])
-    out, _ = holder.communicate(timeout=30)
-    assert out.strip() == "refused"
-    assert stat.S_IMODE((state / "main.lock").stat().st_mode) == 0o600
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline().strip() == "refused"
     before = len([e for e in d.events() if e["event"] == "token.refreshed"])
-    d.wait_for("token.refreshed", count=before + 2, timeout=10)
+    d.wait_for("token.refreshed", count=before + 3, timeout=10)  # while it holds its flock
     assert d.stop() == 0
+    holder.kill()
+    holder.wait()
+    assert not old.exists()
+    assert stat.S_IMODE((state / ".locks").stat().st_mode) == 0o700
 
 
 @pytest.mark.slow

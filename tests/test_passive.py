@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from wxtoken import passive
 from wxtoken.clock import wechat_day
 from wxtoken.errcodes import ErrorClass
@@ -20,22 +22,38 @@ def status(**fields: object) -> AppStatus:
     return s
 
 
-def test_spacing_doubles_while_forced_refreshes_keep_coming_and_resets_after_quiet() -> None:
-    """30 s, 60 s, 120 s … up to 30 min between forced refreshes that follow each other; a
-    quiet spell (twice the spacing) starts afresh."""
+def test_spacing_doubles_while_fresh_tokens_keep_being_reported() -> None:
+    """30 s, 60 s, 120 s … up to 30 min between forced refreshes while each replaces the token
+    the previous one issued; a report of an old token starts afresh."""
     s = status()
     now = NOW
+    issued = NOW - 3000  # the token the first report is about came from the schedule
     gaps = []
     for _ in range(10):
         assert passive.refusal(s, now, "token", 1000, 1, False) is None
-        passive.count_forced(s, now, 1)
+        passive.count_forced(s, now, 1, issued)
+        issued = now
         refused = passive.refusal(s, now + 1, "token", 1000, 1, False)
         assert refused is not None and refused.state is ForcedState.RATE_LIMITED
         gaps.append(round(refused.retry_after + 1))
         now += refused.retry_after + 1
     assert gaps == [30, 60, 120, 240, 480, 960, 1800, 1800, 1800, 1800]
-    passive.count_forced(s, now + 2 * 1800 + 1, 1)  # after an hour of quiet
+    passive.count_forced(s, now + 3 * 3600, 1, refreshed_at=now + 3600)  # an hour-old token
     assert s.forced_streak == 0
+
+
+@pytest.mark.parametrize("every", [10, 61, 599, 601, 1801])
+def test_a_reader_reporting_every_token_gets_few_forced_refreshes_a_day(every: int) -> None:
+    """Whatever the pace of a reader that reports each token it gets, a day has at most one
+    forced refresh per ten minutes (and once it keeps at it, one per 30 minutes)."""
+    s = status()
+    now, issued, forced = NOW, NOW - 3000, 0
+    while now < NOW + 86400:
+        if passive.refusal(s, now, "token", 10**6, 1, False) is None:
+            passive.count_forced(s, now, 1, issued)
+            issued, forced = now, forced + 1
+        now += every
+    assert forced <= 86400 / 600 + 1, forced
 
 
 def test_readers_may_use_80_percent_of_the_budget_the_operator_all_of_it() -> None:
@@ -67,18 +85,24 @@ def test_a_spent_budget_holds_for_everyone() -> None:
     assert refused is not None and refused.state is ForcedState.BUDGET
 
 
-def test_stable_token_has_20_forced_refreshes_a_day() -> None:
-    """The 21st stable_token force_refresh of the WeChat day is refused until midnight."""
+def test_stable_token_has_20_forced_refreshes_a_day_the_last_5_for_the_operator() -> None:
+    """Readers get 15 stable_token force_refreshes a WeChat day, the operator all 20; the next
+    is refused until midnight."""
+    readers_done = status(forced_today=15)
+    refused = passive.refusal(readers_done, NOW, "stable_token", 1000, 1, privileged=False)
+    assert refused is not None and refused.state is ForcedState.RATE_LIMITED
+    assert refused.retry_after > 30
+    assert passive.refusal(readers_done, NOW, "stable_token", 1000, 1, privileged=True) is None
     s = status(forced_today=20)
     refused = passive.refusal(s, NOW, "stable_token", 1000, 1, privileged=True)
     assert refused is not None and refused.state is ForcedState.RATE_LIMITED
-    assert refused.retry_after > 30
     assert passive.refusal(s, NOW, "token", 1000, 1, privileged=True) is None
 
 
 def test_times_from_before_a_backward_clock_step_do_not_block() -> None:
-    """A last forced refresh or a wait stamped far ahead of the clock is not trusted."""
-    s = status(last_forced_at=NOW + 3600, retry_at=NOW + 5 * 86400,
+    """A last forced refresh, or a wait set by an attempt, stamped ahead of the clock (it
+    stepped back since) is not trusted, however short the wait looks now."""
+    s = status(last_forced_at=NOW + 3600, last_attempt_at=NOW + 7200, retry_at=NOW + 7300,
                error_class=ErrorClass.PERMANENT)
     assert passive.refusal(s, NOW, "token", 1000, 1, privileged=False) is None
 

@@ -258,6 +258,22 @@ def test_passive_refresh_spacing_is_not_stretched_by_a_backward_step(
     assert emulator.calls() == 2
 
 
+def test_a_wait_set_before_a_backward_step_is_not_kept(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """A retry due in a second, set just before the clock stepped back two hours, would look
+    like a two-hour wait on the new clock: it is dropped, and the refresh happens now."""
+    clock = Clock()
+    r = make(tmp_path, client, clock=clock, refresh_interval=10, renew_before=60)
+    r.run(first=True)
+    clock.offset += 11  # due
+    emulator.add_fault("busy", count=1)
+    failed = r.run()
+    assert failed.state == "failed" and failed.next_at - clock() < 16
+    clock.offset -= 7200
+    assert r.run().state == "refreshed"
+    assert emulator.calls() == 3
+
+
 # -- a simulated day: the refresher and the emulator share a clock that jumps -----------------
 class SimClock:
     """Simulated time, shared by the refresher and the emulator; it moves only when told to."""

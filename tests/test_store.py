@@ -82,7 +82,7 @@ def test_start_removes_every_apps_temp_files_in_one_scan(tmp_path: Path) -> None
     removed = clean_state_dir(str(tmp_path))
     assert sorted(removed) == [f"removed {tmp_path}/{n}" for n in (
         ".main.abc123.tmp", ".main.zz.tmp", ".other.abc.tmp")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["main.json", "main.json.bak"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "main.json", "main.json.bak"]
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["two-stores", "one-store"])
@@ -158,14 +158,18 @@ def test_atomic_write_never_shows_a_partial_file(tmp_path: Path) -> None:
 
 
 def test_lock_files_are_the_daemons_alone(tmp_path: Path) -> None:
-    """Lock files are created 0600, and an older, group-readable one is made 0600 when the
-    daemon starts: a reader in the files' group could otherwise flock() it read-only and stop
-    every refresh."""
-    store = FileStore(str(tmp_path), "main")
-    with store.locked():
+    """Lock files live in .locks/ (0700) and are 0600: a reader in the files' group could
+    otherwise flock() one read-only and stop every refresh. The daemon's start removes the
+    lock files of earlier versions (<app>.lock, 0640) and makes .locks 0700 again."""
+    with FileStore(str(tmp_path), "main").locked():
         pass
-    lock = tmp_path / "main.lock"
-    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
-    lock.chmod(0o640)  # as an earlier version left it
-    assert clean_state_dir(str(tmp_path)) == [f"made {lock} 0600"]
-    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    locks = tmp_path / ".locks"
+    assert stat.S_IMODE(locks.stat().st_mode) == 0o700
+    assert stat.S_IMODE((locks / "main.lock").stat().st_mode) == 0o600
+    old = tmp_path / "main.lock"
+    old.write_text("")
+    old.chmod(0o640)  # as an earlier version left it
+    locks.chmod(0o750)
+    assert sorted(clean_state_dir(str(tmp_path))) == [
+        f"made {locks} 0700", f"removed {old} (locks now live in .locks/)"]
+    assert not old.exists() and stat.S_IMODE(locks.stat().st_mode) == 0o700

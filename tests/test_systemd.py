@@ -249,18 +249,18 @@ def test_a_root_run_by_hand_does_not_lock_the_service_out(box: Container, emu: E
     --allow-other-owner it leaves root-owned files, which the service then replaces."""
     box.write("/etc/wxtoken/config.toml", CONFIG.format(url=by_name(emu), appid=APPID), "0640")
     box.sh("mkdir -p /run/creds && cp /etc/wxtoken/main.secret /run/creds/main && "
-           "rm -f /var/lib/wxtoken/main.json /var/lib/wxtoken/main.lock")
+           "rm -rf /var/lib/wxtoken/main.json /var/lib/wxtoken/.locks")
     env = "CREDENTIALS_DIRECTORY=/run/creds"
     refused = box.sh(f"{env} timeout -s TERM 20 wxtoken run", check=False)
     assert refused.returncode == 78
     assert "/var/lib/wxtoken belongs to user wxtoken, not root" in refused.stderr
     box.sh(f"{env} timeout -s TERM 8 wxtoken run --allow-other-owner", check=False)
-    owners = box.sh("stat -c '%U %n' /var/lib/wxtoken/main.*").stdout
+    owners = box.sh("stat -c '%U %n' /var/lib/wxtoken/main.* /var/lib/wxtoken/.locks").stdout
     assert "root /var/lib/wxtoken/main.json" in owners, owners
-    assert "root /var/lib/wxtoken/main.lock" in owners, owners
+    assert "root /var/lib/wxtoken/.locks" in owners, owners
     box.run("systemctl", "start", "wxtoken")
     assert re.match(r"1/1 apps fresh", show(box, "StatusText")), show(box, "StatusText")
-    owners = box.sh("stat -c '%U %n' /var/lib/wxtoken/main.*").stdout
+    owners = box.sh("stat -c '%U %n' /var/lib/wxtoken/main.* /var/lib/wxtoken/.locks").stdout
     assert "root" not in owners, owners
     box.run("systemctl", "stop", "wxtoken")
 

@@ -152,11 +152,13 @@ def _check_url(value: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"must be an http(s) URL, not {value!r}"
     try:
-        parts.port  # noqa: B018 - parsing the port is the check
+        port = parts.port
     except ValueError:
-        port = parts.netloc.rsplit(":", 1)[-1]
-        return (f"port {port} is out of range" if port.isdigit() else
-                f"port {port!r} is not a number")
+        raw = parts.netloc.rsplit(":", 1)[-1]
+        return (f"port {raw} is out of range" if raw.isdigit() else
+                f"port {raw!r} is not a number")
+    if port == 0:
+        return "port 0 is out of range"
     return None
 
 
@@ -227,9 +229,10 @@ def _resolve_secret(ck: _Checker, app: dict[str, Any], prefix: str,
                 ck.bad(prefix + key, problem)
                 return "", ""
             secret = _read_secret_file(value)
-            if os.stat(value).st_mode & stat.S_IROTH:
-                ck.warnings.append(f"{ck.path}: {prefix}{key}: {value} is readable by every "
-                                   "user; make it readable by the daemon's user only")
+            if os.stat(value).st_mode & (stat.S_IRGRP | stat.S_IROTH):
+                ck.warnings.append(f"{ck.path}: {prefix}{key}: {value} is readable by others "
+                                   "than its owner (token readers may be in its group); make "
+                                   "it readable by the daemon's user only")
         elif key == "secret_env":
             secret = os.environ.get(value, "").strip()
             if not secret:

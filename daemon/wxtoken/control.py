@@ -7,9 +7,11 @@
 Usable with ``curl --unix-socket /run/wxtoken/control.sock http://localhost/v1/apps``.
 
 Any member of the group can connect, so nothing a client sends may cost the daemon more than a
-little: at most ``MAX_CONNECTIONS`` at once (more are answered 503 at once), each request must
-arrive whole within ``READ_TIMEOUT`` seconds, bodies need a Content-Length of at most
-``MAX_BODY`` bytes (400 bad, 411 missing or chunked, 413 too large), and no request ever ends in a
+little: at most ``MAX_CONNECTIONS`` at once and ``MAX_PER_USER`` per user (more are answered 503
+at once; a few more are kept for the operator), each request must arrive whole within
+``READ_TIMEOUT`` seconds with at most ``MAX_HEAD`` bytes of request line and headers (431 beyond),
+bodies need a Content-Length of at most ``MAX_BODY`` bytes (400 bad, 411 missing or chunked, 413
+too large), the health list is computed at most once a second, and no request ever ends in a
 traceback. The peer's credentials (SO_PEERCRED) tell the operator (root, or the daemon's own
 user) from a token reader.
 """
@@ -17,6 +19,7 @@ user) from a token reader.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
@@ -25,6 +28,7 @@ import stat
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -41,8 +45,12 @@ from wxtoken.refresher import Forced
 
 SOCKET_MODE = 0o660
 MAX_BODY = 4096
-MAX_CONNECTIONS = 32
+MAX_HEAD = 8192  # request line and headers together
+MAX_CONNECTIONS = 32  # token readers' connections at once, all users together...
+MAX_PER_USER = 16  # ...and of one user
+OPERATOR_CONNECTIONS = 4  # more, for root and the daemon's user only
 READ_TIMEOUT = 5.0
+HEALTH_TTL = 1.0  # GET /v1/apps reads every app's files: at most once a second
 HTTP_STATUS = {
     ForcedState.CURRENT: 200, ForcedState.REFRESHED: 200, ForcedState.RATE_LIMITED: 429,
     ForcedState.WAITING: 429, ForcedState.BUDGET: 429, ForcedState.FAILED: 502,
@@ -95,32 +103,103 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
     def __init__(self, path: str) -> None:
         super().__init__(path, _Handler, bind_and_activate=False)
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.reaper = _Reaper()
         self.log = get_logger()
+        self._slots = threading.Lock()
+        self._per_user: Counter[int] = Counter()  # open connections by peer uid
+        self._health: tuple[float, bytes] = (-HEALTH_TTL, b"")
+
+    def _take_slot(self, uid: int) -> bool:
+        """A connection slot for a peer: readers share MAX_CONNECTIONS, at most MAX_PER_USER
+        each; the operator may use OPERATOR_CONNECTIONS more, so no reader can lock it out."""
+        with self._slots:
+            total = sum(self._per_user.values())
+            if uid in (0, os.geteuid()):
+                ok = total < MAX_CONNECTIONS + OPERATOR_CONNECTIONS
+            else:
+                readers = total - self._per_user[0] - self._per_user[os.geteuid()]
+                ok = readers < MAX_CONNECTIONS and self._per_user[uid] < MAX_PER_USER
+            if ok:
+                self._per_user[uid] += 1
+            return ok
+
+    def _give_slot(self, uid: int) -> None:
+        with self._slots:
+            self._per_user[uid] -= 1
+            if not self._per_user[uid]:
+                del self._per_user[uid]
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
+        uid = peer_uid(request)
+        if not self._take_slot(uid):
             _refuse_busy(request)
             self.shutdown_request(request)
             return
         try:
-            super().process_request(request, client_address)  # a thread per connection
+            # a thread per connection
+            threading.Thread(target=self._serve, args=(request, client_address, uid),
+                             daemon=True).start()
         except BaseException:
-            self.slots.release()
+            self._give_slot(uid)
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _serve(self, request: Any, client_address: Any, uid: int) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._give_slot(uid)
+
+    def health_body(self) -> bytes:
+        """GET /v1/apps, computed from the files at most once per HEALTH_TTL."""
+        with self._slots:
+            at, body = self._health
+        if time.monotonic() - at < HEALTH_TTL:
+            return body
+        now = time.time()
+        body = json.dumps({"apps": [app_health_from_files(self.config, app, now)
+                                    for app in self.config.apps]}).encode()
+        with self._slots:
+            self._health = (time.monotonic(), body)
+        return body
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
         exc = sys.exc_info()[1]
         if not isinstance(exc, OSError):  # a client that hangs up is no news
             self.log.warning("control.error", error=type(exc).__name__)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The connected peer's uid (SO_PEERCRED); -1 when it cannot be had."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return -1
+    return int(struct.unpack("3i", creds)[1])
+
+
+class _HeadLimit:
+    """The connection's reader, allowing a request's line and headers MAX_HEAD bytes in all
+    (http.server alone allows 64 KiB a line and 100 lines)."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.left = MAX_HEAD
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.left <= 0:
+            raise http.client.LineTooLong("request head")
+        want = self.left + 1 if limit < 0 else min(limit, self.left + 1)
+        line: bytes = self._raw.readline(want)
+        self.left -= len(line)  # past the limit, the next line raises (http.server: 431)
+        return line
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 def _refuse_busy(request: socket.socket) -> None:
@@ -162,9 +241,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # request lines can carry tokens; the refresher logs what matters
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _HeadLimit(self.rfile)  # type: ignore[assignment]
+
     def handle_one_request(self) -> None:
         # the request (line, headers, body) must arrive within READ_TIMEOUT, however slowly
         # it drips: past that, the connection is shut down under the reading thread
+        self.rfile.left = MAX_HEAD  # type: ignore[attr-defined]
         self.server.reaper.watch(id(self), self.connection, READ_TIMEOUT)
         try:
             super().handle_one_request()
@@ -175,7 +259,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.reaper.forget(id(self))
 
     def _send(self, status: int, body: dict[str, Any], close: bool = False) -> None:
-        raw = json.dumps(body).encode()
+        self._send_raw(status, json.dumps(body).encode(), close)
+
+    def _send_raw(self, status: int, raw: bytes, close: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
@@ -209,8 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
         config = self.server.config
         now = time.time()
         if parts == ["v1", "apps"]:
-            apps = [app_health_from_files(config, app, now) for app in config.apps]
-            self._send(200, {"apps": apps})
+            self._send_raw(200, self.server.health_body())
         elif len(parts) == 3 and parts[:2] == ["v1", "apps"]:
             if not self._known(name):
                 return
@@ -263,13 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _privileged(self) -> bool:
         """Root or the daemon's own user (SO_PEERCRED): the operator, not a token reader."""
-        try:
-            creds = self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                               struct.calcsize("3i"))
-        except OSError:
-            return False
-        uid = struct.unpack("3i", creds)[1]
-        return uid in (0, os.geteuid())
+        return peer_uid(self.connection) in (0, os.geteuid())
 
     def do_POST(self) -> None:
         parts, name = self._route()

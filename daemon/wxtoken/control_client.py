@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from typing import Any
 
 from wxtoken.errors import ControlError
@@ -28,9 +29,25 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+BUSY_RETRIES = (0.1, 0.2, 0.4, 0.8, 1.5)  # waits after a "too many connections" answer
+
+
 def request(method: str, path: str, body: dict[str, Any] | None = None,
             control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0) -> dict[str, Any]:
-    """One request; the JSON answer, or ControlError with the daemon's reason."""
+    """One request; the JSON answer, or ControlError with the daemon's reason. An answer that
+    the daemon is busy (all connections taken) is retried a few times over three seconds."""
+    for wait in BUSY_RETRIES:
+        try:
+            return _request(method, path, body, control_socket, timeout)
+        except ControlError as exc:
+            if exc.error_class != "busy":
+                raise
+        time.sleep(wait)
+    return _request(method, path, body, control_socket, timeout)
+
+
+def _request(method: str, path: str, body: dict[str, Any] | None, control_socket: str,
+             timeout: float) -> dict[str, Any]:
     conn = _UnixConnection(control_socket, timeout)
     try:
         payload = json.dumps(body).encode() if body is not None else None

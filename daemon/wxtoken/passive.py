@@ -1,9 +1,12 @@
 """The rules a passive refresh (a reader reporting a token WeChat refused) obeys, as pure
 functions of the app's bookkeeping: they decide whether a forced refresh may call WeChat now.
 
-- One forced refresh per app per 30 s; while they keep coming (each within twice the spacing of
-  the last) the spacing doubles, up to 30 minutes. After a quiet spell it starts afresh.
-- stable_token: WeChat allows 20 ``force_refresh`` calls a day.
+- One forced refresh per app per 30 s; while the tokens reported are freshly issued ones (ten
+  minutes old at most, or twice the current spacing) the spacing doubles, up to 30 minutes.
+  A report of an older token starts afresh. So a reader that reports every token it gets can
+  cause at most one forced refresh every ten minutes, or every 30 once it has kept at it.
+- stable_token: WeChat allows 20 ``force_refresh`` calls a day; readers may use 15 of them,
+  the last 5 are kept for the operator.
 - Forced refreshes may use 80 % of ``daily_budget``; the rest is kept for scheduled refreshes.
 - While a quota (45009) or hard-error wait runs, token readers are answered "waiting".
 
@@ -23,6 +26,7 @@ from wxtoken.errcodes import HARD_ERRORS, ErrorClass
 from wxtoken.status import AppStatus, LastResult
 
 STABLE_FORCE_PER_DAY = 20  # WeChat's limit on stable_token force_refresh
+STABLE_FORCE_READERS = 15  # of which token readers may use these
 FORCED_SHARE = 0.8  # forced refreshes may use this share of daily_budget; the rest is kept
 WAITS_FOR_READERS = HARD_ERRORS | {ErrorClass.QUOTA_EXHAUSTED}
 
@@ -60,7 +64,7 @@ def calls_today(status: AppStatus, now: float) -> int:
 def refusal(status: AppStatus, now: float, api: str, daily_budget: int, calls: int,
             privileged: bool) -> Refusal | None:
     """Whether a forced refresh costing ``calls`` upstream calls may go ahead (None) or not."""
-    retry_at = status.retry_at if status.retry_at <= now + schedule.MAX_WAIT else 0.0
+    retry_at = schedule.wait_until(status.retry_at, status.last_attempt_at, now)
     if retry_at > now and status.last_result is LastResult.BUDGET:
         return Refusal(ForcedState.BUDGET, retry_at - now, "the daily budget is spent")
     if retry_at > now and status.error_class in WAITS_FOR_READERS and not privileged:
@@ -73,9 +77,10 @@ def refusal(status: AppStatus, now: float, api: str, daily_budget: int, calls: i
                        f"one forced refresh per {spacing:g} s")
     midnight = next_wechat_midnight(now) - now
     used = calls_today(status, now)
-    if api == "stable_token" and status.forced_today >= STABLE_FORCE_PER_DAY:
+    if api == "stable_token" and status.forced_today >= (
+            STABLE_FORCE_PER_DAY if privileged else STABLE_FORCE_READERS):
         return Refusal(ForcedState.RATE_LIMITED, midnight,
-                       "stable_token force_refresh: 20 a day")
+                       "stable_token force_refresh: 20 a day, the last 5 for the operator")
     share = 1.0 if privileged else FORCED_SHARE
     if used + calls > math.floor(daily_budget * share):
         return Refusal(ForcedState.BUDGET, midnight,
@@ -83,12 +88,13 @@ def refusal(status: AppStatus, now: float, api: str, daily_budget: int, calls: i
     return None
 
 
-def count_forced(status: AppStatus, now: float, calls: int) -> None:
-    """Count a forced refresh about to be made: one that follows the last within twice the
-    spacing extends the streak (the spacing doubles); after a quiet spell it starts afresh."""
-    follows = schedule.elapsed(status.last_forced_at, now) <= 2 * schedule.force_spacing(
-        status.forced_streak)
-    status.forced_streak = status.forced_streak + 1 if follows else 0
+def count_forced(status: AppStatus, now: float, calls: int, refreshed_at: float | None) -> None:
+    """Count a forced refresh about to be made of a token issued at ``refreshed_at`` (None:
+    there is none): a freshly issued one extends the streak (the spacing doubles), an older one
+    starts it afresh."""
+    fresh = refreshed_at is not None and schedule.freshly_issued(refreshed_at,
+                                                                 status.forced_streak, now)
+    status.forced_streak = status.forced_streak + 1 if fresh else 0
     status.forced_today += 1
     status.last_forced_at = now
     status.calls_today += calls

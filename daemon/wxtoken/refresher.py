@@ -147,7 +147,8 @@ class Refresher:
 
     def tickets_due_at(self, record: TokenRecord) -> float:
         return self.tickets.due_at(record, schedule.lead(record, self.app.api,
-                                                          self.config.renew_before))
+                                                          self.config.renew_before),
+                                   self.clock())
 
     def _next_at(self, record: TokenRecord, status: AppStatus) -> float:
         return min(self.due_at(record, status), self.tickets_due_at(record))
@@ -215,7 +216,7 @@ class Refresher:
 
     def _waiting(self, record: TokenRecord | None, status: AppStatus, now: float,
                  first: bool) -> Outcome | None:
-        retry_at = status.retry_at if status.retry_at <= now + schedule.MAX_WAIT else 0.0
+        retry_at = schedule.wait_until(status.retry_at, status.last_attempt_at, now)
         if retry_at <= now:
             return None
         if first and status.error_class in HARD_ERRORS:
@@ -416,15 +417,15 @@ class Refresher:
             log("refresh.refused", state=refusal.state, reason=refusal.reason,
                 retry_after=round(refusal.retry_after, 1))
             return Forced(refusal.state, record, retry_after=refusal.retry_after)
-        passive.count_forced(status, now, calls)
+        passive.count_forced(status, now, calls, record.refreshed_at if record else None)
         self.store.write_status(status, durable=False)
         self.log.info("refresh.forced", reported=mask(invalid_token) or None,
                       streak=status.forced_streak)
         if status.forced_streak >= 2:
             self.log.warning("refresh.reported_again", streak=status.forced_streak,
                              next_spacing=schedule.force_spacing(status.forced_streak),
-                             reason="the tokens just handed out keep being reported invalid: "
-                             "a reader bug, or another process fetching tokens for this appid")
+                             reason="freshly issued tokens keep being reported invalid: a "
+                             "reader bug, or another process fetching tokens for this appid")
         try:
             fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
         except UpstreamError as exc:

@@ -19,7 +19,8 @@ STABLE_EARLIEST, STABLE_LATEST = 0.8, 0.6
 FUTURE_TOLERANCE = 60.0
 MAX_WAIT = 86_400.0 + 120  # the longest wait ever set (a quota or budget wait: to 00:00 + jitter)
 FORCE_SPACING = 30.0  # forced (passive) refreshes of one app: at least this far apart...
-FORCE_SPACING_MAX = 1800.0  # ...doubling up to this while forced refreshes keep coming
+FORCE_SPACING_MAX = 1800.0  # ...doubling up to this while fresh tokens keep being reported
+FRESH_REPORT = 600.0  # a token reported this soon after it was issued was "freshly issued"
 
 
 class State(enum.StrEnum):
@@ -98,6 +99,12 @@ def from_the_future(ts: float, now: float) -> bool:
     return ts > now + FUTURE_TOLERANCE
 
 
+def wait_until(retry_at: float, set_at: float, now: float) -> float:
+    """The end of a wait set at ``set_at``; 0 (no wait) when it was set before the clock
+    stepped back, since its length was measured on the old clock."""
+    return 0.0 if from_the_future(set_at, now) or retry_at > now + MAX_WAIT else retry_at
+
+
 def elapsed(since: float, now: float) -> float:
     """Seconds from ``since`` to ``now``, never negative; a ``since`` from the future (the clock
     stepped back) counts as long ago."""
@@ -118,9 +125,16 @@ def backoff(failures: int, base: float, cap: float, rng: random.Random,
 
 
 def force_spacing(streak: int) -> float:
-    """Spacing between forced refreshes after ``streak`` of them in a row (each within twice
-    the spacing of the one before): 30 s, doubling up to 30 minutes."""
+    """Spacing between forced refreshes after ``streak`` reports in a row of freshly issued
+    tokens: 30 s, doubling up to 30 minutes."""
     return float(min(FORCE_SPACING_MAX, FORCE_SPACING * 2 ** min(streak, 16)))
+
+
+def freshly_issued(refreshed_at: float, streak: int, now: float) -> bool:
+    """Whether a token reported now was freshly issued: within ten minutes of its issue, or
+    within twice the current spacing (a reader held back by the spacing reports tokens that
+    are as old as the spacing)."""
+    return elapsed(refreshed_at, now) < max(FRESH_REPORT, 2 * force_spacing(streak))
 
 
 def overdue_by(record: TokenRecord, api: str, refresh_interval: float, renew_before: float,

@@ -41,7 +41,7 @@ class AppStatus:
     calls_today: int = 0
     forced_today: int = 0  # forced refreshes (passive refresh) on calls_day
     last_forced_at: float = 0.0
-    forced_streak: int = 0  # reports in a row of freshly issued tokens (widens the spacing)
+    forced_streak: int = 0  # forced refreshes in a row of freshly issued tokens (the spacing)
     ticket_replaced_at: float = 0.0  # last time a refused ticket made us replace the token
     extra: dict[str, Any] = field(default_factory=dict)
 

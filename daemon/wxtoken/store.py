@@ -6,9 +6,13 @@ Layout of ``state_dir`` (app names contain no dots, so these never collide):
 
 - ``<app>.json``         the token file, the contract readers rely on;
 - ``<app>.status.json``  the daemon's bookkeeping (last result, backoff, calls today);
-- ``<app>.lock``         taken by writers only, mode 0600 (a reader that could open it could
-                         flock() it and stop every refresh); readers never lock;
+- ``.locks/<app>.lock``  taken by writers only, in a directory only the daemon's user can
+                         enter (a reader that could open a lock file could flock() it and stop
+                         every refresh); readers never lock;
 - ``.<app>.*.tmp``       a write in progress (or a crash's leftover, removed at start).
+
+Earlier versions kept ``<app>.lock`` (mode 0640) beside the token file; the daemon removes those
+at start, so a descriptor a reader opened on one before the upgrade locks nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from wxtoken.record import TokenRecord, load_record, token_path
 from wxtoken.status import AppStatus, read_status, status_path
 
 LOCK_MODE = 0o600
+LOCKS_DIR = ".locks"
 
 
 class TokenStore(Protocol):
@@ -99,13 +104,40 @@ def store_error(action: str, path: str, exc: OSError) -> StoreError:
     return StoreError(f"cannot {action} {path}: {reason}")
 
 
+def locks_dir(state_dir: str) -> tuple[str, list[str]]:
+    """The directory of the writers' lock files, made usable by this user alone: created 0700
+    if missing, made 0700 if wider, moved aside if another user owns it (a run as root by hand:
+    this user owns the state dir, so it may). Returns its path and what was done."""
+    path = os.path.join(state_dir, LOCKS_DIR)
+    done: list[str] = []
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and (not stat.S_ISDIR(st.st_mode) or (
+            st.st_uid != os.geteuid() and os.geteuid() != 0)):
+        aside = f"{path}.{st.st_uid}.{time.time_ns()}"
+        os.rename(path, aside)
+        done.append(f"moved {path} (owned by uid {st.st_uid}) to {aside}")
+        st = None
+    if st is None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # whatever the umask
+    elif stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+        done.append(f"made {path} 0700")
+    return path, done
+
+
 def clean_state_dir(state_dir: str) -> list[str]:
     """At start, in one scan of the directory: remove the temp files crashed writers left
-    (``.<app>.*.tmp``) and make this user's lock files 0600; lock files this user cannot open
-    (left by a run as another user) are removed, to be created anew. Returns what was done."""
+    (``.<app>.*.tmp``) and the lock files of earlier versions (``<app>.lock``, 0640), and make
+    the lock directory this user's alone. Returns what was done."""
     done: list[str] = []
     try:
         entries = list(os.scandir(state_dir))
+        done += locks_dir(state_dir)[1]
     except OSError:
         return done  # the first write will say what is wrong
     for entry in entries:
@@ -115,13 +147,8 @@ def clean_state_dir(state_dir: str) -> list[str]:
                 os.unlink(entry.path)
                 done.append(f"removed {entry.path}")
             elif name.endswith(".lock") and entry.is_file(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                if st.st_uid != os.geteuid() and os.geteuid() != 0:
-                    os.unlink(entry.path)
-                    done.append(f"removed {entry.path} (owned by uid {st.st_uid})")
-                elif stat.S_IMODE(st.st_mode) != LOCK_MODE:
-                    os.chmod(entry.path, LOCK_MODE)
-                    done.append(f"made {entry.path} 0600")
+                os.unlink(entry.path)
+                done.append(f"removed {entry.path} (locks now live in {LOCKS_DIR}/)")
         except OSError:
             continue
     return done
@@ -138,8 +165,9 @@ class FileStore:
         self.file_group = file_group
         self.path = token_path(state_dir, app)
         self.status_path = status_path(state_dir, app)
-        self.lock_path = os.path.join(state_dir, f"{app}.lock")
+        self.lock_path = os.path.join(state_dir, LOCKS_DIR, f"{app}.lock")
         self._lock = filelock.FileLock(self.lock_path, mode=LOCK_MODE, thread_local=False)
+        self._locks_ready = False
         # filelock is reentrant for every thread sharing one FileLock object: threads of this
         # process (scheduler, control endpoint) are serialised here first
         self._thread_lock = threading.Lock()
@@ -168,12 +196,17 @@ class FileStore:
     @contextlib.contextmanager
     def _acquire(self, timeout: float) -> Iterator[None]:
         try:
+            if not self._locks_ready:
+                locks_dir(self.state_dir)
+                self._locks_ready = True
             try:
                 lock = self._lock.acquire(timeout=timeout)
             except PermissionError:
-                # left by a run as another user (root by hand): this user owns the directory,
-                # so it can replace a lock file it cannot open
-                os.unlink(self.lock_path)
+                # left by a run as another user (root by hand): this user owns the state dir,
+                # so it can move the lock directory aside and start a new one
+                locks_dir(self.state_dir)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock_path)
                 lock = self._lock.acquire(timeout=timeout)
         except filelock.Timeout:
             raise StoreError(f"timed out after {timeout:.0f} s waiting for {self.lock_path}"

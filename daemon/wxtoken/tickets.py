@@ -41,14 +41,17 @@ class Tickets:
         self.hard = hard  # (base, cap) after a refusal replacing the token did not cure
         self.failures = 0
         self.retry_at = 0.0
+        self.set_at = 0.0  # when retry_at was set (a wait from before a clock step is void)
 
-    def due_at(self, record: TokenRecord, lead: float) -> float:
+    def due_at(self, record: TokenRecord, lead: float, now: float) -> float:
         """When a configured ticket is missing or within ``lead`` of expiry (inf: none)."""
         due = math.inf
+        retry_at = self.retry_at
+        if retry_at and schedule.from_the_future(self.set_at, now):
+            retry_at = 0.0
         for kind in self.app.tickets:
             ticket = record.tickets.get(kind)
-            due = min(due, self.retry_at if ticket is None else
-                      max(ticket[1] - lead, self.retry_at))
+            due = min(due, retry_at if ticket is None else max(ticket[1] - lead, retry_at))
         return due
 
     def fetch(self, record: TokenRecord, now: float) -> Fetched:
@@ -76,6 +79,7 @@ class Tickets:
             base, cap = self.hard if refused else self.transient
             self.retry_at = now + schedule.backoff(self.failures, base, cap, self.rng,
                                                    full_jitter=not refused)
+            self.set_at = now
         else:
             self.failures, self.retry_at = 0, 0.0
         kept = {k: v for k, v in tickets.items() if k in self.app.tickets and v[1] > now}
