@@ -451,3 +451,9 @@ def test_token_refused_while_fetching_a_ticket_is_replaced_at_once(
     assert [e["event"] for e in logs if e["event"].startswith(("ticket.", "token."))] == [
         "ticket.failed", "ticket.token_refused", "ticket.refreshed", "token.refreshed"]
     assert emulator.calls(APPID, "token") == 2
+
+
+def test_one_app_is_jittered_by_5_percent_of_its_interval_at_most() -> None:
+    """A lone app's jitter stays small at scaled-down intervals too (a second: 50 ms)."""
+    rec = TokenRecord("main", APPID, "t", expires_at=10_000 + 7200, refreshed_at=10_000)
+    assert all(10_000 + 0.95 <= d <= 10_000 + 1 for d in due(rec, interval=1))

@@ -86,11 +86,11 @@ def jittered_due_at(record: TokenRecord, api: str, refresh_interval: float,
 
 
 def spread(span: float, apps: int) -> float:
-    """Jitter window: small (<= 30 s) for a few apps; with many apps in one daemon, wide enough
-    (half a second per app, at most a quarter of the interval) that their refreshes spread out
-    instead of hitting WeChat in one burst every interval."""
+    """Jitter window: small (5 % of the span, at most 30 s) for a few apps; with many apps in
+    one daemon, wide enough (half a second per other app, at most a quarter of the span) that
+    their refreshes spread out instead of hitting WeChat in one burst every interval."""
     small = min(30.0, 0.05 * span)
-    return min(max(small, 0.5 * apps), max(small, 0.25 * span))
+    return min(max(small, 0.5 * (apps - 1)), max(small, 0.25 * span))
 
 
 def from_the_future(ts: float, now: float) -> bool:
