@@ -455,3 +455,30 @@ def test_a_long_first_round_extends_the_start_timeout_while_it_progresses(
     assert messages.index(extends[0]) < messages.index("READY=1")
     assert d.stop() == 0
     assert emulator.calls() == 200
+
+
+ROUNDS = 60  # the race is narrow: the old handler hung about once in 20-50 rounds here
+
+
+@pytest.mark.slow
+def test_sigterm_right_after_ready_always_stops_the_daemon(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """SIGTERM the moment READY=1 arrives (as `systemctl start; systemctl stop` does), sixty
+    times: the daemon always exits at once (a signal handler setting an Event could deadlock
+    the main thread waiting on it)."""
+    config = make_config()
+    first = daemons(config)
+    first.wait_for("daemon.ready")
+    assert first.stop() == 0
+    sock_path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(sock_path)
+        server.settimeout(10)
+        for _ in range(ROUNDS):
+            d = daemons(config, env={"NOTIFY_SOCKET": sock_path})
+            while server.recv(200) != b"READY=1":
+                pass
+            started = time.monotonic()
+            assert d.stop(timeout=10) == 0
+            assert time.monotonic() - started < 5

@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -300,24 +299,21 @@ class Daemon:
 
 
 def run(config: Config) -> int:
-    """Run in the foreground until SIGTERM or SIGINT; return the exit code."""
-    stop = threading.Event()
+    """Run in the foreground until SIGTERM or SIGINT; return the exit code.
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    previous: dict[signal.Signals, Any] = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, on_signal)
+    The signals are blocked in every thread (the mask is set before any thread starts) and
+    taken with sigwait() here: a Python handler that set an Event would deadlock if the signal
+    arrived while this thread was inside that Event's wait().
+    """
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # for good: the process ends here
     daemon = Daemon(config)
     clean = True
     try:
         daemon.start()
-        stop.wait()
+        signal.sigwait(stop_signals)
     finally:
         clean = daemon.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if not clean:
         # a thread stuck in a call that cannot be interrupted would keep the interpreter from
         # exiting (the executor's threads are joined at exit): leave now, the files are whole
