@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import enum
 import os
-import stat
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
+from wxtoken.configcheck import (
+    Checker,
+    check_abs_path,
+    check_ca,
+    check_metrics_path,
+    check_socket_path,
+    check_url,
+    resolve_secret,
+)
 from wxtoken.errors import ConfigError, WxtokenError
 from wxtoken.record import (
     APP_NAME_RE,
@@ -98,165 +104,7 @@ def default_config_path() -> str:
     return os.environ.get("WXTOKEN_CONFIG") or DEFAULT_CONFIG
 
 
-class _Checker:
-    """Collects problems while reading a parsed TOML document."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.problems: list[str] = []
-        self.warnings: list[str] = []
-
-    def bad(self, key: str, problem: str) -> None:
-        if not key.isprintable():  # one problem, one line, whatever the key holds
-            key = key.encode("unicode_escape").decode()
-        self.problems.append(f"{self.path}: {key}: {problem}")
-
-    def unknown(self, table: dict[str, Any], allowed: frozenset[str], prefix: str) -> None:
-        for key in sorted(set(table) - allowed):
-            self.bad(f"{prefix}{key}", "unknown key")
-
-    def string(self, table: dict[str, Any], key: str, prefix: str, default: str | None = None,
-               check: Callable[[str], str | None] | None = None) -> str | None:
-        value = table.get(key, default)
-        if value is None or value is default:
-            return value
-        if not isinstance(value, str) or not value.strip():
-            self.bad(prefix + key, "must be a non-empty string")
-            return default
-        if check is not None and (problem := check(value)) is not None:
-            self.bad(prefix + key, problem)
-            return default
-        return value
-
-    def number(self, table: dict[str, Any], key: str, default: float, minimum: float,
-               maximum: float, integer: bool = False) -> float:
-        value: Any = table.get(key, default)
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or (integer and not isinstance(value, int))):
-            self.bad(key, f"must be {'an integer' if integer else 'a number'}, not {value!r}")
-            return default
-        if not value >= minimum:  # also rejects NaN
-            self.bad(key, f"must be at least {minimum}, not {value!r}")
-            return default
-        if not value <= maximum:  # also rejects inf
-            self.bad(key, f"must be at most {maximum}, not {value!r}")
-            return default
-        return float(value)
-
-
-def _check_url(value: str) -> str | None:
-    try:
-        parts = urlsplit(value)
-    except ValueError:  # e.g. "http://[::1": an unclosed IPv6 address
-        return f"must be an http(s) URL, not {value!r}"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"must be an http(s) URL, not {value!r}"
-    try:
-        port = parts.port
-    except ValueError:
-        raw = parts.netloc.rsplit(":", 1)[-1]
-        return (f"port {raw} is out of range" if raw.isdigit() else
-                f"port {raw!r} is not a number")
-    if port == 0:
-        return "port 0 is out of range"
-    return None
-
-
-def _check_abs_path(value: str) -> str | None:
-    if "\0" in value:
-        return "must not contain a NUL character"
-    return None if os.path.isabs(value) else f"must be an absolute path, not {value!r}"
-
-
-def _check_metrics_path(value: str) -> str | None:
-    if not value.endswith(".prom"):
-        return "must end in .prom (the textfile collector reads only those)"
-    return _check_abs_path(value)
-
-
-def _check_socket_path(value: str) -> str | None:
-    if len(os.fsencode(value)) > 107:  # sun_path is 108 bytes with its NUL
-        return "is too long for a Unix socket (at most 107 bytes)"
-    return _check_abs_path(value)
-
-
-def _check_ca(value: str) -> str | None:
-    return _check_abs_path(value) or (None if os.path.isfile(value) else f"no such file {value!r}")
-
-
-def _read_secret_file(path: str) -> str:
-    # O_NONBLOCK + a regular-file check: a FIFO or device must not hang or flood the daemon
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(0, "not a regular file", path)
-        return fh.read(65536).decode("utf-8", "replace").strip()
-
-
-def inline_secret_problem(config_mode: int) -> str | None:
-    """The one rule for a secret written inside a config file: only the file's owner may be
-    able to read the file (the installed layout lets the readers' group read the config)."""
-    mode = stat.S_IMODE(config_mode)
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        return (f"an inline secret in a config file that others can read (mode {mode:04o}); "
-                "use secret_credential, secret_file or secret_env, or make the file readable "
-                "by its owner only")
-    return None
-
-
-def _resolve_secret(ck: _Checker, app: dict[str, Any], prefix: str,
-                    config_mode: int) -> tuple[str, str]:
-    """Return (secret, description of its source); report problems on the checker."""
-    sources = [key for key in SECRET_SOURCES if key in app]
-    if len(sources) != 1:
-        ck.bad(prefix + "secret_*", f"exactly one of {', '.join(SECRET_SOURCES)} is required"
-               + (f", found {', '.join(sources)}" if sources else ""))
-        return "", ""
-    key = sources[0]
-    value = app[key]
-    if not isinstance(value, str) or not value.strip():
-        ck.bad(prefix + key, "must be a non-empty string")
-        return "", ""
-    secret = ""
-    try:
-        if key == "secret":
-            if problem := inline_secret_problem(config_mode):
-                ck.bad(prefix + key, problem)
-                return "", ""
-            return value.strip(), "inline"
-        if key == "secret_file":
-            if problem := _check_abs_path(value):
-                ck.bad(prefix + key, problem)
-                return "", ""
-            secret = _read_secret_file(value)
-            if os.stat(value).st_mode & (stat.S_IRGRP | stat.S_IROTH):
-                ck.warnings.append(f"{ck.path}: {prefix}{key}: {value} is readable by others "
-                                   "than its owner (token readers may be in its group); make "
-                                   "it readable by the daemon's user only")
-        elif key == "secret_env":
-            secret = os.environ.get(value, "").strip()
-            if not secret:
-                ck.bad(prefix + key, f"environment variable {value} is not set or empty")
-                return "", ""
-        else:  # secret_credential
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not creds:
-                ck.bad(prefix + key, "$CREDENTIALS_DIRECTORY is not set "
-                       "(use LoadCredential= in the systemd unit)")
-                return "", ""
-            if "/" in value or "\0" in value or value in (".", ".."):
-                ck.bad(prefix + key, f"must be a credential name, not a path: {value!r}")
-                return "", ""
-            secret = _read_secret_file(os.path.join(creds, value))
-    except OSError as exc:
-        ck.bad(prefix + key, f"cannot read {exc.filename!r}: {exc.strerror}")
-        return "", ""
-    if not secret:
-        ck.bad(prefix + key, "the secret is empty")
-    return secret, f"{key}={value}"
-
-
-def _file_mode(ck: _Checker, value: Any, key: str) -> int:
+def _file_mode(ck: Checker, value: Any, key: str) -> int:
     if isinstance(value, str):
         try:
             value = int(value, 8)
@@ -273,7 +121,7 @@ def _file_mode(ck: _Checker, value: Any, key: str) -> int:
     return int(value)
 
 
-def _parse_app(ck: _Checker, name: str, app: Any, config_mode: int,
+def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
                resolve_secrets: bool) -> AppConfig | None:
     prefix = f"apps.{name}."
     if not APP_NAME_RE.match(name):
@@ -321,7 +169,9 @@ def _parse_app(ck: _Checker, name: str, app: Any, config_mode: int,
     mode = _file_mode(ck, app.get("file_mode", 0o640), prefix + "file_mode")
     group = ck.string(app, "file_group", prefix)
     if resolve_secrets:
-        secret, source = _resolve_secret(ck, app, prefix, config_mode)
+        found, source = resolve_secret(ck, app, prefix, "secret", config_mode, inline=True,
+                                       required=True)
+        secret = found or ""
     else:
         secret, source = "", next((k for k in SECRET_SOURCES if k in app), "")
     if len(ck.problems) > n_before:
@@ -333,20 +183,20 @@ def _parse_app(ck: _Checker, name: str, app: Any, config_mode: int,
 def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
                  resolve_secrets: bool = True) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
-    ck = _Checker(path)
+    ck = Checker(path)
     ck.unknown(doc, TOP_KEYS, "")
-    state_dir = ck.string(doc, "state_dir", "", DEFAULT_STATE_DIR, _check_abs_path)
+    state_dir = ck.string(doc, "state_dir", "", DEFAULT_STATE_DIR, check_abs_path)
     refresh_interval = ck.number(doc, "refresh_interval", 3600.0, 0.1, 86400)
     renew_before = ck.number(doc, "renew_before", 300.0, 0, 3600)
-    api_base = ck.string(doc, "api_base", "", None, _check_url)
-    ca_bundle = ck.string(doc, "ca_bundle", "", None, _check_ca)
+    api_base = ck.string(doc, "api_base", "", None, check_url)
+    ca_bundle = ck.string(doc, "ca_bundle", "", None, check_ca)
     log_format = doc.get("log_format", "auto")
     if log_format not in LOG_FORMATS:
         ck.bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
         log_format = "auto"
     daily_budget = int(ck.number(doc, "daily_budget", 1000, 1, 100_000, integer=True))
-    control_socket = ck.string(doc, "control_socket", "", DEFAULT_SOCKET, _check_socket_path)
-    metrics_file = ck.string(doc, "metrics_file", "", None, _check_metrics_path)
+    control_socket = ck.string(doc, "control_socket", "", DEFAULT_SOCKET, check_socket_path)
+    metrics_file = ck.string(doc, "metrics_file", "", None, check_metrics_path)
     redis: RedisConfig | None = None
     if "redis" in doc:
         table = doc["redis"]
