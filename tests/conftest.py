@@ -15,6 +15,7 @@ import pytest
 from wxtoken.emulator import Emulator
 
 from helpers import APPID, APPID2, CORPID, CORPSECRET, SECRET, SECRET2, DaemonProcess, write_config
+from redis_server import REDIS_SERVER, RedisServer
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def make_config(tmp_path: Path, emulator: Emulator, sock_dir: Path) -> Callable[
     """Build a config pointing at the emulator, with a state dir under tmp_path."""
 
     def make(apps: dict[str, dict[str, Any]] | None = None, name: str = "config.toml",
-             **top: Any) -> Path:
+             redis: dict[str, Any] | None = None, **top: Any) -> Path:
         state = tmp_path / "state"
         state.mkdir(exist_ok=True)
         settings = {"state_dir": str(state), "api_base": emulator.url, "log_format": "json",
@@ -46,7 +47,7 @@ def make_config(tmp_path: Path, emulator: Emulator, sock_dir: Path) -> Callable[
         settings.update(top)
         if apps is None:
             apps = {"main": {"appid": APPID, "secret": SECRET}}
-        return write_config(tmp_path / name, settings, apps)
+        return write_config(tmp_path / name, settings, apps, redis)
 
     return make
 
@@ -66,3 +67,39 @@ def daemons() -> Iterator[Callable[..., DaemonProcess]]:
     for d in started:
         if d.proc.poll() is None or not d._log.closed:
             d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free loopback port, no persistence."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (./dev.sh test installs it)")
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, emulator: Emulator,
+          redis_server: RedisServer) -> Iterator[Callable[..., Path]]:
+    """Configs for the hosts of a fleet: each its own state dir and control socket, one Redis."""
+    made: list[Path] = []
+    sockets: list[Path] = []
+
+    def make(apps: dict[str, dict[str, Any]], redis: dict[str, Any] | None = None,
+             **top: Any) -> Path:
+        n = len(made)
+        base = tmp_path / f"host{n}"
+        (base / "state").mkdir(parents=True)
+        sock = Path(tempfile.mkdtemp(prefix="wxf-", dir="/tmp"))
+        sockets.append(sock)
+        settings = {"state_dir": str(base / "state"), "api_base": emulator.url,
+                    "log_format": "json", "control_socket": str(sock / "c.sock"), **top}
+        path = write_config(base / "config.toml", settings, apps,
+                            {"url": redis_server.url, **(redis or {})})
+        made.append(path)
+        return path
+
+    yield make
+    for sock in sockets:
+        shutil.rmtree(sock, ignore_errors=True)

@@ -39,9 +39,13 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)  # JSON scalars and string lists are valid TOML values
 
 
-def write_config(path: Path, top: dict[str, Any], apps: dict[str, dict[str, Any]]) -> Path:
+def write_config(path: Path, top: dict[str, Any], apps: dict[str, dict[str, Any]],
+                 redis: dict[str, Any] | None = None) -> Path:
     """Write a TOML config file (values are simple: str, int, float, bool, list of str)."""
     lines = [f"{key} = {toml_value(value)}" for key, value in top.items()]
+    if redis is not None:
+        lines.append("\n[redis]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in redis.items()]
     for name, table in apps.items():
         lines.append(f"\n[apps.{name}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]

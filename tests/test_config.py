@@ -184,7 +184,8 @@ def test_defaults_match_the_contract(tmp_path: Path) -> None:
 
 def test_example_config_documents_every_key_and_is_valid(tmp_path: Path) -> None:
     """config.example.toml parses (secrets from env) and mentions every key the parser knows."""
-    from wxtoken.config import APP_KEYS, REDIS_KEYS, TOP_KEYS
+    from wxtoken.config import APP_KEYS, TOP_KEYS
+    from wxtoken.fleet.config import REDIS_KEYS
     text = (REPO / "config.example.toml").read_text()
     for key in TOP_KEYS | APP_KEYS | REDIS_KEYS:
         assert f"{key} =" in text or f"[{key}" in text, key
@@ -193,14 +194,67 @@ def test_example_config_documents_every_key_and_is_valid(tmp_path: Path) -> None
     assert config.redis is None  # the fleet table is shown commented out
 
 
-def test_redis_fleet_mode_is_refused_not_ignored(tmp_path: Path) -> None:
-    """[redis] validates, but `run` exits 78 saying the fleet mode is not implemented."""
+REDIS_BROKEN = [
+    ("no url", '[redis]\nkey_prefix = "x"\n', "redis.url: is required"),
+    ("bad scheme", '[redis]\nurl = "http://h:6379"\n', "redis.url: must be a redis://"),
+    ("bad port", '[redis]\nurl = "redis://h:70000/0"\n', "redis.url: port 70000 is out"),
+    ("password twice", '[redis]\nurl = "redis://:pw@h/0"\npassword_env = "HOME"\n',
+     "redis.url: has a password, and so does password_env: keep one"),
+    ("sentinel format", '[redis]\nurl = "redis:///0"\nsentinels = ["h"]\n'
+     'service_name = "m"\n', "redis.sentinels: must be \"host:port\""),
+    ("sentinels without name", '[redis]\nurl = "redis:///0"\nsentinels = ["h:26379"]\n',
+     "redis.service_name: is required with sentinels"),
+    ("lease too long", '[redis]\nurl = "redis://h/0"\nlease_timeout = 300\n',
+     "redis.lease_timeout: must lie between"),
+    ("lease too short", '[redis]\nurl = "redis://h/0"\nlease_timeout = 5\n',
+     "redis.lease_timeout: must lie between the upstream call's deadline (20 s)"),
+    ("unknown mirror", '[redis]\nurl = "redis://h/0"\nmirror = ["easywechat"]\n',
+     "redis.mirror: must be a list of one of wechatpy, wxjava, silenceper"),
+    ("prefix with a brace", '[redis]\nurl = "redis://h/0"\nkey_prefix = "a{b"\n',
+     "redis.key_prefix: must not contain braces"),
+    ("unknown key", '[redis]\nurl = "redis://h/0"\ndb = 2\n', "redis.db: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "fragment"), REDIS_BROKEN,
+                         ids=[b[0] for b in REDIS_BROKEN])
+def test_a_broken_redis_table_exits_78_naming_the_key(tmp_path: Path, name: str, text: str,
+                                                      fragment: str) -> None:
+    """Each broken [redis] value: exit 78, one line naming the key."""
     path = tmp_path / "config.toml"
-    path.write_text(f'state_dir = "{tmp_path}"\n[redis]\nurl = "redis://127.0.0.1:6379/0"\n'
-                    + GOOD_APP)
+    path.write_text(text + GOOD_APP)
     path.chmod(0o600)
-    assert run_cli("check-config", "--config", str(path)).returncode == 0
-    result = run_cli("run", "--config", str(path))
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 78, (name, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_a_password_in_the_redis_url_follows_the_inline_secret_rule(tmp_path: Path) -> None:
+    """A password inside the Redis URL is refused when others can read the config."""
+    path = tmp_path / "config.toml"
+    path.write_text('[redis]\nurl = "redis://wxtoken:s3cr3t-redis@h:6379/0"\n'
+                    f'[apps.main]\nappid = "{APPID}"\nsecret_env = "HOME"\n')
+    path.chmod(0o640)
+    result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 78
-    assert result.stderr.strip().endswith("redis: the fleet mode is not implemented in this "
-                                          "version; remove the [redis] table")
+    assert result.stderr.strip() == (
+        f"wxtoken: {path}: redis.url: an inline password in a config file that others can "
+        "read (mode 0640); use password_credential, password_file or password_env, or make "
+        "the file readable by its owner only")
+    path.chmod(0o600)
+    ok = run_cli("check-config", "--config", str(path))
+    assert ok.returncode == 0 and "s3cr3t-redis" not in ok.stdout
+
+
+def test_an_app_without_a_secret_is_a_follower_only_in_the_fleet_mode(tmp_path: Path) -> None:
+    """No secret source: an error on one host, a follower (no secret needed) on a fleet."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[apps.main]\nappid = "{APPID}"\n')
+    path.chmod(0o600)
+    assert run_cli("check-config", "--config", str(path)).returncode == 78
+    path.write_text(f'[redis]\nurl = "redis://127.0.0.1:1/0"\n[apps.main]\nappid = "{APPID}"\n')
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "# no secret: this host follows the app (fleet mode)" in result.stdout
+    assert load_config(str(path)).app("main").follower

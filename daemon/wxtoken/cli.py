@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from wxtoken import __version__
 from wxtoken.clock import human_delta
@@ -140,14 +141,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config, resolve_secrets=False)
     now = time.time()
     apps = [app_health_from_files(config, app, now) for app in config.apps]
-    healthy = all(a["healthy"] for a in apps)
+    fleet = _fleet_status(config, now) if config.redis else None
+    if fleet is not None:
+        for a in apps:
+            a["role"] = fleet["roles"].get(a["app"], "unknown")
+    healthy = all(a["healthy"] for a in apps) and (fleet is None or not fleet["problems"])
     if args.json:
-        print(json.dumps({"healthy": healthy, "apps": apps}, indent=2, ensure_ascii=False))
+        out: dict[str, Any] = {"healthy": healthy, "apps": apps}
+        if fleet is not None:
+            out["fleet"] = fleet
+        print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0 if healthy else 1
-    rows = [("APP", "API", "AGE", "EXPIRES IN", "LAST", "CALLS TODAY", "HEALTH")]
+    if fleet is not None:
+        print(f"fleet: redis {'up' if fleet['redis_up'] else 'DOWN'}, last sync "
+              + (f"{human_delta(now - fleet['last_sync'])} ago" if fleet["last_sync"] else "never")
+              + f", clock skew {fleet['clock_skew']:+.1f} s"
+              + "".join(f"; {p}" for p in fleet["problems"]))
+    rows = [("APP", "API", "ROLE", "AGE", "EXPIRES IN", "LAST", "CALLS TODAY", "HEALTH")]
     for a in apps:
         rows.append((
-            a["app"], a["api"],
+            a["app"], a["api"], a.get("role", "standalone"),
             human_delta(a["token_age"]) if "token_age" in a else "-",
             human_delta(a["expires_in"]) if a.get("expires_in", 0) > 0 else "-",
             a["last_result"], f"{a['calls_today']}/{a['daily_budget']}",
@@ -159,6 +172,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def _fleet_status(config: Config, now: float) -> dict[str, Any]:
+    """What the daemon last wrote about the fleet (``<state_dir>/.fleet.json``)."""
+    from wxtoken.fleet.node import STATUS_FILE
+    try:
+        with open(os.path.join(config.state_dir, STATUS_FILE), "rb") as fh:
+            doc = json.loads(fh.read(65536))
+        assert isinstance(doc, dict)
+    except (OSError, ValueError, AssertionError):
+        return {"redis_up": False, "last_sync": None, "clock_skew": 0.0, "roles": {},
+                "problems": ["no fleet state yet (is the daemon running?)"]}
+    problems = []
+    if not doc.get("redis_up"):
+        problems.append("the fleet's Redis is unreachable")
+    if now - float(doc.get("written_at") or 0) > 300:
+        problems.append("the fleet state is old (is the daemon running?)")
+    if abs(float(doc.get("clock_skew") or 0)) > 2:
+        problems.append(f"this host's clock is {doc['clock_skew']:+.1f} s off Redis TIME")
+    return {**doc, "problems": problems}
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"# {config.path}: OK")
@@ -167,8 +200,18 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         value = getattr(config, key)
         print(f"{key} = {json.dumps(value)}" if value is not None else f"# {key} unset")
     if config.redis:
-        print("[redis]\nurl = \"(set, hidden)\"")
-        print(f"key_prefix = {json.dumps(config.redis.key_prefix)}")
+        r = config.redis
+        print("\n[redis]\nurl = \"(set, hidden)\"")
+        if r.password_source:
+            print(f"password = \"***\"  # from {r.password_source}")
+        print(f"key_prefix = {json.dumps(r.key_prefix)}")
+        print(f"lease_timeout = {json.dumps(r.lease_timeout)}" if r.lease_timeout
+              else "# lease_timeout: half of renew_before")
+        if r.sentinels:
+            print(f"sentinels = {json.dumps([f'{h}:{p}' for h, p in r.sentinels])}")
+            print(f"service_name = {json.dumps(r.service_name)}")
+        if r.mirror:
+            print(f"mirror = {json.dumps(list(r.mirror))}")
     for app in config.apps:
         print(f"\n[apps.{app.name}]")
         print(f"api = {json.dumps(app.api)}")
@@ -176,7 +219,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             print(f"corpid = {json.dumps(app.appid)}\nagentid = {json.dumps(app.agentid)}")
         else:
             print(f"appid = {json.dumps(app.appid)}")
-        print(f"secret = \"***\"  # from {app.secret_source}")
+        if app.secret_source:
+            print(f"secret = \"***\"  # from {app.secret_source}")
+        else:
+            print("# no secret: this host follows the app (fleet mode)")
         print(f"file_mode = \"{app.file_mode:04o}\"")
         if app.file_group:
             print(f"file_group = {json.dumps(app.file_group)}")

@@ -22,6 +22,7 @@ from wxtoken.configcheck import (
     resolve_secret,
 )
 from wxtoken.errors import ConfigError, WxtokenError
+from wxtoken.fleet.config import RedisConfig, parse_redis
 from wxtoken.record import (
     APP_NAME_RE,
     DEFAULT_CONFIG,
@@ -29,7 +30,7 @@ from wxtoken.record import (
     DEFAULT_STATE_DIR,
     TICKET_TYPES,
 )
-from wxtoken.schedule import STABLE_WINDOW
+from wxtoken.schedule import STABLE_WINDOW, call_deadline
 
 
 class Api(enum.StrEnum):
@@ -50,7 +51,6 @@ TOP_KEYS = frozenset({
 APP_KEYS = frozenset({
     "appid", "corpid", "agentid", *SECRET_SOURCES, "api", "tickets", "file_mode", "file_group",
 })
-REDIS_KEYS = frozenset({"url", "key_prefix"})
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,19 @@ class AppConfig:
     file_mode: int = 0o640
     file_group: str | None = None
 
+    @property
+    def follower(self) -> bool:
+        """In the fleet mode, an app without a secret: this host never calls WeChat for it,
+        it only keeps its local file in step with the fleet's record."""
+        return not self.secret_source
 
-@dataclass(frozen=True)
-class RedisConfig:
-    url: str = field(repr=False)  # may carry a password
-    key_prefix: str = "wxtoken:"
+    @property
+    def identity(self) -> str:
+        """What WeChat hands one token for: appid and api, or corpid, "wecom" and agentid.
+        The fleet keys its records by this, not by the local app name."""
+        if self.api == Api.WECOM:
+            return f"{self.appid}:wecom:{self.agentid}"
+        return f"{self.appid}:{self.api}"
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,7 @@ def _file_mode(ck: Checker, value: Any, key: str) -> int:
 
 
 def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
-               resolve_secrets: bool) -> AppConfig | None:
+               resolve_secrets: bool, fleet: bool) -> AppConfig | None:
     prefix = f"apps.{name}."
     if not APP_NAME_RE.match(name):
         ck.bad(f"apps.{name}", "app names may use only letters, digits, '_' and '-' (max 64)")
@@ -169,8 +177,9 @@ def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
     mode = _file_mode(ck, app.get("file_mode", 0o640), prefix + "file_mode")
     group = ck.string(app, "file_group", prefix)
     if resolve_secrets:
+        # in the fleet mode an app without a secret makes this host a follower for it
         found, source = resolve_secret(ck, app, prefix, "secret", config_mode, inline=True,
-                                       required=True)
+                                       required=not fleet)
         secret = found or ""
     else:
         secret, source = "", next((k for k in SECRET_SOURCES if k in app), "")
@@ -199,16 +208,8 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     metrics_file = ck.string(doc, "metrics_file", "", None, check_metrics_path)
     redis: RedisConfig | None = None
     if "redis" in doc:
-        table = doc["redis"]
-        if not isinstance(table, dict):
-            ck.bad("redis", "must be a table")
-        else:
-            ck.unknown(table, REDIS_KEYS, "redis.")
-            url = ck.string(table, "url", "redis.")
-            if not url:
-                ck.bad("redis.url", "is required")
-            prefix = ck.string(table, "key_prefix", "redis.", "wxtoken:") or "wxtoken:"
-            redis = RedisConfig(url=url or "", key_prefix=prefix)
+        redis = parse_redis(ck, doc["redis"], config_mode, renew_before,
+                            call_deadline(renew_before), resolve_secrets)
     apps_doc = doc.get("apps")
     apps: list[AppConfig] = []
     if not isinstance(apps_doc, dict) or not apps_doc:
@@ -216,7 +217,8 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     else:
         seen: dict[tuple[str, str, str | None], str] = {}
         for name, table in apps_doc.items():
-            app = _parse_app(ck, name, table, config_mode, resolve_secrets)
+            app = _parse_app(ck, name, table, config_mode, resolve_secrets,
+                             fleet="redis" in doc)
             if app is None:
                 continue
             identity = (app.api, app.appid, app.agentid)

@@ -392,7 +392,9 @@ class _Handler(BaseHTTPRequestHandler):
                              "refreshed": forced.state is ForcedState.REFRESHED})
             return
         answer: dict[str, Any] = {"error_class": forced.state.value}
-        if isinstance(forced.error, UpstreamError):
+        if forced.reason:
+            answer["error"] = forced.reason
+        elif isinstance(forced.error, UpstreamError):
             answer.update(error=str(forced.error), error_class=forced.error.kind.value,
                           errcode=forced.error.errcode, errmsg=forced.error.errmsg)
         elif forced.error is not None:

@@ -29,17 +29,18 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from wxtoken import schedule, sdnotify
-from wxtoken.errors import ConfigError
 from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
 from wxtoken.refresher import Forced, Refresher
 from wxtoken.schedule import Outcome, State
-from wxtoken.store import clean_state_dir
+from wxtoken.status import AppStatus
+from wxtoken.store import TokenStore, clean_state_dir
 from wxtoken.upstream import WeChatClient
 
 if TYPE_CHECKING:
     from wxtoken.config import Config
     from wxtoken.control import ControlServer
+    from wxtoken.fleet.node import FleetNode
     from wxtoken.metrics import Metrics
 
 MAX_CONCURRENT_FETCHES = 8
@@ -60,10 +61,14 @@ class Daemon:
     def __init__(self, config: Config, client: WeChatClient | None = None,
                  notify: Callable[[str], bool] = sdnotify.notify,
                  clock: Callable[[], float] = time.time) -> None:
-        if config.redis is not None:
-            raise ConfigError([f"{config.path}: redis: the fleet mode is not implemented in this "
-                               "version; remove the [redis] table"])
         self.config = config
+        self.node: FleetNode | None = None
+        stores: dict[str, TokenStore] = {}
+        if config.redis is not None:
+            from wxtoken.fleet.node import FleetNode  # redis only in the fleet mode
+            self.node = FleetNode(config, self._requested)
+            clock = self.node.clock  # the fleet's time: every record's times are in it
+            stores = dict(self.node.stores)
         deadline = schedule.call_deadline(config.renew_before)
         self.client = client or WeChatClient(config.api_base, config.ca_bundle,
                                              deadline=deadline)
@@ -71,11 +76,17 @@ class Daemon:
         self.clock = clock
         self.log = get_logger()
         rng = random.Random()  # one for all apps: 10,000 generators would cost 25 MB
-        self.refreshers = {app.name: Refresher(config, app, self.client, clock=clock, rng=rng)
-                           for app in config.apps}
+        # an app this host only follows (fleet mode, no secret) has no refresher here
+        self.refreshers = {
+            app.name: Refresher(config, app, self.client, store=stores.get(app.name),
+                                clock=clock, rng=rng)
+            for app in config.apps if not (self.node and app.follower)}
         # a job running for longer than this is stuck somewhere no deadline reaches
-        # (name resolution, a hung disk): twice the longest a run may hold the lock, plus slack
-        self.stall_after = 2 * max(r.hold_limit for r in self.refreshers.values()) + 10
+        # (name resolution, a hung disk): twice the longest a run may hold the lock, plus the
+        # wait for a fleet lease, plus slack
+        self.stall_after = 2 * max((r.hold_limit for r in self.refreshers.values()),
+                                   default=10.0) + max(
+            (r.store.extra_wait for r in self.refreshers.values()), default=0.0) + 10
         self.stop_wait = min(45.0, self.stall_after)  # under TimeoutStopSec=90 with the rest
         # every job sets its own next run; should one be lost, its trigger runs it this often
         self.safety_net = max(1.0, min(3600.0, config.renew_before / 2))
@@ -88,12 +99,13 @@ class Daemon:
         self.metrics: Metrics | None = None
         if config.metrics_file:
             from wxtoken.metrics import Metrics  # prometheus_client only when metrics are on
-            self.metrics = Metrics(config.metrics_file, self.health, len(config.apps))
+            self.metrics = Metrics(config.metrics_file, self.health, len(config.apps),
+                                   self.node.fleet.status if self.node else None)
         self.ready = threading.Event()
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(min(MAX_CONCURRENT_FETCHES,
-                                                         len(config.apps)))},
+            executors={"default": ThreadPoolExecutor(max(1, min(MAX_CONCURRENT_FETCHES,
+                                                                len(self.refreshers))))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._monitor_thread = threading.Thread(target=self._monitor, name="monitor",
@@ -105,6 +117,8 @@ class Daemon:
                       state_dir=self.config.state_dir)
         for done in clean_state_dir(self.config.state_dir):
             self.log.info("state_dir.cleaned", action=done)
+        if self.node is not None:  # the fleet first: ConfigError when the hosts disagree
+            self.outcomes.update(self.node.start())
         # one pass over every app's files, in this thread: apps with a valid token that is not
         # due are settled here (no lock, no upstream call, no thread contention), the others
         # run at once
@@ -130,7 +144,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.start()
         self._monitor_thread.start()
-        if len(self.outcomes) == len(self.refreshers):
+        if len(self.outcomes) == len(self.config.apps):
             self._ready()  # every token was reused: nothing left to try
 
     # -- work in flight ---------------------------------------------------------------------------
@@ -173,16 +187,31 @@ class Daemon:
                 outcome = Outcome(State.FAILED, self.clock() + retry)
             self._after(name, outcome)
 
+    def _wall(self, ts: float) -> float:
+        """A time of the daemon's clock (the fleet's, in the fleet mode) as this host's."""
+        return ts - (self.clock() - time.time())
+
     def force(self, name: str, invalid_token: str | None, privileged: bool) -> Forced | None:
         """A passive refresh of app ``name`` (the control endpoint's one way in); None once the
         daemon is stopping. The app's job then runs when the refresh asks for."""
         with self._working(name) as ok:
             if not ok:
                 return None
+            if name not in self.refreshers:  # an app this host follows: the fleet refreshes it
+                assert self.node is not None
+                return self.node.ask(self.config.app(name), invalid_token, privileged,
+                                     timeout=self.stall_after / 2)
             forced = self.refreshers[name].force(invalid_token, privileged)
             if forced.outcome is not None:
                 self._after(name, forced.outcome)
             return forced
+
+    def _requested(self, name: str, invalid_token: str | None) -> None:
+        """A follower elsewhere in the fleet asked for a passive refresh of an app this host
+        has the secret of."""
+        forced = self.force(name, invalid_token, privileged=False)
+        if forced is not None:
+            self.log.info("fleet.request_served", app=name, state=forced.state)
 
     def _after(self, name: str, outcome: Outcome) -> None:
         """Reschedule the app's job, count the result, tell systemd."""
@@ -190,10 +219,10 @@ class Daemon:
             self.metrics.observe(name, outcome.state)
         with self._lock:
             self.outcomes[name] = outcome
-            all_tried = len(self.outcomes) == len(self.refreshers)
+            all_tried = len(self.outcomes) == len(self.config.apps)
         try:
             self.scheduler.modify_job(name, next_run_time=_utc(
-                max(outcome.next_at, self.clock() + MIN_RESCHEDULE)))
+                self._wall(max(outcome.next_at, self.clock() + MIN_RESCHEDULE))))
         except (JobLookupError, SchedulerNotRunningError):
             return  # shutting down
         if all_tried and not self.ready.is_set():
@@ -212,16 +241,28 @@ class Daemon:
 
     # -- health -----------------------------------------------------------------------------------
     def health(self) -> list[dict[str, Any]]:
-        """Every app's health from what its refresher last saw (no file reads)."""
-        now = time.time()
-        return [app_health(self.config, r.app, r.record, r.status, now, problem=r.problem)
-                for r in self.refreshers.values()]
+        """Every app's health from what its refresher last saw (no file reads; a followed
+        app's from its file)."""
+        now = self.clock()
+        out = []
+        for app in self.config.apps:
+            role = self.node.role(app.name) if self.node else None
+            refresher = self.refreshers.get(app.name)
+            if refresher is None:
+                assert self.node is not None
+                out.append(app_health(self.config, app, self.node.record(app.name),
+                                      AppStatus(), time.time(), role=role))
+            else:
+                out.append(app_health(self.config, app, refresher.record, refresher.status,
+                                      now, problem=refresher.problem, role=role))
+        return out
 
     def summary(self) -> str:
         """One line for systemd's STATUS=, e.g. "2/2 apps fresh; next: main in 59m"."""
         with self._lock:
-            next_runs = {name: o.next_at for name, o in self.outcomes.items()}
-        return summary(self.health(), next_runs, self.clock())
+            next_runs = {name: self._wall(o.next_at) for name, o in self.outcomes.items()
+                         if name in self.refreshers}  # a followed app has no runs
+        return summary(self.health(), next_runs, time.time())
 
     # -- the monitor ------------------------------------------------------------------------------
     def _monitor(self) -> None:
@@ -244,6 +285,8 @@ class Daemon:
                     self.notify(f"EXTEND_TIMEOUT_USEC={int(3 * STARTING_TICK * 1_000_000)}")
             if self.ready.is_set():
                 self.notify(f"STATUS={self.summary()}")  # a few times a minute at most
+            if self.node is not None:
+                self.node.write_status()
             stalled = self._stalled()
             if stalled:
                 if not withheld:
@@ -285,6 +328,8 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         if self.metrics is not None:
             self.metrics.stop()
+        if self.node is not None:
+            self.node.stop()
         self.client.close()
         if left:
             self.log.warning("daemon.stop_abandoned", apps=sorted(set(left)),

@@ -11,6 +11,7 @@ ever see this tree::
     │   └── TokenExpired     the file's token is past its expires_at
     ├── UpstreamError        WeChat (or the network to it) refused to hand out a token
     ├── StoreError           the state directory could not be written (disk full, read-only, …)
+    │   └── Superseded       a newer record was written meanwhile (the fleet's fencing)
     └── ControlError         the daemon's control endpoint refused or could not serve a request
 """
 
@@ -65,6 +66,11 @@ class UpstreamError(WxtokenError):
 
 class StoreError(WxtokenError):
     """Writing the state directory failed; the previous token file is untouched."""
+
+
+class Superseded(StoreError):
+    """The fleet's record has a higher generation than this holder's: another host wrote a
+    newer token after this one's lease ran out, and this write is refused."""
 
 
 class ControlError(WxtokenError):

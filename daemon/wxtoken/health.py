@@ -20,13 +20,15 @@ from wxtoken.status import AppStatus, LastResult, read_status, status_path
 
 
 def app_health(config: Config, app: AppConfig, record: TokenRecord | None, status: AppStatus,
-               now: float, unusable: str | None = None,
-               problem: str | None = None) -> dict[str, Any]:
+               now: float, unusable: str | None = None, problem: str | None = None,
+               role: str | None = None) -> dict[str, Any]:
     """One app's health as `wxtoken status --json` reports it. ``unusable`` says why there is
     no record when the file is there but cannot be used; ``problem`` is one the daemon knows of
     (the state dir cannot be written, say)."""
     info: dict[str, Any] = {"app": app.name, "api": app.api, "appid": app.appid,
                             "daily_budget": config.daily_budget}
+    if role is not None:
+        info["role"] = role  # fleet mode: leader, candidate or follower
     problems: list[str] = []
     if record is not None:
         info.update(refreshed_at=record.refreshed_at, expires_at=record.expires_at,
@@ -81,6 +83,9 @@ def summary(healths: Iterable[Mapping[str, Any]], next_runs: Mapping[str, float]
     healths = list(healths)
     failing = sorted(h["app"] for h in healths if not h["healthy"])
     text = f"{len(healths) - len(failing)}/{len(healths)} apps fresh"
+    if any("role" in h for h in healths):
+        leading = sum(1 for h in healths if h.get("role") == "leader")
+        text += f"; leader for {leading}/{len(healths)} apps"
     if failing:
         text += f"; failing: {', '.join(failing[:3])}" + ("…" if len(failing) > 3 else "")
     if next_runs:

@@ -28,9 +28,10 @@ class Metrics:
     """Collects per-app figures and rewrites ``path`` after refreshes."""
 
     def __init__(self, path: str, health: Callable[[], list[dict[str, Any]]],
-                 apps: int = 1) -> None:
+                 apps: int = 1, fleet: Callable[[], dict[str, Any]] | None = None) -> None:
         self.path = path
         self.health = health
+        self.fleet = fleet  # the fleet mode's Redis state, when on
         self.log = get_logger()
         self.up = 1
         # gather a burst into one write: longer with more apps, as each write covers them all
@@ -92,6 +93,9 @@ class Metrics:
                                   labels=["app"])
         total = CounterMetricFamily("wxtoken_refresh", "Refresh attempts by this daemon process",
                                     labels=["app", "result"])
+        leader = GaugeMetricFamily("wxtoken_leader",
+                                   "1 while this host wrote the app's current fleet record",
+                                   labels=["app"])
         for health in self.health():
             name = health["app"]
             if "expires_at" in health:
@@ -99,7 +103,17 @@ class Metrics:
             if health.get("last_success_at"):
                 success.add_metric([name], health["last_success_at"])
             calls.add_metric([name], health["calls_today"])
+            if "role" in health:
+                leader.add_metric([name], 1 if health["role"] == "leader" else 0)
         with self._lock:
             for (app_name, result), count in sorted(self.results.items()):
                 total.add_metric([app_name, result], count)
         yield from (up, expiry, success, calls, total)
+        if self.fleet is not None:
+            state = self.fleet()
+            redis_up = GaugeMetricFamily("wxtoken_redis_up", "1 while the fleet's Redis answers")
+            redis_up.add_metric([], 1 if state["redis_up"] else 0)
+            skew = GaugeMetricFamily("wxtoken_clock_skew_seconds",
+                                     "Redis TIME minus this host's clock")
+            skew.add_metric([], state["clock_skew"])
+            yield from (redis_up, skew, leader)

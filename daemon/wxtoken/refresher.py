@@ -27,7 +27,7 @@ from wxtoken import passive, schedule
 from wxtoken.clock import next_wechat_midnight
 from wxtoken.config import AppConfig, Config
 from wxtoken.errcodes import HARD_ERRORS, ErrorClass
-from wxtoken.errors import StoreError, TokenCorrupt, UpstreamError, WxtokenError
+from wxtoken.errors import StoreError, Superseded, TokenCorrupt, UpstreamError, WxtokenError
 from wxtoken.logs import get_logger, mask
 from wxtoken.passive import ForcedState
 from wxtoken.record import TokenRecord
@@ -51,6 +51,7 @@ class Forced:
     outcome: Outcome | None = None
     error: WxtokenError | None = None
     retry_after: float = 0.0
+    reason: str = ""  # for an answer no error or state explains by itself
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Refresher:
         # the longest a run holds the lock (its calls, each bounded, and its writes): others
         # wait that long for it, and the daemon calls a run that takes twice as long stalled
         self.hold_limit = deadline * (1 + len(app.tickets)) + STORE_SLACK
-        self.lock_timeout = self.hold_limit
+        self.lock_timeout = self.hold_limit + self.store.extra_wait
         self.transient_cap = min(300.0, max(TRANSIENT_BASE, config.renew_before / 4))
         self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
         self.hard_cap = max(self.hard_base, config.refresh_interval)
@@ -107,6 +108,8 @@ class Refresher:
         try:
             with self.store.locked(self.lock_timeout):
                 outcome = self._run_locked(first)
+        except Superseded:
+            return self._superseded()
         except StoreError as exc:
             return self._store_failed(exc)
         self.store_failures, self.problem = 0, None
@@ -123,6 +126,8 @@ class Refresher:
         try:
             with self.store.locked(self.lock_timeout):
                 forced = self._force_locked(invalid_token, privileged)
+        except Superseded as exc:
+            return Forced(ForcedState.FAILED, None, self._superseded(), error=exc)
         except StoreError as exc:
             return Forced(ForcedState.STORE_FAILED, None, self._store_failed(exc), error=exc)
         self.store_failures, self.problem = 0, None
@@ -142,8 +147,21 @@ class Refresher:
         return self._due[2]
 
     def _is_due(self, record: TokenRecord, status: AppStatus, now: float) -> bool:
-        return schedule.from_the_future(record.refreshed_at, now) or \
-            self.due_at(record, status) <= now
+        if schedule.from_the_future(record.refreshed_at, now):
+            return True
+        if self.store.degraded and self.app.api != "stable_token":
+            # the fleet's coordination is down: candidates that refreshed on their own would
+            # retire each other's tokens, so wait until the token's last renew_before, then
+            # one jittered attempt per host (stable_token hands every caller the same token)
+            return self.degraded_due_at(record) <= now
+        return self.due_at(record, status) <= now
+
+    def degraded_due_at(self, record: TokenRecord) -> float:
+        ahead = schedule.lead(record, self.app.api, self.config.renew_before)
+        key = (record.access_token, -float(record.refreshed_at))  # apart from due_at's draws
+        if self._due is None or self._due[:2] != key:
+            self._due = (*key, record.expires_at - ahead * self.rng.uniform(0.5, 1.0))
+        return self._due[2]
 
     def tickets_due_at(self, record: TokenRecord) -> float:
         return self.tickets.due_at(record, schedule.lead(record, self.app.api,
@@ -151,7 +169,9 @@ class Refresher:
                                    self.clock())
 
     def _next_at(self, record: TokenRecord, status: AppStatus) -> float:
-        return min(self.due_at(record, status), self.tickets_due_at(record))
+        due = self.degraded_due_at(record) if self.store.degraded and \
+            self.app.api != "stable_token" else self.due_at(record, status)
+        return min(due, self.tickets_due_at(record))
 
     # -- the scheduled run ------------------------------------------------------------------------
     def peek(self, first: bool = False) -> Outcome | None:
@@ -355,6 +375,12 @@ class Refresher:
         return Outcome(State.FRESH, self._next_at(tickets.record, status), record.expires_at)
 
     # -- failures -------------------------------------------------------------------------------
+    def _superseded(self) -> Outcome:
+        """Another host wrote a newer token while this one's lease had run out: this token is
+        dropped (the file and Redis keep the newer one) and the app is looked at again soon."""
+        self.pending = None
+        return Outcome(State.FRESH, self.clock() + 1.0)
+
     def _store_failed(self, exc: StoreError) -> Outcome:
         self.store_failures += 1
         self.problem = str(exc)
@@ -409,6 +435,11 @@ class Refresher:
             return Forced(ForcedState.CURRENT, record)  # already replaced: no upstream call
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return Forced(ForcedState.REFRESHED, self.record, written)  # fetched already
+        if self.store.degraded:
+            self.log.warning("refresh.refused", state=ForcedState.WAITING,
+                             reason="the fleet's Redis is unreachable: no forced refresh (the "
+                             "day's counts live there)")
+            return Forced(ForcedState.WAITING, record, retry_after=10.0)
         calls = 1 + len(self.app.tickets)
         refusal = passive.refusal(status, now, self.app.api, self.config.daily_budget, calls,
                                   privileged)

@@ -42,6 +42,14 @@ class TokenStore(Protocol):
     """One app's token record, its bookkeeping and the writers' lock. Every decision to call
     WeChat is taken while holding the lock, from what ``read()`` returns."""
 
+    @property
+    def extra_wait(self) -> float:
+        """How much longer than one holder's work a wait for the lock may take."""
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the shared part of the store is unreachable (local files only)."""
+
     def locked(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         """Hold the writers' lock; StoreError when it cannot be had within ``timeout``."""
 
@@ -156,6 +164,9 @@ def clean_state_dir(state_dir: str) -> list[str]:
 
 class FileStore:
     """One app's files in the state directory (the single-host store)."""
+
+    extra_wait = 0.0
+    degraded = False
 
     def __init__(self, state_dir: str, app: str, file_mode: int = 0o640,
                  file_group: str | None = None) -> None:

@@ -1,0 +1,41 @@
+"""The fleet's Redis keys. One WeChat identity's keys share a Redis Cluster hash tag (the part
+in braces), so they live in one slot; no key name ever holds a secret.
+
+    <prefix>:{<identity>}:record   the token file's JSON plus "gen" (and who wrote it)
+    <prefix>:{<identity>}:lease    redis-py Lock: held while a refresh is decided and made
+    <prefix>:{<identity>}:gen      the generation counter (fencing), taken with the lease
+    <prefix>:{<identity>}:status   fleet-wide counts: calls today, forced refreshes, spacing
+    <prefix>:{<identity>}:meta     what the hosts agree the identity is (api, appid, tickets)
+    <prefix>:version               incremented on every record write (the followers' poll)
+    <prefix>:events                pub/sub channel: the identity whose record changed
+    <prefix>:requests              pub/sub channel: a follower's passive refresh, for candidates
+
+An identity is ``<appid>:token``, ``<appid>:stable_token`` or ``<corpid>:wecom:<agentid>``.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    """The keys of one identity."""
+
+    def __init__(self, prefix: str, identity: str) -> None:
+        base = f"{prefix}:{{{identity}}}"
+        self.identity = identity
+        self.record = f"{base}:record"
+        self.lease = f"{base}:lease"
+        self.gen = f"{base}:gen"
+        self.status = f"{base}:status"
+        self.meta = f"{base}:meta"
+
+
+def version_key(prefix: str) -> str:
+    return f"{prefix}:version"
+
+
+def channel(prefix: str) -> str:
+    return f"{prefix}:events"
+
+
+def request_channel(prefix: str) -> str:
+    return f"{prefix}:requests"

@@ -1,0 +1,212 @@
+"""What one daemon shares with the fleet: the Redis client, the fleet's clock (Redis TIME), whether
+Redis is reachable, the fencing scripts, and the check that the hosts agree on every identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+
+from wxtoken.config import AppConfig, Config
+from wxtoken.errors import ConfigError
+from wxtoken.fleet import mirror
+from wxtoken.fleet.config import MIRRORS, RedisConfig, lease_for
+from wxtoken.fleet.connect import REDIS_ERRORS, accepts_anyone, clock_offset, connect, text
+from wxtoken.fleet.keys import Keys, channel, request_channel, version_key
+from wxtoken.logs import get_logger
+from wxtoken.record import TokenRecord
+from wxtoken.schedule import call_deadline
+
+SKEW_WARNING = 2.0  # seconds between this host's clock and Redis TIME worth a warning
+
+# The generation is taken atomically with the lease: only the lease's owner can take one, so a
+# holder paused between acquiring and counting cannot come back with a higher number.
+TAKE_GENERATION = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('incr', KEYS[2])
+end
+return false
+"""
+# A record is written only if no record of a higher generation is there (fencing on the
+# generation alone, never on host clocks); the change is announced on the fleet's channel.
+WRITE_RECORD = """
+local current = redis.call('get', KEYS[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  local theirs = ok and type(doc) == 'table' and tonumber(doc.gen)
+  if theirs and theirs > tonumber(ARGV[2]) then
+    return {0, theirs}
+  end
+end
+redis.call('set', KEYS[1], ARGV[1])
+redis.call('publish', ARGV[3], ARGV[4])
+return {1, tonumber(ARGV[2])}
+"""
+# Re-seeding an empty (restarted, flushed) or older Redis from a host's valid file: written
+# only if Redis has no record expiring later; the generation never goes back (ARGV[3] is the
+# highest this host has seen).
+SEED_RECORD = """
+local current = redis.call('get', KEYS[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  local expires = ok and type(doc) == 'table' and tonumber(doc.expires_at)
+  if expires and expires >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+local gen = tonumber(redis.call('get', KEYS[2]) or '0')
+if gen < tonumber(ARGV[3]) then
+  gen = tonumber(ARGV[3])
+  redis.call('set', KEYS[2], gen)
+end
+local doc = cjson.decode(ARGV[1])
+doc.gen = gen
+redis.call('set', KEYS[1], cjson.encode(doc))
+redis.call('publish', ARGV[4], ARGV[5])
+return 1
+"""
+
+
+def record_json(record: TokenRecord, gen: int, by: str) -> str:
+    """The fleet's record: the token file's fields (no local app name) plus gen and writer."""
+    doc = json.loads(record.to_json())
+    doc.pop("app", None)
+    doc.update(gen=gen, by=by)
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def parse_record_json(raw: bytes | str, app: str) -> tuple[TokenRecord, int, str]:
+    """(record under the local app name, generation, writer) from the fleet's record; ValueError
+    when it is not one."""
+    from wxtoken.record import parse_record
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("not an object")
+    gen, by = doc.pop("gen", 0), str(doc.pop("by", ""))
+    if type(gen) is not int:
+        raise ValueError("no generation")
+    doc["app"] = app
+    return parse_record(json.dumps(doc).encode(), app), gen, by
+
+
+class Fleet:
+    """The daemon's side of the fleet: one Redis client shared by every app."""
+
+    def __init__(self, config: Config, cfg: RedisConfig) -> None:
+        self.config = config
+        self.cfg = cfg
+        self.prefix = cfg.key_prefix
+        self.client = connect(cfg, config.ca_bundle)
+        self.lease_timeout = cfg.lease_timeout or lease_for(config.renew_before,
+                                                             call_deadline(config.renew_before))
+        self.host = f"{socket.gethostname()}:{os.getpid()}"
+        self.log = get_logger(component="fleet")
+        self.channel = channel(self.prefix)
+        self.request_channel = request_channel(self.prefix)
+        self.version_key = version_key(self.prefix)
+        self.take_generation = self.client.register_script(TAKE_GENERATION)
+        self.write_record = self.client.register_script(WRITE_RECORD)
+        self.seed_record = self.client.register_script(SEED_RECORD)
+        self.offset = 0.0  # Redis TIME minus this host's clock
+        self.uncertainty = 0.0
+        self._up: bool | None = None  # None: not tried yet
+        self.last_sync = 0.0  # when this host last caught up with the fleet (Unix seconds)
+        self._state = threading.Lock()
+        self.mirror_prefixes = {sdk: cfg.mirror_prefix(sdk) for sdk in MIRRORS}
+
+    # -- the fleet's clock and Redis's health ---------------------------------------------------
+    def clock(self) -> float:
+        """The fleet's time (Redis TIME as last measured): every record's times are in it."""
+        return time.time() + self.offset
+
+    @property
+    def up(self) -> bool:
+        return bool(self._up)
+
+    def mark_up(self) -> None:
+        with self._state:
+            was, self._up = self._up, True
+        if was is False:
+            self.log.warning("redis.back", reason="coordination resumes; re-seeding what it lost")
+
+    def mark_down(self, exc: BaseException) -> None:
+        with self._state:
+            was, self._up = self._up, False
+        if was is not False:
+            self.log.warning("redis.down", error=type(exc).__name__,
+                             reason="files keep serving; stable_token candidates refresh on "
+                             "their own, token candidates wait until renew_before")
+
+    def measure_clock(self) -> float:
+        """Measure the offset to Redis TIME; warn when this host's clock is off by more than
+        2 s. Returns the skew in seconds."""
+        offset, uncertainty = clock_offset(self.client)
+        self.offset, self.uncertainty = offset, uncertainty
+        if abs(offset) > SKEW_WARNING:
+            self.log.warning("clock.skew", skew=round(offset, 2),
+                             reason="this host's clock differs from Redis TIME; the fleet's "
+                             "times follow Redis, local files are written in this host's time")
+        return offset
+
+    # -- start ----------------------------------------------------------------------------------
+    def start(self, apps: tuple[AppConfig, ...]) -> None:
+        """Connect, measure the clock, check the hosts agree on every identity, warn when Redis
+        takes commands from anyone. Redis unreachable is not an error: the files keep serving."""
+        try:
+            self.client.ping()
+            self.mark_up()
+            self.measure_clock()
+            self.check_identities(apps)
+        except REDIS_ERRORS as exc:
+            self.mark_down(exc)
+            return
+        except redis.AuthenticationError as exc:
+            raise ConfigError([f"{self.config.path}: redis: Redis refused the login: {exc}"]
+                              ) from None
+        if accepts_anyone(self.cfg, self.config.ca_bundle):
+            self.log.warning("redis.no_auth", reason="Redis accepts commands without "
+                             "authentication: any process that reaches it could write a token "
+                             "record; set requirepass or an ACL user, and a password_* key")
+
+    def check_identities(self, apps: tuple[AppConfig, ...]) -> None:
+        """Every host must agree on what each identity is (api, appid/corpid, agentid,
+        tickets): the first host to start records it; a host that disagrees is refused."""
+        problems = []
+        for app in apps:
+            keys = Keys(self.prefix, app.identity)
+            mine = json.dumps({"api": app.api, "appid": app.appid, "agentid": app.agentid,
+                               "tickets": sorted(app.tickets)}, sort_keys=True)
+            if self.client.set(keys.meta, mine, nx=True):
+                continue
+            theirs = self.client.get(keys.meta)
+            if theirs is not None and text(theirs) != mine:
+                problems.append(f"{self.config.path}: apps.{app.name}: the fleet knows "
+                                f"{app.identity} as {text(theirs)}, this config as {mine}: "
+                                f"make the hosts' configs agree (or delete {keys.meta} if the "
+                                "change is meant for every host)")
+        if problems:
+            raise ConfigError(problems)
+
+    # -- writing ------------------------------------------------------------------------------
+    def announce(self, record: TokenRecord, api: str) -> None:
+        """After a record was written: bump the fleet's version (the followers' poll) and write
+        the SDK layouts. Best effort: the record itself is what counts."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.incr(self.version_key)
+            for key, value, ttl in mirror.entries(self.cfg.mirror, self.mirror_prefixes,
+                                                  record, api, self.clock()):
+                pipe.set(key, value, ex=ttl)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            self.mark_down(exc)
+
+    def status(self) -> dict[str, Any]:
+        return {"redis_up": self.up, "last_sync": self.last_sync or None,
+                "clock_skew": round(self.offset, 3)}

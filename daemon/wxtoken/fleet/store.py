@@ -1,0 +1,280 @@
+"""FleetStore: one app's record, bookkeeping and lock when Redis is the source of truth, beside
+the local file every host keeps (the contract readers rely on).
+
+- ``locked()``: the local writers' lock, then the fleet's lease (redis-py ``Lock``, owner
+  token, ``thread_local=False`` so a heartbeat can extend it while a call is in flight), then a
+  generation taken atomically with it (fencing).
+- ``read()``: the Redis record; when Redis has none (restarted empty, flushed) or an older one
+  than this host's valid file, the file re-seeds it first (no upstream call).
+- ``write()``: a compare-and-set that refuses a lower generation than the record's, so a holder
+  that lost its lease (paused, SIGSTOPped, a hung call) never overwrites a newer token; then the
+  local file.
+- the day's calls, forced refreshes and their spacing are counted in Redis, fleet-wide; the
+  rest of the bookkeeping (last result, backoff) is this host's own, in its status file.
+- While Redis is unreachable (``degraded``) all of it falls back to the local files.
+
+Times in records are the fleet's (Redis TIME); local files are written in this host's time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from redis.exceptions import LockError
+from redis.lock import Lock
+
+from wxtoken.config import AppConfig
+from wxtoken.errors import StoreError, Superseded, TokenCorrupt
+from wxtoken.fleet.connect import REDIS_ERRORS, text
+from wxtoken.fleet.keys import Keys
+from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
+from wxtoken.logs import get_logger, mask
+from wxtoken.record import TokenRecord
+from wxtoken.status import AppStatus
+from wxtoken.store import FileStore
+
+LEASE_ERRORS: tuple[type[Exception], ...] = (LockError, *REDIS_ERRORS)
+STATUS_TTL = 3 * 86400  # the fleet's counts outlive a WeChat day, and no more
+FLEET_FIELDS = {"calls_day": str, "calls_today": int, "forced_today": int,
+                "last_forced_at": float, "forced_streak": int, "ticket_replaced_at": float,
+                "refreshed_at_exact": float}  # the record's refreshed_at with its fraction
+
+
+class _Heartbeat(threading.Thread):
+    """Extends a held lease every third of its timeout until stopped."""
+
+    def __init__(self, lease: Lock, timeout: float, log: Any) -> None:
+        super().__init__(name="lease-heartbeat", daemon=True)
+        self.lease, self.timeout, self.log = lease, timeout, log
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.timeout / 3):
+            try:
+                self.lease.extend(self.timeout, replace_ttl=True)
+            except LEASE_ERRORS:
+                self.lost = True
+                self.log.warning("lease.lost", reason="could not extend the lease; a write "
+                                 "after another host's will be refused (fencing)")
+                return
+
+
+class FleetStore:
+    """One app's state in the fleet's Redis, with this host's local file beside it."""
+
+    def __init__(self, fleet: Fleet, app: AppConfig) -> None:
+        self.fleet = fleet
+        self.app = app
+        self.local = FileStore(fleet.config.state_dir, app.name, app.file_mode, app.file_group)
+        self.keys = Keys(fleet.prefix, app.identity)
+        self.log = get_logger(app=app.name, appid=app.appid, api=app.api)
+        # a lease whose holder died frees itself this late: waiting for it is not a stall
+        self.extra_wait = fleet.lease_timeout + 1
+        self.gen = 0  # the generation taken with the lease now held
+        self.synced_gen = 0  # the highest generation this host's file was written from
+        self.by = ""  # who wrote the record last seen
+        self._local = threading.Lock()  # orders this host's writes of its local file
+
+    @property
+    def degraded(self) -> bool:
+        """Redis is unreachable: the local files are all there is."""
+        return not self.fleet.up
+
+    @property
+    def leader(self) -> bool:
+        """Whether this host wrote the current record."""
+        return self.by == self.fleet.host
+
+    # -- the lock -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, timeout: float = 60.0) -> Iterator[None]:
+        with self.local.locked(timeout):
+            lease = self._take_lease() if not self.degraded else None
+            if lease is None:
+                yield  # Redis is down: this host decides alone, from its file
+                return
+            beat = _Heartbeat(lease, self.fleet.lease_timeout, self.log)
+            beat.start()
+            try:
+                yield
+            finally:
+                beat.stopped.set()
+                # expired (the heartbeat logged it) or Redis went away: it frees itself
+                with contextlib.suppress(*LEASE_ERRORS):
+                    lease.release()
+
+    def _take_lease(self) -> Lock | None:
+        lease = Lock(self.fleet.client, self.keys.lease, timeout=self.fleet.lease_timeout,
+                     blocking_timeout=self.extra_wait, thread_local=False)
+        try:
+            if not lease.acquire():
+                raise StoreError(f"the fleet's lease on {self.app.identity} stayed taken for "
+                                 f"{self.extra_wait:.0f} s")
+            token = lease.local.token
+            gen = self.fleet.take_generation(keys=[self.keys.lease, self.keys.gen], args=[token])
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return None
+        if gen is None:
+            raise StoreError(f"the fleet's lease on {self.app.identity} expired at once")
+        self.gen = int(gen)
+        return lease
+
+    # -- the record -----------------------------------------------------------------------------
+    def _to_local(self, record: TokenRecord) -> TokenRecord:
+        """The record in this host's time, rounded so that it never looks longer-lived."""
+        shift = self.fleet.offset + self.fleet.uncertainty
+        return record.replace(
+            expires_at=int(record.expires_at - shift),
+            refreshed_at=int(record.refreshed_at - shift),
+            tickets={k: (t, int(e - shift)) for k, (t, e) in record.tickets.items()})
+
+    def _to_fleet(self, record: TokenRecord | None) -> TokenRecord | None:
+        if record is None:
+            return None
+        shift = int(self.fleet.offset)
+        return record.replace(
+            expires_at=record.expires_at + shift, refreshed_at=record.refreshed_at + shift,
+            tickets={k: (t, e + shift) for k, (t, e) in record.tickets.items()})
+
+    def _local_record(self) -> TokenRecord | None:
+        try:
+            return self._to_fleet(self.local.read())
+        except TokenCorrupt:
+            return None
+
+    def _fetch(self) -> tuple[TokenRecord | None, int]:
+        """The Redis record and its generation (None, 0 when there is none usable)."""
+        raw = self.fleet.client.get(self.keys.record)
+        if raw is None:
+            return None, 0
+        try:
+            record, gen, self.by = parse_record_json(raw, self.app.name)
+        except (ValueError, TokenCorrupt) as exc:
+            self.log.warning("fleet.record_unusable", reason=str(exc))
+            return None, 0
+        return record, gen
+
+    def read(self) -> TokenRecord | None:
+        if self.degraded:
+            return self._local_record()
+        try:
+            record, gen = self._fetch()
+            local = self._local_record()
+            if local is not None and local.expires_at > self.fleet.clock() and (
+                    record is None or (local.access_token != record.access_token
+                                       and local.expires_at > record.expires_at)):
+                # Redis lost it (restarted empty, flushed), or this host refreshed alone while
+                # Redis was away: the newest valid file re-seeds it, at no upstream call
+                self.seed(local)
+                record, gen = self._fetch()
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return self._local_record()
+        if record is not None and gen > self.synced_gen:
+            self._write_local(record, gen)
+        return record
+
+    def seed(self, record: TokenRecord) -> bool:
+        """Put this host's valid record into Redis unless Redis has one expiring later."""
+        done = bool(self.fleet.seed_record(
+            keys=[self.keys.record, self.keys.gen],
+            args=[record_json(record, 0, self.fleet.host), record.expires_at, self.synced_gen,
+                  self.fleet.channel, self.app.identity]))
+        if done:
+            self.log.warning("fleet.reseeded", token=mask(record.access_token),
+                             expires_in=int(record.expires_at - self.fleet.clock()),
+                             reason="Redis had no newer record")
+            self.fleet.announce(record, self.app.api)
+        return done
+
+    def write(self, record: TokenRecord) -> None:
+        if self.degraded:
+            self._write_local(record, None)
+            return
+        try:
+            written, theirs = self.fleet.write_record(
+                keys=[self.keys.record],
+                args=[record_json(record, self.gen, self.fleet.host), self.gen,
+                      self.fleet.channel, self.app.identity])
+        except REDIS_ERRORS as exc:
+            # the token is the newest WeChat handed out: keep it here; when Redis is back, this
+            # host's file re-seeds it
+            self.fleet.mark_down(exc)
+            self._write_local(record, None)
+            return
+        if not written:
+            self.log.warning("fleet.fenced", generation=self.gen, theirs=theirs,
+                             token=mask(record.access_token),
+                             reason="another host wrote a newer token after this one's lease "
+                             "ran out: this one is not written")
+            raise Superseded(f"generation {self.gen} refused: the fleet's record is "
+                             f"generation {theirs}")
+        self.by = self.fleet.host
+        self._write_local(record, self.gen)
+        self.fleet.announce(record, self.app.api)
+
+    def _write_local(self, record: TokenRecord, gen: int | None) -> None:
+        """This host's file, never older than a generation it already has (the sync thread
+        and the refresher both write it)."""
+        with self._local:
+            if gen is not None and gen < self.synced_gen:
+                return
+            self.local.write(self._to_local(record))
+            if gen is not None:
+                self.synced_gen = gen
+
+    def sync(self) -> bool:
+        """Bring the local file up to the fleet's record (a follower's whole job; candidates
+        too, when another host refreshed). True when the file was rewritten. Raises Redis's
+        errors (the caller marks the fleet down)."""
+        record, gen = self._fetch()
+        if record is None:
+            local = self._local_record()
+            if local is not None and local.expires_at > self.fleet.clock():
+                self.seed(local)
+            return False
+        if gen <= self.synced_gen and self.local_token() == record.access_token:
+            return False
+        self._write_local(record, gen)
+        return True
+
+    def local_token(self) -> str | None:
+        try:
+            local = self.local.read()
+        except TokenCorrupt:
+            return None
+        return local.access_token if local else None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def read_status(self) -> AppStatus:
+        status = self.local.read_status()
+        if self.degraded:
+            return status
+        try:
+            shared = self.fleet.client.hgetall(self.keys.status)
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return status
+        for name, kind in FLEET_FIELDS.items():
+            value = shared.get(name.encode())
+            if value is not None:
+                with contextlib.suppress(ValueError):
+                    setattr(status, name, kind(text(value)))
+        return status
+
+    def write_status(self, status: AppStatus, durable: bool = True) -> None:
+        self.local.write_status(status, durable)
+        if self.degraded:
+            return
+        try:
+            pipe = self.fleet.client.pipeline(transaction=True)
+            pipe.hset(self.keys.status, mapping={k: str(getattr(status, k)) for k in FLEET_FIELDS})
+            pipe.expire(self.keys.status, STATUS_TTL)
+            pipe.execute()
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
