@@ -3,6 +3,7 @@ processes, the real CLI, and the leak check every output goes through."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -201,3 +202,26 @@ def run_as(user: int, groups: list[int], code: str, pythonpath: Path,
 def stored(state_dir: Path | str, app: str = "main") -> TokenRecord:
     """The record in ``<state_dir>/<app>.json``, read with the contract's one loader."""
     return load_record(token_path(str(state_dir), app), app)[0]
+
+
+def pids_talking_to(port: int, pids: list[int]) -> list[int]:
+    """Which of ``pids`` have a TCP connection open to 127.0.0.1:``port`` right now (read from
+    /proc: the socket inodes of each process against the kernel's connection table)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(fields[9])
+    talking = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        talking.append(pid)
+                        break
+    return talking

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, SECRET, DaemonProcess, read_json
+from helpers import APPID, SECRET, DaemonProcess, pids_talking_to, read_json
 from redis_server import RedisServer
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
@@ -141,3 +144,187 @@ def test_the_daily_budget_holds_for_the_fleet_across_hosts_and_restarts(
     for d in procs:
         assert d.stop() == 0
     assert emulator.calls() == 4
+
+
+def emulator_port(emulator: Emulator) -> int:
+    return int(emulator.url.rsplit(":", 1)[1])
+
+
+def test_a_killed_leader_is_replaced_in_time_and_no_file_holds_a_refused_token(
+        emulator: Emulator, hosts: Callable[..., Path], daemons: Callable[..., DaemonProcess]
+        ) -> None:
+    """The host whose refresh is in flight is SIGKILLed while it holds the lease: another
+    candidate takes over once the lease runs out, well before the token's end, and no
+    surviving host's file ever holds a token WeChat refuses."""
+    s = emulator.state.settings
+    s.token_ttl, s.overlap, s.latency, s.keep_alive = 16, 8, 1.0, False
+    configs = [hosts(MAIN, refresh_interval=60, renew_before=8) for _ in range(3)]
+    procs = [daemons(c) for c in configs]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=20)
+    deadline = time.monotonic() + 30
+    victim: list[int] = []
+    while not victim:
+        assert time.monotonic() < deadline, "no refresh came"
+        victim = pids_talking_to(emulator_port(emulator), [d.proc.pid for d in procs])
+        time.sleep(0.02)
+    killed = next(d for d in procs if d.proc.pid == victim[0])
+    killed.proc.kill()
+    killed_at = time.time()
+    survivors = [c for c, d in zip(configs, procs, strict=True) if d is not killed]
+    failures: list[str] = []
+    until = time.monotonic() + 20
+    while time.monotonic() < until:
+        for config in survivors:
+            data = read_json(state_of(config) / "main.json")
+            if (code := emulator.token_status(data["access_token"])) != 0:
+                failures.append(f"{config.parent.name}: refused with {code}")
+        time.sleep(0.05)
+    for d in procs:
+        if d is not killed:
+            assert d.stop() == 0
+    killed.stop()
+    assert failures == []
+    took_over = [e for d in procs if d is not killed for e in d.events()
+                 if e["event"] == "token.refreshed" and iso(e["timestamp"]) > killed_at]
+    assert took_over, "nobody took over"
+    assert iso(took_over[0]["timestamp"]) - killed_at < 8  # the lease (4 s) and one call
+
+
+def iso(stamp: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_paused_holder_past_its_lease_is_fenced_and_every_file_ends_on_the_newest_token(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Host A is SIGSTOPped in the middle of a refresh (its new token fetched, its ticket call
+    hanging) for longer than its lease; host B takes over and writes a newer token; when A
+    goes on, its write is refused (fencing), and both files end on B's token."""
+    app = {"main": {"appid": APPID, "secret": SECRET, "tickets": ["jsapi"]}}
+    a = hosts(app, refresh_interval=6, renew_before=12)  # call deadline 3 s, lease 6 s
+    b = hosts(app, refresh_interval=6, renew_before=12)
+    host_a = daemons(a)
+    host_a.wait_for("daemon.ready", timeout=15)
+    s = emulator.state.settings
+    s.hang_seconds, s.keep_alive = 30, False
+    emulator.add_fault("hang", api="ticket_jsapi", count=2)
+    deadline = time.monotonic() + 20
+    while not (emulator.calls(APPID, "token") == 2 and pids_talking_to(
+            emulator_port(emulator), [host_a.proc.pid])):
+        assert time.monotonic() < deadline, "A's refresh did not come"
+        time.sleep(0.01)
+    os.kill(host_a.proc.pid, signal.SIGSTOP)
+    try:
+        host_b = daemons(b)
+        taken = host_b.wait_for("token.refreshed", timeout=30)
+    finally:
+        os.kill(host_a.proc.pid, signal.SIGCONT)
+    fenced = host_a.wait_for("fleet.fenced", timeout=15)
+    assert fenced["level"] == "warning"
+    time.sleep(1)
+    record = json.loads(redis_server.client().get(f"wxtoken:{{{APPID}:token}}:record") or b"")
+    assert record["access_token"].startswith(taken["token"].rstrip("…"))
+    for config in (a, b):
+        assert read_json(state_of(config) / "main.json")["access_token"] == \
+            record["access_token"]
+    assert emulator.token_status(record["access_token"]) == 0
+    assert emulator.calls(APPID, "token") == 3
+    assert host_a.stop() == 0 and host_b.stop() == 0
+
+
+def test_redis_restarted_empty_is_reseeded_from_the_files_with_no_call(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Redis restarts without persistence: within 10 s of its return the fleet writes the
+    record back from a host's valid file, with no upstream call."""
+    configs = [hosts(MAIN), hosts(MAIN), hosts(FOLLOW)]
+    procs = [daemons(c) for c in configs]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    token = read_json(state_of(configs[0]) / "main.json")["access_token"]
+    calls = emulator.calls()
+    redis_server.restart()
+    assert redis_server.client().get(f"wxtoken:{{{APPID}:token}}:record") is None
+    back = time.monotonic()
+    key = f"wxtoken:{{{APPID}:token}}:record"
+    while (raw := redis_server.client().get(key)) is None:
+        assert time.monotonic() - back < 10, "not re-seeded within 10 s"
+        time.sleep(0.1)
+    assert json.loads(raw)["access_token"] == token
+    for d in procs:
+        assert d.stop() == 0
+    assert emulator.calls() == calls
+    assert any(e["event"] == "fleet.reseeded" for d in procs for e in d.events())
+
+
+def test_redis_down_for_two_lifetimes_stable_token_hosts_stay_valid_and_coordinate_again(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """stable_token, Redis stopped for two token lifetimes: each candidate refreshes on its
+    own (normal mode hands all the same token), no candidate's file ever holds an expired or
+    refused token; when Redis is back the record is there again and one host refreshes."""
+    s = emulator.state.settings
+    s.token_ttl, s.stable_window, s.overlap = 10, 4, 4
+    app = {"mini": {"appid": APPID, "secret": SECRET, "api": "stable_token"}}
+    candidates = [hosts(app, refresh_interval=60, renew_before=4) for _ in range(2)]
+    follower = hosts({"mini": {"appid": APPID, "api": "stable_token"}},
+                     refresh_interval=60, renew_before=4)
+    procs = [daemons(c) for c in [*candidates, follower]]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    redis_server.stop()
+    failures: list[str] = []
+    until = time.monotonic() + 22
+    while time.monotonic() < until:
+        for config in candidates:
+            data = read_json(state_of(config) / "mini.json")
+            if data["expires_at"] <= time.time():
+                failures.append(f"{config.parent.name}: expired token in the file")
+            elif (code := emulator.token_status(data["access_token"])) != 0:
+                failures.append(f"{config.parent.name}: refused with {code}")
+        time.sleep(0.05)
+    assert failures == []
+    assert any(e["event"] == "refresh.uncoordinated" for d in procs for e in d.events())
+    redis_server.start()
+    key = f"wxtoken:{{{APPID}:stable_token}}:record"
+    back = time.monotonic()
+    while redis_server.client().get(key) is None:
+        assert time.monotonic() - back < 10, "not re-seeded within 10 s"
+        time.sleep(0.1)
+    back_at = time.time()
+    calls = emulator.calls()
+    time.sleep(20)  # two lifetimes with Redis back
+    for d in procs:
+        assert d.stop() == 0
+    # alone, both candidates fetched each new token; coordinated, one host does
+    after = [e["token"] for d in procs for e in d.events()
+             if e["event"] == "token.refreshed" and iso(e["timestamp"]) > back_at + 1]
+    assert after and len(after) == len(set(after)), after
+    assert emulator.calls() - calls <= len(after) + 1
+    tokens = {read_json(state_of(c) / "mini.json")["access_token"]
+              for c in [*candidates, follower]}
+    assert len(tokens) == 1
+
+
+def test_token_candidates_wait_for_renew_before_while_redis_is_down(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """api = "token" with Redis down: no candidate refreshes on its refresh_interval (they would
+    retire each other's tokens); each waits for the token's last renew_before, then makes one
+    attempt, with a warning."""
+    emulator.state.settings.token_ttl = 14
+    configs = [hosts(MAIN, refresh_interval=2, renew_before=6) for _ in range(2)]
+    procs = [daemons(c) for c in configs]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    redis_server.stop()
+    calls = emulator.calls()
+    time.sleep(14)  # a lifetime: on their interval, two hosts would make ~14 calls
+    for d in procs:
+        assert d.stop() == 0
+    made = emulator.calls() - calls
+    assert 1 <= made <= 4, made  # one attempt per host in the token's last renew_before
+    warned = [e for d in procs for e in d.events() if e["event"] == "refresh.uncoordinated"]
+    assert len(warned) == made and all(e["level"] == "warning" for e in warned)

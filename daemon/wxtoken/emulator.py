@@ -65,6 +65,7 @@ class Settings:
     latency: float = 0.0
     hang_seconds: float = 30.0
     drip_interval: float = 0.5  # seconds between the bytes of a "drip" answer
+    keep_alive: bool = True  # False: a connection per call (an open one is a call in flight)
 
 
 @dataclass
@@ -402,6 +403,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(raw)))
+        if not self.server.state.settings.keep_alive:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(raw)
 

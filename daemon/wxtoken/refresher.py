@@ -264,6 +264,9 @@ class Refresher:
     def _call(self, record: TokenRecord | None, status: AppStatus, now: float,
               forced: bool) -> Outcome:
         """Fetch a token (the calls are counted) and store it."""
+        if self.store.degraded:
+            self.log.warning("refresh.uncoordinated", reason="the fleet's Redis is unreachable: "
+                             "this host refreshes on its own")
         try:
             fetched = self.client.fetch(
                 self.app, force_refresh=forced and self.app.api == "stable_token")

@@ -40,6 +40,7 @@ class Sync:
         self.log = get_logger(component="fleet")
         self.version: bytes | str | None = None
         self._stopped = threading.Event()
+        self._catch_up = False  # set when redis-py reconnected the subscription
         self._thread = threading.Thread(target=self._run, name="fleet-sync", daemon=True)
 
     def start(self) -> None:
@@ -61,6 +62,9 @@ class Sync:
                 pubsub.subscribe(self.fleet.channel)
                 if self.on_request is not None:
                     pubsub.subscribe(self.fleet.request_channel)
+                # redis-py reconnects a subscription by itself (a quick Redis restart goes
+                # unseen otherwise): every reconnect must catch up, and maybe re-seed
+                pubsub.connection.register_connect_callback(self._reconnected)
                 self.fleet.mark_up()
                 self.resync()  # catch up with what changed while away; re-seed if Redis is empty
                 wait = 1.0
@@ -73,11 +77,19 @@ class Sync:
                 with contextlib.suppress(*REDIS_ERRORS):
                     pubsub.close()
 
+    def _reconnected(self, _connection: object) -> None:
+        self._catch_up = True
+
     def _follow(self, pubsub: object) -> None:
         next_poll = time.monotonic() + POLL_EVERY
+        self._catch_up = False
         while not self._stopped.is_set():
             message = pubsub.get_message(  # type: ignore[attr-defined]
                 timeout=max(0.0, next_poll - time.monotonic()))
+            if self._catch_up:
+                self._catch_up = False
+                self.fleet.mark_up()
+                self.resync()
             if message is not None and message.get("type") == "message":
                 if text(message["channel"]) == self.fleet.request_channel:
                     self.requested(text(message["data"]))
