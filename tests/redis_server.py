@@ -24,12 +24,14 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of the test's own; ``restart()`` brings it back empty on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *args: str) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *args: str,
+                 password: str | None = None) -> None:
         assert REDIS_SERVER is not None
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.args = args
+        self.password = password
+        self.args = (*args, *(("--requirepass", password) if password else ()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -38,7 +40,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
+                           password=self.password)
 
     def start(self) -> None:
         assert REDIS_SERVER is not None

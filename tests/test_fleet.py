@@ -11,7 +11,7 @@ from pathlib import Path
 
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, SECRET, DaemonProcess, pids_talking_to, read_json
+from helpers import APPID, SECRET, DaemonProcess, pids_talking_to, read_json, run_cli
 from redis_server import RedisServer
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
@@ -328,3 +328,80 @@ def test_token_candidates_wait_for_renew_before_while_redis_is_down(
     assert 1 <= made <= 4, made  # one attempt per host in the token's last renew_before
     warned = [e for d in procs for e in d.events() if e["event"] == "refresh.uncoordinated"]
     assert len(warned) == made and all(e["level"] == "warning" for e in warned)
+
+
+def test_sdks_read_the_fleets_token_from_their_own_redis_keys(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """mirror = ["wechatpy", "wxjava", "silenceper"]: wechatpy 1.8's own RedisStorage, in a
+    process with no wxtoken host, makes no token call across several refreshes; the WxJava
+    and silenceper keys hold the token (and the jsapi ticket) with the token's remaining life
+    as TTL."""
+    import redis
+    from wechatpy import WeChatClient
+    from wechatpy.session.redisstorage import RedisStorage
+
+    emulator.state.settings.token_ttl = 20
+    app = {"main": {"appid": APPID, "secret": SECRET, "tickets": ["jsapi"]}}
+    config = hosts(app, refresh_interval=3, renew_before=8,
+                   redis={"mirror": ["wechatpy", "wxjava", "silenceper"]})
+    d = daemons(config)
+    d.wait_for("daemon.ready", timeout=15)
+    r = redis.Redis(port=redis_server.port)
+    client = WeChatClient(APPID, "not-the-secret-0000", session=RedisStorage(r))
+    client.API_BASE_URL = f"{emulator.url}/cgi-bin/"
+    token_calls = emulator.calls(APPID, "token")
+    for _ in range(4):  # across several refreshes
+        assert client.misc.get_wechat_ips() == ["127.0.0.1"]
+        time.sleep(3.5)
+    assert client.misc.get_wechat_ips() == ["127.0.0.1"]
+    refreshes = emulator.calls(APPID, "token") - token_calls
+    assert refreshes >= 3
+    refreshed = [e for e in d.events() if e["event"] == "token.refreshed"]
+    assert len(refreshed) == emulator.calls(APPID, "token")  # every token call was wxtoken's
+    current = read_json(state_of(config) / "main.json")
+    now = time.time()
+    token, ticket = current["access_token"], current["jsapi_ticket"]
+    expected = {
+        f"wechatpy:{APPID}_access_token": json.dumps(token),
+        f"wechatpy:{APPID}_access_token_expires_at": json.dumps(current["expires_at"]),
+        f"wechatpy:{APPID}_jsapi_ticket": json.dumps(ticket),
+        f"wx:access_token:{APPID}": token,
+        f"wx:ticket:key:{APPID}:jsapi": ticket,
+        f"gowechat_officialaccount__access_token_{APPID}": token,
+        f"gowechat_officialaccount__jsapi_ticket_{APPID}": ticket,
+    }
+    for key, value in expected.items():
+        assert r.get(key) == value.encode(), key
+        ttl = r.ttl(key)
+        # the key lives as long as the token (the file's times are this host's, whole seconds)
+        assert current["expires_at"] - now - 3 <= ttl <= current["expires_at"] - now + 2, key
+    assert r.get(f"wechatpy:{APPID}_jsapi_ticket_expires_at") == str(
+        current["jsapi_ticket_expires_at"]).encode()
+    assert client.jsapi.get_jsapi_ticket() == ticket  # from the mirror, not a getticket call
+    assert d.stop() == 0
+    assert not [k for k in r.scan_iter() if SECRET.encode() in k]  # no secret in a key name
+
+
+def test_redis_with_a_password_and_no_auth_warning(
+        emulator: Emulator, hosts: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A Redis with requirepass, the password from password_env: the fleet works and the
+    daemon does not warn; the same Redis reached without a password is a one-line exit 78."""
+    server = RedisServer(tmp_path / "secured", password="s3cr3t-redis-pw")
+    try:
+        config = hosts(MAIN, redis={"url": server.url, "password_env": "WXT_REDIS_PW"})
+        d = daemons(config, env={"WXT_REDIS_PW": "s3cr3t-redis-pw"})
+        d.wait_for("daemon.ready", timeout=15)
+        assert d.stop() == 0
+        events = [e["event"] for e in d.events()]
+        assert "redis.no_auth" not in events and "token.refreshed" in events
+        bare = hosts(MAIN, redis={"url": server.url})
+        result = run_cli("run", "--config", str(bare))
+        assert result.returncode == 78, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"wxtoken: {bare}: redis: Redis refused the login (the default "
+                               "user, without a password): ")
+        assert "Traceback" not in result.stderr and "s3cr3t" not in result.stderr
+    finally:
+        server.stop()

@@ -163,12 +163,16 @@ class Fleet:
             self.mark_up()
             self.measure_clock()
             self.check_identities(apps)
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+            # before REDIS_ERRORS: redis-py's AuthenticationError is a ConnectionError
+            who = f"user {self.cfg.username!r}" if self.cfg.username else "the default user"
+            how = "with the password from " + self.cfg.password_source \
+                if self.cfg.password_source else "without a password"
+            raise ConfigError([f"{self.config.path}: redis: Redis refused the login ({who}, "
+                               f"{how}): {str(exc).split(',')[0]}"]) from None
         except REDIS_ERRORS as exc:
             self.mark_down(exc)
             return
-        except redis.AuthenticationError as exc:
-            raise ConfigError([f"{self.config.path}: redis: Redis refused the login: {exc}"]
-                              ) from None
         if accepts_anyone(self.cfg, self.config.ca_bundle):
             self.log.warning("redis.no_auth", reason="Redis accepts commands without "
                              "authentication: any process that reaches it could write a token "

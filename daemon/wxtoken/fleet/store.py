@@ -126,17 +126,18 @@ class FleetStore:
 
     # -- the record -----------------------------------------------------------------------------
     def _to_local(self, record: TokenRecord) -> TokenRecord:
-        """The record in this host's time, rounded so that it never looks longer-lived."""
+        """The record in this host's time (the same times while the clocks agree; the
+        measurement's uncertainty counts against the token)."""
         shift = self.fleet.offset + self.fleet.uncertainty
         return record.replace(
-            expires_at=int(record.expires_at - shift),
-            refreshed_at=int(record.refreshed_at - shift),
-            tickets={k: (t, int(e - shift)) for k, (t, e) in record.tickets.items()})
+            expires_at=round(record.expires_at - shift),
+            refreshed_at=round(record.refreshed_at - shift),
+            tickets={k: (t, round(e - shift)) for k, (t, e) in record.tickets.items()})
 
     def _to_fleet(self, record: TokenRecord | None) -> TokenRecord | None:
         if record is None:
             return None
-        shift = int(self.fleet.offset)
+        shift = round(self.fleet.offset)
         return record.replace(
             expires_at=record.expires_at + shift, refreshed_at=record.refreshed_at + shift,
             tickets={k: (t, e + shift) for k, (t, e) in record.tickets.items()})

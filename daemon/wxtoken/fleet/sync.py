@@ -51,7 +51,8 @@ class Sync:
         if self.fleet.up:  # wake the subscription's blocking read
             with contextlib.suppress(*REDIS_ERRORS):
                 self.fleet.client.publish(self.fleet.channel, WAKE)
-        self._thread.join(3)
+        if self._thread.is_alive():
+            self._thread.join(3)
 
     def _run(self) -> None:
         wait = 1.0
