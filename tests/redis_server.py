@@ -7,7 +7,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -69,3 +71,74 @@ class RedisServer:
         """Stop, then start again: without persistence it comes back empty."""
         self.stop()
         self.start()
+
+
+class Sentinels:
+    """A master, a replica and three sentinels watching them, all on loopback."""
+
+    def __init__(self, workdir: Path, name: str = "mymaster") -> None:
+        self.name = name
+        self.master = RedisServer(workdir / "master")
+        self.replica = RedisServer(workdir / "replica", None, "--replicaof", "127.0.0.1",
+                                   str(self.master.port))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+        for i in range(3):
+            port = free_port()
+            conf = workdir / f"sentinel{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
+                f"sentinel monitor {name} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {name} 1000\n"
+                f"sentinel failover-timeout {name} 5000\n"
+                f"sentinel parallel-syncs {name} 1\n")
+            assert REDIS_SERVER is not None
+            self.procs.append(subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"],
+                                               stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
+            self.ports.append(port)
+        self._wait(lambda: all(self._watching(p) for p in self.ports))
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.ports]
+
+    @staticmethod
+    def _sentinel(port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+    @staticmethod
+    def _wait(check: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if check():
+                    return
+            except (redis.RedisError, KeyError):
+                pass
+            assert time.monotonic() < deadline, "sentinels not ready"
+            time.sleep(0.2)
+
+    def _watching(self, port: int) -> bool:
+        """Whether the sentinel on ``port`` knows the replica and the other two sentinels."""
+        master: Any = self._sentinel(port).sentinel_master(self.name)
+        return bool(master["num-slaves"] >= 1 and master["num-other-sentinels"] >= 2)
+
+    def master_port(self) -> int:
+        address: Any = self._sentinel(self.ports[0]).sentinel_get_master_addr_by_name(self.name)
+        return int(address[1])
+
+    def fail_over(self) -> None:
+        """Kill the master; wait until the sentinels promoted the replica."""
+        assert self.master.proc is not None
+        self.master.proc.kill()
+        self.master.proc.wait()
+        self._wait(lambda: self.master_port() == self.replica.port)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+        self.replica.stop()
+        self.master.stop()

@@ -9,10 +9,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from wxtoken.emulator import Emulator
 
 from helpers import APPID, SECRET, DaemonProcess, pids_talking_to, read_json, run_cli
-from redis_server import RedisServer
+from redis_server import RedisServer, Sentinels
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
 FOLLOW = {"main": {"appid": APPID}}  # no secret: this host follows the app
@@ -405,3 +407,49 @@ def test_redis_with_a_password_and_no_auth_warning(
         assert "Traceback" not in result.stderr and "s3cr3t" not in result.stderr
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_sentinel_failover_during_refreshes_leaves_no_dead_token_anywhere(
+        emulator: Emulator, hosts: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A master, a replica and three sentinels; the master is killed while the fleet refreshes
+    every 2 s: the sentinels promote the replica, the hosts follow, no file ever holds a token
+    WeChat refuses, and the fleet makes hardly more calls than its refreshes."""
+    s = emulator.state.settings
+    s.token_ttl, s.overlap = 20, 3
+    sentinels = Sentinels(tmp_path / "sentinel")
+    try:
+        fleet = {"url": "redis:///0", "sentinels": sentinels.addresses,
+                 "service_name": sentinels.name}
+        configs = [hosts(MAIN, refresh_interval=2, renew_before=4, redis=fleet),
+                   hosts(MAIN, refresh_interval=2, renew_before=4, redis=fleet),
+                   hosts(FOLLOW, refresh_interval=2, renew_before=4, redis=fleet)]
+        procs = [daemons(c) for c in configs]
+        for d in procs:
+            d.wait_for("daemon.ready", timeout=20)
+        failures: list[str] = []
+
+        def watch(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                for config in configs:
+                    data = read_json(state_of(config) / "main.json")
+                    if (code := emulator.token_status(data["access_token"])) != 0:
+                        failures.append(f"{config.parent.name}: refused with {code}")
+                time.sleep(0.05)
+
+        watch(5)
+        calls = emulator.calls()
+        started = time.monotonic()
+        sentinels.fail_over()
+        watch(15)
+        period = time.monotonic() - started
+        for d in procs:
+            assert d.stop() == 0
+        assert failures == []
+        assert emulator.calls() - calls <= period / 2 + 4
+        tokens = {read_json(state_of(c) / "main.json")["access_token"] for c in configs}
+        assert len(tokens) == 1
+    finally:
+        sentinels.stop()
