@@ -61,8 +61,8 @@ demo)
     ;;
 test)
     # the systemd tests boot a throwaway container (they skip, saying why, when not root);
-    # libfaketime steps a daemon's wall clock
-    [ "$(id -u)" != 0 ] || apt_install systemd-container faketime
+    # libfaketime steps a daemon's wall clock; the fleet tests start their own redis-server
+    [ "$(id -u)" != 0 ] || apt_install systemd-container faketime redis-server
     venv test,redis
     .venv/bin/ruff check daemon tests bench
     .venv/bin/mypy

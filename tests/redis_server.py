@@ -27,12 +27,15 @@ class RedisServer:
     """A redis-server of the test's own; ``restart()`` brings it back empty on the same port."""
 
     def __init__(self, workdir: Path, port: int | None = None, *args: str,
-                 password: str | None = None) -> None:
+                 password: str | None = None, tls: tuple[Path, Path, Path] | None = None
+                 ) -> None:
+        """``tls``: (certificate, key, CA) to serve TLS only (no plain port)."""
         assert REDIS_SERVER is not None
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.password = password
+        self.tls = tls
         self.args = (*args, *(("--requirepass", password) if password else ()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
@@ -42,13 +45,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        tls: dict[str, Any] = {} if self.tls is None else {
+            "ssl": True, "ssl_ca_certs": str(self.tls[2])}
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
-                           password=self.password)
+                           password=self.password, **tls)
 
     def start(self) -> None:
         assert REDIS_SERVER is not None
+        ports = ["--port", str(self.port)] if self.tls is None else [
+            "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls[0]),
+            "--tls-key-file", str(self.tls[1]), "--tls-ca-cert-file", str(self.tls[2]),
+            "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [REDIS_SERVER, *ports, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
              *self.args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

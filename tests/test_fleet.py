@@ -453,3 +453,80 @@ def test_a_sentinel_failover_during_refreshes_leaves_no_dead_token_anywhere(
         assert len(tokens) == 1
     finally:
         sentinels.stop()
+
+
+def test_rediss_is_verified_against_ca_bundle(
+        emulator: Emulator, hosts: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """rediss://: with the private CA in ca_bundle the fleet works over TLS; without it the
+    certificate does not verify, the daemon says so at error level and keeps serving."""
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    paths = tuple(tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(paths[0]))
+    cert.private_key_pem.write_to_path(str(paths[1]))
+    ca.cert_pem.write_to_path(str(paths[2]))
+    server = RedisServer(tmp_path / "tls", tls=(paths[0], paths[1], paths[2]))
+    try:
+        url = f"rediss://localhost:{server.port}/0"
+        good = hosts(MAIN, ca_bundle=str(paths[2]), redis={"url": url})
+        d = daemons(good)
+        d.wait_for("daemon.ready", timeout=15)
+        assert d.stop() == 0
+        assert server.client().get(f"wxtoken:{{{APPID}:token}}:record") is not None
+        unverified = hosts(MAIN, redis={"url": url})
+        d = daemons(unverified)
+        failed = d.wait_for("redis.tls_failed", timeout=15)
+        assert failed["level"] == "error"
+        d.wait_for("daemon.ready", timeout=15)
+        assert d.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_status_metrics_and_journal_show_roles_redis_and_clock_skew(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        tmp_path: Path, daemons: Callable[..., DaemonProcess]) -> None:
+    """`wxtoken status` shows each app's role, Redis and the last sync; the metrics file has
+    wxtoken_redis_up, wxtoken_leader and wxtoken_clock_skew_seconds; a host whose clock is 5 s
+    ahead (libfaketime) warns, exports the skew, and writes its file in its own time."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from test_daemon import FAKETIME
+    if not FAKETIME:
+        pytest.skip("libfaketime is not installed (./dev.sh test installs the faketime package)")
+    prom = tmp_path / "wxtoken.prom"
+    leader = hosts(MAIN, metrics_file=str(prom))
+    ahead = hosts(FOLLOW)
+    first = daemons(leader)
+    first.wait_for("daemon.ready", timeout=15)
+    offset = tmp_path / "faketime"
+    offset.write_text("+5\n")
+    second = daemons(ahead, env={"LD_PRELOAD": FAKETIME[0], "FAKETIME_TIMESTAMP_FILE": str(offset),
+                                 "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    second.wait_for("daemon.ready", timeout=15)
+    skew = second.wait_for("clock.skew")
+    assert skew["level"] == "warning" and -6 < skew["skew"] < -4
+    status = json.loads(run_cli("status", "--json", "--config", str(leader)).stdout)
+    assert status["apps"][0]["role"] == "leader" and status["fleet"]["redis_up"] is True
+    assert status["healthy"] is True
+    follower = json.loads(run_cli("status", "--json", "--config", str(ahead)).stdout)
+    assert follower["apps"][0]["role"] == "follower"
+    assert follower["fleet"]["problems"] == ["this host's clock is -5.0 s off Redis TIME"]
+    table = run_cli("status", "--config", str(ahead)).stdout
+    assert table.startswith("fleet: redis up, last sync ") and " follower " in table
+    record = json.loads(redis_server.client().get(f"wxtoken:{{{APPID}:token}}:record") or b"")
+    mine = read_json(state_of(ahead) / "main.json")
+    assert mine["access_token"] == record["access_token"]
+    assert 4 <= mine["expires_at"] - record["expires_at"] <= 6  # in the host's own (fast) time
+    time.sleep(0.5)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(prom.read_text())
+               for s in family.samples}
+    assert samples[("wxtoken_redis_up", ())] == 1
+    assert samples[("wxtoken_leader", (("app", "main"),))] == 1
+    assert ("wxtoken_clock_skew_seconds", ()) in samples
+    assert first.stop() == 0 and second.stop() == 0
+    leadership = [e for e in first.events() if e["event"] == "fleet.leadership"]
+    assert leadership and leadership[0]["leader"] is True

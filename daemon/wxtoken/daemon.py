@@ -217,6 +217,8 @@ class Daemon:
         """Reschedule the app's job, count the result, tell systemd."""
         if self.metrics is not None:
             self.metrics.observe(name, outcome.state)
+        if self.node is not None:
+            self.node.note_leadership(name)
         with self._lock:
             self.outcomes[name] = outcome
             all_tried = len(self.outcomes) == len(self.config.apps)

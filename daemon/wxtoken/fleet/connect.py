@@ -61,6 +61,7 @@ def connect(cfg: RedisConfig, ca_bundle: str | None = None) -> redis.Redis:
     if parts.scheme == "unix":
         db = int(parse_qs(parts.query).get("db", ["0"])[0])
         return redis.Redis(unix_socket_path=parts.path, db=db, **options)
+    options.pop("ssl", None)  # rediss:// already picks the TLS connection class
     return redis.Redis.from_url(cfg.url, **options)
 
 

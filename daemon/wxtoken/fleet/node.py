@@ -49,6 +49,7 @@ class FleetNode:
                          self._requested if len(self.followers) < len(config.apps) else None)
         self._changes = threading.Condition()
         self._leading: dict[str, bool] = {}
+        self.fleet.on_change = self.write_status
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -104,6 +105,7 @@ class FleetNode:
             self._leading[name] = leading
             self.log.info("fleet.leadership", app=name, leader=leading,
                           by=self.stores[name].by or None)
+            self.write_status()
 
     def write_status(self) -> None:
         """``<state_dir>/.fleet.json`` for `wxtoken status`: Redis reachable, last sync, clock

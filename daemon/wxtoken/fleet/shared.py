@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -119,6 +120,7 @@ class Fleet:
         self.last_sync = 0.0  # when this host last caught up with the fleet (Unix seconds)
         self._state = threading.Lock()
         self.mirror_prefixes = {sdk: cfg.mirror_prefix(sdk) for sdk in MIRRORS}
+        self.on_change: Callable[[], None] = lambda: None  # Redis went up or down
 
     # -- the fleet's clock and Redis's health ---------------------------------------------------
     def clock(self) -> float:
@@ -134,14 +136,20 @@ class Fleet:
             was, self._up = self._up, True
         if was is False:
             self.log.warning("redis.back", reason="coordination resumes; re-seeding what it lost")
+        if was is not True:
+            self.on_change()
 
     def mark_down(self, exc: BaseException) -> None:
         with self._state:
             was, self._up = self._up, False
         if was is not False:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                self.log.error("redis.tls_failed", error="the Redis server's certificate did "
+                               "not verify (check ca_bundle, and the host name in the URL)")
             self.log.warning("redis.down", error=type(exc).__name__,
                              reason="files keep serving; stable_token candidates refresh on "
                              "their own, token candidates wait until renew_before")
+            self.on_change()
 
     def measure_clock(self) -> float:
         """Measure the offset to Redis TIME; warn when this host's clock is off by more than
