@@ -50,7 +50,9 @@ def test_token_prints_the_valid_token_and_status_is_healthy(
     table = run_cli("status", "--config", str(config))
     assert table.returncode == 0
     assert table.stdout.splitlines()[0].split() == [
-        "APP", "API", "AGE", "EXPIRES", "IN", "LAST", "CALLS", "TODAY", "HEALTH"]
+        "APP", "API", "ROLE", "AGE", "EXPIRES", "IN", "LAST", "CALLS", "TODAY", "HEALTH"]
+    assert table.stdout.splitlines()[1].split()[2] == "standalone"
+    assert apps["main"]["role"] == "standalone"
     assert "1/1000" in table.stdout
     assert tok not in status.stdout + table.stdout
     d.stop()

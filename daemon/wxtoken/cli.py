@@ -142,9 +142,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     apps = [app_health_from_files(config, app, now) for app in config.apps]
     fleet = _fleet_status(config, now) if config.redis else None
-    if fleet is not None:
-        for a in apps:
-            a["role"] = fleet["roles"].get(a["app"], "unknown")
+    for a in apps:  # one host alone is "standalone"; on a fleet, as the daemon last said
+        a["role"] = fleet["roles"].get(a["app"], "unknown") if fleet else "standalone"
     healthy = all(a["healthy"] for a in apps) and (fleet is None or not fleet["problems"])
     if args.json:
         out: dict[str, Any] = {"healthy": healthy, "apps": apps}
@@ -160,7 +159,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = [("APP", "API", "ROLE", "AGE", "EXPIRES IN", "LAST", "CALLS TODAY", "HEALTH")]
     for a in apps:
         rows.append((
-            a["app"], a["api"], a.get("role", "standalone"),
+            a["app"], a["api"], a["role"],
             human_delta(a["token_age"]) if "token_age" in a else "-",
             human_delta(a["expires_in"]) if a.get("expires_in", 0) > 0 else "-",
             a["last_result"], f"{a['calls_today']}/{a['daily_budget']}",
