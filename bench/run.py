@@ -323,6 +323,122 @@ def bench_many_apps(tmp: Path, n: int, latency: float) -> None:
             f"{emu.stats()['total_calls'] - calls} calls", "goal: seconds, 0 calls")
 
 
+# -- the fleet ------------------------------------------------------------------------------
+def fleet_config(tmp: Path, emu: Emulator, redis_url: str, n: int, follower: bool,
+                 **top: Any) -> Path:
+    base = tmp / f"host{n}"
+    state = base / "state"
+    state.mkdir(parents=True)
+    lines = [f'state_dir = "{state}"', f'api_base = "{emu.url}"', 'log_format = "json"',
+             f'control_socket = "{tempfile.mkdtemp(prefix="wxb-", dir="/tmp")}/c.sock"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in top.items()]
+    lines += ["[redis]", f'url = "{redis_url}"', "[apps.main]", 'appid = "wx1"']
+    if not follower:
+        lines.append('secret = "bench-wx1"')
+    path = base / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], int] | None:
+    server = shutil.which("redis-server")
+    if server is None:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+    for _ in range(100):
+        try:
+            redis.Redis(port=port).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, port
+
+
+def bench_fleet(tmp: Path, hosts: int, seconds: float, idle: float, day: float) -> None:
+    tmp.mkdir(parents=True)
+    started = start_redis(tmp)
+    if started is None:
+        row("fleet", "skipped: redis-server not installed")
+        return
+    redis_proc, port = started
+    import redis
+    r = redis.Redis(port=port)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        with Emulator({"wx1": "bench-wx1"}) as emu:
+            # propagation: 3 candidates and 7 followers, a refresh every 2 s
+            configs = [fleet_config(tmp / "prop", emu, url, i, follower=i >= 3,
+                                    refresh_interval=2, renew_before=4) for i in range(hosts)]
+            procs = [start(c) for c in configs]
+            files = [c.parent / "state" / "main.json" for c in configs]
+            time.sleep(3)
+            lags: list[float] = []
+            first: dict[str, float] = {}
+            seen: list[set[str]] = [set() for _ in files]
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for i, path in enumerate(files):
+                    try:
+                        token = json.loads(path.read_bytes())["access_token"]
+                    except (OSError, ValueError):
+                        continue
+                    if token not in seen[i]:
+                        seen[i].add(token)
+                        now = time.monotonic()
+                        if token not in first:
+                            first[token] = now
+                        else:
+                            lags.append(now - first[token])
+                time.sleep(0.002)
+            for p in procs:
+                stop(p)
+            lags.sort()
+            p50 = lags[len(lags) // 2] * 1000 if lags else float("nan")
+            p99 = lags[int(len(lags) * 0.99)] * 1000 if lags else float("nan")
+            row(f"fleet: a refresh reaches every file, {hosts} hosts on loopback",
+                f"p50 {p50:.0f} ms, p99 {p99:.0f} ms ({len(lags)} file updates)",
+                "goal p99 <= 1 s")
+            # idle: Redis commands per host per minute
+            configs = [fleet_config(tmp / "idle", emu, url, i, follower=i >= 3)
+                       for i in range(hosts)]
+            procs = [start(c) for c in configs]
+            time.sleep(5)
+            before = int(r.info("stats")["total_commands_processed"])
+            time.sleep(idle)
+            after = int(r.info("stats")["total_commands_processed"]) - 1
+            for p in procs:
+                stop(p)
+            per = (after - before) / hosts / (idle / 60)
+            row(f"fleet: idle, Redis commands per host per minute ({hosts} hosts)",
+                f"{per:.1f}", "goal: a few a minute, no polling")
+            # a scaled day: 5 candidates, one restarted 5 times
+            calls = emu.calls()
+            configs = [fleet_config(tmp / "day", emu, url, i, follower=False,
+                                    refresh_interval=day / 24, renew_before=4)
+                       for i in range(5)]
+            procs = [start(c) for c in configs]
+            finish = time.monotonic() + day
+            for _ in range(5):
+                time.sleep(day / 6)
+                stop(procs[0])
+                procs[0] = start(configs[0])
+            time.sleep(max(0.0, finish - time.monotonic()))
+            for p in procs:
+                stop(p)
+            row(f"fleet: upstream calls, 5 hosts + 5 restarts, scaled day ({day:.0f} s)",
+                f"{emu.calls() - calls}", "ideal 25, as one host")
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--idle", type=float, default=60.0, help="idle measurement seconds")
@@ -338,8 +454,10 @@ def main() -> int:
         print("daemon:", file=sys.stderr)
         bench_one_app(tmp / "one", args.idle)
         bench_scaled_day(tmp / "day", 3, 5, args.day)
-        for n in (int(x) for x in args.apps.split(",")):
+        for n in (int(x) for x in args.apps.split(",") if x):
             bench_many_apps(tmp / f"many{n}", n, 0.05)
+        print("fleet:", file=sys.stderr)
+        bench_fleet(tmp / "fleet", 10, 40.0, args.idle, args.day * 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     width = max(len(r[0]) for r in ROWS)
