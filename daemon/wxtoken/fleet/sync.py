@@ -74,6 +74,10 @@ class Sync:
                 self.fleet.mark_down(exc)
                 self._stopped.wait(wait)
                 wait = min(RECONNECT_MAX, wait * 2)
+            except Exception as exc:  # a bug must not end the following silently
+                self.log.error("fleet.sync_crashed", error=f"{type(exc).__name__}: {exc}",
+                               next_in=RECONNECT_MAX)
+                self._stopped.wait(RECONNECT_MAX)
             finally:
                 with contextlib.suppress(*REDIS_ERRORS):
                     pubsub.close()
