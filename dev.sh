@@ -46,8 +46,14 @@ venv() {  # venv EXTRAS: create .venv and install the project (again when pyproj
         "$(need_python)" -m venv .venv
     fi
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-        .venv/bin/python -m pip install -q -e ".[$extras]"
+        # pip's output is shown only when it fails: a first run shows the demo, not pip
+        local log=.venv/pip.log
+        if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+               .venv/bin/python -m pip install -q -e ".[$extras]"; } >"$log" 2>&1; then
+            cat "$log" >&2
+            echo "dev.sh: pip install failed (see above)" >&2
+            exit 1
+        fi
         touch "$stamp"
     fi
 }
