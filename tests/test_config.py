@@ -213,6 +213,14 @@ REDIS_BROKEN = [
     ("prefix with a brace", '[redis]\nurl = "redis://h/0"\nkey_prefix = "a{b"\n',
      "redis.key_prefix: must not contain braces"),
     ("unknown key", '[redis]\nurl = "redis://h/0"\ndb = 2\n', "redis.db: unknown key"),
+    ("query options", '[redis]\nurl = "rediss://h/0?ssl_cert_reqs=none"\n',
+     "redis.url: takes no query options"),
+    ("db not a number", '[redis]\nurl = "redis://h/notadb"\n',
+     "redis.url: the db must be a number, not 'notadb'"),
+    ("unix db", '[redis]\nurl = "unix:///run/redis.sock?db=abc"\n',
+     "redis.url: a unix:// URL takes only ?db=<number>"),
+    ("a typo hides the password", '[redis]\nurl = "redsi://u:s3cr3t-pw@h/0"\n',
+     "redis.url: must be a redis://, rediss:// or unix:// URL, not 'redsi://u:***@h/0'"),
 ]
 
 

@@ -530,3 +530,131 @@ def test_status_metrics_and_journal_show_roles_redis_and_clock_skew(
     assert first.stop() == 0 and second.stop() == 0
     leadership = [e for e in first.events() if e["event"] == "fleet.leadership"]
     assert leadership and leadership[0]["leader"] is True
+
+
+def test_a_short_redis_stall_is_recovered_from(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Redis frozen for 7 s (SIGSTOP: commands time out, the subscription stays up), then
+    thawed: the candidate coordinates again (its refreshes reach Redis and the follower), and
+    says Redis is up."""
+    configs = [hosts(MAIN, refresh_interval=2, renew_before=4), hosts(FOLLOW)]
+    procs = [daemons(c) for c in configs]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    time.sleep(7)
+    os.kill(redis_server.proc.pid, signal.SIGCONT)
+    time.sleep(8)
+    fleet = json.loads((state_of(configs[0]) / ".fleet.json").read_text())
+    assert fleet["redis_up"] is True
+    record = json.loads(redis_server.client().get(f"wxtoken:{{{APPID}:token}}:record") or b"")
+    time.sleep(0.5)
+    for config in configs:  # both follow the record, and it is the newest token
+        data = read_json(state_of(config) / "main.json")
+        assert emulator.token_status(data["access_token"]) == 0
+    assert time.time() - record["refreshed_at"] < 4  # refreshes go through Redis again
+    for d in procs:
+        assert d.stop() == 0
+
+
+def test_a_token_fetched_alone_during_a_stall_goes_to_redis_not_away(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Redis frozen with its data for longer than a token's renew_before (api = "token"): the
+    candidate refreshes alone; when Redis thaws, that newer token goes into Redis and to the
+    follower, and no file ever goes back to the older record's token."""
+    emulator.state.settings.token_ttl, emulator.state.settings.overlap = 12, 3
+    configs = [hosts(MAIN, refresh_interval=60, renew_before=6), hosts(FOLLOW)]
+    procs = [daemons(c) for c in configs]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    before = read_json(state_of(configs[0]) / "main.json")["access_token"]
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        procs[0].wait_for("refresh.uncoordinated", timeout=20)
+        alone = read_json(state_of(configs[0]) / "main.json")["access_token"]
+        assert alone != before
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    failures: list[str] = []
+    until = time.monotonic() + 12
+    while time.monotonic() < until:
+        data = read_json(state_of(configs[0]) / "main.json")
+        if data["access_token"] == before:
+            failures.append("the candidate's file went back to the old token")
+        time.sleep(0.05)
+    key = f"wxtoken:{{{APPID}:token}}:record"
+    assert json.loads(redis_server.client().get(key) or b"")["access_token"] != before
+    final = {read_json(state_of(c) / "main.json")["access_token"] for c in configs}
+    assert len(final) == 1 and emulator.token_status(final.pop()) == 0
+    assert failures == []
+    for d in procs:
+        assert d.stop() == 0
+
+
+def test_a_flush_during_a_refresh_costs_no_fencing_storm_and_is_reseeded_in_10_s(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """FLUSHALL while a refresh is in flight (the generation counter restarts): the refresh
+    is written, later refreshes are not refused, and a FLUSHALL of an idle fleet is re-seeded
+    (record and SDK keys) within 10 s, with no upstream call."""
+    s = emulator.state.settings
+    s.latency, s.keep_alive = 0.8, False
+    configs = [hosts(MAIN, refresh_interval=3, renew_before=8, redis={"mirror": ["wxjava"]}),
+               hosts(FOLLOW, refresh_interval=3, renew_before=8)]
+    procs = [daemons(c) for c in configs]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    time.sleep(4)  # a few generations
+    deadline = time.monotonic() + 10
+    while not pids_talking_to(emulator_port(emulator), [procs[0].proc.pid]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    redis_server.client().flushall()
+    time.sleep(8)  # more refreshes after the flush
+    events = [e["event"] for d in procs for e in d.events()]
+    assert "fleet.fenced" not in events
+    s.latency = 0.0
+    for d in procs:
+        assert d.stop() == 0
+    idle = [hosts(MAIN, redis={"mirror": ["wxjava"]}), hosts(FOLLOW, redis={"mirror": ["wxjava"]})]
+    procs = [daemons(c) for c in idle]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    calls = emulator.calls()
+    r = redis_server.client()
+    r.flushall()
+    flushed = time.monotonic()
+    while r.get(f"wx:access_token:{APPID}") is None:
+        assert time.monotonic() - flushed < 12, "not re-seeded within 10 s"
+        time.sleep(0.1)
+    assert r.get(f"wxtoken:{{{APPID}:token}}:record") is not None
+    for d in procs:
+        assert d.stop() == 0
+    assert emulator.calls() == calls
+
+
+def test_a_followers_report_with_no_candidate_for_the_app_is_answered_at_once(
+        emulator: Emulator, hosts: Callable[..., Path], daemons: Callable[..., DaemonProcess]
+        ) -> None:
+    """A follower's passive refresh when the only candidate host listening has other apps:
+    an immediate answer that no host with this app's secret is listening."""
+    from wxtoken import ControlError, report_invalid
+
+    from helpers import APPID2, SECRET2, socket_of
+    other = hosts({"mini": {"appid": APPID2, "secret": SECRET2}})
+    follower = hosts(FOLLOW)
+    procs = [daemons(other), daemons(follower)]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    started = time.monotonic()
+    with pytest.raises(ControlError) as err:
+        report_invalid("main", "a-token-0123456789", str(state_of(follower)),
+                       socket_of(follower))
+    assert time.monotonic() - started < 2
+    assert "no host with its secret is listening" in str(err.value)
+    for d in procs:
+        assert d.stop() == 0

@@ -66,7 +66,8 @@ class Daemon:
         stores: dict[str, TokenStore] = {}
         if config.redis is not None:
             from wxtoken.fleet.node import FleetNode  # redis only in the fleet mode
-            self.node = FleetNode(config, self._requested)
+            self.node = FleetNode(config, self._requested,
+                                  lambda: self._wake_all("the fleet's Redis is back"))
             clock = self.node.clock  # the fleet's time: every record's times are in it
             stores = dict(self.node.stores)
         deadline = schedule.call_deadline(config.renew_before)
@@ -206,10 +207,10 @@ class Daemon:
                 self._after(name, forced.outcome)
             return forced
 
-    def _requested(self, name: str, invalid_token: str | None) -> None:
+    def _requested(self, name: str, invalid_token: str | None, privileged: bool) -> None:
         """A follower elsewhere in the fleet asked for a passive refresh of an app this host
-        has the secret of."""
-        forced = self.force(name, invalid_token, privileged=False)
+        has the secret of (for an operator or a token reader there)."""
+        forced = self.force(name, invalid_token, privileged)
         if forced is not None:
             self.log.info("fleet.request_served", app=name, state=forced.state)
 
@@ -305,7 +306,15 @@ class Daemon:
     def _clock_stepped(self, by: float) -> None:
         self.log.warning("clock.stepped", by=round(by, 1),
                          reason="rescheduling every app from its file")
-        now = _utc(self.clock())
+        if self.node is not None:
+            with contextlib.suppress(Exception):
+                self.node.fleet.measure_clock()
+        self._wake_all("the wall clock stepped")
+
+    def _wake_all(self, why: str) -> None:
+        """Every app's job runs now and decides again (from its file, or the fleet's record)."""
+        self.log.info("daemon.rescheduled", reason=why, apps=len(self.refreshers))
+        now = _utc(time.time())
         for name in self.refreshers:
             with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
                 self.scheduler.modify_job(name, next_run_time=now)

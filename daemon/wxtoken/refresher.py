@@ -267,6 +267,7 @@ class Refresher:
         if self.store.degraded:
             self.log.warning("refresh.uncoordinated", reason="the fleet's Redis is unreachable: "
                              "this host refreshes on its own")
+        self._still_holding()
         try:
             fetched = self.client.fetch(
                 self.app, force_refresh=forced and self.app.api == "stable_token")
@@ -378,6 +379,13 @@ class Refresher:
         return Outcome(State.FRESH, self._next_at(tickets.record, status), record.expires_at)
 
     # -- failures -------------------------------------------------------------------------------
+    def _still_holding(self) -> None:
+        """Right before the upstream call: a shared lock that ran out while this holder was
+        paused means another host may be refreshing: no call (it would retire that host's
+        token). The calls counted for it stay counted: a budget errs on the safe side."""
+        if not self.store.holding():
+            raise Superseded("the lease ran out before the upstream call")
+
     def _superseded(self) -> Outcome:
         """Another host wrote a newer token while this one's lease had run out: this token is
         dropped (the file and Redis keep the newer one) and the app is looked at again soon."""
@@ -460,6 +468,7 @@ class Refresher:
                              next_spacing=schedule.force_spacing(status.forced_streak),
                              reason="freshly issued tokens keep being reported invalid: a "
                              "reader bug, or another process fetching tokens for this appid")
+        self._still_holding()
         try:
             fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
         except UpstreamError as exc:

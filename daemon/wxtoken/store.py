@@ -53,6 +53,10 @@ class TokenStore(Protocol):
     def locked(self, timeout: float) -> contextlib.AbstractContextManager[None]:
         """Hold the writers' lock; StoreError when it cannot be had within ``timeout``."""
 
+    def holding(self) -> bool:
+        """Just before an upstream call: whether the lock is still held (a shared lock can run
+        out while its holder was paused)."""
+
     def read(self) -> TokenRecord | None:
         """The current record; None when there is none; TokenCorrupt when it is unusable."""
 
@@ -167,6 +171,9 @@ class FileStore:
 
     extra_wait = 0.0
     degraded = False
+
+    def holding(self) -> bool:
+        return True  # a file lock does not run out
 
     def __init__(self, state_dir: str, app: str, file_mode: int = 0o640,
                  file_group: str | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from wxtoken.configcheck import Checker, check_port, inline_secret_problem, resolve_secret
 
@@ -56,6 +56,35 @@ def _check_sentinel(value: str) -> str | None:
     return None
 
 
+def _hidden(url: str) -> str:
+    """The URL as it may be printed: no password."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    userinfo, _, host = rest.partition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{head}://{user}{':***' if ':' in userinfo else ''}@{host}"
+
+
+def _url_problem(parts: Any, sentinels: bool) -> str | None:
+    """What is wrong with a parsed redis://, rediss:// or unix:// URL (None: nothing)."""
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "a unix:// URL needs the socket's path"
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if set(query) - {"db"} or any(not v.isdigit() for v in query.get("db", ["0"])):
+            return "a unix:// URL takes only ?db=<number>"
+        return None
+    if parts.query or parts.fragment:
+        # redis-py would take any query argument as a connection option (TLS checks, timeouts)
+        return "takes no query options (the db is the path: redis://host:6379/0)"
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return f"the db must be a number, not {parts.path.strip('/')!r}"
+    if not sentinels and not parts.hostname:
+        return "needs a host (or sentinels, which name the master)"
+    return check_port(parts.netloc.rsplit("@", 1)[-1])
+
+
 def _check_prefix(value: str) -> str | None:
     if any(c in value for c in "{} \t\r\n") or not value.isprintable():
         return f"must not contain braces, spaces or control characters: {value!r}"
@@ -89,15 +118,12 @@ def parse_redis(ck: Checker, table: Any, config_mode: int, renew_before: float,
         except ValueError:
             parts = None
         if parts is None or parts.scheme not in SCHEMES:
-            ck.bad(p + "url", f"must be a redis://, rediss:// or unix:// URL, not {url!r}")
+            ck.bad(p + "url", "must be a redis://, rediss:// or unix:// URL, not "
+                   f"{_hidden(url)!r}")
         else:
             username = unquote(parts.username) if parts.username else None
             url_password = unquote(parts.password) if parts.password else None
-            if parts.scheme == "unix" and not parts.path:
-                ck.bad(p + "url", "a unix:// URL needs the socket's path")
-            elif parts.scheme != "unix" and "sentinels" not in table and not parts.hostname:
-                ck.bad(p + "url", "needs a host (or sentinels, which name the master)")
-            elif (problem := check_port(parts.netloc.rsplit("@", 1)[-1])) is not None:
+            if (problem := _url_problem(parts, "sentinels" in table)) is not None:
                 ck.bad(p + "url", problem)
             if url_password is not None and (problem := inline_secret_problem(config_mode,
                                                                               "password")):
@@ -120,8 +146,9 @@ def parse_redis(ck: Checker, table: Any, config_mode: int, renew_before: float,
     prefix = ck.string(table, "key_prefix", p, "wxtoken", _check_prefix) or "wxtoken"
     lease: float | None = None
     if "lease_timeout" in table:
+        before = len(ck.problems)
         lease = ck.number(table, "lease_timeout", 0.0, 0.0, 86400.0, prefix=p)
-        if not deadline < lease < renew_before:
+        if len(ck.problems) == before and not deadline < lease < renew_before:
             ck.bad(p + "lease_timeout", f"must lie between the upstream call's deadline "
                    f"({deadline:g} s) and renew_before ({renew_before:g} s), not {lease:g}")
     elif not deadline < lease_for(renew_before, deadline) < renew_before:

@@ -7,8 +7,9 @@ in braces), so they live in one slot; no key name ever holds a secret.
     <prefix>:{<identity>}:status   fleet-wide counts: calls today, forced refreshes, spacing
     <prefix>:{<identity>}:meta     what the hosts agree the identity is (api, appid, tickets)
     <prefix>:version               incremented on every record write (the followers' poll)
-    <prefix>:events                pub/sub channel: the identity whose record changed
-    <prefix>:requests              pub/sub channel: a follower's passive refresh, for candidates
+    <prefix>:events                pub/sub channel: "<identity> <version>" after a change
+    <prefix>:requests:<identity>   pub/sub channel: a follower's passive refresh, heard by the
+                                   identity's candidates only
 
 An identity is ``<appid>:token``, ``<appid>:stable_token`` or ``<corpid>:wecom:<agentid>``.
 """
@@ -37,5 +38,5 @@ def channel(prefix: str) -> str:
     return f"{prefix}:events"
 
 
-def request_channel(prefix: str) -> str:
-    return f"{prefix}:requests"
+def request_channel(prefix: str, identity: str) -> str:
+    return f"{prefix}:requests:{identity}"

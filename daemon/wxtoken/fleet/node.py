@@ -21,6 +21,7 @@ from wxtoken import passive, schedule
 from wxtoken.config import AppConfig, Config
 from wxtoken.errors import TokenCorrupt
 from wxtoken.fleet.connect import REDIS_ERRORS
+from wxtoken.fleet.keys import request_channel
 from wxtoken.fleet.shared import Fleet
 from wxtoken.fleet.store import FleetStore
 from wxtoken.fleet.sync import Sync
@@ -37,7 +38,8 @@ STATUS_FILE = ".fleet.json"  # app names have no dots: never an app's file
 class FleetNode:
     """The fleet side of one daemon."""
 
-    def __init__(self, config: Config, on_request: Callable[[str, str | None], None]) -> None:
+    def __init__(self, config: Config, on_request: Callable[[str, str | None, bool], None],
+                 on_back: Callable[[], None]) -> None:
         assert config.redis is not None
         self.config = config
         self.fleet = Fleet(config, config.redis)
@@ -45,11 +47,13 @@ class FleetNode:
         self.followers = {app.name for app in config.apps if app.follower}
         self.on_request = on_request  # a candidate runs a passive refresh a follower asked for
         self.log = get_logger(component="fleet")
-        self.sync = Sync(self.fleet, list(self.stores.values()), self._changed,
-                         self._requested if len(self.followers) < len(config.apps) else None)
+        self.sync = Sync(self.fleet, list(self.stores.values()), self._changed, self._requested,
+                         {app.identity for app in config.apps if not app.follower})
         self._changes = threading.Condition()
         self._leading: dict[str, bool] = {}
         self.fleet.on_change = self.write_status
+        # the schedules made while Redis was down (token apps wait for renew_before) are redone
+        self.fleet.on_back = on_back
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -118,13 +122,14 @@ class FleetNode:
                          json.dumps(doc).encode() + b"\n", 0o640, durable=False)
 
     # -- passive refresh across hosts -----------------------------------------------------------
-    def _requested(self, identity: str, invalid: str | None) -> None:
+    def _requested(self, identity: str, invalid: str | None, privileged: bool) -> None:
         """A follower somewhere asked for a passive refresh: each candidate app of this host
-        with that identity runs one (compare-and-refresh under the lease: one call in all)."""
+        with that identity runs one (compare-and-refresh under the lease: one call in all),
+        as the follower's peer would have (operator or token reader)."""
         for name, store in self.stores.items():
             if store.app.identity == identity and name not in self.followers:
-                threading.Thread(target=self.on_request, args=(name, invalid), daemon=True,
-                                 name="fleet-request").start()
+                threading.Thread(target=self.on_request, args=(name, invalid, privileged),
+                                 daemon=True, name="fleet-request").start()
 
     def ask(self, app: AppConfig, invalid: str | None, privileged: bool,
             timeout: float) -> Forced:
@@ -153,8 +158,8 @@ class FleetNode:
             return Forced(refusal.state, current, retry_after=refusal.retry_after)
         try:
             listeners = self.fleet.client.publish(
-                self.fleet.request_channel,
-                json.dumps({"identity": app.identity, "invalid_token": invalid}))
+                request_channel(self.fleet.prefix, app.identity),
+                json.dumps({"invalid_token": invalid, "privileged": privileged}))
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
             return Forced(ForcedState.WAITING, current, retry_after=10.0,

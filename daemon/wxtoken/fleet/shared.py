@@ -19,23 +19,31 @@ from wxtoken.errors import ConfigError
 from wxtoken.fleet import mirror
 from wxtoken.fleet.config import MIRRORS, RedisConfig, lease_for
 from wxtoken.fleet.connect import REDIS_ERRORS, accepts_anyone, clock_offset, connect, text
-from wxtoken.fleet.keys import Keys, channel, request_channel, version_key
+from wxtoken.fleet.keys import Keys, channel, version_key
 from wxtoken.logs import get_logger
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import call_deadline
 
 SKEW_WARNING = 2.0  # seconds between this host's clock and Redis TIME worth a warning
+PROBE_EVERY = 2.0  # while Redis is down, one command in this many seconds tries it again
 
 # The generation is taken atomically with the lease: only the lease's owner can take one, so a
-# holder paused between acquiring and counting cannot come back with a higher number.
+# holder paused between acquiring and counting cannot come back with a higher number. It never
+# goes below the highest this host has seen (ARGV[2]): a flushed Redis restarts its counter.
 TAKE_GENERATION = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('incr', KEYS[2])
+if redis.call('get', KEYS[1]) ~= ARGV[1] then
+  return false
 end
-return false
+local gen = redis.call('incr', KEYS[2])
+if gen <= tonumber(ARGV[2]) then
+  gen = tonumber(ARGV[2]) + 1
+  redis.call('set', KEYS[2], gen)
+end
+return gen
 """
 # A record is written only if no record of a higher generation is there (fencing on the
-# generation alone, never on host clocks); the change is announced on the fleet's channel.
+# generation alone, never on host clocks); the counter is kept at least at the written
+# generation (a flush during the refresh reset it).
 WRITE_RECORD = """
 local current = redis.call('get', KEYS[1])
 if current then
@@ -46,7 +54,9 @@ if current then
   end
 end
 redis.call('set', KEYS[1], ARGV[1])
-redis.call('publish', ARGV[3], ARGV[4])
+if tonumber(redis.call('get', KEYS[2]) or '0') < tonumber(ARGV[2]) then
+  redis.call('set', KEYS[2], ARGV[2])
+end
 return {1, tonumber(ARGV[2])}
 """
 # Re-seeding an empty (restarted, flushed) or older Redis from a host's valid file: written
@@ -69,8 +79,14 @@ end
 local doc = cjson.decode(ARGV[1])
 doc.gen = gen
 redis.call('set', KEYS[1], cjson.encode(doc))
-redis.call('publish', ARGV[4], ARGV[5])
 return 1
+"""
+# After a record changed: the fleet's version moves on and every host hears "<identity>
+# <version>"; a host that finds the version ahead of what it heard knows it missed a message.
+ANNOUNCE = """
+local version = redis.call('incr', KEYS[1])
+redis.call('publish', ARGV[1], ARGV[2] .. ' ' .. version)
+return version
 """
 
 
@@ -109,39 +125,59 @@ class Fleet:
         self.host = f"{socket.gethostname()}:{os.getpid()}"
         self.log = get_logger(component="fleet")
         self.channel = channel(self.prefix)
-        self.request_channel = request_channel(self.prefix)
         self.version_key = version_key(self.prefix)
         self.take_generation = self.client.register_script(TAKE_GENERATION)
         self.write_record = self.client.register_script(WRITE_RECORD)
         self.seed_record = self.client.register_script(SEED_RECORD)
+        self.announce_record = self.client.register_script(ANNOUNCE)
         self.offset = 0.0  # Redis TIME minus this host's clock
         self.uncertainty = 0.0
+        # Redis TIME as last measured, and this host's monotonic clock then: the fleet's clock
+        # runs on from there, whatever steps this host's wall clock takes
+        self._redis_at = (time.time(), time.monotonic())
         self._up: bool | None = None  # None: not tried yet
+        self._down_since = 0.0  # monotonic time of the last failure (probes are spaced)
         self.last_sync = 0.0  # when this host last caught up with the fleet (Unix seconds)
         self._state = threading.Lock()
         self.mirror_prefixes = {sdk: cfg.mirror_prefix(sdk) for sdk in MIRRORS}
         self.on_change: Callable[[], None] = lambda: None  # Redis went up or down
+        self.on_back: Callable[[], None] = lambda: None  # Redis is back after being down
 
     # -- the fleet's clock and Redis's health ---------------------------------------------------
     def clock(self) -> float:
-        """The fleet's time (Redis TIME as last measured): every record's times are in it."""
-        return time.time() + self.offset
+        """The fleet's time: Redis TIME as last measured, run on by this host's monotonic
+        clock (so a step of the wall clock does not move it). Records' times are in it."""
+        redis_time, at = self._redis_at
+        return redis_time + (time.monotonic() - at)
 
     @property
     def up(self) -> bool:
         return bool(self._up)
+
+    def may_try(self) -> bool:
+        """Whether to send Redis a command now: always while it is up; while it is down, one
+        caller every PROBE_EVERY seconds (a success marks it up again)."""
+        if self._up:
+            return True
+        with self._state:
+            if time.monotonic() - self._down_since < PROBE_EVERY:
+                return False
+            self._down_since = time.monotonic()
+            return True
 
     def mark_up(self) -> None:
         with self._state:
             was, self._up = self._up, True
         if was is False:
             self.log.warning("redis.back", reason="coordination resumes; re-seeding what it lost")
+            self.on_back()
         if was is not True:
             self.on_change()
 
     def mark_down(self, exc: BaseException) -> None:
         with self._state:
             was, self._up = self._up, False
+            self._down_since = time.monotonic()
         if was is not False:
             if "CERTIFICATE_VERIFY_FAILED" in str(exc):
                 self.log.error("redis.tls_failed", error="the Redis server's certificate did "
@@ -156,6 +192,7 @@ class Fleet:
         2 s. Returns the skew in seconds."""
         offset, uncertainty = clock_offset(self.client)
         self.offset, self.uncertainty = offset, uncertainty
+        self._redis_at = (time.time() + offset, time.monotonic())
         if abs(offset) > SKEW_WARNING:
             self.log.warning("clock.skew", skew=round(offset, 2),
                              reason="this host's clock differs from Redis TIME; the fleet's "
@@ -206,18 +243,38 @@ class Fleet:
             raise ConfigError(problems)
 
     # -- writing ------------------------------------------------------------------------------
-    def announce(self, record: TokenRecord, api: str) -> None:
-        """After a record was written: bump the fleet's version (the followers' poll) and write
-        the SDK layouts. Best effort: the record itself is what counts."""
+    def announce(self, keys: Keys, record: TokenRecord, api: str) -> bool:
+        """After a record was written: tell every host (the version moves on, the identity is
+        published), then write the SDK layouts in a transaction that runs only while the record
+        still holds this token (a late writer never puts an older token back into the SDKs'
+        keys). False when Redis failed (the caller tries again later)."""
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.incr(self.version_key)
-            for key, value, ttl in mirror.entries(self.cfg.mirror, self.mirror_prefixes,
-                                                  record, api, self.clock()):
-                pipe.set(key, value, ex=ttl)
-            pipe.execute()
+            self.announce_record(keys=[self.version_key], args=[self.channel, keys.identity])
         except REDIS_ERRORS as exc:
             self.mark_down(exc)
+            return False
+        entries = mirror.entries(self.cfg.mirror, self.mirror_prefixes, record, api,
+                                 self.clock())
+        if not entries:
+            return True
+
+        def write(pipe: Any) -> None:
+            current = pipe.get(keys.record)
+            try:
+                ours = json.loads(current)["access_token"] == record.access_token
+            except (TypeError, ValueError, KeyError):
+                ours = False
+            if not ours:
+                return  # a newer record was written meanwhile; its writer announces it
+            pipe.multi()
+            for key, value, ttl in entries:
+                pipe.set(key, value, ex=ttl)
+
+        try:
+            self.client.transaction(write, keys.record)
+        except REDIS_ERRORS as exc:
+            self.mark_down(exc)
+        return True
 
     def status(self) -> dict[str, Any]:
         return {"redis_up": self.up, "last_sync": self.last_sync or None,

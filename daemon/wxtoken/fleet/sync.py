@@ -1,10 +1,11 @@
 """Keeping this host's files in step with the fleet: a pub/sub subscriber that rewrites a file
-within moments of a record change, a cheap poll of one fleet-wide version key about once a
-minute for messages lost, a full resync (and re-seed of an empty Redis) on every reconnect, and
-the clock check against Redis TIME.
+within moments of a record change, a poll of one fleet-wide version key every few seconds that
+catches a lost message (the version ran ahead of what was heard) or an emptied Redis (the
+version is gone), a full resync (and re-seed) on every reconnect, and the clock check against
+Redis TIME.
 
-Idle, it sends Redis one GET and one TIME a minute (and redis-py's keep-alive PING on the
-subscription): it never busy-polls.
+Idle, a host sends Redis one GET every ten seconds and one TIME a minute (and redis-py's
+keep-alive PING on the subscription): it never busy-polls.
 """
 
 from __future__ import annotations
@@ -14,31 +15,39 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from wxtoken.fleet.connect import REDIS_ERRORS, text
+from wxtoken.fleet.keys import request_channel
 from wxtoken.fleet.shared import Fleet
 from wxtoken.fleet.store import FleetStore
 from wxtoken.logs import get_logger
 
-POLL_EVERY = 60.0  # seconds between version polls (and clock checks)
+POLL_EVERY = 10.0  # seconds between version polls: a flushed Redis is re-seeded within this
+CLOCK_EVERY = 60.0  # seconds between clock checks
 RECONNECT_MAX = 5.0  # the longest wait between reconnects: back within 10 s of Redis's return
-WAKE = "__wxtoken_wake__"
+WAKE = "__wxtoken_wake__ 0"
+
+# on_request(identity, invalid_token, privileged)
+OnRequest = Callable[[str, str | None, bool], None]
 
 
 class Sync:
     """One thread per daemon that follows the fleet's records for every app of this host."""
 
     def __init__(self, fleet: Fleet, stores: list[FleetStore],
-                 on_change: Callable[[str], None],
-                 on_request: Callable[[str, str | None], None] | None = None) -> None:
+                 on_change: Callable[[str], None], on_request: OnRequest,
+                 candidates: set[str]) -> None:
         self.fleet = fleet
         self.by_identity: dict[str, list[FleetStore]] = {}
         for store in stores:
             self.by_identity.setdefault(store.app.identity, []).append(store)
         self.on_change = on_change  # called with the app name after its file was rewritten
-        self.on_request = on_request  # a follower's passive refresh (hosts with a secret only)
+        self.on_request = on_request  # a follower's passive refresh, for an app we refresh
+        # the channels of the identities this host has the secret of
+        self.requests = {request_channel(fleet.prefix, i): i for i in sorted(candidates)}
         self.log = get_logger(component="fleet")
-        self.version: bytes | str | None = None
+        self.heard = 0  # the highest fleet version heard of
         self._stopped = threading.Event()
         self._catch_up = False  # set when redis-py reconnected the subscription
         self._thread = threading.Thread(target=self._run, name="fleet-sync", daemon=True)
@@ -60,9 +69,7 @@ class Sync:
             pubsub = self.fleet.client.pubsub(  # type: ignore[no-untyped-call]
                 ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self.fleet.channel)
-                if self.on_request is not None:
-                    pubsub.subscribe(self.fleet.request_channel)
+                pubsub.subscribe(self.fleet.channel, *self.requests)
                 # redis-py reconnects a subscription by itself (a quick Redis restart goes
                 # unseen otherwise): every reconnect must catch up, and maybe re-seed
                 pubsub.connection.register_connect_callback(self._reconnected)
@@ -85,56 +92,62 @@ class Sync:
     def _reconnected(self, _connection: object) -> None:
         self._catch_up = True
 
-    def _follow(self, pubsub: object) -> None:
+    def _follow(self, pubsub: Any) -> None:
         next_poll = time.monotonic() + POLL_EVERY
+        next_clock = time.monotonic() + CLOCK_EVERY
         self._catch_up = False
         while not self._stopped.is_set():
-            message = pubsub.get_message(  # type: ignore[attr-defined]
-                timeout=max(0.0, next_poll - time.monotonic()))
+            message = pubsub.get_message(timeout=max(0.0, next_poll - time.monotonic()))
             if self._catch_up:
                 self._catch_up = False
                 self.fleet.mark_up()
                 self.resync()
             if message is not None and message.get("type") == "message":
-                if text(message["channel"]) == self.fleet.request_channel:
-                    self.requested(text(message["data"]))
+                channel, data = text(message["channel"]), text(message["data"])
+                if channel in self.requests:
+                    self.requested(self.requests[channel], data)
                 else:
-                    self.changed(text(message["data"]))
+                    self.changed(data)
             if time.monotonic() >= next_poll:
+                if time.monotonic() >= next_clock:
+                    self.fleet.measure_clock()
+                    next_clock = time.monotonic() + CLOCK_EVERY
                 self.poll()
                 next_poll = time.monotonic() + POLL_EVERY
 
-    def changed(self, identity: str) -> None:
-        """A record changed somewhere in the fleet: follow it if it is one of ours."""
+    def changed(self, data: str) -> None:
+        """ "<identity> <version>": a record changed somewhere in the fleet."""
+        identity, _, version = data.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            self.heard = max(self.heard, int(version))
         for store in self.by_identity.get(identity, ()):
             if store.sync():
                 self.on_change(store.app.name)
         self.fleet.last_sync = time.time()
 
-    def requested(self, data: str) -> None:
-        if self.on_request is None:
-            return
+    def requested(self, identity: str, data: str) -> None:
         try:
             request = json.loads(data)
-            identity, invalid = str(request["identity"]), request.get("invalid_token")
-        except (ValueError, KeyError, TypeError):
+            invalid, privileged = request.get("invalid_token"), request.get("privileged")
+        except (ValueError, AttributeError):
             return
-        if identity in self.by_identity and (invalid is None or isinstance(invalid, str)):
-            self.on_request(identity, invalid or None)
+        if (invalid is None or isinstance(invalid, str)) and isinstance(privileged, bool):
+            self.on_request(identity, invalid or None, privileged)
 
     def poll(self) -> None:
-        """The minute's checks: the clock against Redis TIME, and the fleet's version: when it
-        moved without us hearing of it (a message lost), or vanished (Redis flushed), resync."""
-        self.fleet.measure_clock()
+        """The fleet's version: ahead of what this host heard (a message lost) or gone (Redis
+        flushed or restarted empty): resync, which re-seeds what Redis lost."""
         version = self.fleet.client.get(self.fleet.version_key)
-        if version != self.version:
+        self.fleet.mark_up()
+        if version is None or int(version) > self.heard:
             self.resync()
         self.fleet.last_sync = time.time()
 
     def resync(self) -> None:
         """Every app: the local file follows the fleet's record; a record Redis lost is re-seeded
         from this host's file."""
-        self.version = self.fleet.client.get(self.fleet.version_key)
+        version = self.fleet.client.get(self.fleet.version_key)
+        self.heard = int(version) if version is not None else 0
         for stores in self.by_identity.values():
             for store in stores:
                 if store.sync():
