@@ -20,9 +20,10 @@ from typing import Any
 from wxtoken import __version__
 from wxtoken.clock import human_delta
 from wxtoken.config import Config, default_config_path, load_config
-from wxtoken.errors import ConfigError, StoreError, TokenUnavailable, WxtokenError
+from wxtoken.errors import ConfigError, ControlError, StoreError, TokenUnavailable, WxtokenError
 from wxtoken.health import app_health_from_files
 from wxtoken.reader import read_token
+from wxtoken.record import DEFAULT_SOCKET
 
 EX_CONFIG = 78
 
@@ -134,6 +135,36 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         control_socket = config.control_socket
     answer = refresh(args.app, args.invalid, control_socket)
     print(answer["access_token"])
+    return 0
+
+
+def _socket_of(args: argparse.Namespace) -> str:
+    """The control socket: --socket, else the config's control_socket, read leniently (the
+    config may be the broken one a reload is about to refuse), else the default."""
+    if args.socket:
+        return str(args.socket)
+    import tomllib
+    try:
+        with open(args.config or default_config_path(), "rb") as fh:
+            value = tomllib.load(fh).get("control_socket")
+    except (OSError, ValueError):
+        value = None
+    return value if isinstance(value, str) and value else DEFAULT_SOCKET
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from wxtoken.control_client import request
+    try:
+        answer = request("POST", "/v1/reload", {}, _socket_of(args), timeout=120)
+    except ControlError as exc:
+        if exc.error_class != "refused":
+            raise
+        problems = exc.answer.get("problems")
+        for line in problems if isinstance(problems, list) else [str(exc)]:
+            print(f"wxtoken: {line}", file=sys.stderr)
+        print("wxtoken: reload refused; the running config stays", file=sys.stderr)
+        return EX_CONFIG
+    print("reloaded: " + "; ".join(answer.get("changes", [])))
     return 0
 
 
@@ -263,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", help="the daemon's control socket "
                    "(default: control_socket from the config)")
     p.set_defaults(func=_cmd_refresh)
+    p = sub.add_parser("reload", parents=[common],
+                       help="make the running daemon re-read its config (exit 78: refused)")
+    p.add_argument("--socket", metavar="PATH", help="the daemon's control socket "
+                   "(default: control_socket from the config)")
+    p.set_defaults(func=_cmd_reload)
     p = sub.add_parser("status", parents=[common], help="health of every app (exit 1 if unhealthy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)

@@ -3,6 +3,7 @@
     GET  /v1/apps                 health of every app
     GET  /v1/apps/NAME            the app's token, expires_at, expires_in (and tickets)
     POST /v1/apps/NAME/refresh    passive refresh; body {} or {"invalid_token": "…"}
+    POST /v1/reload               re-read the config (the operator only): 200, or 422 refused
 
 Usable with ``curl --unix-socket /run/wxtoken/control.sock http://localhost/v1/apps``.
 
@@ -58,6 +59,8 @@ HTTP_STATUS = {
 }
 # force(name, invalid_token, privileged) -> the answer; None once the daemon is stopping
 Force = Callable[[str, str | None, bool], Forced | None]
+# reload() -> (applied, what changed or why it was refused)
+Reload = Callable[[], tuple[bool, list[str]]]
 
 
 class _Reaper:
@@ -98,8 +101,13 @@ class _Reaper:
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     request_queue_size = 128  # a burst of reports after a token change must not see EAGAIN
-    config: Config
+    current: Callable[[], Config]  # the daemon's config (a reload replaces it)
     force: Force
+    reload: Reload
+
+    @property
+    def config(self) -> Config:
+        return self.current()
 
     def __init__(self, path: str) -> None:
         super().__init__(path, _Handler, bind_and_activate=False)
@@ -359,6 +367,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         finally:
             self._arrived()
+        if parts == ["v1", "reload"]:
+            self._reload()
+            return
         if not (len(parts) == 4 and parts[:2] == ["v1", "apps"] and parts[3] == "refresh"):
             self._send(404, {"error": "not found", "error_class": "not_found"})
             return
@@ -370,6 +381,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, {"error": "the daemon is stopping", "error_class": "stopping"})
             return
         self._answer(forced)
+
+    def _reload(self) -> None:
+        if not self._privileged():
+            self._send(403, {"error": "only root or the daemon's own user may reload",
+                             "error_class": "forbidden"})
+            return
+        applied, lines = self.server.reload()
+        if applied:
+            self._send(200, {"reloaded": True, "changes": lines})
+        else:
+            self._send(422, {"reloaded": False, "error": "the new config was refused; the "
+                             "running one stays", "error_class": "refused", "problems": lines})
 
     def _not_allowed(self) -> None:
         self.send_response(405)
@@ -415,13 +438,15 @@ class _Handler(BaseHTTPRequestHandler):
 class ControlServer:
     """Serves the control endpoint in a background thread."""
 
-    def __init__(self, path: str, config: Config, force: Force) -> None:
+    def __init__(self, path: str, config: Callable[[], Config], force: Force,
+                 reload: Reload) -> None:
         self.path = path
         self.log = get_logger()
         self._take_over_stale_socket()
         self.server = _Server(path)
-        self.server.config = config
+        self.server.current = config
         self.server.force = force
+        self.server.reload = reload
         old_umask = os.umask(0o117)  # never a moment with a wider mode than 0660
         try:
             self.server.server_bind()

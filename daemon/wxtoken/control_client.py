@@ -73,7 +73,8 @@ def _request(method: str, path: str, body: dict[str, Any] | None, control_socket
         raise ControlError(f"unexpected answer from the daemon (HTTP {resp.status})") from None
     if resp.status != 200:
         raise ControlError(str(data.get("error", f"HTTP {resp.status}")), resp.status,
-                           data.get("error_class"), data.get("errcode"), data.get("retry_after"))
+                           data.get("error_class"), data.get("errcode"), data.get("retry_after"),
+                           data if isinstance(data, dict) else None)
     if not isinstance(data, dict):
         raise ControlError("unexpected answer from the daemon")
     return data

@@ -29,6 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from wxtoken import schedule, sdnotify
+from wxtoken.errors import ConfigError
 from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
 from wxtoken.refresher import Forced, Refresher
@@ -76,7 +77,7 @@ class Daemon:
         self.notify = notify
         self.clock = clock
         self.log = get_logger()
-        rng = random.Random()  # one for all apps: 10,000 generators would cost 25 MB
+        rng = self._rng = random.Random()  # one for all: 10,000 generators would cost 25 MB
         # an app this host only follows (fleet mode, no secret) has no refresher here
         self.refreshers = {
             app.name: Refresher(config, app, self.client, store=stores.get(app.name),
@@ -96,6 +97,7 @@ class Daemon:
         self._inflight: dict[int, tuple[str, float]] = {}  # work id -> (app, monotonic start)
         self._stopping = False
         self._stopped = threading.Event()
+        self._reloading = threading.Lock()
         self.control: ControlServer | None = None
         self.metrics: Metrics | None = None
         if config.metrics_file:
@@ -134,7 +136,8 @@ class Daemon:
                 name=f"refresh {name}", next_run_time=_utc(outcome.next_at if outcome else now))
         try:
             from wxtoken.control import ControlServer
-            self.control = ControlServer(self.config.control_socket, self.config, self.force)
+            self.control = ControlServer(self.config.control_socket, lambda: self.config,
+                                         self.force, self.reload)
         except OSError as exc:  # e.g. /run/wxtoken missing when run by hand: refresh is off
             self.control = None
             self.log.warning("control.disabled", socket=self.config.control_socket,
@@ -178,7 +181,9 @@ class Daemon:
             if not ok:
                 return
             first = name not in self.outcomes
-            refresher = self.refreshers[name]
+            refresher = self.refreshers.get(name)
+            if refresher is None:
+                return  # removed by a reload while this run was queued
             try:
                 outcome = refresher.run(first=first)
             except Exception as exc:  # a bug must not kill the app's schedule
@@ -320,6 +325,77 @@ class Daemon:
                 self.scheduler.modify_job(name, next_run_time=now)
 
     # -- stop -------------------------------------------------------------------------------------
+    # -- reload ---------------------------------------------------------------------------------
+    def reload(self) -> tuple[bool, list[str]]:
+        """Re-read the config file and apply it: (True, [what changed]); or refuse it, leaving
+        the running config as it was: (False, [one line per problem]). systemd hears
+        RELOADING=1 meanwhile, and READY=1 after."""
+        with self._reloading:
+            self.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                applied, lines = self._reload()
+            finally:
+                self.notify("READY=1")
+                self.notify(f"STATUS={self.summary()}")
+        if applied:
+            self.log.info("config.reloaded", changes=lines[0])
+        else:
+            self.log.error("config.reload_refused", problems=lines,
+                           reason="the running config stays")
+        return applied, lines
+
+    def _reload(self) -> tuple[bool, list[str]]:
+        from wxtoken import logs
+        from wxtoken.config import load_config
+        from wxtoken.reload import plan
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            return False, exc.problems
+        change = plan(self.config, new)
+        if change.needs_restart:
+            return False, change.problems(new.path)
+        if self.node is not None:
+            try:
+                self.node.reload(new, change)
+            except ConfigError as exc:
+                return False, exc.problems
+        logs.register_secrets(app.secret for app in new.apps)
+        client = self.client
+        if change.new_client:
+            client = WeChatClient(new.api_base, new.ca_bundle,
+                                  deadline=schedule.call_deadline(new.renew_before))
+        old_client, self.client, self.config = self.client, client, new
+        now = time.time()
+        for name in change.removed:
+            with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+                self.scheduler.remove_job(name)
+            self.refreshers.pop(name, None)
+            with self._lock:
+                self.outcomes.pop(name, None)
+        for name in (*change.added, *change.changed):
+            app = new.app(name)
+            if self.node is not None and app.follower:
+                self.refreshers.pop(name, None)
+                with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+                    self.scheduler.remove_job(name)
+                continue
+            store = self.node.stores[name] if self.node is not None else None
+            self.refreshers[name] = Refresher(new, app, client, store=store, clock=self.clock,
+                                              rng=self._rng)
+            try:  # a changed app decides again now, from its file: no call unless due
+                self.scheduler.modify_job(name, next_run_time=_utc(now))
+            except JobLookupError:
+                self.scheduler.add_job(
+                    self._tick, IntervalTrigger(seconds=self.safety_net), args=[name], id=name,
+                    name=f"refresh {name}", next_run_time=_utc(now))
+        for refresher in self.refreshers.values():
+            if refresher.client is not client:  # unchanged apps, when only the client changed
+                refresher.client = client
+        if old_client is not client:
+            old_client.close()
+        return True, [change.summary()]
+
     def stop(self) -> bool:
         """Let work in progress finish (never cut a write short), within ``stop_wait``; then stop.
         False when some work had to be abandoned (stuck where no deadline reaches)."""
@@ -355,19 +431,20 @@ class Daemon:
 
 
 def run(config: Config) -> int:
-    """Run in the foreground until SIGTERM or SIGINT; return the exit code.
+    """Run in the foreground until SIGTERM or SIGINT (SIGHUP reloads); return the exit code.
 
     The signals are blocked in every thread (the mask is set before any thread starts) and
     taken with sigwait() here: a Python handler that set an Event would deadlock if the signal
     arrived while this thread was inside that Event's wait().
     """
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # for good: the process ends here
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # for good: the process ends here
     daemon = Daemon(config)
     clean = True
     try:
         daemon.start()
-        signal.sigwait(stop_signals)
+        while signal.sigwait(signals) == signal.SIGHUP:
+            daemon.reload()  # the verdict goes to the journal
     finally:
         clean = daemon.stop()
     if not clean:

@@ -77,9 +77,11 @@ class ControlError(WxtokenError):
     """A passive refresh (or another control request) failed; ``error_class`` says why."""
 
     def __init__(self, message: str, status: int = 0, error_class: str | None = None,
-                 errcode: int | None = None, retry_after: float | None = None) -> None:
+                 errcode: int | None = None, retry_after: float | None = None,
+                 answer: dict[str, object] | None = None) -> None:
         self.status = status
         self.error_class = error_class
         self.errcode = errcode
         self.retry_after = retry_after
+        self.answer = answer or {}  # the daemon's whole JSON answer
         super().__init__(message)

@@ -29,6 +29,7 @@ from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
 from wxtoken.record import TokenRecord
 from wxtoken.refresher import Forced
+from wxtoken.reload import Plan
 from wxtoken.schedule import Outcome, State
 from wxtoken.store import atomic_write
 
@@ -81,6 +82,22 @@ class FleetNode:
     def stop(self) -> None:
         self.sync.stop()
         self.fleet.client.close()
+
+    def reload(self, config: Config, change: Plan) -> None:
+        """Take a reloaded config: a store for each added or changed app, none for a removed
+        one; ConfigError when the fleet knows a new or changed identity otherwise."""
+        apps = tuple(config.app(n) for n in (*change.added, *change.changed))
+        if self.fleet.up:
+            self.fleet.check_identities(apps)
+        self.config = self.fleet.config = config
+        for name in change.removed:
+            self.stores.pop(name, None)
+        for app in apps:
+            self.stores[app.name] = FleetStore(self.fleet, app)
+        self.followers = {app.name for app in config.apps if app.follower}
+        self.sync.update(list(self.stores.values()),
+                         {app.identity for app in config.apps if not app.follower})
+        self.write_status()
 
     # -- roles and health -----------------------------------------------------------------------
     def role(self, name: str) -> str:

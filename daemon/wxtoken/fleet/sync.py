@@ -39,21 +39,33 @@ class Sync:
                  on_change: Callable[[str], None], on_request: OnRequest,
                  candidates: set[str]) -> None:
         self.fleet = fleet
-        self.by_identity: dict[str, list[FleetStore]] = {}
-        for store in stores:
-            self.by_identity.setdefault(store.app.identity, []).append(store)
         self.on_change = on_change  # called with the app name after its file was rewritten
         self.on_request = on_request  # a follower's passive refresh, for an app we refresh
-        # the channels of the identities this host has the secret of
-        self.requests = {request_channel(fleet.prefix, i): i for i in sorted(candidates)}
+        self.by_identity: dict[str, list[FleetStore]] = {}
+        self.requests: dict[str, str] = {}
+        self._resubscribe = False
+        self._thread = threading.Thread(target=self._run, name="fleet-sync", daemon=True)
+        self.update(stores, candidates)
         self.log = get_logger(component="fleet")
         self.heard = 0  # the highest fleet version heard of
         self._stopped = threading.Event()
         self._catch_up = False  # set when redis-py reconnected the subscription
-        self._thread = threading.Thread(target=self._run, name="fleet-sync", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def update(self, stores: list[FleetStore], candidates: set[str]) -> None:
+        """The apps to follow (a reload changed them): subscribe anew, then catch up."""
+        by_identity: dict[str, list[FleetStore]] = {}
+        for store in stores:
+            by_identity.setdefault(store.app.identity, []).append(store)
+        self.by_identity = by_identity
+        # the channels of the identities this host has the secret of
+        self.requests = {request_channel(self.fleet.prefix, i): i for i in sorted(candidates)}
+        if self._thread.is_alive():
+            self._resubscribe = True
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.fleet.client.publish(self.fleet.channel, WAKE)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -95,8 +107,8 @@ class Sync:
     def _follow(self, pubsub: Any) -> None:
         next_poll = time.monotonic() + POLL_EVERY
         next_clock = time.monotonic() + CLOCK_EVERY
-        self._catch_up = False
-        while not self._stopped.is_set():
+        self._catch_up = self._resubscribe = False
+        while not self._stopped.is_set() and not self._resubscribe:
             message = pubsub.get_message(timeout=max(0.0, next_poll - time.monotonic()))
             if self._catch_up:
                 self._catch_up = False
