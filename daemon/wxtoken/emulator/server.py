@@ -1,4 +1,4 @@
-"""A WeChat API emulator: a real HTTP server on 127.0.0.1 for tests, benchmarks and the demo.
+"""The WeChat API emulator: a real HTTP server on 127.0.0.1 for tests, benchmarks and the demo.
 
 It follows the documented behaviour that matters for token sharing:
 
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import secrets
 import socket
 import ssl
 import struct
@@ -37,97 +35,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-FAULT_MODES = ("busy", "minute_quota", "quota", "ip", "5xx", "garbage", "reset", "hang",
-               "drip", "redirect", "empty_token")
-_FAULT_ERRCODES = {
-    "busy": (-1, "system error"),
-    "minute_quota": (45011, "api minute-quota reach limit"),
-    "quota": (45009, "reach max api daily quota limit"),
-    "ip": (40164, "invalid ip 127.0.0.1, not in whitelist"),
-}
-
-
-@dataclass
-class Settings:
-    """Time constants and limits; scale them down so tests run in seconds."""
-
-    token_ttl: int = 7200
-    overlap: float = 300.0
-    stable_window: float = 300.0
-    force_spacing: float = 30.0
-    force_per_day: int = 20
-    daily_quota: int = 2000
-    latency: float = 0.0
-    hang_seconds: float = 30.0
-    drip_interval: float = 0.5  # seconds between the bytes of a "drip" answer
-    keep_alive: bool = True  # False: a connection per call (an open one is a call in flight)
-
-
-@dataclass
-class Fault:
-    mode: str
-    count: int = -1  # how many requests it hits; -1 = until cleared
-    rate: float = 1.0  # probability it hits a matching request
-    appid: str | None = None  # None = every app
-    api: str | None = None  # None = every endpoint: token, stable_token, wecom, ticket_jsapi, …
-    location: str = ""  # where "redirect" sends the client
-
-
-@dataclass
-class _Issued:
-    token: str
-    key: tuple[str, str]  # (api, appid or corpid:secret)
-    issued_at: float
-    expires_at: float
-
-
-@dataclass
-class _Stable:
-    current: _Issued | None = None
-    last_force: float = 0.0
-    forces_today: int = 0
-
-
-@dataclass
-class State:
-    """Everything the emulator knows; guarded by ``lock``."""
-
-    settings: Settings = field(default_factory=Settings)
-    apps: dict[str, str] = field(default_factory=dict)  # appid -> secret
-    corps: dict[str, set[str]] = field(default_factory=dict)  # corpid -> agent secrets
-    tokens: dict[str, _Issued] = field(default_factory=dict)
-    tickets: dict[str, _Issued] = field(default_factory=dict)
-    latest: dict[tuple[str, str], _Issued] = field(default_factory=dict)
-    stable: dict[str, _Stable] = field(default_factory=dict)
-    calls: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> api -> n
-    issued: dict[str, int] = field(default_factory=dict)  # appid -> tokens issued
-    inflight: int = 0  # token requests being answered right now
-    max_inflight: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    rejected_tokens: list[str] = field(default_factory=list)
-    faults: list[Fault] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    rng: random.Random = field(default_factory=random.Random)
-    clock: Callable[[], float] = time.time
-
-
-class _Reply(Exception):
-    """Raised inside a handler to send a fault or an answer at once."""
-
-    def __init__(self, body: Any = None, status: int = 200, raw: bytes | None = None,
-                 action: str | None = None) -> None:
-        super().__init__(action or str(status))
-        self.body, self.status, self.raw, self.action = body, status, raw, action
-
-
-def _err(code: int, msg: str) -> _Reply:
-    return _Reply({"errcode": code, "errmsg": msg})
+from wxtoken.emulator import tokens
+from wxtoken.emulator.state import (
+    FAULT_MODES,
+    Fault,
+    Reply,
+    Settings,
+    State,
+    check_token,
+    err,
+    stats,
+)
 
 
 class Emulator:
@@ -188,7 +111,7 @@ class Emulator:
 
     def token_status(self, token: str) -> int:
         """0 when the business API would accept the token, else its errcode (40001 / 42001)."""
-        return _check_token(self.state, token, count=False)
+        return check_token(self.state, token, count=False)
 
     def ticket_status(self, ticket: str) -> int:
         """0 when a JS-SDK signature with this ticket would be accepted, else 40001 / 42001."""
@@ -204,7 +127,7 @@ class Emulator:
             self.state.tokens[token].expires_at = self.state.clock()
 
     def stats(self) -> dict[str, Any]:
-        return _stats(self.state)
+        return stats(self.state)
 
 
 class _Server(ThreadingHTTPServer):
@@ -214,181 +137,6 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # injected resets and client hang-ups are expected here
-
-
-def _stats(state: State) -> dict[str, Any]:
-    with state.lock:
-        return {"calls": {a: dict(per) for a, per in state.calls.items()},
-                "total_calls": sum(sum(per.values()) for per in state.calls.values()),
-                "issued": dict(state.issued), "accepted": state.accepted,
-                "rejected": state.rejected, "max_inflight": state.max_inflight,
-                "settings": asdict(state.settings),
-                "faults": [asdict(f) for f in state.faults]}
-
-
-def _check_token(state: State, token: str, count: bool = True) -> int:
-    with state.lock:
-        issued = state.tokens.get(token)
-        now = state.clock()
-        code = 40001 if issued is None else (42001 if now >= issued.expires_at else 0)
-        if count:
-            if code:
-                state.rejected += 1
-                state.rejected_tokens.append(token[:8])
-            else:
-                state.accepted += 1
-        return code
-
-
-def _take_fault(state: State, appid: str, api: str) -> Fault | None:
-    for fault in state.faults:
-        if fault.appid not in (None, appid) or fault.api not in (None, api) or fault.count == 0:
-            continue
-        if state.rng.random() >= fault.rate:
-            continue
-        if fault.count > 0:
-            fault.count -= 1
-        return fault
-    return None
-
-
-def _apply_fault(state: State, fault: Fault) -> None:
-    mode = fault.mode
-    if mode in _FAULT_ERRCODES:
-        raise _err(*_FAULT_ERRCODES[mode])
-    if mode.startswith("errcode:"):
-        raise _err(int(mode.split(":", 1)[1]), "injected error")
-    if mode == "5xx":
-        raise _Reply(status=502, raw=b"<html>502 Bad Gateway</html>")
-    if mode == "garbage":
-        raise _Reply(raw=b"<html>not json</html>")
-    if mode == "empty_token":
-        raise _Reply({"access_token": "", "expires_in": state.settings.token_ttl})
-    if mode == "redirect":
-        raise _Reply(status=307, raw=b"", action="redirect:" + fault.location)
-    raise _Reply(action=mode)  # reset / hang / drip
-
-
-def _issue(state: State, key: tuple[str, str], appid: str, now: float) -> _Issued:
-    token = f"{len(state.tokens) % 100:02d}_{secrets.token_urlsafe(96)}"
-    issued = _Issued(token, key, now, now + state.settings.token_ttl)
-    state.tokens[token] = issued
-    state.issued[appid] = state.issued.get(appid, 0) + 1
-    return issued
-
-
-def _count_call(state: State, appid: str, api: str) -> None:
-    per = state.calls.setdefault(appid, {})
-    if sum(per.values()) >= state.settings.daily_quota:
-        raise _err(45009, "reach max api daily quota limit")
-    per[api] = per.get(api, 0) + 1
-
-
-def _admit(state: State, api: str, grant_type: object, appid: str, secret: str,
-           wrong_secret: tuple[int, str]) -> None:
-    """WeChat's checks before handing out a token, in its order (caller holds state.lock)."""
-    if grant_type != "client_credential":
-        raise _err(40002, "invalid grant_type")
-    if not appid:
-        raise _err(41002, "appid missing")
-    if not secret:
-        raise _err(41004, "appsecret missing")
-    _count_call(state, appid, api)
-    if appid not in state.apps:
-        raise _err(40013, "invalid appid")
-    if fault := _take_fault(state, appid, api):
-        _apply_fault(state, fault)
-    if state.apps[appid] != secret:
-        raise _err(*wrong_secret)
-
-
-def _token(state: State, query: dict[str, str]) -> dict[str, Any]:
-    appid = query.get("appid", "")
-    with state.lock:
-        _admit(state, "token", query.get("grant_type"), appid, query.get("secret", ""),
-               (40001, "invalid credential, access_token is invalid or not latest"))
-        now = state.clock()
-        key = ("token", appid)
-        previous = state.latest.get(key)
-        if previous is not None:
-            previous.expires_at = min(previous.expires_at, now + state.settings.overlap)
-        issued = state.latest[key] = _issue(state, key, appid, now)
-        return {"access_token": issued.token, "expires_in": state.settings.token_ttl}
-
-
-def _stable_token(state: State, body: dict[str, Any]) -> dict[str, Any]:
-    appid = str(body.get("appid", ""))
-    force = body.get("force_refresh") is True
-    with state.lock:
-        _admit(state, "stable_token", body.get("grant_type"), appid,
-               str(body.get("secret", "")), (40125, "invalid appsecret"))
-        now = state.clock()
-        st = state.stable.setdefault(appid, _Stable())
-        cur = st.current
-        s = state.settings
-        if force:
-            if now - st.last_force < s.force_spacing:
-                raise _err(45011, "api minute-quota reach limit (force_refresh spacing)")
-            if st.forces_today >= s.force_per_day:
-                raise _err(45009, "reach max api daily quota limit (force_refresh)")
-            st.last_force, st.forces_today = now, st.forces_today + 1
-            if cur is not None:
-                cur.expires_at = min(cur.expires_at, now + s.overlap)
-        elif cur is not None and now < cur.expires_at - s.stable_window:
-            return {"access_token": cur.token, "expires_in": int(cur.expires_at - now)}
-        # no token yet, inside the last window (old one stays valid to its end), or forced
-        st.current = _issue(state, ("stable_token", appid), appid, now)
-        return {"access_token": st.current.token, "expires_in": s.token_ttl}
-
-
-def _ticket(state: State, query: dict[str, str]) -> dict[str, Any]:
-    kind = query.get("type", "")
-    code = _check_token(state, query.get("access_token", ""), count=False)
-    if code:
-        raise _err(code, "access_token expired" if code == 42001 else
-                   "invalid credential, access_token is invalid or not latest")
-    if kind not in ("jsapi", "wx_card"):
-        raise _err(40097, "invalid args")
-    with state.lock:
-        appid = state.tokens[query["access_token"]].key[1]
-        _count_call(state, appid, f"ticket_{kind}")
-        if fault := _take_fault(state, appid, f"ticket_{kind}"):
-            _apply_fault(state, fault)
-        now = state.clock()
-        key = (f"ticket_{kind}", appid)
-        previous = state.latest.get(key)
-        if previous is not None:
-            previous.expires_at = min(previous.expires_at, now + state.settings.overlap)
-        ticket = f"tk_{secrets.token_urlsafe(64)}"
-        issued = state.latest[key] = _Issued(ticket, key, now, now + state.settings.token_ttl)
-        state.tickets[ticket] = issued
-        return {"errcode": 0, "errmsg": "ok", "ticket": ticket,
-                "expires_in": state.settings.token_ttl}
-
-
-def _wecom(state: State, query: dict[str, str]) -> dict[str, Any]:
-    corpid, secret = query.get("corpid", ""), query.get("corpsecret", "")
-    if not corpid:
-        raise _err(41002, "corpid missing")
-    if not secret:
-        raise _err(41004, "corpsecret missing")
-    with state.lock:
-        _count_call(state, corpid, "wecom")
-        if corpid not in state.corps:
-            raise _err(40013, "invalid corpid")
-        if fault := _take_fault(state, corpid, "wecom"):
-            if fault.mode == "ip":
-                raise _err(60020, "not allow to access from your ip")
-            _apply_fault(state, fault)
-        if secret not in state.corps[corpid]:
-            raise _err(40001, "invalid secret")
-        now = state.clock()
-        key = ("wecom", f"{corpid}:{secret}")
-        cur = state.latest.get(key)
-        if cur is None or now >= cur.expires_at:
-            cur = state.latest[key] = _issue(state, key, corpid, now)
-        return {"errcode": 0, "errmsg": "ok", "access_token": cur.token,
-                "expires_in": int(cur.expires_at - now)}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -415,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return json.loads(raw or b"{}")
         except ValueError:
-            raise _err(47001, "data format error") from None
+            raise err(47001, "data format error") from None
 
     def _dispatch(self, method: str) -> None:
         state = self.server.state
@@ -423,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
             if parts.path.startswith("/_emu/"):
-                raise _Reply(self._control(method, parts.path, state))
+                raise Reply(self._control(method, parts.path, state))
             route = (method, parts.path)
             if state.settings.latency:
                 with state.lock:
@@ -435,22 +183,22 @@ class _Handler(BaseHTTPRequestHandler):
                     with state.lock:
                         state.inflight -= 1
             if route == ("GET", "/cgi-bin/token"):
-                raise _Reply(_token(state, query))
+                raise Reply(tokens.token(state, query))
             if route == ("POST", "/cgi-bin/stable_token"):
-                raise _Reply(_stable_token(state, self._json_body()))
+                raise Reply(tokens.stable_token(state, self._json_body()))
             if route == ("GET", "/cgi-bin/gettoken"):
-                raise _Reply(_wecom(state, query))
+                raise Reply(tokens.wecom(state, query))
             if route == ("GET", "/cgi-bin/ticket/getticket"):
-                raise _Reply(_ticket(state, query))
+                raise Reply(tokens.ticket(state, query))
             if route in (("GET", "/cgi-bin/get_api_domain_ip"), ("GET", "/cgi-bin/getcallbackip")):
-                code = _check_token(state, query.get("access_token", ""))
+                code = check_token(state, query.get("access_token", ""))
                 if code == 42001:
-                    raise _err(42001, "access_token expired")
+                    raise err(42001, "access_token expired")
                 if code:
-                    raise _err(40001, "invalid credential, access_token is invalid or not latest")
-                raise _Reply({"ip_list": ["127.0.0.1"]})
-            raise _Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
-        except _Reply as reply:
+                    raise err(40001, "invalid credential, access_token is invalid or not latest")
+                raise Reply({"ip_list": ["127.0.0.1"]})
+            raise Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
+        except Reply as reply:
             if reply.action == "reset":
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                            struct.pack("ii", 1, 0))
@@ -494,7 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _control(self, method: str, path: str, state: State) -> Any:
         if path == "/_emu/stats":
-            return _stats(state)
+            return stats(state)
         if path == "/_emu/faults" and method == "DELETE":
             with state.lock:
                 state.faults.clear()
@@ -517,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
             with state.lock:
                 state.apps[str(body["appid"])] = str(body["secret"])
             return {"ok": True}
-        raise _Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
+        raise Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
 
     def do_GET(self) -> None:
         self._dispatch("GET")
