@@ -199,6 +199,36 @@ def test_restart_reuses_the_token_and_stop_is_clean(box: Container, emu: Emulato
     assert journal.count("event=daemon.stopped") == 2  # the restart's stop, and this one
 
 
+def test_systemctl_reload_applies_a_good_config_and_refuses_a_broken_one(
+        box: Container, emu: Emulator) -> None:
+    """systemctl reload: a new app (its secret in a file the service can read) starts with no
+    call for the unchanged one; a broken config makes the reload fail and the service keeps
+    running on the old one."""
+    box.run("systemctl", "start", "wxtoken")
+    calls = emu.calls(APPID)
+    box.write("/etc/wxtoken/mini.secret", "another-s3cr3t-0000\n", "0400")
+    box.run("chown", "wxtoken", "/etc/wxtoken/mini.secret")
+    good = CONFIG.format(url=by_name(emu), appid=APPID) + (
+        f'[apps.mini]\nappid = "{APPID2}"\nsecret_file = "/etc/wxtoken/mini.secret"\n')
+    box.write("/etc/wxtoken/config.toml", good, "0640")
+    box.run("chgrp", "wxtoken", "/etc/wxtoken/config.toml")
+    box.run("systemctl", "reload", "wxtoken")
+    wait_for(box, "test -f /var/lib/wxtoken/mini.json")
+    assert emu.calls(APPID) == calls and emu.calls(APPID2) == 1
+    box.write("/etc/wxtoken/config.toml", good + "refresh_interval = \"soon\"\n", "0640")
+    box.run("chgrp", "wxtoken", "/etc/wxtoken/config.toml")
+    refused = box.run("systemctl", "reload", "wxtoken", check=False)
+    assert refused.returncode != 0
+    assert show(box, "ActiveState") == "active"
+    errors = box.run("journalctl", "-u", "wxtoken", "-p", "err", "--no-pager", "-o",
+                     "cat").stdout
+    assert "event=config.reload_refused" in errors and "refresh_interval" in errors
+    box.write("/etc/wxtoken/config.toml", CONFIG.format(url=by_name(emu), appid=APPID), "0640")
+    box.run("chgrp", "wxtoken", "/etc/wxtoken/config.toml")
+    box.run("systemctl", "reload", "wxtoken")
+    box.run("systemctl", "stop", "wxtoken")
+
+
 def test_wrong_secret_keeps_the_service_up_and_reports_the_errcode(
         box: Container, emu: Emulator) -> None:
     """An app with a wrong secret: service stays active, -p err has errcode, status fails."""
