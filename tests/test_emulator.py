@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -160,3 +161,82 @@ def test_the_clock_can_be_driven_by_a_test() -> None:
         assert emu.token_status(tok) == 0
         now[0] += 101
         assert emu.token_status(tok) == 42001
+
+
+def post(emu: Emulator, path: str, body: dict[str, Any] | None = None,
+         **params: str) -> dict[str, Any]:
+    answer: dict[str, Any] = requests.post(f"{emu.url}{path}", params=params, json=body or {},
+                                           timeout=5).json()
+    return answer
+
+
+def test_quota_get_counts_token_calls_and_knows_business_paths(emulator: Emulator) -> None:
+    """openapi/quota/get: the token endpoint's daily_limit/used/remain; a business path has
+    its own count; an unknown path is 76021; a bad token 40001."""
+    emulator.state.settings.daily_quota = 50
+    tok = token(emulator)["access_token"]
+    token(emulator)
+    got = post(emulator, "/cgi-bin/openapi/quota/get", {"cgi_path": "/cgi-bin/token"},
+               access_token=tok)
+    assert got["errcode"] == 0 and got["quota"] == {"daily_limit": 50, "used": 2, "remain": 48}
+    business(emulator, tok)
+    got = post(emulator, "/cgi-bin/openapi/quota/get",
+               {"cgi_path": "/cgi-bin/get_api_domain_ip"}, access_token=tok)
+    assert got["quota"]["used"] == 1 and got["quota"]["daily_limit"] == 10_000
+    bad = post(emulator, "/cgi-bin/openapi/quota/get", {"cgi_path": "/cgi-bin/nope"},
+               access_token=tok)
+    assert bad["errcode"] == 76021
+    assert post(emulator, "/cgi-bin/openapi/quota/get", {"cgi_path": "/cgi-bin/token"},
+                access_token="made-up")["errcode"] == 40001
+
+
+def test_clear_quota_v1_and_v2_share_ten_resets_a_month(emulator: Emulator) -> None:
+    """clear_quota/v2 (appid + appsecret, no token) and clear_quota (token) empty the daily
+    counts and share one count: the 11th reset of the month is 48006."""
+    emulator.state.settings.daily_quota = 3
+    tok = token(emulator)["access_token"]
+    token(emulator)
+    token(emulator)
+    assert token(emulator)["errcode"] == 45009
+    assert post(emulator, "/cgi-bin/clear_quota/v2", appid=APPID, appsecret=SECRET) == {
+        "errcode": 0, "errmsg": "ok"}
+    assert "access_token" in token(emulator)
+    assert post(emulator, "/cgi-bin/clear_quota/v2", appid=APPID,
+                appsecret="wrong")["errcode"] == 40125
+    assert post(emulator, "/cgi-bin/clear_quota/v2", {"appid": APPID, "appsecret": SECRET}
+                )["errcode"] == 0  # the newer pages put them in the body
+    for _ in range(4):
+        assert post(emulator, "/cgi-bin/clear_quota", {"appid": APPID},
+                    access_token=tok)["errcode"] == 0
+    for _ in range(4):
+        assert post(emulator, "/cgi-bin/clear_quota/v2", appid=APPID,
+                    appsecret=SECRET)["errcode"] == 0
+    refused = post(emulator, "/cgi-bin/clear_quota/v2", appid=APPID, appsecret=SECRET)
+    assert refused["errcode"] == 48006
+    assert refused["errmsg"].startswith("forbid to clear quota because of reaching the limit")
+    assert post(emulator, "/cgi-bin/clear_quota", {"appid": APPID},
+                access_token=tok)["errcode"] == 48006
+
+
+def test_errors_carry_a_rid_that_rid_get_looks_up_for_the_same_account(
+        emulator: Emulator) -> None:
+    """Every error's errmsg ends in "rid: <id>"; rid/get returns the call for that account's
+    token, 76003 for another account's, 76002 for a malformed rid, 76001 for an unknown one."""
+    emulator.state.apps["wxother0000000000"] = "other-secret"
+    tok = token(emulator)["access_token"]
+    failed = token(emulator, secret="wrong-secret")
+    assert failed["errcode"] == 40001
+    rid = failed["errmsg"].rsplit("rid: ", 1)[1]
+    got = post(emulator, "/cgi-bin/openapi/rid/get", {"rid": rid}, access_token=tok)
+    assert got["errcode"] == 0
+    request = got["request"]
+    assert "appid=" + APPID in request["request_url"]
+    assert json.loads(request["response_body"])["errcode"] == 40001
+    assert request["invoke_time"] <= time.time() and request["client_ip"] == "127.0.0.1"
+    other = token(emulator, appid="wxother0000000000", secret="other-secret")["access_token"]
+    assert post(emulator, "/cgi-bin/openapi/rid/get", {"rid": rid},
+                access_token=other)["errcode"] == 76003
+    assert post(emulator, "/cgi-bin/openapi/rid/get", {"rid": "nope"},
+                access_token=tok)["errcode"] == 76002
+    assert post(emulator, "/cgi-bin/openapi/rid/get", {"rid": "00000000-00000000-00000000"},
+                access_token=tok)["errcode"] == 76001

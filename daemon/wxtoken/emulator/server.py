@@ -13,6 +13,9 @@ It follows the documented behaviour that matters for token sharing:
 - ``GET /cgi-bin/get_api_domain_ip`` and ``/cgi-bin/getcallbackip`` with ``?access_token=``:
   business APIs answering 40001/42001 for a bad or expired token, so tests can prove a token
   really works.
+- ``POST /cgi-bin/openapi/quota/get``, ``/cgi-bin/clear_quota`` (with a token),
+  ``/cgi-bin/clear_quota/v2`` (appid + appsecret) and ``/cgi-bin/openapi/rid/get``: see ops.py;
+  every error answer's errmsg ends in `` rid: <id>``, which rid/get looks up.
 - daily quotas (45009), and fault injection: busy (-1), minute_quota (45011), quota (45009),
   ip (40164), errcode:N, 5xx, garbage, reset, hang, drip (the answer one byte at a time, each
   within any read timeout), redirect (307 to ``location``), empty_token; a fault may target one
@@ -27,6 +30,7 @@ Control endpoints: ``GET /_emu/stats``, ``POST /_emu/faults`` (``DELETE`` clears
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import ssl
@@ -40,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from wxtoken.emulator import tokens
+from wxtoken.emulator import ops, tokens
 from wxtoken.emulator.state import (
     FAULT_MODES,
     Fault,
@@ -51,6 +55,9 @@ from wxtoken.emulator.state import (
     err,
     stats,
 )
+
+OPS = {"/cgi-bin/openapi/quota/get": ops.quota_get, "/cgi-bin/clear_quota": ops.clear_quota_v1,
+       "/cgi-bin/clear_quota/v2": ops.clear_quota_v2, "/cgi-bin/openapi/rid/get": ops.rid_get}
 
 
 class Emulator:
@@ -142,6 +149,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    _raw: bytes | None = None  # the request's body, once read
     wbufsize = -1  # headers and body in one send: no Nagle + delayed-ACK stall on keep-alive
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -158,46 +166,43 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def _json_body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        if self._raw is None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self._raw = self.rfile.read(length) if length else b""
         try:
-            return json.loads(raw or b"{}")
+            return json.loads(self._raw or b"{}")
         except ValueError:
             raise err(47001, "data format error") from None
+
+    def _account(self, state: State, query: dict[str, str]) -> str:
+        """The appid (or corpid) a call was made for, as far as it says."""
+        named = query.get("appid") or query.get("corpid")
+        if named:
+            return named
+        with contextlib.suppress(Reply):
+            body = self._json_body()
+            if isinstance(body, dict) and isinstance(body.get("appid"), str):
+                return str(body["appid"])
+        with state.lock:
+            issued = state.tokens.get(query.get("access_token", ""))
+            return issued.key[1].split(":")[0] if issued is not None else ""
 
     def _dispatch(self, method: str) -> None:
         state = self.server.state
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self._raw = None
+        started = time.monotonic()
         try:
-            if parts.path.startswith("/_emu/"):
-                raise Reply(self._control(method, parts.path, state))
-            route = (method, parts.path)
-            if state.settings.latency:
-                with state.lock:
-                    state.inflight += 1
-                    state.max_inflight = max(state.max_inflight, state.inflight)
-                try:
-                    time.sleep(state.settings.latency)
-                finally:
-                    with state.lock:
-                        state.inflight -= 1
-            if route == ("GET", "/cgi-bin/token"):
-                raise Reply(tokens.token(state, query))
-            if route == ("POST", "/cgi-bin/stable_token"):
-                raise Reply(tokens.stable_token(state, self._json_body()))
-            if route == ("GET", "/cgi-bin/gettoken"):
-                raise Reply(tokens.wecom(state, query))
-            if route == ("GET", "/cgi-bin/ticket/getticket"):
-                raise Reply(tokens.ticket(state, query))
-            if route in (("GET", "/cgi-bin/get_api_domain_ip"), ("GET", "/cgi-bin/getcallbackip")):
-                code = check_token(state, query.get("access_token", ""))
-                if code == 42001:
-                    raise err(42001, "access_token expired")
-                if code:
-                    raise err(40001, "invalid credential, access_token is invalid or not latest")
-                raise Reply({"ip_list": ["127.0.0.1"]})
-            raise Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
+            try:
+                self._route(method, parts.path, query, state)
+            except Reply as reply:
+                body = reply.body
+                if isinstance(body, dict) and body.get("errcode") not in (0, None):
+                    ops.remember(state, self._account(state, query), parts.query,
+                                 self._raw or b"", body,
+                                 int((time.monotonic() - started) * 1000))
+                raise
         except Reply as reply:
             if reply.action == "reset":
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -221,6 +226,40 @@ class _Handler(BaseHTTPRequestHandler):
             raw = reply.raw if reply.raw is not None else json.dumps(reply.body).encode()
             ctype = "application/json" if reply.raw is None else "text/html"
             self._send(reply.status, raw, ctype)
+
+    def _route(self, method: str, path: str, query: dict[str, str], state: State) -> None:
+        """Answer by raising Reply."""
+        if path.startswith("/_emu/"):
+            raise Reply(self._control(method, path, state))
+        route = (method, path)
+        if state.settings.latency:
+            with state.lock:
+                state.inflight += 1
+                state.max_inflight = max(state.max_inflight, state.inflight)
+            try:
+                time.sleep(state.settings.latency)
+            finally:
+                with state.lock:
+                    state.inflight -= 1
+        if route == ("GET", "/cgi-bin/token"):
+            raise Reply(tokens.token(state, query))
+        if route == ("POST", "/cgi-bin/stable_token"):
+            raise Reply(tokens.stable_token(state, self._json_body()))
+        if route == ("GET", "/cgi-bin/gettoken"):
+            raise Reply(tokens.wecom(state, query))
+        if route == ("GET", "/cgi-bin/ticket/getticket"):
+            raise Reply(tokens.ticket(state, query))
+        if route in (("GET", "/cgi-bin/get_api_domain_ip"), ("GET", "/cgi-bin/getcallbackip")):
+            code = check_token(state, query.get("access_token", ""))
+            if code == 42001:
+                raise err(42001, "access_token expired")
+            if code:
+                raise err(40001, "invalid credential, access_token is invalid or not latest")
+            ops.count_business(state, self._account(state, query), path)
+            raise Reply({"ip_list": ["127.0.0.1"]})
+        if method == "POST" and path in OPS:
+            raise Reply(OPS[path](state, query, self._json_body()))
+        raise Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
 
     def _drip(self, settings: Settings) -> None:
         """A valid answer sent one byte at a time: every read gets data before any read timeout,

@@ -35,6 +35,7 @@ class Settings:
     hang_seconds: float = 30.0
     drip_interval: float = 0.5  # seconds between the bytes of a "drip" answer
     keep_alive: bool = True  # False: a connection per call (an open one is a call in flight)
+    resets_per_month: int = 10  # clear_quota and clear_quota/v2 together, per appid
 
 
 @dataclass
@@ -75,6 +76,9 @@ class State:
     stable: dict[str, Stable] = field(default_factory=dict)
     calls: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> api -> n
     issued: dict[str, int] = field(default_factory=dict)  # appid -> tokens issued
+    business: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> path -> n
+    resets: dict[tuple[str, str], int] = field(default_factory=dict)  # (appid, month) -> n
+    rids: dict[str, Any] = field(default_factory=dict)  # rid -> ops.Seen, oldest first
     inflight: int = 0  # token requests being answered right now
     max_inflight: int = 0
     accepted: int = 0
@@ -102,6 +106,7 @@ def err(code: int, msg: str) -> Reply:
 def stats(state: State) -> dict[str, Any]:
     with state.lock:
         return {"calls": {a: dict(per) for a, per in state.calls.items()},
+                "resets": {f"{a}/{m}": n for (a, m), n in state.resets.items()},
                 "total_calls": sum(sum(per.values()) for per in state.calls.values()),
                 "issued": dict(state.issued), "accepted": state.accepted,
                 "rejected": state.rejected, "max_inflight": state.max_inflight,
