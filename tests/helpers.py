@@ -225,3 +225,14 @@ def pids_talking_to(port: int, pids: list[int]) -> list[int]:
                         talking.append(pid)
                         break
     return talking
+
+
+def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A Prometheus text file's samples, parsed with prometheus_client's parser:
+    (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

@@ -58,6 +58,16 @@ BROKEN = [
      "api_base: port 99999 is out of range"),
     ("api_base with port 0", 'api_base = "http://127.0.0.1:0"\n' + GOOD_APP,
      "api_base: port 0 is out of range"),
+    ("quota_watch not a list", GOOD_APP + 'quota_watch = "/cgi-bin/token"\n',
+     "apps.main.quota_watch: must be a list of API paths"),
+    ("quota_watch with a URL", GOOD_APP + 'quota_watch = ["https://h/cgi-bin/x?a=1"]\n',
+     "apps.main.quota_watch: 'https://h/cgi-bin/x?a=1' is not an API path"),
+    ("quota_watch with dots", GOOD_APP + 'quota_watch = ["/cgi-bin/../x"]\n',
+     "is not an API path"),
+    ("quota_watch twice", GOOD_APP + 'quota_watch = ["/cgi-bin/token", "/cgi-bin/token"]\n',
+     "apps.main.quota_watch: lists a path twice"),
+    ("quota_watch for WeCom", '[apps.w]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1\n'
+     'secret = "x"\nquota_watch = ["/cgi-bin/token"]\n', "apps.w.quota_watch: WeCom has no"),
 ]
 
 

@@ -522,3 +522,25 @@ def test_one_user_cannot_take_every_connection(
         mine.connect(sock)
         assert json.loads(curl(sock, "http://localhost/v1/apps").stdout)["apps"]
     hog.wait(10)
+
+
+def test_a_failed_passive_refresh_is_retried_without_another_report(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A reader reports its token and the forced refresh fails (WeChat busy): the retry after
+    the backoff replaces the reported token, although the file's token looks valid and is not
+    due, and nobody reports it again."""
+    config = make_config(MAIN)
+    state = config.parent / "state"
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    token = json.loads((state / "main.json").read_text())["access_token"]
+    emulator.invalidate(token)
+    emulator.add_fault("busy", count=1)
+    refused = run_cli("refresh", "main", "--invalid", token, "--config", str(config))
+    assert refused.returncode == 1 and "errcode -1" in refused.stderr
+    d.wait_for("token.refreshed", count=2, timeout=20)
+    new = json.loads((state / "main.json").read_text())["access_token"]
+    assert new != token and emulator.token_status(new) == 0
+    assert emulator.calls(APPID) == 3
+    d.stop()

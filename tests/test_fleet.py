@@ -658,3 +658,35 @@ def test_a_followers_report_with_no_candidate_for_the_app_is_answered_at_once(
     assert "no host with its secret is listening" in str(err.value)
     for d in procs:
         assert d.stop() == 0
+
+
+def test_quota_resets_are_counted_for_the_fleet_and_a_follower_has_none_to_make(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """clear-quota on one candidate counts in Redis: the other candidate sees the month's
+    resets and, at ten, refuses locally; a follower (no secret) answers that it has none to
+    make; every host can look at the quota (with its copy of the token)."""
+    a, b = hosts(MAIN), hosts(MAIN)
+    follower = hosts(FOLLOW)
+    procs = [daemons(c) for c in (a, b, follower)]
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    for _ in range(9):
+        assert run_cli("clear-quota", "main", "--yes", "--config", str(a)).returncode == 0
+    seen = run_cli("quota", "main", "--json", "--config", str(b))
+    assert seen.returncode == 0, seen.stderr
+    assert json.loads(seen.stdout)["resets"]["used"] == 9
+    tenth = run_cli("clear-quota", "main", "--yes", "--config", str(b))
+    assert tenth.returncode == 0 and "10 of 10 resets used" in tenth.stdout, tenth.stderr
+    refused = run_cli("clear-quota", "main", "--yes", "--config", str(a))
+    assert refused.returncode == 1 and "10 of WeChat's 10 quota resets" in refused.stderr
+    none = run_cli("clear-quota", "main", "--yes", "--config", str(follower))
+    assert none.returncode == 1 and "this host has no secret for main" in none.stderr
+    looked = run_cli("quota", "main", "--config", str(follower))
+    assert looked.returncode == 0, looked.stderr
+    assert emulator.stats()["ops"]["/cgi-bin/clear_quota/v2"] == 10
+    keys = [k.decode() if isinstance(k, bytes) else k
+            for k in redis_server.client().keys("*resets*")]
+    assert len(keys) == 1 and keys[0].startswith(f"wxtoken:resets:{{{APPID}}}:")
+    for d in procs:
+        assert d.stop() == 0

@@ -6,19 +6,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess, wait_until
-
-
-def samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(path.read_text()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess, samples, wait_until
 
 
 def test_metrics_file_parses_and_tracks_refreshes(

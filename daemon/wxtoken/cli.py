@@ -168,6 +168,80 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _op_request(method: str, path: str, args: argparse.Namespace,
+                timeout: float = 60.0) -> dict[str, Any]:
+    """A quota tool's request to the daemon; its refusal as one line (with WeChat's errcode,
+    errmsg and rid when WeChat refused)."""
+    from wxtoken.control_client import request
+    from wxtoken.record import APP_NAME_RE
+    if not APP_NAME_RE.match(args.app):
+        raise WxtokenError(f"{args.app!r} is not a valid app name")
+    try:
+        return request(method, path, {} if method == "POST" else None, _socket_of(args),
+                       timeout=timeout)
+    except ControlError as exc:
+        extra = [f"{k}: {exc.answer[k]}" for k in ("errmsg", "rid") if exc.answer.get(k)]
+        if exc.retry_after:
+            extra.append(f"retry in {exc.retry_after:.0f} s")
+        raise WxtokenError(f"{args.command}: {args.app}: {exc}"
+                           + (f" ({'; '.join(extra)})" if extra else "")) from None
+
+
+def _cmd_quota(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+    answer = _op_request("GET", f"/v1/apps/{args.app}/quota?path={quote(args.path, safe='/')}",
+                         args)
+    if args.json:
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+        return 0
+    resets = answer.get("resets") or {}
+    print(f"{answer['app']} ({answer['appid']}) {answer['path']}: "
+          f"{answer['used']:,} of {answer['daily_limit']:,} used today, "
+          f"{answer['remain']:,} left (WeChat's day ends 00:00 Asia/Shanghai)")
+    if resets:
+        print(f"quota resets in {resets['month']}: {resets['used']} of {resets['limit']} used "
+              "(as counted by wxtoken)")
+    return 0
+
+
+def _cmd_rid(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+    answer = _op_request("GET", f"/v1/apps/{args.app}/rid/{quote(args.rid, safe='')}", args)
+    if args.json:
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+        return 0
+    request = answer.get("request") or {}
+    for key, value in request.items():
+        if key == "invoke_time" and isinstance(value, int):
+            from datetime import datetime
+
+            from wxtoken.clock import SHANGHAI
+            value = f"{datetime.fromtimestamp(value, SHANGHAI):%Y-%m-%d %H:%M:%S} Asia/Shanghai"
+        print(f"{key:<14}{value if value not in ('', None) else '(none)'}")
+    return 0
+
+
+def _cmd_clear_quota(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise WxtokenError("clear-quota: not confirmed: run it in a terminal, or pass --yes")
+        print(f"Reset WeChat's daily API quota of {args.app}? It spends one of the account's "
+              "10 resets this month (WeChat counts those of clear_quota and clear_quota/v2 "
+              "together).", file=sys.stderr)
+        try:
+            reply = input("Type yes to go on: ")
+        except EOFError:
+            reply = ""
+        if reply.strip().lower() != "yes":
+            print("wxtoken: clear-quota: not confirmed; nothing was done", file=sys.stderr)
+            return 1
+    answer = _op_request("POST", f"/v1/apps/{args.app}/clear-quota", args)
+    print(f"cleared: the daily quota of {answer['app']} ({answer['appid']}) is reset; "
+          f"{answer['resets_used']} of 10 resets used in {answer['month']}, "
+          f"{answer['resets_left']} left")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config, resolve_secrets=False)
     now = time.time()
@@ -256,6 +330,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         print(f"file_mode = \"{app.file_mode:04o}\"")
         if app.file_group:
             print(f"file_group = {json.dumps(app.file_group)}")
+        if app.quota_watch:
+            print(f"quota_watch = {json.dumps(list(app.quota_watch))}")
     for warning in config.warnings:
         print(f"wxtoken: warning: {warning}", file=sys.stderr)
     return 0
@@ -299,6 +375,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", help="the daemon's control socket "
                    "(default: control_socket from the config)")
     p.set_defaults(func=_cmd_reload)
+    help_socket = "the daemon's control socket (default: control_socket from the config)"
+    p = sub.add_parser("quota", parents=[common],
+                       help="WeChat's daily quota of an API path for an app (openapi/quota/get)")
+    p.add_argument("app")
+    p.add_argument("--path", default="/cgi-bin/token", metavar="CGI_PATH",
+                   help="the API path (default: /cgi-bin/token)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--socket", metavar="PATH", help=help_socket)
+    p.set_defaults(func=_cmd_quota)
+    p = sub.add_parser("rid", parents=[common],
+                       help="what WeChat saw of a failed call, by the rid in its errmsg")
+    p.add_argument("app")
+    p.add_argument("rid")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--socket", metavar="PATH", help=help_socket)
+    p.set_defaults(func=_cmd_rid)
+    p = sub.add_parser("clear-quota", parents=[common],
+                       help="reset an app's daily quota (clear_quota/v2; 10 a month; root or "
+                            "the daemon's user)")
+    p.add_argument("app")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--socket", metavar="PATH", help=help_socket)
+    p.set_defaults(func=_cmd_clear_quota)
     p = sub.add_parser("status", parents=[common], help="health of every app (exit 1 if unhealthy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,11 @@ TOP_KEYS = frozenset({
 })
 APP_KEYS = frozenset({
     "appid", "corpid", "agentid", *SECRET_SOURCES, "api", "tickets", "file_mode", "file_group",
+    "quota_watch",
 })
+# an API path as openapi/quota/get takes it ("cgi_path"): /cgi-bin/message/custom/send
+CGI_PATH_RE = re.compile(r"^/[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
+MAX_QUOTA_WATCH = 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class AppConfig:
     tickets: tuple[str, ...] = ()
     file_mode: int = 0o640
     file_group: str | None = None
+    quota_watch: tuple[str, ...] = ()  # API paths whose WeChat quota is exported as metrics
 
     @property
     def follower(self) -> bool:
@@ -129,6 +135,25 @@ def _file_mode(ck: Checker, value: Any, key: str) -> int:
     return int(value)
 
 
+def _quota_watch(ck: Checker, value: Any, key: str, api: Api) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        ck.bad(key, 'must be a list of API paths, like ["/cgi-bin/message/custom/send"]')
+        return ()
+    if value and api == Api.WECOM:
+        ck.bad(key, "WeCom has no quota API (openapi/quota/get is WeChat's)")
+        return ()
+    for path in value:
+        if not CGI_PATH_RE.match(path) or ".." in path or len(path) > 200:
+            ck.bad(key, f"{path!r} is not an API path (like /cgi-bin/message/custom/send: no "
+                   "host, no query string)")
+            return ()
+    if len(set(value)) != len(value):
+        ck.bad(key, "lists a path twice")
+    elif len(value) > MAX_QUOTA_WATCH:
+        ck.bad(key, f"at most {MAX_QUOTA_WATCH} paths")
+    return tuple(value)
+
+
 def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
                resolve_secrets: bool, fleet: bool) -> AppConfig | None:
     prefix = f"apps.{name}."
@@ -174,6 +199,7 @@ def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
                "stable_token apps)")
     elif len(set(tickets)) != len(tickets):
         ck.bad(prefix + "tickets", "lists a ticket type twice")
+    watch = _quota_watch(ck, app.get("quota_watch", []), prefix + "quota_watch", api)
     mode = _file_mode(ck, app.get("file_mode", 0o640), prefix + "file_mode")
     group = ck.string(app, "file_group", prefix)
     if resolve_secrets:
@@ -186,7 +212,8 @@ def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
     if len(ck.problems) > n_before:
         return None
     return AppConfig(name=name, api=api, appid=appid, secret=secret, secret_source=source,
-                     agentid=agentid, tickets=tuple(tickets), file_mode=mode, file_group=group)
+                     agentid=agentid, tickets=tuple(tickets), file_mode=mode, file_group=group,
+                     quota_watch=watch)
 
 
 def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,

@@ -4,6 +4,9 @@
     GET  /v1/apps/NAME            the app's token, expires_at, expires_in (and tickets)
     POST /v1/apps/NAME/refresh    passive refresh; body {} or {"invalid_token": "…"}
     POST /v1/reload               re-read the config (the operator only): 200, or 422 refused
+    GET  /v1/apps/NAME/quota?path=/cgi-bin/…   WeChat's daily_limit, used, remain of that API
+    GET  /v1/apps/NAME/rid/RID    what WeChat saw of a failed call (secrets and tokens masked)
+    POST /v1/apps/NAME/clear-quota   reset the account's daily quota (the operator only)
 
 Usable with ``curl --unix-socket /run/wxtoken/control.sock http://localhost/v1/apps``.
 
@@ -12,9 +15,10 @@ little: at most ``MAX_CONNECTIONS`` at once and ``MAX_PER_USER`` per user (more 
 at once; a few more are kept for the operator), each request must arrive whole within
 ``READ_TIMEOUT`` seconds with at most ``MAX_HEAD`` bytes of request line and headers (431 beyond),
 bodies need a Content-Length of at most ``MAX_BODY`` bytes (400 bad, 411 missing or chunked, 413
-too large), the health list is computed at most once a second, and no request ever ends in a
-traceback. The peer's credentials (SO_PEERCRED) tell the operator (root, or the daemon's own
-user) from a token reader.
+too large), the health list is computed at most once a second, quota and rid lookups (each an
+upstream call) are limited per app, and no request ever ends in a traceback. The peer's
+credentials (SO_PEERCRED) tell the operator (root, or the daemon's own user) from a token
+reader: only the operator may reload or reset the quota.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from wxtoken.config import Config
 from wxtoken.errors import TokenUnavailable, UpstreamError
@@ -43,6 +47,9 @@ from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
 from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
 from wxtoken.refresher import Forced
+
+if TYPE_CHECKING:
+    from wxtoken.quota import Operations
 
 SOCKET_MODE = 0o660
 MAX_BODY = 4096
@@ -104,6 +111,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     current: Callable[[], Config]  # the daemon's config (a reload replaces it)
     force: Force
     reload: Reload
+    ops: Operations | None = None
 
     @property
     def config(self) -> Config:
@@ -318,8 +326,39 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(503, {"error": "the token has expired", "error_class": "unavailable"})
                 return
             self._send(200, _token_body(record, now))
+        elif len(parts) == 4 and parts[:2] == ["v1", "apps"] and parts[3] == "quota":
+            if self._known(name):
+                assert name is not None
+                query = parse_qs(urlsplit(self.path).query)
+                path = query.get("path", ["/cgi-bin/token"])[-1]
+                self._op(name, lambda ops: ops.quota(name, path), ask=True, path=path)
+        elif len(parts) == 5 and parts[:2] == ["v1", "apps"] and parts[3] == "rid":
+            if self._known(name):
+                assert name is not None
+                self._op(name, lambda ops: ops.rid(name, parts[4]), ask=True)
         else:
             self._send(404, {"error": "not found", "error_class": "not_found"})
+
+    def _op(self, name: str, call: Callable[[Operations], dict[str, Any]], ask: bool = False,
+            path: str | None = None) -> None:
+        """Run one of the quota tools and answer with its result or its OpError."""
+        from wxtoken.config import CGI_PATH_RE
+        from wxtoken.quota import OpError
+        ops = self.server.ops
+        if ops is None:
+            self._send(503, {"error": "the quota tools are not running", "error_class":
+                             "stopping"})
+            return
+        if path is not None and (not CGI_PATH_RE.match(path) or ".." in path):
+            self._send(400, {"error": f"{path!r} is not an API path (like "
+                             "/cgi-bin/message/custom/send)", "error_class": "bad_request"})
+            return
+        try:
+            if ask and not self._privileged():
+                ops.ask(name)
+            self._send(200, call(ops))
+        except OpError as exc:
+            self._send(exc.status, exc.answer())
 
     def _body(self) -> str | None:
         """The reported token from the body; _BadRequest for anything but {} or
@@ -369,6 +408,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._arrived()
         if parts == ["v1", "reload"]:
             self._reload()
+            return
+        if len(parts) == 4 and parts[:2] == ["v1", "apps"] and parts[3] == "clear-quota":
+            if not self._known(name):
+                return
+            assert name is not None
+            if not self._privileged():
+                self.server.log.warning("control.forbidden", action="clear-quota", app=name,
+                                        uid=peer_uid(self.connection))
+                self._send(403, {"error": "only root or the daemon's own user may reset the "
+                                 "quota (it spends one of WeChat's 10 resets a month)",
+                                 "error_class": "forbidden"})
+                return
+            self._op(name, lambda ops: ops.clear_quota(name))
             return
         if not (len(parts) == 4 and parts[:2] == ["v1", "apps"] and parts[3] == "refresh"):
             self._send(404, {"error": "not found", "error_class": "not_found"})
@@ -439,7 +491,7 @@ class ControlServer:
     """Serves the control endpoint in a background thread."""
 
     def __init__(self, path: str, config: Callable[[], Config], force: Force,
-                 reload: Reload) -> None:
+                 reload: Reload, ops: Operations | None = None) -> None:
         self.path = path
         self.log = get_logger()
         self._take_over_stale_socket()
@@ -447,6 +499,7 @@ class ControlServer:
         self.server.current = config
         self.server.force = force
         self.server.reload = reload
+        self.server.ops = ops
         old_umask = os.umask(0o117)  # never a moment with a wider mode than 0660
         try:
             self.server.server_bind()

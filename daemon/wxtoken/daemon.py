@@ -104,6 +104,11 @@ class Daemon:
             from wxtoken.metrics import Metrics  # prometheus_client only when metrics are on
             self.metrics = Metrics(config.metrics_file, self.health, len(config.apps),
                                    self.node.fleet.status if self.node else None)
+        from wxtoken.quota import Operations
+        self.ops = Operations(lambda: self.config, lambda: self.client, self.force,
+                              self.node.fleet if self.node else None, self._quota_cleared)
+        if self.metrics is not None:
+            self.metrics.quota = self.ops.figures
         self.ready = threading.Event()
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -134,10 +139,12 @@ class Daemon:
                 # the job sets its own next run; the interval is only a safety net
                 self._tick, IntervalTrigger(seconds=self.safety_net), args=[name], id=name,
                 name=f"refresh {name}", next_run_time=_utc(outcome.next_at if outcome else now))
+        for app in self.config.apps:
+            self._watch_quota(app.name)
         try:
             from wxtoken.control import ControlServer
             self.control = ControlServer(self.config.control_socket, lambda: self.config,
-                                         self.force, self.reload)
+                                         self.force, self.reload, self.ops)
         except OSError as exc:  # e.g. /run/wxtoken missing when run by hand: refresh is off
             self.control = None
             self.log.warning("control.disabled", socket=self.config.control_socket,
@@ -211,6 +218,44 @@ class Daemon:
             if forced.outcome is not None:
                 self._after(name, forced.outcome)
             return forced
+
+    # -- the quota tools ------------------------------------------------------------------------
+    def _watch_quota(self, name: str) -> None:
+        """(Re)schedule the app's quota_watch job: none when it watches nothing."""
+        from wxtoken.quota import watch_interval
+        job = f"quota:{name}"
+        with contextlib.suppress(JobLookupError):
+            self.scheduler.remove_job(job)
+        app = next((a for a in self.config.apps if a.name == name), None)
+        if app is None or not app.quota_watch:
+            return
+        every = watch_interval(self.config)
+        first = min(every, 30.0) * (1 + self._rng.random() / 2)  # after the first fetches
+        self.scheduler.add_job(self._quota_tick, IntervalTrigger(seconds=every,
+                                                                 jitter=every / 10),
+                               args=[name], id=job, name=f"quota_watch {name}",
+                               next_run_time=_utc(time.time() + first))
+
+    def _quota_tick(self, name: str) -> None:
+        if self._stopping:
+            return
+        try:
+            self.ops.watch(name)
+        except Exception as exc:  # a bug must not end the watch
+            self.log.error("quota.watch_crashed", app=name, error=str(exc) or type(exc).__name__)
+        else:
+            if self.metrics is not None:
+                self.metrics.observe(name, None)
+
+    def _quota_cleared(self, appid: str) -> None:
+        """WeChat's quota of ``appid`` was reset: apps waiting for it (45009) run now."""
+        def wake() -> None:
+            for refresher in list(self.refreshers.values()):
+                if refresher.app.appid == appid and refresher.quota_cleared():
+                    with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+                        self.scheduler.modify_job(refresher.app.name,
+                                                  next_run_time=_utc(time.time()))
+        threading.Thread(target=wake, name="quota-cleared", daemon=True).start()
 
     def _requested(self, name: str, invalid_token: str | None, privileged: bool) -> None:
         """A follower elsewhere in the fleet asked for a passive refresh of an app this host
@@ -389,6 +434,8 @@ class Daemon:
                 self.scheduler.add_job(
                     self._tick, IntervalTrigger(seconds=self.safety_net), args=[name], id=name,
                     name=f"refresh {name}", next_run_time=_utc(now))
+        for name in (*change.removed, *change.added, *change.changed):
+            self._watch_quota(name)
         for refresher in self.refreshers.values():
             if refresher.client is not client:  # unchanged apps, when only the client changed
                 refresher.client = client

@@ -1,8 +1,10 @@
-"""The one table that classifies WeChat's errcodes, and what the refresher does with each class."""
+"""The one table that classifies WeChat's errcodes, and what the refresher does with each class;
+the operations' errcodes (quota, clear_quota, rid); the rid WeChat puts in an errmsg."""
 
 from __future__ import annotations
 
 import enum
+import re
 
 
 class ErrorClass(enum.StrEnum):
@@ -56,3 +58,31 @@ def classify(errcode: int) -> tuple[ErrorClass, str]:
 def business_token_invalid(errcode: int) -> bool:
     """Whether a business API's errcode means the caller should report its token as invalid."""
     return errcode in TOKEN_INVALID_ERRCODES
+
+
+# The operations (openapi/quota/get, clear_quota/v2, openapi/rid/get): what each errcode means.
+OPS_ERRCODES: dict[int, str] = {
+    48006: "WeChat refuses: this month's 10 quota resets are used up (clear_quota and "
+           "clear_quota/v2 share them; they come back on the 1st, Asia/Shanghai)",
+    76021: "WeChat does not know this cgi_path (give the API's path, e.g. "
+           "/cgi-bin/message/custom/send)",
+    76022: "WeChat cannot report the quota of this cgi_path",
+    76001: "WeChat does not know this rid (it keeps rids 7 days)",
+    76002: "the rid is malformed (it looks like 617682e1-09059ac5-34a8e2ea)",
+    76003: "this rid belongs to another account",
+    76004: "this rid is too old (WeChat keeps rids 7 days)",
+    40013: "the appid is invalid",
+    40125: "the secret is invalid (or was reset in the WeChat console)",
+    40001: "WeChat refused the secret or the token",
+    42001: "the token has expired",
+    45009: "the daily quota of this API is used up",
+    -1: "WeChat is busy; try again",
+}
+
+_RID = re.compile(r"\brid:\s*([0-9A-Za-z-]{6,64})")
+
+
+def rid_of(errmsg: object) -> str | None:
+    """The request id WeChat appends to a failed call's errmsg ("… rid: 617682e1-…"), if any."""
+    match = _RID.search(errmsg) if isinstance(errmsg, str) else None
+    return match.group(1) if match else None

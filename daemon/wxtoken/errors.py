@@ -54,13 +54,14 @@ class TokenExpired(TokenUnavailable):
 
 
 class UpstreamError(WxtokenError):
-    """A token fetch failed; ``kind`` says how the refresher must react."""
+    """A call to WeChat failed; ``kind`` says how the refresher must react."""
 
     def __init__(self, kind: ErrorClass, message: str, errcode: int | None = None,
-                 errmsg: str | None = None) -> None:
+                 errmsg: str | None = None, rid: str | None = None) -> None:
         self.kind = kind
         self.errcode = errcode
         self.errmsg = errmsg
+        self.rid = rid  # WeChat's request id from the errmsg ("… rid: <id>"), for rid/get
         super().__init__(message)
 
 

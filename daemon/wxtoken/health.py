@@ -52,7 +52,8 @@ def app_health(config: Config, app: AppConfig, record: TokenRecord | None, statu
         info["next_attempt_in"] = int(status.retry_at - now)
     if status.last_result is LastResult.ERROR:
         info["last_error"] = {"class": status.error_class, "errcode": status.errcode,
-                              "errmsg": status.errmsg, "message": status.error}
+                              "errmsg": status.errmsg, "rid": status.rid,
+                              "message": status.error}
         problems.append(f"last refresh failed: {status.error}")
     if status.last_result is LastResult.BUDGET or calls >= config.daily_budget:
         problems.append(f"daily budget of {config.daily_budget} calls reached")

@@ -1,6 +1,7 @@
 """structlog configured in one place: console, JSON, or journald lines with ``<N>`` priorities.
 
-Stable keys: event, app, appid, api, expires_in, took_ms, errcode, errmsg, attempt, next_in.
+Stable keys: event, app, appid, api, expires_in, took_ms, errcode, errmsg, attempt, next_in;
+rid (WeChat's request id of a failed call, for `wxtoken rid`).
 Secrets never appear: every secret the config resolved is registered here and scrubbed from any
 value as a last line of defence; tokens are logged only through :func:`mask`.
 """
@@ -28,6 +29,14 @@ def mask(token: str | None) -> str:
 
 def register_secrets(secrets: Iterable[str]) -> None:
     _secrets.update(s for s in secrets if len(s) >= 4)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every registered secret replaced by ***."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _scrub(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -37,6 +37,8 @@ class Metrics:
         # gather a burst into one write: longer with more apps, as each write covers them all
         self.coalesce = 0.25 * math.ceil(max(1, apps) / 1000)
         self.results: Counter[tuple[str, str]] = Counter()
+        # (app, path, daily_limit, used, remain) of every quota_watch path (the daemon sets it)
+        self.quota: Callable[[], list[tuple[str, str, int, int, int]]] = list
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._lock = threading.Lock()
@@ -48,9 +50,10 @@ class Metrics:
         self._dirty.set()
         self._thread.start()
 
-    def observe(self, app: str, state: State) -> None:
-        """Count one refresh attempt's result and schedule a write."""
-        result = RESULTS.get(state)
+    def observe(self, app: str, state: State | None) -> None:
+        """Count one refresh attempt's result (None: no refresh, new quota figures) and
+        schedule a write."""
+        result = RESULTS.get(state) if state is not None else None
         if result is not None:
             with self._lock:
                 self.results[(app, result)] += 1
@@ -109,6 +112,19 @@ class Metrics:
             for (app_name, result), count in sorted(self.results.items()):
                 total.add_metric([app_name, result], count)
         yield from (up, expiry, success, calls, total)
+        figures = self.quota()
+        if figures:
+            remaining = GaugeMetricFamily("wxtoken_api_quota_remaining",
+                                          "WeChat's remaining daily quota of the API path "
+                                          "(openapi/quota/get, polled for quota_watch)",
+                                          labels=["app", "path"])
+            limit = GaugeMetricFamily("wxtoken_api_quota_limit",
+                                      "WeChat's daily limit of the API path", labels=["app",
+                                                                                      "path"])
+            for app_name, path, daily_limit, _used, remain in figures:
+                remaining.add_metric([app_name, path], remain)
+                limit.add_metric([app_name, path], daily_limit)
+            yield from (remaining, limit)
         if self.fleet is not None:
             state = self.fleet()
             redis_up = GaugeMetricFamily("wxtoken_redis_up", "1 while the fleet's Redis answers")

@@ -32,7 +32,7 @@ from wxtoken.logs import get_logger, mask
 from wxtoken.passive import ForcedState
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import Outcome, State
-from wxtoken.status import AppStatus, LastResult
+from wxtoken.status import AppStatus, LastResult, fingerprint
 from wxtoken.store import FileStore, TokenStore
 from wxtoken.tickets import Tickets
 from wxtoken.upstream import Fetched, WeChatClient
@@ -133,6 +133,23 @@ class Refresher:
         self.store_failures, self.problem = 0, None
         return forced
 
+    def quota_cleared(self) -> bool:
+        """WeChat's daily quota of this app's account was reset (`wxtoken clear-quota`): a wait
+        for it (45009) ends now. True when the app was waiting (the daemon then runs it)."""
+        try:
+            with self.store.locked(self.lock_timeout):
+                status = self.store.read_status()
+                if status.error_class is not ErrorClass.QUOTA_EXHAUSTED \
+                        or status.retry_at <= self.clock():
+                    return False
+                status.retry_at = 0.0
+                self.store.write_status(status)
+                self.status = status
+        except StoreError:
+            return False
+        self.log.info("quota.wait_ended", reason="the account's quota was reset")
+        return True
+
     # -- the schedule -------------------------------------------------------------------------
     def due_at(self, record: TokenRecord, status: AppStatus) -> float:
         """When this record should be replaced, jitter included (drawn once per record)."""
@@ -148,6 +165,10 @@ class Refresher:
 
     def _is_due(self, record: TokenRecord, status: AppStatus, now: float) -> bool:
         if schedule.from_the_future(record.refreshed_at, now):
+            return True
+        if self.app.api == "token" and status.refused_token == fingerprint(record.access_token):
+            # a reader reported it and the forced refresh could not replace it then (a plain
+            # call replaces it; stable_token and WeCom would hand back the same token)
             return True
         if self.store.degraded and self.app.api != "stable_token":
             # the fleet's coordination is down: candidates that refreshed on their own would
@@ -280,7 +301,8 @@ class Refresher:
                        now: float, forced: bool) -> Outcome:
         done = self.clock()
         status.failures, status.retry_at = 0, 0.0
-        status.error_class = status.errcode = status.errmsg = status.error = None
+        status.error_class = status.errcode = status.errmsg = status.error = status.rid = None
+        status.refused_token = ""
         status.last_success_at = done
         if record is not None and fetched.access_token == record.access_token:
             return self._unchanged(fetched, record, status, now, done)
@@ -408,6 +430,7 @@ class Refresher:
         status.last_result = LastResult.ERROR
         status.error_class = exc.kind
         status.errcode, status.errmsg, status.error = exc.errcode, exc.errmsg, str(exc)
+        status.rid = exc.rid
         if exc.kind is ErrorClass.QUOTA_EXHAUSTED:
             delay = next_wechat_midnight(now) - now + self.rng.uniform(0, 60)
         elif exc.kind in HARD_ERRORS:
@@ -428,6 +451,8 @@ class Refresher:
         }
         if exc.errcode is not None:
             fields.update(errcode=exc.errcode, errmsg=exc.errmsg)
+        if exc.rid:
+            fields["rid"] = exc.rid  # `wxtoken rid APP <rid>` looks it up
         if exc.kind is ErrorClass.TRANSIENT:
             self.log.warning("refresh.failed", **fields)
         else:
@@ -451,6 +476,13 @@ class Refresher:
                              reason="the fleet's Redis is unreachable: no forced refresh (the "
                              "day's counts live there)")
             return Forced(ForcedState.WAITING, record, retry_after=10.0)
+        if invalid_token is not None and record is not None and self.app.api == "token" \
+                and record.access_token == invalid_token \
+                and status.refused_token != fingerprint(invalid_token):
+            # WeChat refused the file's token: until it is replaced, the next run replaces it
+            # (whether this forced refresh is refused, fails, or the daemon restarts)
+            status.refused_token = fingerprint(invalid_token)
+            self.store.write_status(status, durable=False)
         calls = 1 + len(self.app.tickets)
         refusal = passive.refusal(status, now, self.app.api, self.config.daily_budget, calls,
                                   privileged)

@@ -4,6 +4,7 @@ counted against the daily budget. Standard library only: `wxtoken status` reads 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import stat
@@ -37,12 +38,16 @@ class AppStatus:
     errcode: int | None = None
     errmsg: str | None = None
     error: str | None = None  # our one-line description of the last failure
+    rid: str | None = None  # WeChat's request id of the last failure (for `wxtoken rid`)
     calls_day: str = ""  # the WeChat day (Asia/Shanghai) calls_today counts
     calls_today: int = 0
     forced_today: int = 0  # forced refreshes (passive refresh) on calls_day
     last_forced_at: float = 0.0
     forced_streak: int = 0  # forced refreshes in a row of freshly issued tokens (the spacing)
     ticket_replaced_at: float = 0.0  # last time a refused ticket made us replace the token
+    # fingerprint of the file's token when a reader reported it invalid and it could not be
+    # replaced then (the forced refresh failed or was refused): the next run replaces it
+    refused_token: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -90,3 +95,9 @@ def read_status(path: str) -> AppStatus:
         return AppStatus()
     finally:
         os.close(fd)
+
+
+def fingerprint(token: str) -> str:
+    """A short digest of a token: the status file may say which token was refused without
+    holding it."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]

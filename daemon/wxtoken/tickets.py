@@ -66,7 +66,8 @@ class Tickets:
             except UpstreamError as exc:
                 failed = True
                 self.log.warning("ticket.failed", ticket=kind, error=str(exc),
-                                 errcode=exc.errcode, errmsg=exc.errmsg)
+                                 errcode=exc.errcode, errmsg=exc.errmsg,
+                                 **({"rid": exc.rid} if exc.rid else {}))
                 if exc.kind is ErrorClass.TOKEN_INVALID:
                     refused = True
                     break

@@ -1,4 +1,5 @@
-"""The WeChat token endpoints: cgi-bin/token, cgi-bin/stable_token and WeCom's gettoken.
+"""The WeChat token endpoints (cgi-bin/token, cgi-bin/stable_token, WeCom's gettoken, getticket)
+and the operations' (openapi/quota/get, clear_quota/v2, openapi/rid/get).
 
 requests' exceptions are translated here. Their messages carry the full URL, and the token URL's
 query string carries the secret, so they are replaced by our own message and never chained.
@@ -33,7 +34,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from wxtoken import __version__
 from wxtoken.config import AppConfig
-from wxtoken.errcodes import ErrorClass, business_token_invalid, classify
+from wxtoken.errcodes import OPS_ERRCODES, ErrorClass, business_token_invalid, classify, rid_of
 from wxtoken.errors import UpstreamError
 from wxtoken.record import MAX_TOKEN_LEN
 
@@ -225,11 +226,44 @@ class WeChatClient:
         if isinstance(code, int) and business_token_invalid(code):
             raise UpstreamError(ErrorClass.TOKEN_INVALID,
                                 f"{path} refused the access_token (errcode {code})",
-                                errcode=code, errmsg=str(body.get("errmsg"))[:200])
+                                errcode=code, errmsg=str(body.get("errmsg"))[:200],
+                                rid=rid_of(body.get("errmsg")))
         took_ms = int((time.monotonic() - started) * 1000)
         if isinstance(body, dict) and body.get("errcode") == 0 and "ticket" in body:
             body = {"access_token": body["ticket"], "expires_in": body.get("expires_in")}
         return _parse_token_body(body, path, took_ms)
+
+    def openapi(self, app: AppConfig, path: str, body: dict[str, Any],
+                access_token: str | None = None,
+                params: dict[str, str] | None = None) -> dict[str, Any]:
+        """One POST to an operations endpoint (openapi/quota/get, clear_quota/v2,
+        openapi/rid/get): the answer when its errcode is 0, else UpstreamError with the errcode,
+        the errmsg and WeChat's rid. The token and the secret travel in the query string, which
+        no message of ours ever repeats."""
+        query = dict(params or {})
+        if access_token is not None:
+            query["access_token"] = access_token
+        answer = self._request("POST", self._base(app) + path, path,
+                               {"params": query, "json": body})
+        if not isinstance(answer, dict):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected response from {path}")
+        code = answer.get("errcode", 0)
+        if code in (0, None):
+            return answer
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected errcode from {path}")
+        if business_token_invalid(code):
+            kind = ErrorClass.TOKEN_INVALID
+        elif code in (-1, 45011):
+            kind = ErrorClass.TRANSIENT
+        elif code == 45009:
+            kind = ErrorClass.QUOTA_EXHAUSTED
+        else:
+            kind = ErrorClass.PERMANENT
+        hint = OPS_ERRCODES.get(code, "see WeChat's global error codes")
+        raise UpstreamError(kind, f"{path} returned errcode {code}: {hint}", errcode=code,
+                            errmsg=str(answer.get("errmsg", ""))[:200],
+                            rid=rid_of(answer.get("errmsg")))
 
     def _request(self, method: str, url: str, path: str, kwargs: dict[str, Any]) -> Any:
         with _deadline(self.deadline) as call:
@@ -284,7 +318,7 @@ def _parse_token_body(body: Any, path: str, took_ms: int) -> Fetched:
             raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected errcode from {path}")
         kind, hint = classify(errcode)
         raise UpstreamError(kind, f"{path} returned errcode {errcode}: {hint}",
-                            errcode=errcode, errmsg=errmsg)
+                            errcode=errcode, errmsg=errmsg, rid=rid_of(body.get("errmsg")))
     token = body.get("access_token")
     expires_in = body.get("expires_in")
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LEN:

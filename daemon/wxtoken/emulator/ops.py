@@ -21,6 +21,7 @@ from wxtoken.emulator.state import (
     apply_fault,
     check_token,
     err,
+    roll_day,
     take_fault,
 )
 
@@ -92,9 +93,10 @@ def quota_get(state: State, query: dict[str, str], body: Any) -> dict[str, Any]:
     if not isinstance(path, str) or not path:
         raise err(41001, "cgi_path missing")
     with state.lock:
+        roll_day(state)
         if path in TOKEN_PATHS:
             limit = state.settings.daily_quota
-            used = sum(state.calls.get(appid, {}).values())
+            used = state.used.get(appid, 0)
         elif path in BUSINESS_PATHS:
             limit = BUSINESS_PATHS[path]
             used = state.business.get(appid, {}).get(path, 0)
@@ -110,7 +112,7 @@ def _reset(state: State, appid: str) -> dict[str, Any]:
     if state.resets.get(key, 0) >= state.settings.resets_per_month:
         raise err(48006, "forbid to clear quota because of reaching the limit")
     state.resets[key] = state.resets.get(key, 0) + 1
-    state.calls.pop(appid, None)
+    state.used.pop(appid, None)  # the calls made stay in the emulator's stats
     state.business.pop(appid, None)
     return {"errcode": 0, "errmsg": "ok"}
 
@@ -166,5 +168,6 @@ def rid_get(state: State, query: dict[str, str], body: Any) -> dict[str, Any]:
 def count_business(state: State, appid: str, path: str) -> None:
     """A business API call that the token was good for, counted for quota/get."""
     with state.lock:
+        roll_day(state)
         per = state.business.setdefault(appid, {})
         per[path] = per.get(path, 0) + 1

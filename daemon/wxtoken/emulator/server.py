@@ -258,6 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
             ops.count_business(state, self._account(state, query), path)
             raise Reply({"ip_list": ["127.0.0.1"]})
         if method == "POST" and path in OPS:
+            with state.lock:
+                state.ops[path] = state.ops.get(path, 0) + 1
             raise Reply(OPS[path](state, query, self._json_body()))
         raise Reply(status=404, raw=b'{"errcode":404,"errmsg":"not found"}')
 

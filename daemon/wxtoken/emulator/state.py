@@ -76,9 +76,12 @@ class State:
     stable: dict[str, Stable] = field(default_factory=dict)
     calls: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> api -> n
     issued: dict[str, int] = field(default_factory=dict)  # appid -> tokens issued
+    used: dict[str, int] = field(default_factory=dict)  # appid -> calls against today's quota
+    day: int = 0  # the WeChat day (days since the epoch, Asia/Shanghai) the counts are of
     business: dict[str, dict[str, int]] = field(default_factory=dict)  # appid -> path -> n
     resets: dict[tuple[str, str], int] = field(default_factory=dict)  # (appid, month) -> n
     rids: dict[str, Any] = field(default_factory=dict)  # rid -> ops.Seen, oldest first
+    ops: dict[str, int] = field(default_factory=dict)  # operations path -> calls
     inflight: int = 0  # token requests being answered right now
     max_inflight: int = 0
     accepted: int = 0
@@ -107,6 +110,7 @@ def stats(state: State) -> dict[str, Any]:
     with state.lock:
         return {"calls": {a: dict(per) for a, per in state.calls.items()},
                 "resets": {f"{a}/{m}": n for (a, m), n in state.resets.items()},
+                "ops": dict(state.ops),
                 "total_calls": sum(sum(per.values()) for per in state.calls.values()),
                 "issued": dict(state.issued), "accepted": state.accepted,
                 "rejected": state.rejected, "max_inflight": state.max_inflight,
@@ -165,11 +169,22 @@ def issue(state: State, key: tuple[str, str], appid: str, now: float) -> Issued:
     return issued
 
 
+def roll_day(state: State) -> None:
+    """At 00:00 Asia/Shanghai WeChat's daily counts start again (caller holds state.lock)."""
+    day = int((state.clock() + 8 * 3600) // 86400)
+    if day != state.day:
+        state.day = day
+        state.used.clear()
+        state.business.clear()
+
+
 def count_call(state: State, appid: str, api: str) -> None:
+    roll_day(state)
     per = state.calls.setdefault(appid, {})
-    if sum(per.values()) >= state.settings.daily_quota:
+    if state.used.get(appid, 0) >= state.settings.daily_quota:
         raise err(45009, "reach max api daily quota limit")
     per[api] = per.get(api, 0) + 1
+    state.used[appid] = state.used.get(appid, 0) + 1
 
 
 def admit(state: State, api: str, grant_type: object, appid: str, secret: str,

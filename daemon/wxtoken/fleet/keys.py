@@ -10,6 +10,7 @@ in braces), so they live in one slot; no key name ever holds a secret.
     <prefix>:events                pub/sub channel: "<identity> <version>" after a change
     <prefix>:requests:<identity>   pub/sub channel: a follower's passive refresh, heard by the
                                    identity's candidates only
+    <prefix>:resets:{<appid>}:<YYYY-MM>  quota resets of the account that month (clear-quota)
 
 An identity is ``<appid>:token``, ``<appid>:stable_token`` or ``<corpid>:wecom:<agentid>``.
 """
@@ -40,3 +41,7 @@ def channel(prefix: str) -> str:
 
 def request_channel(prefix: str, identity: str) -> str:
     return f"{prefix}:requests:{identity}"
+
+
+def resets_key(prefix: str, appid: str, month: str) -> str:
+    return f"{prefix}:resets:{{{appid}}}:{month}"

@@ -19,7 +19,7 @@ from wxtoken.errors import ConfigError
 from wxtoken.fleet import mirror
 from wxtoken.fleet.config import MIRRORS, RedisConfig, lease_for
 from wxtoken.fleet.connect import REDIS_ERRORS, accepts_anyone, clock_offset, connect, text
-from wxtoken.fleet.keys import Keys, channel, version_key
+from wxtoken.fleet.keys import Keys, channel, resets_key, version_key
 from wxtoken.logs import get_logger
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import call_deadline
@@ -111,6 +111,20 @@ def parse_record_json(raw: bytes | str, app: str) -> tuple[TokenRecord, int, str
     doc["app"] = app
     return parse_record(json.dumps(doc).encode(), app), gen, by
 
+# The fleet's count of one account's quota resets this month: ARGV[1] added, then raised to at
+# least ARGV[2] (WeChat said 48006: the month's resets are gone, whoever made them).
+COUNT_RESETS = """
+local n = tonumber(redis.call('get', KEYS[1]) or '0') + tonumber(ARGV[1])
+if n < tonumber(ARGV[2]) then
+  n = tonumber(ARGV[2])
+end
+if n > 0 then
+  redis.call('set', KEYS[1], n, 'EX', ARGV[3])
+end
+return n
+"""
+RESETS_TTL = 40 * 86400  # a month's count outlives the month, and no more
+
 
 class Fleet:
     """The daemon's side of the fleet: one Redis client shared by every app."""
@@ -130,6 +144,7 @@ class Fleet:
         self.write_record = self.client.register_script(WRITE_RECORD)
         self.seed_record = self.client.register_script(SEED_RECORD)
         self.announce_record = self.client.register_script(ANNOUNCE)
+        self.count_resets = self.client.register_script(COUNT_RESETS)
         self.offset = 0.0  # Redis TIME minus this host's clock
         self.uncertainty = 0.0
         # Redis TIME as last measured, and this host's monotonic clock then: the fleet's clock
@@ -275,6 +290,20 @@ class Fleet:
         except REDIS_ERRORS as exc:
             self.mark_down(exc)
         return True
+
+    def resets(self, appid: str, month: str, add: int = 0, at_least: int = 0) -> int | None:
+        """The fleet's count of ``appid``'s quota resets in ``month``, after adding ``add`` and
+        raising it to ``at_least``; None while Redis cannot be reached."""
+        if not self.may_try():
+            return None
+        try:
+            count = self.count_resets(keys=[resets_key(self.prefix, appid, month)],
+                                      args=[add, at_least, RESETS_TTL])
+        except REDIS_ERRORS as exc:
+            self.mark_down(exc)
+            return None
+        self.mark_up()
+        return int(count)
 
     def status(self) -> dict[str, Any]:
         return {"redis_up": self.up, "last_sync": self.last_sync or None,
