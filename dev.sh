@@ -67,8 +67,10 @@ demo)
     ;;
 test)
     # the systemd tests boot a throwaway container (they skip, saying why, when not root);
-    # libfaketime steps a daemon's wall clock; the fleet tests start their own redis-server
-    [ "$(id -u)" != 0 ] || apt_install systemd-container faketime redis-server
+    # libfaketime steps a daemon's wall clock; the fleet tests start their own redis-server;
+    # the package test builds a .deb (python3-venv, binutils' strip) and runs lintian on it
+    [ "$(id -u)" != 0 ] || apt_install systemd-container faketime redis-server python3-venv \
+        binutils lintian
     venv test,redis
     .venv/bin/ruff check daemon tests bench
     .venv/bin/mypy
