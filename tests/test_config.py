@@ -64,6 +64,8 @@ BROKEN = [
      "apps.main.quota_watch: 'https://h/cgi-bin/x?a=1' is not an API path"),
     ("quota_watch with dots", GOOD_APP + 'quota_watch = ["/cgi-bin/../x"]\n',
      "is not an API path"),
+    ("quota_watch with a newline", GOOD_APP + 'quota_watch = ["/cgi-bin/token\\n"]\n',
+     "is not an API path"),
     ("quota_watch twice", GOOD_APP + 'quota_watch = ["/cgi-bin/token", "/cgi-bin/token"]\n',
      "apps.main.quota_watch: lists a path twice"),
     ("quota_watch for WeCom", '[apps.w]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1\n'
@@ -276,3 +278,15 @@ def test_an_app_without_a_secret_is_a_follower_only_in_the_fleet_mode(tmp_path: 
     assert result.returncode == 0, result.stderr
     assert "# no secret: this host follows the app (fleet mode)" in result.stdout
     assert load_config(str(path)).app("main").follower
+
+
+def test_quota_watch_without_metrics_file_is_a_warning(tmp_path: Path) -> None:
+    """quota_watch exports to metrics_file: without one check-config says it has no effect."""
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD_APP + 'quota_watch = ["/cgi-bin/token"]\n')
+    config.chmod(0o600)
+    out = run_cli("check-config", "--config", str(config))
+    assert out.returncode == 0
+    assert f"wxtoken: warning: {config}: apps.main.quota_watch: has no effect without " \
+        "metrics_file" in out.stderr
+    assert 'quota_watch = ["/cgi-bin/token"]' in out.stdout

@@ -544,3 +544,27 @@ def test_a_failed_passive_refresh_is_retried_without_another_report(
     assert new != token and emulator.token_status(new) == 0
     assert emulator.calls(APPID) == 3
     d.stop()
+
+
+def test_a_report_refused_by_the_spacing_costs_no_call_at_the_next_restart(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A reader that reports each fresh token is held back by the spacing; its refused report
+    is not remembered as a token to replace, so a restart reuses the valid token (no call)."""
+    config = make_config(MAIN)
+    state = config.parent / "state"
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    sock = socket_of(config)
+    group = os.stat(sock).st_gid
+    for expected in ("200", "429"):
+        token = json.loads((state / "main.json").read_text())["access_token"]
+        reader = curl(sock, "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d",
+                      json.dumps({"invalid_token": token}),
+                      "http://localhost/v1/apps/main/refresh", user=NOBODY, groups=[group])
+        assert reader.stdout == expected, reader.stdout + reader.stderr
+    assert d.stop() == 0 and emulator.calls(APPID) == 2
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    assert emulator.calls(APPID) == 2
+    d.stop()

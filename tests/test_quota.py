@@ -151,6 +151,19 @@ def test_a_failed_refresh_keeps_its_rid_in_the_status(
     d.stop()
 
 
+def test_redact_walks_json_inside_strings_and_nested_values() -> None:
+    """A response body is JSON inside a string; nested objects are walked; login codes and
+    session keys are hidden too."""
+    body = json.dumps({"errcode": 0, "access_token": "FULLTOKEN123456", "expires_in": 7200})
+    shown = json.loads(redact(body))
+    assert shown == {"errcode": 0, "access_token": "FULLTO…", "expires_in": 7200}
+    nested = redact({"list": [{"session_key": "abc", "openid": "o1"}], "ticket": "t-123456789"},
+                    "request")
+    assert nested == {"list": [{"session_key": "***", "openid": "o1"}], "ticket": "t-1234…"}
+    assert redact("appid=wx1&js_code=0a1b2c&grant_type=authorization_code") == \
+        "appid=wx1&js_code=***&grant_type=authorization_code"
+
+
 def test_redact_masks_secrets_tokens_and_tickets() -> None:
     """What rid/get returns is masked: secrets as ***, tokens and tickets to a short prefix."""
     url = ("grant_type=client_credential&appid=wx1&secret=abcdef123456&access_token="
@@ -349,3 +362,71 @@ def test_the_secret_never_appears_when_clear_quota_fails(
     assert out.returncode == 1 and "errcode 40125" in out.stderr
     assert not (config.parent / "state" / ".quota_resets.json").exists()
     assert d.stop(signal.SIGTERM) == 0
+
+
+def test_reload_starts_and_stops_a_quota_watch_without_touching_the_refresher(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A reload that only adds quota_watch starts the polls (the app's refresher is not
+    replaced); one that removes it stops them."""
+    from helpers import write_config
+    prom = tmp_path / "wxtoken.prom"
+    config = make_config(MAIN, refresh_interval=8, metrics_file=str(prom))
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    top = {k: v for k, v in __import__("tomllib").loads(config.read_text()).items()
+           if k != "apps"}
+    write_config(config, top, {"main": {**MAIN["main"], "quota_watch": ["/cgi-bin/token"]}})
+    added = run_cli("reload", "--config", str(config))
+    assert added.stdout.strip() == "reloaded: quota_watch changed for main", added.stderr
+    key = ("wxtoken_api_quota_remaining", (("app", "main"), ("path", "/cgi-bin/token")))
+    wait_until(lambda: prom.exists() and key in samples(prom), timeout=15)
+    write_config(config, top, MAIN)
+    removed = run_cli("reload", "--config", str(config))
+    assert removed.stdout.strip() == "reloaded: quota_watch changed for main", removed.stderr
+    polls = emulator.stats()["ops"]["/cgi-bin/openapi/quota/get"]
+    time.sleep(5)  # more than two polling intervals (2 s)
+    assert emulator.stats()["ops"]["/cgi-bin/openapi/quota/get"] == polls
+    d.stop()
+
+
+def test_the_month_of_a_reset_is_asia_shanghais_and_old_months_are_dropped(
+        tmp_path: Path) -> None:
+    """A reset counts in WeChat's month (2026-11-30 16:00 UTC is already December in
+    Shanghai); last month's count does not hold this month back and leaves the ledger."""
+    from datetime import UTC, datetime
+
+    from wxtoken.clock import wechat_month
+    from wxtoken.config import parse_config
+    from wxtoken.quota import RESETS_FILE, Operations
+    assert wechat_month(datetime(2026, 11, 30, 15, 59, 59, tzinfo=UTC).timestamp()) == "2026-11"
+    assert wechat_month(datetime(2026, 11, 30, 16, 0, 0, tzinfo=UTC).timestamp()) == "2026-12"
+    config = parse_config({"state_dir": str(tmp_path), "apps": {"main": {
+        "appid": APPID, "secret": SECRET}}}, str(tmp_path / "c.toml"))
+    (tmp_path / RESETS_FILE).write_text(json.dumps({
+        APPID: {"month": "2026-11", "count": 10}, "wxother": {"month": "2026-11", "count": 3}}))
+    december = datetime(2026, 11, 30, 16, 0, 1, tzinfo=UTC).timestamp()
+    ops = Operations(lambda: config, lambda: None, lambda *a: None,  # type: ignore[arg-type,return-value]
+                     clock=lambda: december)
+    assert ops.resets_info(APPID) == {"month": "2026-12", "used": 0, "left": 10, "limit": 10}
+    assert ops._count(APPID, "2026-12", 1) == 1
+    assert read_json(tmp_path / RESETS_FILE) == {
+        APPID: {"month": "2026-12", "count": 1, "last_at": int(december)}}
+
+
+def test_an_unreadable_reset_ledger_refuses_the_reset(
+        emulator: Emulator, make_config: Callable[..., Path],
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A damaged .quota_resets.json is not counted as zero resets: clear-quota is refused,
+    saying which file to fix, and WeChat is not asked."""
+    config = make_config(MAIN)
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    (config.parent / "state" / ".quota_resets.json").write_text("{not json")
+    out = run_cli("clear-quota", "main", "--yes", "--config", str(config))
+    assert out.returncode == 1 and "cannot read " in out.stderr and "nothing was reset" \
+        in out.stderr
+    assert CLEAR not in emulator.stats()["ops"]
+    looked = run_cli("quota", "main", "--json", "--config", str(config))
+    assert looked.returncode == 0 and json.loads(looked.stdout)["resets"] is None
+    d.stop()

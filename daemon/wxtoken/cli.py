@@ -235,7 +235,14 @@ def _cmd_clear_quota(args: argparse.Namespace) -> int:
         if reply.strip().lower() != "yes":
             print("wxtoken: clear-quota: not confirmed; nothing was done", file=sys.stderr)
             return 1
-    answer = _op_request("POST", f"/v1/apps/{args.app}/clear-quota", args)
+    try:
+        answer = _op_request("POST", f"/v1/apps/{args.app}/clear-quota", args, timeout=90)
+    except WxtokenError as exc:
+        if "control request failed" in str(exc) or "no answer from the wxtoken daemon" in \
+                str(exc):
+            raise WxtokenError(f"{exc}: the reset may have been made; see `wxtoken quota "
+                               f"{args.app}` (resets used) before trying again") from None
+        raise
     print(f"cleared: the daily quota of {answer['app']} ({answer['appid']}) is reset; "
           f"{answer['resets_used']} of 10 resets used in {answer['month']}, "
           f"{answer['resets_left']} left")

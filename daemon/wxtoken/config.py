@@ -54,7 +54,7 @@ APP_KEYS = frozenset({
     "quota_watch",
 })
 # an API path as openapi/quota/get takes it ("cgi_path"): /cgi-bin/message/custom/send
-CGI_PATH_RE = re.compile(r"^/[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
+CGI_PATH_RE = re.compile(r"/[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*")  # fullmatch
 MAX_QUOTA_WATCH = 20
 
 
@@ -143,7 +143,7 @@ def _quota_watch(ck: Checker, value: Any, key: str, api: Api) -> tuple[str, ...]
         ck.bad(key, "WeCom has no quota API (openapi/quota/get is WeChat's)")
         return ()
     for path in value:
-        if not CGI_PATH_RE.match(path) or ".." in path or len(path) > 200:
+        if not CGI_PATH_RE.fullmatch(path) or ".." in path or len(path) > 200:
             ck.bad(key, f"{path!r} is not an API path (like /cgi-bin/message/custom/send: no "
                    "host, no query string)")
             return ()
@@ -258,6 +258,11 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
         ck.warnings.append(f"{path}: renew_before: {renew_before:g} s reaches past WeChat's "
                            f"{STABLE_WINDOW:g} s stable_token window: stable_token apps renew "
                            f"within their last {STABLE_WINDOW:g} s")
+    watching = [a.name for a in apps if a.quota_watch]
+    if watching and not metrics_file:
+        ck.warnings.append(f"{path}: apps.{watching[0]}.quota_watch: has no effect without "
+                           "metrics_file (the figures are exported there); `wxtoken quota` "
+                           "works without it")
     if ck.problems:
         raise ConfigError(ck.problems)
     return Config(

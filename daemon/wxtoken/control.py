@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from wxtoken.config import Config
-from wxtoken.errors import TokenUnavailable, UpstreamError
+from wxtoken.errors import TokenUnavailable, UpstreamError, WxtokenError
 from wxtoken.health import app_health_from_files
 from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
@@ -349,7 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, {"error": "the quota tools are not running", "error_class":
                              "stopping"})
             return
-        if path is not None and (not CGI_PATH_RE.match(path) or ".." in path):
+        if path is not None and (not CGI_PATH_RE.fullmatch(path) or ".." in path):
             self._send(400, {"error": f"{path!r} is not an API path (like "
                              "/cgi-bin/message/custom/send)", "error_class": "bad_request"})
             return
@@ -359,6 +359,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, call(ops))
         except OpError as exc:
             self._send(exc.status, exc.answer())
+        except WxtokenError as exc:  # e.g. the app was removed by a reload meanwhile
+            self._send(409, {"error": str(exc), "error_class": "conflict"})
+        except Exception as exc:  # a bug: an answer, not a dropped connection
+            self.server.log.error("control.op_crashed", app=name,
+                                  error=str(exc) or type(exc).__name__)
+            self._send(500, {"error": f"internal error ({type(exc).__name__}); see the "
+                             "daemon's log", "error_class": "internal"})
 
     def _body(self) -> str | None:
         """The reported token from the body; _BadRequest for anything but {} or

@@ -113,7 +113,9 @@ class Daemon:
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max(1, min(MAX_CONCURRENT_FETCHES,
-                                                                len(self.refreshers))))},
+                                                                len(self.refreshers)))),
+                       # quota_watch polls have their own thread: never in a refresh's way
+                       "quota": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._monitor_thread = threading.Thread(target=self._monitor, name="monitor",
@@ -227,14 +229,14 @@ class Daemon:
         with contextlib.suppress(JobLookupError):
             self.scheduler.remove_job(job)
         app = next((a for a in self.config.apps if a.name == name), None)
-        if app is None or not app.quota_watch:
-            return
+        if app is None or not app.quota_watch or self.metrics is None:
+            return  # (without metrics_file the figures would go nowhere: check-config warns)
         every = watch_interval(self.config)
         first = min(every, 30.0) * (1 + self._rng.random() / 2)  # after the first fetches
         self.scheduler.add_job(self._quota_tick, IntervalTrigger(seconds=every,
                                                                  jitter=every / 10),
                                args=[name], id=job, name=f"quota_watch {name}",
-                               next_run_time=_utc(time.time() + first))
+                               executor="quota", next_run_time=_utc(time.time() + first))
 
     def _quota_tick(self, name: str) -> None:
         if self._stopping:
@@ -434,7 +436,7 @@ class Daemon:
                 self.scheduler.add_job(
                     self._tick, IntervalTrigger(seconds=self.safety_net), args=[name], id=name,
                     name=f"refresh {name}", next_run_time=_utc(now))
-        for name in (*change.removed, *change.added, *change.changed):
+        for name in (*change.removed, *change.added, *change.changed, *change.watch_changed):
             self._watch_quota(name)
         for refresher in self.refreshers.values():
             if refresher.client is not client:  # unchanged apps, when only the client changed

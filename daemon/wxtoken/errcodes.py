@@ -66,7 +66,8 @@ OPS_ERRCODES: dict[int, str] = {
            "clear_quota/v2 share them; they come back on the 1st, Asia/Shanghai)",
     76021: "WeChat does not know this cgi_path (give the API's path, e.g. "
            "/cgi-bin/message/custom/send)",
-    76022: "WeChat cannot report the quota of this cgi_path",
+    76022: "WeChat cannot report the quota of this cgi_path (the account does not own this "
+           "API, or it is an /sns/ path)",
     76001: "WeChat does not know this rid (it keeps rids 7 days)",
     76002: "the rid is malformed (it looks like 617682e1-09059ac5-34a8e2ea)",
     76003: "this rid belongs to another account",

@@ -48,12 +48,17 @@ QUOTA_GET = "/cgi-bin/openapi/quota/get"
 RID_GET = "/cgi-bin/openapi/rid/get"
 CLEAR_QUOTA = "/cgi-bin/clear_quota/v2"
 ASKS_PER_MINUTE = 20  # quota and rid lookups asked over the socket, per app
-RID_RE = re.compile(r"^[0-9A-Za-z-]{6,64}$")
+RID_RE = re.compile(r"[0-9A-Za-z-]{6,64}")  # fullmatch
 # values masked in what rid/get returns: the call it describes may have carried them
-_SECRET_KEY = re.compile(r"(?i)([\"']?[a-z_]*(?:secret|password)[a-z_]*[\"']?\s*[=:]\s*[\"']?)"
+_HIDDEN = (r"secret|password|session_key|encoding_aes_key|signature|js_code|auth_code|"
+           r"authorization_code")
+_MASKED = r"token|ticket"
+_SECRET_KEY = re.compile(rf"(?i)([\"']?[a-z_]*(?:{_HIDDEN})[a-z_]*[\"']?\s*[=:]\s*[\"']?)"
                          r"([^&\"'\s,}]+)")
-_TOKEN_KEY = re.compile(r"(?i)([\"']?[a-z_]*(?:token|ticket)[a-z_]*[\"']?\s*[=:]\s*[\"']?)"
+_TOKEN_KEY = re.compile(rf"(?i)([\"']?[a-z_]*(?:{_MASKED})[a-z_]*[\"']?\s*[=:]\s*[\"']?)"
                         r"([^&\"'\s,}]+)")
+_SECRET_NAME = re.compile(rf"(?i)(?:{_HIDDEN})")
+_TOKEN_NAME = re.compile(rf"(?i)(?:{_MASKED})")
 
 Force = Callable[[str, str | None, bool], "Forced | None"]
 
@@ -64,10 +69,30 @@ def watch_interval(config: Config) -> float:
     return max(1.0, min(900.0, config.refresh_interval / 4))
 
 
-def redact(text: str) -> str:
-    """``text`` with every secret-like value replaced by ***, and every token or ticket by its
-    masked prefix."""
-    text = _SECRET_KEY.sub(lambda m: m.group(1) + "***", text)
+def redact(value: Any, key: str = "") -> Any:
+    """``value`` with every secret-like value (and one-time login codes) replaced by ***, and
+    every token or ticket by its masked prefix: in query strings, in JSON (also JSON inside a
+    string, as in a response body) and in nested objects; the daemon's own secrets are removed
+    whatever their key."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if not isinstance(value, str):
+        return value
+    if key and _SECRET_NAME.search(key):
+        return "***"
+    if key and _TOKEN_NAME.search(key):
+        return mask(value)
+    stripped = value.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            doc = json.loads(stripped)
+        except ValueError:
+            pass
+        else:
+            return json.dumps(redact(doc), ensure_ascii=False)
+    text = _SECRET_KEY.sub(lambda m: m.group(1) + "***", value)
     text = _TOKEN_KEY.sub(lambda m: m.group(1) + mask(m.group(2)), text)
     return scrub(text)
 
@@ -97,8 +122,10 @@ class Operations:
 
     def __init__(self, config: Callable[[], Config], client: Callable[[], WeChatClient],
                  force: Force, fleet: Fleet | None = None,
-                 on_cleared: Callable[[str], None] = lambda appid: None) -> None:
+                 on_cleared: Callable[[str], None] = lambda appid: None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
+        self.clock = clock  # which month it is (Asia/Shanghai)
         self.client = client
         self.force = force
         self.fleet = fleet
@@ -130,20 +157,24 @@ class Operations:
             raise OpError(503, "unavailable", f"the token of {name} has expired")
         return record.access_token
 
-    def _with_token(self, name: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A call with the app's token; once more with a new one if WeChat refused it."""
-        app = self._app(name)
-        token = self._token(name)
+    def _with_token(self, app: AppConfig, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A call with the app's token; once more if WeChat refused it and a passive refresh
+        replaced it."""
+        token = self._token(app.name)
         try:
             return self.client().openapi(app, path, body, access_token=token)
         except UpstreamError as exc:
             if exc.kind is not ErrorClass.TOKEN_INVALID:
                 raise _upstream(exc) from None
-        self.log.warning("quota.token_refused", app=name, token=mask(token),
-                         reason="reported as invalid; one more try with the new token")
-        self.force(name, token, False)
+            refused = exc
+        self.log.warning("quota.token_refused", app=app.name, token=mask(token),
+                         reason="reported as invalid (passive refresh)")
+        self.force(app.name, token, False)
+        new = self._token(app.name)
+        if new == token:  # the refresh was refused or failed: the same call would fail again
+            raise _upstream(refused)
         try:
-            return self.client().openapi(app, path, body, access_token=self._token(name))
+            return self.client().openapi(app, path, body, access_token=new)
         except UpstreamError as exc:
             raise _upstream(exc) from None
 
@@ -162,29 +193,38 @@ class Operations:
             asks.append(now)
 
     # -- quota ----------------------------------------------------------------------------------
-    def quota(self, name: str, path: str) -> dict[str, Any]:
-        """daily_limit, used and remain of one API path of the app, from WeChat."""
-        answer = self._with_token(name, QUOTA_GET, {"cgi_path": path})
+    def quota(self, name: str, path: str, resets: bool = True) -> dict[str, Any]:
+        """daily_limit, used and remain of one API path of the app, from WeChat (and this
+        month's resets as counted, unless ``resets`` is False)."""
+        app = self._app(name)
+        answer = self._with_token(app, QUOTA_GET, {"cgi_path": path})
         quota = answer.get("quota")
         if not isinstance(quota, dict) or not all(
-                isinstance(quota.get(k), int) for k in ("daily_limit", "used", "remain")):
+                isinstance(quota.get(k), int) and not isinstance(quota.get(k), bool)
+                for k in ("daily_limit", "used", "remain")):
             raise OpError(502, "upstream", f"{QUOTA_GET} answered without a quota")
-        app = self.config().app(name)
-        return {"app": name, "appid": app.appid, "path": path,
-                "daily_limit": quota["daily_limit"], "used": quota["used"],
-                "remain": quota["remain"], "resets": self.resets_info(app.appid)}
+        out = {"app": name, "appid": app.appid, "path": path,
+               "daily_limit": quota["daily_limit"], "used": quota["used"],
+               "remain": quota["remain"]}
+        if resets:
+            try:
+                out["resets"] = self.resets_info(app.appid)
+            except OpError:
+                out["resets"] = None  # the ledger is unreadable (logged); the quota is fine
+        return out
 
     # -- rid ------------------------------------------------------------------------------------
     def rid(self, name: str, rid: str) -> dict[str, Any]:
         """What WeChat saw of the call with this rid, secrets and tokens masked."""
-        if not RID_RE.match(rid):
+        if not RID_RE.fullmatch(rid):
             raise OpError(400, "bad_request", f"{rid!r} is not a rid (it looks like "
                           "617682e1-09059ac5-34a8e2ea, the end of an errmsg)")
-        answer = self._with_token(name, RID_GET, {"rid": rid})
+        answer = self._with_token(self._app(name), RID_GET, {"rid": rid})
         request = answer.get("request")
         if not isinstance(request, dict):
             raise OpError(502, "upstream", f"{RID_GET} answered without a request")
-        shown = {k: redact(v) if isinstance(v, str) else v for k, v in request.items()}
+        shown = {k: redact(v) if k in ("request_url", "request_body", "response_body")
+                 else redact(v, k) for k, v in request.items()}
         return {"app": name, "rid": rid, "request": shown}
 
     # -- clear_quota ----------------------------------------------------------------------------
@@ -192,16 +232,22 @@ class Operations:
         return os.path.join(self.config().state_dir, RESETS_FILE)
 
     def _read_resets(self) -> dict[str, Any]:
+        """The ledger; OpError when it exists but cannot be read (counting from zero could
+        spend resets WeChat has already granted)."""
+        path = self._resets_path()
         try:
-            with open(self._resets_path(), "rb") as fh:
+            with open(path, "rb") as fh:
                 doc = json.loads(fh.read(1 << 20))
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError):
-            self.log.warning("quota.resets_unreadable", path=self._resets_path(),
-                             reason="counting this month's resets from zero")
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.log.error("quota.resets_unreadable", path=path, error=reason)
+            raise OpError(500, "store", f"cannot read {path} ({reason}): fix or delete it "
+                          "(it counts this month's quota resets); nothing was reset") from None
+        return doc
 
     def _local_count(self, doc: dict[str, Any], appid: str, month: str) -> int:
         entry = doc.get(appid)
@@ -212,7 +258,7 @@ class Operations:
 
     def resets_info(self, appid: str) -> dict[str, Any]:
         """This month's resets of ``appid`` as counted (no change)."""
-        month = wechat_month(time.time())
+        month = wechat_month(self.clock())
         used = self._local_count(self._read_resets(), appid, month)
         if self.fleet is not None:
             shared = self.fleet.resets(appid, month)
@@ -229,7 +275,7 @@ class Operations:
             count = max(count, shared or 0)
         doc = {k: v for k, v in doc.items()
                if isinstance(v, dict) and v.get("month") == month}  # older months go
-        doc[appid] = {"month": month, "count": count, "last_at": int(time.time())}
+        doc[appid] = {"month": month, "count": count, "last_at": int(self.clock())}
         try:
             atomic_write(self._resets_path(), json.dumps(doc, sort_keys=True).encode() + b"\n",
                          0o600)
@@ -245,7 +291,7 @@ class Operations:
             raise OpError(409, "no_secret", f"this host has no secret for {name} (it follows "
                           "the app in the fleet): run clear-quota on a host that has it")
         with self._resets_lock:
-            now = time.time()
+            now = self.clock()
             month = wechat_month(now)
             info = self.resets_info(app.appid)
             if info["used"] >= RESETS_PER_MONTH:
@@ -285,7 +331,7 @@ class Operations:
         for path in app.quota_watch:
             key = (name, path)
             try:
-                got = self.quota(name, path)
+                got = self.quota(name, path, resets=False)
             except OpError as exc:
                 if key not in self._watch_failed:  # once per failure, not every poll
                     self._watch_failed.add(key)

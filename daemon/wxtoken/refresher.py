@@ -476,16 +476,19 @@ class Refresher:
                              reason="the fleet's Redis is unreachable: no forced refresh (the "
                              "day's counts live there)")
             return Forced(ForcedState.WAITING, record, retry_after=10.0)
-        if invalid_token is not None and record is not None and self.app.api == "token" \
-                and record.access_token == invalid_token \
-                and status.refused_token != fingerprint(invalid_token):
-            # WeChat refused the file's token: until it is replaced, the next run replaces it
-            # (whether this forced refresh is refused, fails, or the daemon restarts)
-            status.refused_token = fingerprint(invalid_token)
-            self.store.write_status(status, durable=False)
+        # WeChat refused the file's token: if it cannot be replaced now (the call fails, or a
+        # quota or hard-error wait holds it back), the next run replaces it. Not for a report
+        # the spacing or the budget refuses: those limits hold back readers that report
+        # freshly issued tokens, and a restart must not make the call for them.
+        remember = invalid_token is not None and record is not None \
+            and self.app.api == "token" and record.access_token == invalid_token
         calls = 1 + len(self.app.tickets)
         refusal = passive.refusal(status, now, self.app.api, self.config.daily_budget, calls,
                                   privileged)
+        if refusal is not None and refusal.state is ForcedState.WAITING and remember:
+            assert invalid_token is not None
+            status.refused_token = fingerprint(invalid_token)
+            self.store.write_status(status, durable=False)
         if refusal is not None:
             log = self.log.error if refusal.retry_after > 3600 else self.log.warning
             log("refresh.refused", state=refusal.state, reason=refusal.reason,
@@ -505,6 +508,9 @@ class Refresher:
             fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
         except UpstreamError as exc:
             status.calls_today -= len(self.app.tickets)
+            if remember:
+                assert invalid_token is not None
+                status.refused_token = fingerprint(invalid_token)
             outcome = self._failed(exc, status, record, now)
             return Forced(ForcedState.FAILED, record if valid else None, outcome, error=exc)
         outcome = self._store_fetched(fetched, record, status, now, forced=True)

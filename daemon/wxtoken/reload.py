@@ -12,7 +12,7 @@ table (and a secret_credential systemd has not loaded: LoadCredential= is read a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from wxtoken.config import Config
 
@@ -30,6 +30,7 @@ class Plan:
     unchanged: tuple[str, ...]
     needs_restart: tuple[str, ...]  # top-level keys a reload cannot change
     new_client: bool  # api_base, ca_bundle or renew_before (the call deadline) changed
+    watch_changed: tuple[str, ...] = ()  # only quota_watch changed: the refresher is kept
 
     def problems(self, path: str) -> list[str]:
         return [f"{path}: {key}: changed, which takes a restart (systemctl restart wxtoken); "
@@ -37,8 +38,8 @@ class Plan:
 
     def summary(self) -> str:
         parts = [f"{what} {', '.join(names)}" for what, names in (
-            ("added", self.added), ("removed", self.removed), ("changed", self.changed))
-            if names]
+            ("added", self.added), ("removed", self.removed), ("changed", self.changed),
+            ("quota_watch changed for", self.watch_changed)) if names]
         return "; ".join(parts) or "nothing changed"
 
 
@@ -47,13 +48,18 @@ def plan(old: Config, new: Config) -> Plan:
     new_apps = {app.name: app for app in new.apps}
     app_wide = any(getattr(old, k) != getattr(new, k) for k in APP_WIDE_KEYS)
     common = [name for name in new_apps if name in old_apps]
-    changed = tuple(n for n in common if app_wide or old_apps[n] != new_apps[n])
+    # quota_watch is the quota tools' business, not the refresher's
+    changed = tuple(n for n in common if app_wide or replace(old_apps[n], quota_watch=())
+                    != replace(new_apps[n], quota_watch=()))
+    watch_changed = tuple(n for n in common if n not in changed
+                          and old_apps[n].quota_watch != new_apps[n].quota_watch)
     return Plan(
         added=tuple(n for n in new_apps if n not in old_apps),
         removed=tuple(n for n in old_apps if n not in new_apps),
         changed=changed,
-        unchanged=tuple(n for n in common if n not in changed),
+        unchanged=tuple(n for n in common if n not in changed and n not in watch_changed),
         needs_restart=tuple(k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)),
         new_client=any(getattr(old, k) != getattr(new, k)
                        for k in ("api_base", "ca_bundle", "renew_before")),
+        watch_changed=watch_changed,
     )

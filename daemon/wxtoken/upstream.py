@@ -248,7 +248,7 @@ class WeChatClient:
         if not isinstance(answer, dict):
             raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected response from {path}")
         code = answer.get("errcode", 0)
-        if code in (0, None):
+        if code is None or (code == 0 and not isinstance(code, bool)):
             return answer
         if not isinstance(code, int) or isinstance(code, bool):
             raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected errcode from {path}")

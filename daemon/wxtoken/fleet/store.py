@@ -46,7 +46,8 @@ LEASE_ERRORS: tuple[type[Exception], ...] = (LockError, *REDIS_ERRORS)
 STATUS_TTL = 3 * 86400  # the fleet's counts outlive a WeChat day, and no more
 FLEET_FIELDS = {"calls_day": str, "calls_today": int, "forced_today": int,
                 "last_forced_at": float, "forced_streak": int, "ticket_replaced_at": float,
-                "refreshed_at_exact": float}  # the record's refreshed_at with its fraction
+                "refreshed_at_exact": float,  # the record's refreshed_at with its fraction
+                "refused_token": str}  # a reported token a forced refresh could not replace
 
 
 class _Heartbeat(threading.Thread):
