@@ -168,3 +168,19 @@ def test_run_refuses_a_state_dir_owned_by_another_user(
     d = daemons(config, args=["--allow-other-owner"])
     d.wait_for("daemon.ready")
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_a_state_dir_that_is_a_file_is_a_config_error(tmp_path: Path, command: str) -> None:
+    """state_dir naming a file: exit 78 with one line naming file, key and problem, in
+    check-config as in run; the file is left as it was."""
+    state = tmp_path / "state"
+    state.write_text("not a directory\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'state_dir = "{state}"\n[apps.main]\nappid = "{APPID}"\n'
+                      f'secret = "{SECRET}"\n')
+    config.chmod(0o600)
+    result = run_cli(command, "--config", str(config))
+    assert result.returncode == 78
+    assert result.stderr.strip() == f"wxtoken: {config}: state_dir: {state} is not a directory"
+    assert state.read_text() == "not a directory\n"

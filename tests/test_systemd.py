@@ -225,7 +225,12 @@ def test_systemctl_reload_applies_a_good_config_and_refuses_a_broken_one(
     assert "event=config.reload_refused" in errors and "refresh_interval" in errors
     box.write("/etc/wxtoken/config.toml", CONFIG.format(url=by_name(emu), appid=APPID), "0640")
     box.run("chgrp", "wxtoken", "/etc/wxtoken/config.toml")
-    box.run("systemctl", "reload", "wxtoken")
+    box.run("systemctl", "reload", "wxtoken")  # mini removed: it stops, its file stays
+    reloaded = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat",
+                       "--grep", "config.reloaded").stdout.splitlines()
+    assert "added mini" in reloaded[0] and "removed mini" in reloaded[-1]
+    box.run("test", "-f", "/var/lib/wxtoken/mini.json")
+    assert emu.calls(APPID) == calls and emu.calls(APPID2) == 1
     box.run("systemctl", "stop", "wxtoken")
 
 

@@ -222,6 +222,8 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     ck = Checker(path)
     ck.unknown(doc, TOP_KEYS, "")
     state_dir = ck.string(doc, "state_dir", "", DEFAULT_STATE_DIR, check_abs_path)
+    if state_dir and os.path.exists(state_dir) and not os.path.isdir(state_dir):
+        ck.bad("state_dir", f"{state_dir} is not a directory")
     refresh_interval = ck.number(doc, "refresh_interval", 3600.0, 0.1, 86400)
     renew_before = ck.number(doc, "renew_before", 300.0, 0, 3600)
     api_base = ck.string(doc, "api_base", "", None, check_url)
