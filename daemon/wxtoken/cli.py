@@ -109,9 +109,12 @@ def _cmd_token(args: argparse.Namespace) -> int:
         state_dir = args.state_dir
     else:
         config = load_config(args.config, resolve_secrets=False)
-        config.app(args.app)  # a clear error for an app that is not configured
+        if args.component:
+            config.component(args.component)
+        else:
+            config.app(args.app)  # a clear error for an app that is not configured
         state_dir = config.state_dir
-    token = read_token(args.app, state_dir)
+    token = read_token(args.app, state_dir, args.component)
     if args.ticket:
         tickets = token.record.tickets
         if args.ticket not in tickets:
@@ -131,9 +134,12 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         control_socket = args.socket
     else:
         config = load_config(args.config, resolve_secrets=False)
-        config.app(args.app)
+        if args.component:
+            config.component(args.component)
+        else:
+            config.app(args.app)
         control_socket = config.control_socket
-    answer = refresh(args.app, args.invalid, control_socket)
+    answer = refresh(args.app, args.invalid, control_socket, component=args.component)
     print(answer["access_token"])
     return 0
 
@@ -249,20 +255,64 @@ def _cmd_clear_quota(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_component(args: argparse.Namespace) -> int:
+    """wxtoken component ticket NAME TICKET|- / wxtoken component import NAME FILE|-"""
+    from wxtoken.control_client import request
+    from wxtoken.record import APP_NAME_RE
+    if not APP_NAME_RE.match(args.name):
+        raise WxtokenError(f"{args.name!r} is not a valid component name")
+    if args.action == "ticket":
+        ticket = sys.stdin.readline().strip() if args.value == "-" else args.value.strip()
+        answer = request("POST", f"/v1/components/{args.name}/ticket", {"ticket": ticket},
+                         _socket_of(args))
+        print("ticket stored" + ("" if answer.get("new") else " (it was the one kept)"))
+        return 0
+    if args.value == "-":
+        raw = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(args.value, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            raise WxtokenError(f"component import: cannot read {args.value}: "
+                               f"{exc.strerror}") from None
+    from wxtoken.control_client import request_raw
+    answer = request_raw("POST", f"/v1/components/{args.name}/import", raw, _socket_of(args),
+                         timeout=300)
+    print(f"imported {answer['imported']} authorizers ({answer['with_token']} with a valid "
+          "token: no call until it is due)")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config, resolve_secrets=False)
     now = time.time()
     apps = [app_health_from_files(config, app, now) for app in config.apps]
+    from wxtoken.health import component_health_from_files
+    components = [component_health_from_files(config, comp, now)
+                  for comp in config.components]
     fleet = _fleet_status(config, now) if config.redis else None
     for a in apps:  # one host alone is "standalone"; on a fleet, as the daemon last said
         a["role"] = fleet["roles"].get(a["app"], "unknown") if fleet else "standalone"
-    healthy = all(a["healthy"] for a in apps) and (fleet is None or not fleet["problems"])
+    healthy = all(a["healthy"] for a in apps) and (fleet is None or not fleet["problems"]) \
+        and all(c["healthy"] for c in components)
     if args.json:
         out: dict[str, Any] = {"healthy": healthy, "apps": apps}
+        if components:
+            out["components"] = components
         if fleet is not None:
             out["fleet"] = fleet
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0 if healthy else 1
+    for c in components:
+        fresh = sum(1 for a in c["authorizers"] if a["healthy"])
+        ticket = (f"last ticket {human_delta(now - c['ticket_received_at'])} ago"
+                  if c["ticket_received_at"] else "no ticket yet")
+        print(f"component {c['component']} ({c['component_appid']}): {ticket}; "
+              f"{fresh}/{len(c['authorizers'])} authorizers fresh"
+              + "".join(f"; {p}" for p in c["problems"]))
+        # every app's row below, and the authorizers that are not healthy
+        apps += [c["token"]] + [a for a in c["authorizers"] if not a["healthy"]]
     if fleet is not None:
         print(f"fleet: redis {'up' if fleet['redis_up'] else 'DOWN'}, last sync "
               + (f"{human_delta(now - fleet['last_sync'])} ago" if fleet["last_sync"] else "never")
@@ -365,13 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "then belong to this one)")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("token", parents=[common], help="print an app's valid token (no network)")
-    p.add_argument("app")
+    p.add_argument("app", help="the app (with --component: an authorizer appid, or the "
+                   "component_appid for the component token)")
+    p.add_argument("--component", metavar="NAME", help="an Open Platform component's token")
     p.add_argument("--ticket", choices=["jsapi", "wx_card"], help="print a ticket instead")
     p.add_argument("--state-dir", help="read from this state dir instead of the config's")
     p.set_defaults(func=_cmd_token)
     p = sub.add_parser("refresh", parents=[common],
                        help="passive refresh through the running daemon; prints the new token")
     p.add_argument("app")
+    p.add_argument("--component", metavar="NAME", help="an Open Platform component's token")
     p.add_argument("--invalid", metavar="TOKEN",
                    help="the token WeChat refused: no upstream call if it was already replaced")
     p.add_argument("--socket", metavar="PATH", help="the daemon's control socket "
@@ -405,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--socket", metavar="PATH", help=help_socket)
     p.set_defaults(func=_cmd_clear_quota)
+    p = sub.add_parser("component", parents=[common],
+                       help="Open Platform: hand over a component_verify_ticket, or import "
+                            "authorizers' refresh tokens (root or the daemon's user)")
+    p.add_argument("action", choices=["ticket", "import"])
+    p.add_argument("name", help="the component ([components.NAME])")
+    p.add_argument("value", help="ticket: the ticket (- reads it from stdin); import: a file of "
+                   "JSON lines (- for stdin)")
+    p.add_argument("--socket", metavar="PATH", help=help_socket)
+    p.set_defaults(func=_cmd_component)
     p = sub.add_parser("status", parents=[common], help="health of every app (exit 1 if unhealthy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)

@@ -21,6 +21,7 @@ from wxtoken.configcheck import (
     check_socket_path,
     check_url,
     resolve_secret,
+    source_keys,
 )
 from wxtoken.errors import ConfigError, WxtokenError
 from wxtoken.fleet.config import RedisConfig, parse_redis
@@ -47,8 +48,14 @@ LOG_FORMATS = ("auto", "journal", "json", "console")
 SECRET_SOURCES = ("secret_file", "secret_env", "secret_credential", "secret")
 TOP_KEYS = frozenset({
     "state_dir", "refresh_interval", "renew_before", "api_base", "ca_bundle", "log_format",
-    "daily_budget", "control_socket", "metrics_file", "redis", "apps",
+    "daily_budget", "control_socket", "metrics_file", "redis", "apps", "callback_listen",
+    "components",
 })
+COMPONENT_KEYS = frozenset({
+    "component_appid", "tickets", *source_keys("secret", True), *source_keys("msg_token", True),
+    *source_keys("encoding_aes_key", True),
+})
+AES_KEY_RE = re.compile(r"[A-Za-z0-9+/]{43}")  # fullmatch: 32 bytes in base64, no padding
 APP_KEYS = frozenset({
     "appid", "corpid", "agentid", *SECRET_SOURCES, "api", "tickets", "file_mode", "file_group",
     "quota_watch",
@@ -89,6 +96,19 @@ class AppConfig:
 
 
 @dataclass(frozen=True)
+class ComponentConfig:
+    """One ``[components.NAME]`` table: an Open Platform (第三方平台) account, resolved."""
+
+    name: str
+    component_appid: str
+    secret: str = field(repr=False)
+    msg_token: str = field(repr=False)
+    encoding_aes_key: str = field(repr=False)
+    secret_source: str = ""
+    tickets: tuple[str, ...] = ()  # fetched for every authorizer
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file, validated."""
 
@@ -104,7 +124,17 @@ class Config:
     control_socket: str = DEFAULT_SOCKET
     metrics_file: str | None = None
     redis: RedisConfig | None = None
+    callback_listen: tuple[str, int] | None = None  # the Open Platform's callback endpoint
+    components: tuple[ComponentConfig, ...] = ()
     warnings: tuple[str, ...] = ()
+
+    def component(self, name: str) -> ComponentConfig:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise WxtokenError(f"{self.path}: no component named {name!r}"
+                           + (f" (configured: {', '.join(c.name for c in self.components)})"
+                              if self.components else " (no [components.NAME] table)"))
 
     def app(self, name: str) -> AppConfig:
         for app in self.apps:
@@ -216,6 +246,64 @@ def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
                      quota_watch=watch)
 
 
+def _listen(ck: Checker, value: Any) -> tuple[str, int] | None:
+    """callback_listen = "127.0.0.1:8089" (or "[::1]:8089")."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        ck.bad("callback_listen", 'must be "host:port", like "127.0.0.1:8089"')
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        ck.bad("callback_listen", f'must be "host:port" with a port from 1 to 65535, not '
+               f"{value!r}")
+        return None
+    return host, int(port)
+
+
+def _parse_component(ck: Checker, name: str, table: Any, config_mode: int,
+                     resolve_secrets: bool) -> ComponentConfig | None:
+    prefix = f"components.{name}."
+    if not APP_NAME_RE.match(name):
+        ck.bad(f"components.{name}", "component names may use only letters, digits, '_' and "
+               "'-' (max 64)")
+        return None
+    if not isinstance(table, dict):
+        ck.bad(f"components.{name}", "must be a table")
+        return None
+    before = len(ck.problems)
+    ck.unknown(table, COMPONENT_KEYS, prefix)
+    appid = ck.string(table, "component_appid", prefix) or ""
+    if not appid:
+        ck.bad(prefix + "component_appid", "is required")
+    elif not APP_NAME_RE.match(appid):
+        ck.bad(prefix + "component_appid", f"{appid!r} is not an appid")
+    tickets = ck.strings(table, "tickets", prefix, TICKET_TYPES)
+    found: dict[str, str] = {}
+    source = ""
+    for kind in ("secret", "msg_token", "encoding_aes_key"):
+        if resolve_secrets:
+            value, where = resolve_secret(ck, table, prefix, kind, config_mode, inline=True,
+                                          required=True)
+            found[kind] = value or ""
+            if kind == "secret":
+                source = where
+        else:
+            found[kind] = ""
+            if kind == "secret":
+                source = next((k for k in source_keys(kind, True) if k in table), "")
+    aes = found["encoding_aes_key"]
+    if resolve_secrets and aes and not AES_KEY_RE.fullmatch(aes):
+        ck.bad(prefix + "encoding_aes_key", "must be the 43 characters WeChat shows as "
+               "EncodingAESKey (letters, digits, '+' and '/')")
+    if len(ck.problems) > before:
+        return None
+    return ComponentConfig(name=name, component_appid=appid, secret=found["secret"],
+                           msg_token=found["msg_token"], encoding_aes_key=aes,
+                           secret_source=source, tickets=tickets)
+
+
 def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
                  resolve_secrets: bool = True) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
@@ -239,10 +327,31 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     if "redis" in doc:
         redis = parse_redis(ck, doc["redis"], config_mode, renew_before,
                             call_deadline(renew_before), resolve_secrets)
+    callback_listen = _listen(ck, doc.get("callback_listen"))
+    components: list[ComponentConfig] = []
+    comps_doc = doc.get("components", {})
+    if not isinstance(comps_doc, dict):
+        ck.bad("components", "must be [components.NAME] tables")
+    else:
+        for name, table in comps_doc.items():
+            comp = _parse_component(ck, name, table, config_mode, resolve_secrets)
+            if comp is not None:
+                if any(c.component_appid == comp.component_appid for c in components):
+                    ck.bad(f"components.{name}", f"component_appid {comp.component_appid} is "
+                           "already configured")
+                components.append(comp)
+    if components and redis is not None:
+        ck.bad("components", "the fleet mode ([redis]) does not cover the Open Platform yet: "
+               "run the components on one host, in a config without [redis]")
+    if components and callback_listen is None:
+        ck.warn("callback_listen", "is unset: the component_verify_ticket must be handed over "
+                "with `wxtoken component ticket` (or set callback_listen)")
     apps_doc = doc.get("apps")
     apps: list[AppConfig] = []
-    if not isinstance(apps_doc, dict) or not apps_doc:
-        ck.bad("apps", "at least one [apps.NAME] table is required")
+    if apps_doc is None and components:
+        pass  # a platform may have no apps of its own
+    elif not isinstance(apps_doc, dict) or not apps_doc:
+        ck.bad("apps", "at least one [apps.NAME] table (or [components.NAME]) is required")
     else:
         seen: dict[tuple[str, str, str | None], str] = {}
         for name, table in apps_doc.items():
@@ -273,7 +382,8 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
         api_base=api_base.rstrip("/") if api_base else None, ca_bundle=ca_bundle,
         log_format=log_format, daily_budget=daily_budget,
         control_socket=control_socket or DEFAULT_SOCKET, metrics_file=metrics_file,
-        redis=redis, warnings=tuple(ck.warnings),
+        redis=redis, callback_listen=callback_listen, components=tuple(components),
+        warnings=tuple(ck.warnings),
     )
 
 

@@ -7,6 +7,11 @@
     GET  /v1/apps/NAME/quota?path=/cgi-bin/…   WeChat's daily_limit, used, remain of that API
     GET  /v1/apps/NAME/rid/RID    what WeChat saw of a failed call (secrets and tokens masked)
     POST /v1/apps/NAME/clear-quota   reset the account's daily quota (the operator only)
+    GET  /v1/components/NAME/APPID           an authorizer's (or the component's) token
+    POST /v1/components/NAME/APPID/refresh   passive refresh of it, as for an app
+    POST /v1/components/NAME/ticket          {"ticket": "…"}: a component_verify_ticket (the
+                                             operator only)
+    POST /v1/components/NAME/import          JSON lines of refresh tokens (the operator only)
 
 Usable with ``curl --unix-socket /run/wxtoken/control.sock http://localhost/v1/apps``.
 
@@ -49,10 +54,12 @@ from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
 from wxtoken.refresher import Forced
 
 if TYPE_CHECKING:
+    from wxtoken.component.platform import Platform
     from wxtoken.quota import Operations
 
 SOCKET_MODE = 0o660
 MAX_BODY = 4096
+MAX_IMPORT = 32 << 20  # an import of 10,000+ authorizers' refresh tokens
 MAX_HEAD = 8192  # request line and headers together
 MAX_CONNECTIONS = 32  # token readers' connections at once, all users together...
 MAX_PER_USER = 16  # ...and of one user
@@ -112,6 +119,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     force: Force
     reload: Reload
     ops: Operations | None = None
+    platforms: dict[str, Platform] | None = None  # the Open Platform's components
 
     @property
     def config(self) -> Config:
@@ -326,6 +334,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(503, {"error": "the token has expired", "error_class": "unavailable"})
                 return
             self._send(200, _token_body(record, now))
+        elif len(parts) == 4 and parts[:2] == ["v1", "components"]:
+            found = self._component(parts[2], parts[3])
+            if found is None:
+                return
+            try:
+                record = load_record(token_path(found.files.dir, parts[3]), parts[3])[0]
+            except TokenUnavailable as exc:
+                self._send(503, {"error": f"no valid token: {exc.reason}",
+                                 "error_class": "unavailable"})
+                return
+            if record.expires_at <= now:
+                self._send(503, {"error": "the token has expired", "error_class": "unavailable"})
+                return
+            self._send(200, _token_body(record, now))
         elif len(parts) == 4 and parts[:2] == ["v1", "apps"] and parts[3] == "quota":
             if self._known(name):
                 assert name is not None
@@ -338,6 +360,99 @@ class _Handler(BaseHTTPRequestHandler):
                 self._op(name, lambda ops: ops.rid(name, parts[4]), ask=True)
         else:
             self._send(404, {"error": "not found", "error_class": "not_found"})
+
+    def _component(self, name: str, appid: str | None = None) -> Platform | None:
+        """The platform named ``name`` (and knowing ``appid``, when given); else 404 sent."""
+        platform = (self.server.platforms or {}).get(name) if APP_NAME_RE.match(name) else None
+        if platform is None:
+            self._send(404, {"error": f"no component named {name!r}",
+                             "error_class": "not_found"})
+            return None
+        if appid is not None and (not APP_NAME_RE.match(appid)
+                                  or platform.key(appid) not in platform.keys):
+            self._send(404, {"error": f"{name} has no authorizer {appid!r}",
+                             "error_class": "not_found"})
+            return None
+        return platform
+
+    def _component_post(self, parts: list[str]) -> None:
+        """POST /v1/components/NAME/…: refresh, ticket, import."""
+        if len(parts) == 5 and parts[4] == "refresh":
+            try:
+                invalid = self._body()
+            except _BadRequest as exc:
+                self._send(exc.status, {"error": str(exc), "error_class": "bad_request"},
+                           close=True)
+                return
+            finally:
+                self._arrived()
+            platform = self._component(parts[2], parts[3])
+            if platform is None:
+                return
+            forced = self.server.force(platform.key(parts[3]), invalid, self._privileged())
+            if forced is None:
+                self._send(503, {"error": "the daemon is stopping", "error_class": "stopping"})
+                return
+            self._answer(forced)
+            return
+        if len(parts) != 4 or parts[3] not in ("ticket", "import"):
+            self._arrived()
+            self._send(404, {"error": "not found", "error_class": "not_found"}, close=True)
+            return
+        if not self._privileged():
+            self._arrived()
+            self.server.log.warning("control.forbidden", action=parts[3], component=parts[2],
+                                    uid=peer_uid(self.connection))
+            self._send(403, {"error": f"only root or the daemon's own user may "
+                             f"{'hand over a ticket' if parts[3] == 'ticket' else 'import'}",
+                             "error_class": "forbidden"}, close=True)
+            return
+        try:
+            raw = self._raw_body(MAX_BODY if parts[3] == "ticket" else MAX_IMPORT)
+        except _BadRequest as exc:
+            self._send(exc.status, {"error": str(exc), "error_class": "bad_request"},
+                       close=True)
+            return
+        finally:
+            self._arrived()
+        platform = self._component(parts[2])
+        if platform is None:
+            return
+        try:
+            if parts[3] == "ticket":
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    doc = None
+                ticket = doc.get("ticket") if isinstance(doc, dict) else None
+                if not isinstance(ticket, str) or not ticket.strip():
+                    self._send(400, {"error": 'body must be {"ticket": "…"}',
+                                     "error_class": "bad_request"})
+                    return
+                new = platform.on_ticket(ticket.strip(), "control")
+                self._send(200, {"stored": True, "new": new})
+            else:
+                self._send(200, platform.import_lines(raw.splitlines()))
+        except WxtokenError as exc:
+            self._send(400, {"error": str(exc), "error_class": "bad_request"})
+        except OSError as exc:
+            self._send(503, {"error": f"could not write the state: {exc.strerror or exc}",
+                             "error_class": "store"})
+
+    def _raw_body(self, limit: int) -> bytes:
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None or not lengths:
+            raise _BadRequest(411, "Content-Length is required")
+        raw_length = lengths[0].strip()
+        if len(lengths) > 1 or not (raw_length.isascii() and raw_length.isdigit()):
+            raise _BadRequest(400, "Content-Length must be one number of bytes")
+        length = int(raw_length)
+        if length > limit:
+            raise _BadRequest(413, f"the body may be at most {limit} bytes")
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            raise _BadRequest(400, "the body is shorter than its Content-Length")
+        return raw
 
     def _op(self, name: str, call: Callable[[Operations], dict[str, Any]], ask: bool = False,
             path: str | None = None) -> None:
@@ -406,6 +521,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         parts, name = self._route()
+        if parts[:2] == ["v1", "components"] and len(parts) >= 4:
+            self._component_post(parts)
+            return
         try:
             invalid = self._body()
         except _BadRequest as exc:
@@ -498,7 +616,8 @@ class ControlServer:
     """Serves the control endpoint in a background thread."""
 
     def __init__(self, path: str, config: Callable[[], Config], force: Force,
-                 reload: Reload, ops: Operations | None = None) -> None:
+                 reload: Reload, ops: Operations | None = None,
+                 platforms: dict[str, Platform] | None = None) -> None:
         self.path = path
         self.log = get_logger()
         self._take_over_stale_socket()
@@ -507,6 +626,7 @@ class ControlServer:
         self.server.force = force
         self.server.reload = reload
         self.server.ops = ops
+        self.server.platforms = platforms
         old_umask = os.umask(0o117)  # never a moment with a wider mode than 0660
         try:
             self.server.server_bind()

@@ -46,11 +46,17 @@ def request(method: str, path: str, body: dict[str, Any] | None = None,
     return _request(method, path, body, control_socket, timeout)
 
 
+def request_raw(method: str, path: str, payload: bytes, control_socket: str = DEFAULT_SOCKET,
+                timeout: float = 40.0) -> dict[str, Any]:
+    """One request with a raw body (an import's JSON lines)."""
+    return _request(method, path, None, control_socket, timeout, payload)
+
+
 def _request(method: str, path: str, body: dict[str, Any] | None, control_socket: str,
-             timeout: float) -> dict[str, Any]:
+             timeout: float, raw: bytes | None = None) -> dict[str, Any]:
     conn = _UnixConnection(control_socket, timeout)
     try:
-        payload = json.dumps(body).encode() if body is not None else None
+        payload = json.dumps(body).encode() if body is not None else raw
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         conn.request(method, path, body=payload, headers=headers)
         resp = conn.getresponse()
@@ -81,7 +87,8 @@ def _request(method: str, path: str, body: dict[str, Any] | None, control_socket
 
 
 def refresh(app: str, invalid_token: str | None = None,
-            control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0) -> dict[str, Any]:
+            control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0,
+            component: str | None = None) -> dict[str, Any]:
     """Ask the daemon for a new token (passive refresh); returns {"access_token", ...}.
 
     With ``invalid_token`` the daemon refreshes only if that is still the current token; an
@@ -93,4 +100,9 @@ def refresh(app: str, invalid_token: str | None = None,
         raise ControlError("the reported token is empty: pass the token WeChat refused, or "
                            "leave --invalid out to refresh unconditionally")
     body = {"invalid_token": invalid_token} if invalid_token is not None else {}
+    if component is not None:
+        if not APP_NAME_RE.match(component):
+            raise ControlError(f"{component!r} is not a valid component name")
+        return request("POST", f"/v1/components/{component}/{app}/refresh", body,
+                       control_socket, timeout)
     return request("POST", f"/v1/apps/{app}/refresh", body, control_socket, timeout)

@@ -39,6 +39,8 @@ from wxtoken.store import TokenStore, clean_state_dir
 from wxtoken.upstream import WeChatClient
 
 if TYPE_CHECKING:
+    from wxtoken.component.callback import CallbackServer
+    from wxtoken.component.platform import Platform
     from wxtoken.config import Config
     from wxtoken.control import ControlServer
     from wxtoken.fleet.node import FleetNode
@@ -112,14 +114,21 @@ class Daemon:
         self.ready = threading.Event()
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
-            executors={"default": ThreadPoolExecutor(max(1, min(MAX_CONCURRENT_FETCHES,
-                                                                len(self.refreshers)))),
+            executors={"default": ThreadPoolExecutor(MAX_CONCURRENT_FETCHES if config.components
+                                                     else max(1, min(MAX_CONCURRENT_FETCHES,
+                                                                     len(self.refreshers)))),
                        # quota_watch polls have their own thread: never in a refresh's way
-                       "quota": ThreadPoolExecutor(1)},
+                       "quota": ThreadPoolExecutor(1),
+                       # the Open Platform's events, reconciles and imports
+                       "platform": ThreadPoolExecutor(2)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._monitor_thread = threading.Thread(target=self._monitor, name="monitor",
                                                 daemon=True)
+        # keys whose first outcome READY waits for (apps, and a platform's tokens at start)
+        self._awaiting: set[str] = set(self.refreshers)
+        self.platforms: dict[str, Platform] = {}
+        self.callback: CallbackServer | None = None
 
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,21 +141,29 @@ class Daemon:
         # one pass over every app's files, in this thread: apps with a valid token that is not
         # due are settled here (no lock, no upstream call, no thread contention), the others
         # run at once
-        now = self.clock()
-        for name, refresher in self.refreshers.items():
-            outcome = refresher.peek(first=True)
-            if outcome is not None:
-                self.outcomes[name] = outcome
-            self.scheduler.add_job(
-                # the job sets its own next run; the interval is only a safety net
-                self._tick, IntervalTrigger(seconds=self.safety_net), args=[name], id=name,
-                name=f"refresh {name}", next_run_time=_utc(outcome.next_at if outcome else now))
+        self._awaiting -= set(self.outcomes)
+        for name, refresher in list(self.refreshers.items()):
+            self._schedule(name, refresher)
         for app in self.config.apps:
             self._watch_quota(app.name)
+        if self.config.components:
+            from wxtoken.component.platform import Platform
+            for comp in self.config.components:
+                self.platforms[comp.name] = platform = Platform(self, comp, self.clock,
+                                                                self._rng)
+                platform.start()
+            if self.config.callback_listen is not None:
+                from wxtoken.component.callback import CallbackServer
+                host, port = self.config.callback_listen
+                try:
+                    self.callback = CallbackServer(self.config.callback_listen, self.platforms)
+                except OSError as exc:
+                    raise ConfigError([f"{self.config.path}: callback_listen: cannot listen on "
+                                       f"{host}:{port}: {exc.strerror or exc}"]) from None
         try:
             from wxtoken.control import ControlServer
             self.control = ControlServer(self.config.control_socket, lambda: self.config,
-                                         self.force, self.reload, self.ops)
+                                         self.force, self.reload, self.ops, self.platforms)
         except OSError as exc:  # e.g. /run/wxtoken missing when run by hand: refresh is off
             self.control = None
             self.log.warning("control.disabled", socket=self.config.control_socket,
@@ -156,9 +173,68 @@ class Daemon:
             self.control.start()
         if self.metrics is not None:
             self.metrics.start()
+        if self.callback is not None:
+            self.callback.start()
         self._monitor_thread.start()
-        if len(self.outcomes) == len(self.config.apps):
+        with self._lock:
+            settled = not self._awaiting
+        if settled:
             self._ready()  # every token was reused: nothing left to try
+
+    def _schedule(self, name: str, refresher: Refresher) -> None:
+        """The start pass for one refresher: a valid file that is not due settles it here (no
+        lock, no upstream call, no thread contention); otherwise its job runs at once."""
+        outcome = refresher.peek(first=True)
+        with self._lock:
+            if outcome is not None:
+                self.outcomes[name] = outcome
+                self._awaiting.discard(name)
+        self.scheduler.add_job(
+            # the job sets its own next run; the interval is only a safety net
+            self._tick, IntervalTrigger(seconds=self.safety_net), args=[name], id=name,
+            name=f"refresh {name}", replace_existing=True,
+            next_run_time=_utc(self._wall(outcome.next_at) if outcome else time.time()))
+
+    # -- what a platform (the Open Platform's component) asks of the daemon ----------------------
+    def add_refresher(self, key: str, refresher: Refresher) -> None:
+        """Start keeping one more token fresh (a component's or an authorizer's)."""
+        with self._lock:
+            self.refreshers[key] = refresher
+            if key not in self.outcomes and not self.ready.is_set():
+                self._awaiting.add(key)
+        self._schedule(key, refresher)
+
+    def remove_refresher(self, key: str) -> None:
+        with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+            self.scheduler.remove_job(key)
+        with self._lock:
+            self.refreshers.pop(key, None)
+            self.outcomes.pop(key, None)
+            self._awaiting.discard(key)
+
+    def wake(self, key: str) -> None:
+        """Run the job now (it decides again from its file)."""
+        with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
+            self.scheduler.modify_job(key, next_run_time=_utc(time.time()))
+
+    def later(self, func: Callable[[], None], delay: float, job: str) -> None:
+        """Run ``func`` once, ``delay`` seconds from now, on the platform's threads (a later
+        call with the same ``job`` replaces a pending one)."""
+        def run() -> None:
+            if self._stopping:
+                return
+            try:
+                func()
+            except Exception as exc:  # a bug must not end the platform's work silently
+                self.log.error("platform.job_crashed", job=job,
+                               error=str(exc) or type(exc).__name__)
+        with contextlib.suppress(SchedulerNotRunningError):
+            self.scheduler.add_job(run, next_run_time=_utc(time.time() + max(0.0, delay)),
+                                   id=job, name=job, replace_existing=True,
+                                   executor="platform", misfire_grace_time=None)
+
+    def population(self) -> int:
+        return len(self.refreshers)
 
     # -- work in flight ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -252,11 +328,9 @@ class Daemon:
     def _quota_cleared(self, appid: str) -> None:
         """WeChat's quota of ``appid`` was reset: apps waiting for it (45009) run now."""
         def wake() -> None:
-            for refresher in list(self.refreshers.values()):
+            for key, refresher in list(self.refreshers.items()):
                 if refresher.app.appid == appid and refresher.quota_cleared():
-                    with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
-                        self.scheduler.modify_job(refresher.app.name,
-                                                  next_run_time=_utc(time.time()))
+                    self.wake(key)
         threading.Thread(target=wake, name="quota-cleared", daemon=True).start()
 
     def _requested(self, name: str, invalid_token: str | None, privileged: bool) -> None:
@@ -273,8 +347,12 @@ class Daemon:
         if self.node is not None:
             self.node.note_leadership(name)
         with self._lock:
+            if name not in self.refreshers and (self.node is None or name not in
+                                                self.node.followers):
+                return  # removed meanwhile (a reload, an authorizer gone)
             self.outcomes[name] = outcome
-            all_tried = len(self.outcomes) == len(self.config.apps)
+            self._awaiting.discard(name)
+            all_tried = not self._awaiting
         try:
             self.scheduler.modify_job(name, next_run_time=_utc(
                 self._wall(max(outcome.next_at, self.clock() + MIN_RESCHEDULE))))
@@ -310,6 +388,21 @@ class Daemon:
             else:
                 out.append(app_health(self.config, app, refresher.record, refresher.status,
                                       now, problem=refresher.problem, role=role))
+        for name, platform in self.platforms.items():
+            ticket_problem = platform.ticket_problem(time.time())
+            for key in sorted(platform.keys):
+                refresher = self.refreshers.get(key)
+                if refresher is None:
+                    continue
+                component = key == platform.component_key
+                info = app_health(self.config, refresher.app, refresher.record,
+                                  refresher.status, now, problem=refresher.problem,
+                                  role="component" if component else "authorizer")
+                info.update(app=key, component=name)
+                if component and ticket_problem:
+                    info["problems"].append(ticket_problem)
+                    info["healthy"] = False
+                out.append(info)
         return out
 
     def summary(self) -> str:
@@ -367,7 +460,7 @@ class Daemon:
         """Every app's job runs now and decides again (from its file, or the fleet's record)."""
         self.log.info("daemon.rescheduled", reason=why, apps=len(self.refreshers))
         now = _utc(time.time())
-        for name in self.refreshers:
+        for name in list(self.refreshers):
             with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
                 self.scheduler.modify_job(name, next_run_time=now)
 
@@ -438,8 +531,10 @@ class Daemon:
                     name=f"refresh {name}", next_run_time=_utc(now))
         for name in (*change.removed, *change.added, *change.changed, *change.watch_changed):
             self._watch_quota(name)
-        for refresher in self.refreshers.values():
-            if refresher.client is not client:  # unchanged apps, when only the client changed
+        for refresher in list(self.refreshers.values()):
+            if isinstance(refresher.client, WeChatClient) and refresher.client is not client:
+                # unchanged apps, when only the client changed (a platform's refreshers read
+                # the daemon's current client themselves)
                 refresher.client = client
         if old_client is not client:
             old_client.close()
@@ -451,6 +546,8 @@ class Daemon:
         self.notify("STOPPING=1")
         self.log.info("daemon.stopping")
         self._stopped.set()
+        if self.callback is not None:
+            self.callback.stop()
         if self.control is not None:
             self.control.stop()
         with self._lock:

@@ -36,6 +36,18 @@ FETCH_ERRCODES: dict[int, tuple[ErrorClass, str]] = {
     40243: (ErrorClass.PERMANENT, "the AppSecret is frozen: unfreeze it in the WeChat console"),
     41002: (ErrorClass.PERMANENT, "appid is missing"),
     41004: (ErrorClass.PERMANENT, "secret is missing"),
+    # the Open Platform (第三方平台)
+    61004: (ErrorClass.PERMANENT,
+            "this host's IP is not in the platform's IP whitelist (开发资料 in the Open Platform "
+            "console)"),
+    61005: (ErrorClass.PERMANENT, "the component_verify_ticket has expired: waiting for "
+            "WeChat's next push (every 10 minutes) to callback_listen"),
+    61006: (ErrorClass.PERMANENT, "the component_verify_ticket is invalid: waiting for "
+            "WeChat's next push (every 10 minutes) to callback_listen"),
+    61011: (ErrorClass.PERMANENT, "component_appid is not a third-party platform"),
+    61003: (ErrorClass.NEEDS_HUMAN, "the authorizer has cancelled its authorization"),
+    61009: (ErrorClass.PERMANENT, "the authorization code is invalid or was used already"),
+    61023: (ErrorClass.NEEDS_HUMAN, "the authorizer_refresh_token is no longer valid"),
     89501: (ErrorClass.NEEDS_HUMAN, "the account administrator must confirm this IP"),
     89503: (ErrorClass.NEEDS_HUMAN, "the account administrator must confirm this IP"),
     89506: (ErrorClass.NEEDS_HUMAN, "the administrator rejected this IP; wait 24 h or re-request"),
@@ -87,3 +99,6 @@ def rid_of(errmsg: object) -> str | None:
     """The request id WeChat appends to a failed call's errmsg ("… rid: 617682e1-…"), if any."""
     match = _RID.search(errmsg) if isinstance(errmsg, str) else None
     return match.group(1) if match else None
+
+
+TICKET_ERRCODES = frozenset({61005, 61006})  # a new component_verify_ticket ends these waits

@@ -57,11 +57,13 @@ class UpstreamError(WxtokenError):
     """A call to WeChat failed; ``kind`` says how the refresher must react."""
 
     def __init__(self, kind: ErrorClass, message: str, errcode: int | None = None,
-                 errmsg: str | None = None, rid: str | None = None) -> None:
+                 errmsg: str | None = None, rid: str | None = None,
+                 called: bool = True) -> None:
         self.kind = kind
         self.errcode = errcode
         self.errmsg = errmsg
         self.rid = rid  # WeChat's request id from the errmsg ("… rid: <id>"), for rid/get
+        self.called = called  # False: refused before any call was made (counts no quota)
         super().__init__(message)
 
 

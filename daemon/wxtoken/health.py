@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from wxtoken.clock import human_delta, wechat_day
-from wxtoken.config import AppConfig, Config
+from wxtoken.config import Api, AppConfig, ComponentConfig, Config
 from wxtoken.errors import TokenMissing, TokenUnavailable
 from wxtoken.record import TokenRecord, load_record, token_path
 from wxtoken.schedule import overdue_by
@@ -84,12 +84,77 @@ def summary(healths: Iterable[Mapping[str, Any]], next_runs: Mapping[str, float]
     healths = list(healths)
     failing = sorted(h["app"] for h in healths if not h["healthy"])
     text = f"{len(healths) - len(failing)}/{len(healths)} apps fresh"
-    if any("role" in h for h in healths):
-        leading = sum(1 for h in healths if h.get("role") == "leader")
-        text += f"; leader for {leading}/{len(healths)} apps"
+    fleet = [h for h in healths if h.get("role") in ("leader", "candidate", "follower")]
+    if fleet:
+        leading = sum(1 for h in fleet if h.get("role") == "leader")
+        text += f"; leader for {leading}/{len(fleet)} apps"
     if failing:
         text += f"; failing: {', '.join(failing[:3])}" + ("…" if len(failing) > 3 else "")
     if next_runs:
         name, at = min(next_runs.items(), key=lambda kv: kv[1])
         text += f"; next: {name} in {human_delta(at - now)}"
     return text
+
+
+def component_health_from_files(config: Config, comp: ComponentConfig,
+                                now: float) -> dict[str, Any]:
+    """An Open Platform component's health from its files: its token, the last ticket, every
+    authorizer's token, and the authorizers that need a new authorization."""
+    import json
+    import os
+
+    from wxtoken.component.store import PLATFORM_FILE, TICKET_LIFE, component_dir
+    directory = component_dir(config.state_dir, comp.name)
+
+    def one(appid: str, role: str) -> dict[str, Any]:
+        app = AppConfig(name=appid, api=Api.TOKEN, appid=appid, secret="",
+                        secret_source=comp.name)
+        record: TokenRecord | None = None
+        unusable: str | None = None
+        try:
+            record = load_record(token_path(directory, appid), appid)[0]
+        except TokenMissing:
+            pass
+        except TokenUnavailable as exc:
+            unusable = exc.reason
+        info = app_health(config, app, record, read_status(status_path(directory, appid)),
+                          now, unusable, role=role)
+        info.update(app=f"{comp.name}/{appid}", component=comp.name)
+        return info
+
+    try:
+        with open(os.path.join(directory, PLATFORM_FILE), "rb") as fh:
+            platform = json.loads(fh.read(1 << 20))
+        assert isinstance(platform, dict)
+    except (OSError, ValueError, AssertionError):
+        platform = {}
+    token = one(comp.component_appid, "component")
+    problems = []
+    ticket_at = platform.get("ticket_received_at")
+    if not isinstance(ticket_at, (int, float)):
+        problems.append("no component_verify_ticket received yet")
+    elif now - ticket_at >= TICKET_LIFE:
+        problems.append(f"no component_verify_ticket for {human_delta(now - ticket_at)} (WeChat "
+                        "pushes one every 10 minutes: is it reaching callback_listen?)")
+    try:
+        names = sorted(n[:-5] for n in os.listdir(directory)
+                       if n.endswith(".json") and not n.endswith(".status.json")
+                       and not n.startswith(".") and n[:-5] != comp.component_appid)
+    except OSError:
+        names = []
+    authorizers = [one(appid, "authorizer") for appid in names]
+    raw_needs = platform.get("needs_reauth")
+    needs: dict[str, str] = raw_needs if isinstance(raw_needs, dict) else {}
+    for appid, reason in sorted(needs.items()):
+        problems.append(f"{appid} needs a new authorization: {reason}")
+    if not token["healthy"]:
+        problems.append("component token: " + "; ".join(token["problems"]))
+    failing = [a["app"] for a in authorizers if not a["healthy"]]
+    if failing:
+        problems.append(f"{len(failing)} authorizer(s) unhealthy: {', '.join(failing[:5])}"
+                        + ("…" if len(failing) > 5 else ""))
+    return {"component": comp.name, "component_appid": comp.component_appid,
+            "ticket_received_at": ticket_at if isinstance(ticket_at, (int, float)) else None,
+            "last_reconcile": platform.get("last_reconcile"),
+            "needs_reauthorization": needs, "token": token, "authorizers": authorizers,
+            "healthy": not problems, "problems": problems}

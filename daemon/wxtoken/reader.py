@@ -57,12 +57,19 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR) -> Token:
-    """Return the app's valid access_token from ``<state_dir>/<app>.json``.
+def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR,
+               component: str | None = None) -> Token:
+    """Return the app's valid access_token from ``<state_dir>/<app>.json``; with
+    ``component="NAME"``, the Open Platform authorizer ``app``'s (an authorizer appid, or the
+    component_appid for the component token) from ``<state_dir>/components/NAME/<app>.json``.
 
     Raises TokenMissing, TokenCorrupt or TokenExpired (all ``TokenUnavailable``, a LookupError);
     "permission denied" is TokenCorrupt (the file is there, this user cannot use it).
     """
+    if component is not None:
+        if not APP_NAME_RE.match(component):
+            raise TokenMissing(app, f"{component!r} is not a valid component name")
+        state_dir = os.path.join(state_dir, "components", component)
     entry = _cache.get((state_dir, app))
     if entry is not None and time.monotonic() < entry[1]:
         return entry[0]
@@ -98,18 +105,20 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
 
 
 def report_invalid(app: str, token: str, state_dir: str = DEFAULT_STATE_DIR,
-                   control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0) -> Token:
+                   control_socket: str = DEFAULT_SOCKET, timeout: float = 40.0,
+                   component: str | None = None) -> Token:
     """Tell the daemon WeChat refused ``token`` (errcode 40001/40014/42001); return a valid one.
 
     The cache is dropped at once. If the file already holds another token, the daemon answers
     with it and makes no upstream call; otherwise it refreshes (at most once per 30 s per app,
-    however many processes report). Raises ControlError when the daemon cannot help.
+    however many processes report). ``component`` as for :func:`read_token`. Raises
+    ControlError when the daemon cannot help.
     """
     from wxtoken.control_client import refresh  # http.client only when a report is made
 
     drop_cache(app)
-    refresh(app, token, control_socket, timeout)
-    return read_token(app, state_dir)
+    refresh(app, token, control_socket, timeout, component)
+    return read_token(app, state_dir, component)
 
 
 def drop_cache(app: str | None = None, state_dir: str | None = None) -> None:

@@ -68,8 +68,12 @@ class Refresher:
 
     def __init__(self, config: Config, app: AppConfig, client: WeChatClient,
                  store: TokenStore | None = None, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, log: Any = None) -> None:
+                 rng: random.Random | None = None, log: Any = None,
+                 population: Callable[[], int] | None = None) -> None:
         self.config = config
+        # how many tokens the daemon keeps (apps and a platform's authorizers): the wider the
+        # jitter, and the quieter the per-app lines at start
+        self.population = population or (lambda: len(self.config.apps))
         self.app = app
         self.client = client
         self.store: TokenStore = store or FileStore(config.state_dir, app.name, app.file_mode,
@@ -136,18 +140,23 @@ class Refresher:
     def quota_cleared(self) -> bool:
         """WeChat's daily quota of this app's account was reset (`wxtoken clear-quota`): a wait
         for it (45009) ends now. True when the app was waiting (the daemon then runs it)."""
+        return self.end_wait(lambda s: s.error_class is ErrorClass.QUOTA_EXHAUSTED,
+                             "the account's quota was reset")
+
+    def end_wait(self, which: Callable[[AppStatus], bool], reason: str) -> bool:
+        """End a wait after a failure that ``which`` recognises, because what caused it is gone
+        (a quota reset, a new component_verify_ticket). True when the app was waiting."""
         try:
             with self.store.locked(self.lock_timeout):
                 status = self.store.read_status()
-                if status.error_class is not ErrorClass.QUOTA_EXHAUSTED \
-                        or status.retry_at <= self.clock():
+                if not which(status) or status.retry_at <= self.clock():
                     return False
                 status.retry_at = 0.0
                 self.store.write_status(status)
                 self.status = status
         except StoreError:
             return False
-        self.log.info("quota.wait_ended", reason="the account's quota was reset")
+        self.log.info("refresh.wait_ended", reason=reason)
         return True
 
     # -- the schedule -------------------------------------------------------------------------
@@ -158,7 +167,7 @@ class Refresher:
         key = (record.access_token, float(record.refreshed_at))
         if self._due is None or self._due[:2] != key:
             due = schedule.jittered_due_at(record, self.app.api, self.config.refresh_interval,
-                                           self.config.renew_before, len(self.config.apps),
+                                           self.config.renew_before, self.population(),
                                            self.rng, exact)
             self._due = (*key, due)
         return self._due[2]
@@ -218,7 +227,7 @@ class Refresher:
         next_at = self._next_at(record, status)
         if first:
             # one line per app is noise past a hundred apps: daemon.ready counts them
-            log = self.log.info if len(self.config.apps) <= QUIET_ABOVE else self.log.debug
+            log = self.log.info if self.population() <= QUIET_ABOVE else self.log.debug
             log("token.reused", expires_in=int(record.expires_at - now),
                 next_in=int(next_at - now))
         return Outcome(State.REUSED if first else State.FRESH, next_at, record.expires_at)
@@ -294,6 +303,8 @@ class Refresher:
                 self.app, force_refresh=forced and self.app.api == "stable_token")
         except UpstreamError as exc:
             status.calls_today -= len(self.app.tickets)  # counted, never asked for
+            if not exc.called:
+                status.calls_today -= 1  # nothing reached WeChat
             return self._failed(exc, status, record, now)
         return self._store_fetched(fetched, record, status, now, forced)
 
@@ -508,6 +519,8 @@ class Refresher:
             fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
         except UpstreamError as exc:
             status.calls_today -= len(self.app.tickets)
+            if not exc.called:
+                status.calls_today -= 1
             if remember:
                 assert invalid_token is not None
                 status.refused_token = fingerprint(invalid_token)

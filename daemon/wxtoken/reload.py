@@ -6,8 +6,9 @@ stay until they expire), changed (they take their new settings); and the top-lev
 refresh_interval, renew_before, daily_budget, api_base and ca_bundle (every app takes them).
 Unchanged apps keep their schedule and make no upstream call.
 
-Only a restart changes: state_dir, control_socket, log_format, metrics_file and the [redis]
-table (and a secret_credential systemd has not loaded: LoadCredential= is read at start).
+Only a restart changes: state_dir, control_socket, log_format, metrics_file, the [redis] table,
+the [components.NAME] tables and callback_listen (and a secret_credential systemd has not
+loaded: LoadCredential= is read at start).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, replace
 
 from wxtoken.config import Config
 
-RESTART_KEYS = ("state_dir", "control_socket", "log_format", "metrics_file", "redis")
+RESTART_KEYS = ("state_dir", "control_socket", "log_format", "metrics_file", "redis",
+                "components", "callback_listen")
 APP_WIDE_KEYS = ("refresh_interval", "renew_before", "daily_budget", "api_base", "ca_bundle")
 
 

@@ -233,6 +233,73 @@ class WeChatClient:
             body = {"access_token": body["ticket"], "expires_in": body.get("expires_in")}
         return _parse_token_body(body, path, took_ms)
 
+    # -- the Open Platform ------------------------------------------------------------------------
+    def _component_call(self, path: str, body: dict[str, Any],
+                        component_token: str | None = None) -> dict[str, Any]:
+        """POST to a component endpoint; the answer, or UpstreamError (classified) when it
+        carries an errcode."""
+        params = {"component_access_token": component_token} if component_token else {}
+        answer = self._request("POST", (self.api_base or WECHAT_BASE) + path, path,
+                               {"params": params, "json": body})
+        if not isinstance(answer, dict):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected response from {path}")
+        code = answer.get("errcode", 0)
+        if code is None or (code == 0 and not isinstance(code, bool)):
+            return answer
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected errcode from {path}")
+        errmsg = str(answer.get("errmsg", ""))[:200]
+        if business_token_invalid(code) and component_token:
+            raise UpstreamError(ErrorClass.TOKEN_INVALID, f"{path} refused the "
+                                f"component_access_token (errcode {code})", errcode=code,
+                                errmsg=errmsg, rid=rid_of(answer.get("errmsg")))
+        kind, hint = classify(code)
+        raise UpstreamError(kind, f"{path} returned errcode {code}: {hint}", errcode=code,
+                            errmsg=errmsg, rid=rid_of(answer.get("errmsg")))
+
+    def component_token(self, component_appid: str, secret: str, ticket: str) -> Fetched:
+        path = "/cgi-bin/component/api_component_token"
+        started = time.monotonic()
+        answer = self._component_call(path, {"component_appid": component_appid,
+                                             "component_appsecret": secret,
+                                             "component_verify_ticket": ticket})
+        took_ms = int((time.monotonic() - started) * 1000)
+        return _parse_token_body({"access_token": answer.get("component_access_token"),
+                                  "expires_in": answer.get("expires_in")}, path, took_ms)
+
+    def authorizer_token(self, component_appid: str, component_token: str,
+                         authorizer_appid: str, refresh_token: str) -> tuple[Fetched, str | None]:
+        """A new authorizer_access_token, and the refresh token WeChat returned with it (None
+        when it returned none: the caller keeps the one it has)."""
+        path = "/cgi-bin/component/api_authorizer_token"
+        started = time.monotonic()
+        answer = self._component_call(path, {
+            "component_appid": component_appid, "authorizer_appid": authorizer_appid,
+            "authorizer_refresh_token": refresh_token}, component_token)
+        took_ms = int((time.monotonic() - started) * 1000)
+        fetched = _parse_token_body({"access_token": answer.get("authorizer_access_token"),
+                                     "expires_in": answer.get("expires_in")}, path, took_ms)
+        new = answer.get("authorizer_refresh_token")
+        return fetched, new if isinstance(new, str) and new.strip() else None
+
+    def query_auth(self, component_appid: str, component_token: str,
+                   code: str) -> dict[str, Any]:
+        """api_query_auth: the authorization_info of an authorization code."""
+        path = "/cgi-bin/component/api_query_auth"
+        answer = self._component_call(path, {"component_appid": component_appid,
+                                             "authorization_code": code}, component_token)
+        info = answer.get("authorization_info")
+        if not isinstance(info, dict):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"{path} answered without "
+                                "authorization_info")
+        return info
+
+    def authorizer_list(self, component_appid: str, component_token: str, offset: int,
+                        count: int) -> dict[str, Any]:
+        path = "/cgi-bin/component/api_get_authorizer_list"
+        return self._component_call(path, {"component_appid": component_appid,
+                                           "offset": offset, "count": count}, component_token)
+
     def openapi(self, app: AppConfig, path: str, body: dict[str, Any],
                 access_token: str | None = None,
                 params: dict[str, str] | None = None) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from wxtoken.emulator import ops, tokens
+from wxtoken.emulator import component, ops, tokens
 from wxtoken.emulator.state import (
     FAULT_MODES,
     Fault,
@@ -71,6 +71,7 @@ class Emulator:
                            corps={k: set(v) for k, v in (corps or {}).items()}, clock=clock)
         self.server = _Server((host, port), _Handler)
         self.server.state = self.state
+        self.platforms = self.server.platforms = component.Platforms(self.state)
         self.scheme = "http"
         if ssl_context is not None:  # HTTPS, for TLS and ca_bundle tests
             self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
@@ -89,6 +90,7 @@ class Emulator:
         return self
 
     def stop(self) -> None:
+        self.platforms.stop()
         self.server.shutdown()
         self.server.server_close()
 
@@ -134,13 +136,14 @@ class Emulator:
             self.state.tokens[token].expires_at = self.state.clock()
 
     def stats(self) -> dict[str, Any]:
-        return stats(self.state)
+        return {**stats(self.state), "components": self.platforms.stats()}
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     state: State
+    platforms: component.Platforms
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # injected resets and client hang-ups are expected here
@@ -257,6 +260,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise err(40001, "invalid credential, access_token is invalid or not latest")
             ops.count_business(state, self._account(state, query), path)
             raise Reply({"ip_list": ["127.0.0.1"]})
+        if method == "POST" and path in component.ROUTES:
+            handler = getattr(self.server.platforms, component.ROUTES[path])
+            raise Reply(handler(query, self._json_body()))
         if method == "POST" and path in OPS:
             with state.lock:
                 state.ops[path] = state.ops.get(path, 0) + 1
@@ -283,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _control(self, method: str, path: str, state: State) -> Any:
         if path == "/_emu/stats":
-            return stats(state)
+            return {**stats(state), "components": self.server.platforms.stats()}
         if path == "/_emu/faults" and method == "DELETE":
             with state.lock:
                 state.faults.clear()
@@ -302,6 +308,20 @@ class _Handler(BaseHTTPRequestHandler):
                     if hasattr(state.settings, key):
                         setattr(state.settings, key, value)
             return asdict(state.settings)
+        platforms = self.server.platforms
+        if path == "/_emu/components" and method == "POST":
+            platforms.add(str(body["component_appid"]), str(body["secret"]),
+                          str(body["msg_token"]), str(body["encoding_aes_key"]),
+                          str(body.get("callback", "")), float(body.get("push_every", 600)))
+            return {"ok": True}
+        if path == "/_emu/authorize" and method == "POST":
+            code = platforms.authorize(str(body["component_appid"]),
+                                       str(body["authorizer_appid"]), bool(body.get("push", True)))
+            return {"ok": True, "authorization_code": code}
+        if path == "/_emu/unauthorize" and method == "POST":
+            platforms.unauthorize(str(body["component_appid"]), str(body["authorizer_appid"]),
+                                  bool(body.get("push", True)))
+            return {"ok": True}
         if path == "/_emu/apps" and method == "POST":
             with state.lock:
                 state.apps[str(body["appid"])] = str(body["secret"])

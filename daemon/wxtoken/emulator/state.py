@@ -36,6 +36,7 @@ class Settings:
     drip_interval: float = 0.5  # seconds between the bytes of a "drip" answer
     keep_alive: bool = True  # False: a connection per call (an open one is a call in flight)
     resets_per_month: int = 10  # clear_quota and clear_quota/v2 together, per appid
+    ticket_ttl: float = 43200.0  # a component_verify_ticket is good this long after its push
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""The Open Platform's callback endpoint: ``POST /components/<NAME>/callback`` on
+``callback_listen``, the URL a platform registers with WeChat as its authorization event URL
+(授权事件接收URL), meant to sit behind the platform's nginx.
+
+WeChat sends ``?timestamp=&nonce=&encrypt_type=aes&msg_signature=`` and
+``<xml><AppId>…</AppId><Encrypt>…</Encrypt></xml>``. The signature is verified, the message
+decrypted (and checked to be for this component), and ``success`` answered at once (WeChat
+retries what is not answered within 5 s); the work an event needs (exchanging an authorization
+code) runs after the answer.
+
+Refused with a 4xx and a warning, never a traceback: an unknown path (404), a method other than
+POST (405), no Content-Length (411), a body over 64 KiB (413), a malformed or DTD-carrying body
+(400), a bad signature (403), a timestamp more than 10 minutes away from this host's clock (403:
+a replay). The same message again (WeChat's retry, or a replay inside the window) is answered
+``success`` without being handled twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+from xml.etree import ElementTree
+
+from wxtoken.component.crypto import CryptoError
+from wxtoken.errors import WxtokenError
+from wxtoken.logs import get_logger
+
+if TYPE_CHECKING:
+    from wxtoken.component.platform import Platform
+
+MAX_BODY = 65536
+READ_TIMEOUT = 5.0
+MAX_SKEW = 600.0  # seconds a message's timestamp may be away from this host's clock
+MAX_CONNECTIONS = 64
+SEEN = 4096  # signatures remembered (duplicates inside the window are answered, not handled)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str, warn: bool = True) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.warn = warn
+
+
+def parse_xml(raw: bytes) -> dict[str, str]:
+    """The direct children of a WeChat XML message, as text. No DTD (entities), no nesting
+    tricks: anything else is a _Refused 400."""
+    if b"\x00" in raw or not raw.lstrip().startswith(b"<"):
+        raise _Refused(400, "the body is not UTF-8 XML")  # (UTF-16 would hide a DTD below)
+    if b"<!DOCTYPE" in raw.upper() or b"<!ENTITY" in raw.upper():
+        raise _Refused(400, "a DTD in the body is refused")
+    try:
+        root = ElementTree.fromstring(raw)  # noqa: S314 - no DTD (checked above), <= 64 KiB
+    except ElementTree.ParseError:
+        raise _Refused(400, "the body is not well-formed XML") from None
+    if root.tag != "xml":
+        raise _Refused(400, "the body is not a WeChat <xml> message")
+    return {child.tag: (child.text or "").strip() for child in root}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    platforms: dict[str, Platform]
+    slots: threading.BoundedSemaphore
+    seen: OrderedDict[str, float]
+    seen_lock: threading.Lock
+
+    def __init__(self, listen: tuple[str, int]) -> None:
+        if ":" in listen[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(listen, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that went away; handler errors are answered and logged below
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    timeout = READ_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the query carries signatures; events are logged by what they do
+
+    def _answer(self, status: int, text: str) -> None:
+        raw = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(raw)))
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        self._answer(code, message or "bad request")
+
+    def _not_allowed(self) -> None:
+        self._answer(405, "only POST")
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+
+    def _body(self) -> bytes:
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None or not lengths:
+            raise _Refused(411, "Content-Length is required")
+        raw = lengths[0].strip()
+        if len(lengths) > 1 or not (raw.isascii() and raw.isdigit()):
+            raise _Refused(400, "Content-Length must be one number")
+        length = int(raw)
+        if length > MAX_BODY:
+            raise _Refused(413, f"the body may be at most {MAX_BODY} bytes")
+        deadline = time.monotonic() + READ_TIMEOUT
+        body = b""
+        while len(body) < length:
+            if time.monotonic() > deadline:
+                raise _Refused(408, "the body did not arrive in time")
+            chunk = self.rfile.read1(length - len(body))
+            if not chunk:
+                raise _Refused(400, "the body is shorter than its Content-Length")
+            body += chunk
+        return body
+
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        segments = unquote(parts.path).strip("/").split("/")
+        platform = None
+        if len(segments) == 3 and segments[0] == "components" and segments[2] == "callback":
+            platform = self.server.platforms.get(segments[1])
+        log = get_logger(component=segments[1] if platform else None)
+        try:
+            if platform is None:
+                raise _Refused(404, "no such component callback", warn=False)
+            done = self._handle(platform, parse_qs(parts.query))
+        except _Refused as exc:
+            if exc.warn:
+                log.warning("callback.refused", status=exc.status, reason=str(exc),
+                            peer=self.client_address[0] if self.client_address else None)
+            with contextlib.suppress(OSError):
+                self._answer(exc.status, str(exc))
+            return
+        except Exception as exc:  # a bug: an answer and an error line, not a traceback
+            log.error("callback.crashed", error=str(exc) or type(exc).__name__)
+            with contextlib.suppress(OSError):
+                self._answer(500, "internal error")
+            return
+        if done:
+            log.info("callback.event", event=done)
+        self._answer(200, "success")
+
+    def _handle(self, platform: Platform, query: dict[str, list[str]]) -> str | None:
+        def one(name: str) -> str:
+            values = query.get(name) or [""]
+            if len(values) != 1 or not values[0] or len(values[0]) > 128:
+                raise _Refused(400, f"query parameter {name} is missing or malformed")
+            return values[0]
+
+        timestamp, nonce, signature = one("timestamp"), one("nonce"), one("msg_signature")
+        if not timestamp.isdigit():
+            raise _Refused(400, "timestamp is not a number")
+        if abs(time.time() - int(timestamp)) > MAX_SKEW:
+            raise _Refused(403, "the timestamp is more than 10 minutes off (a replay, or this "
+                           "host's clock is wrong)")
+        outer = parse_xml(self._body())
+        encrypt = outer.get("Encrypt", "")
+        if not encrypt:
+            raise _Refused(400, "no Encrypt in the body")
+        try:
+            platform.crypto.verify(signature, timestamp, nonce, encrypt)
+        except CryptoError as exc:
+            raise _Refused(403, str(exc)) from None
+        with self.server.seen_lock:
+            if signature in self.server.seen:
+                return None  # WeChat's retry (or a replay inside the window): handled already
+        try:
+            inner = parse_xml(platform.crypto.decrypt(encrypt))
+        except CryptoError as exc:
+            raise _Refused(400, str(exc)) from None
+        if inner.get("AppId") != platform.comp.component_appid:
+            raise _Refused(400, "the message is for another component_appid")
+        try:
+            done = platform.on_event(inner)
+        except WxtokenError as exc:
+            raise _Refused(400, str(exc)) from None
+        with self.server.seen_lock:
+            self.server.seen[signature] = time.monotonic()
+            while len(self.server.seen) > SEEN:
+                self.server.seen.popitem(last=False)
+        return done
+
+
+class CallbackServer:
+    """Serves the callback endpoint in a background thread."""
+
+    def __init__(self, listen: tuple[str, int], platforms: dict[str, Platform]) -> None:
+        self.listen = listen
+        self.log = get_logger()
+        self.server = _Server(listen)
+        self.server.platforms = platforms
+        self.server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.server.seen = OrderedDict()
+        self.server.seen_lock = threading.Lock()
+        self._thread = threading.Thread(target=self.server.serve_forever, name="callback",
+                                        kwargs={"poll_interval": None}, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+        self.log.info("callback.listening", address=f"{self.listen[0]}:{self.port}",
+                      components=sorted(self.server.platforms))
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            stopper = threading.Thread(target=self.server.shutdown, daemon=True)
+            stopper.start()
+            deadline = time.monotonic() + 10
+            while stopper.is_alive() and time.monotonic() < deadline:
+                with socket.socket(self.server.address_family, socket.SOCK_STREAM) as poke, \
+                        contextlib.suppress(OSError):
+                    poke.settimeout(0.5)
+                    poke.connect(self.server.server_address[:2])
+                stopper.join(0.05)
+        self.server.server_close()

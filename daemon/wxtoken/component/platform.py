@@ -1,0 +1,554 @@
+"""One Open Platform component in the daemon.
+
+Its tokens are refreshed by the daemon's usual refreshers (schedule, lock, budget, backoff,
+passive refresh, the files' contract); what differs is how a token is fetched:
+
+- the component token with the newest ``component_verify_ticket`` younger than 12 h, and if
+  WeChat refuses it (61005/61006), with the last ticket that worked;
+- an authorizer's token with its refresh token, which WeChat may rotate: the new one is
+  persisted durably *before* the token is published. WeChat keeps the one used valid until the
+  new one is first used, so a crash at any instant leaves one that works. When every stored one
+  is refused (61023), ``api_get_authorizer_list`` (which returns each authorizer's current
+  refresh token) repairs it; only when that fails too is the authorizer marked as needing a new
+  authorization (error line, status, metric).
+
+Authorizers are discovered: from ``authorized`` events (the code is exchanged with
+``api_query_auth``), from the authorizer list (daily, and at start when the last look is more
+than a day old), and from ``wxtoken component import``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from wxtoken.component.crypto import MessageCrypto
+from wxtoken.component.store import ComponentFiles
+from wxtoken.config import Api, AppConfig, ComponentConfig, Config
+from wxtoken.errcodes import TICKET_ERRCODES, ErrorClass
+from wxtoken.errors import StoreError, TokenUnavailable, UpstreamError, WxtokenError
+from wxtoken.logs import get_logger, mask
+from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
+from wxtoken.status import AppStatus, LastResult
+from wxtoken.store import FileStore, clean_state_dir
+from wxtoken.upstream import Fetched, WeChatClient
+
+if TYPE_CHECKING:
+    from wxtoken.refresher import Forced, Refresher
+
+RECONCILE_EVERY = 86400.0
+LIST_PAGE = 500  # api_get_authorizer_list's largest page
+MAX_IMPORT_LINE = 4096
+
+
+class Host(Protocol):
+    """What a platform needs of the daemon."""
+
+    config: Config
+
+    @property
+    def client(self) -> WeChatClient: ...
+
+    def add_refresher(self, key: str, refresher: Refresher) -> None: ...
+
+    def remove_refresher(self, key: str) -> None: ...
+
+    def wake(self, key: str) -> None: ...
+
+    def force(self, key: str, invalid_token: str | None, privileged: bool) -> Forced | None: ...
+
+    def later(self, func: Callable[[], None], delay: float, job: str) -> None: ...
+
+    def population(self) -> int: ...
+
+
+class ComponentFetcher:
+    """The component token's "client": api_component_token with the best ticket."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
+        p = self.platform
+        now = time.time()
+        tickets = p.files.usable_tickets(now)
+        if not tickets:
+            raise UpstreamError(ErrorClass.PERMANENT, "no component_verify_ticket younger "
+                                "than 12 h: WeChat pushes one every 10 minutes to the "
+                                "authorization event URL (callback_listen), or hand one over "
+                                "with `wxtoken component ticket`", called=False)
+        failure: UpstreamError | None = None
+        for ticket in tickets:
+            try:
+                fetched = p.host.client.component_token(p.comp.component_appid,
+                                                        p.comp.secret, ticket)
+            except UpstreamError as exc:
+                if exc.errcode in TICKET_ERRCODES:
+                    p.log.warning("component.ticket_refused", ticket=mask(ticket),
+                                  errcode=exc.errcode, errmsg=exc.errmsg)
+                    failure = exc
+                    continue
+                raise
+            p.files.ticket_worked(ticket, now)
+            return fetched
+        assert failure is not None
+        raise failure
+
+    def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
+        raise UpstreamError(ErrorClass.PERMANENT, "a component token has no tickets")
+
+    def close(self) -> None:
+        pass
+
+
+class AuthorizerFetcher:
+    """An authorizer's "client": api_authorizer_token with its refresh token, persisting the
+    one WeChat returns before the token is published."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
+        p = self.platform
+        appid = app.appid
+        token = p.component_token()
+        if token is None:
+            raise UpstreamError(ErrorClass.TRANSIENT, "no valid component_access_token yet "
+                                "(is the component_verify_ticket arriving?)", called=False)
+        tried: list[str] = []
+        candidates = p.files.refresh_candidates(appid)
+        for refresh_token in candidates:
+            fetched = self._try(appid, token, refresh_token)
+            if fetched is not None:
+                return fetched
+            tried.append(refresh_token)
+        # every stored refresh token is refused: WeChat's list has the authorizer's current one
+        try:
+            listed = p.listed_refresh_token(appid, token)
+        except UpstreamError as exc:
+            raise UpstreamError(ErrorClass.TRANSIENT, f"the stored authorizer_refresh_token of "
+                                f"{appid} is refused (61023), and the authorizer list could "
+                                f"not be read to repair it: {exc}") from None
+        if listed is None:
+            p.gone(appid, "not in api_get_authorizer_list: the authorization was cancelled")
+            raise UpstreamError(ErrorClass.NEEDS_HUMAN, f"{appid} no longer authorizes the "
+                                "platform (61023, and it is not in the authorizer list): its "
+                                "files are removed", errcode=61023)
+        if listed not in tried:
+            p.files.note_listed(appid, listed, time.time())
+            fetched = self._try(appid, token, listed)
+            if fetched is not None:
+                p.log.warning("authorizer.repaired", app=appid,
+                              reason="refresh token recovered from api_get_authorizer_list")
+                return fetched
+        reason = ("every authorizer_refresh_token is refused (61023), also the one "
+                  "api_get_authorizer_list gives: the authorizer must authorize the platform "
+                  "again")
+        p.needs_reauth(appid, reason)
+        raise UpstreamError(ErrorClass.NEEDS_HUMAN, f"{appid}: {reason}", errcode=61023)
+
+    def _try(self, appid: str, token: str, refresh_token: str) -> Fetched | None:
+        """One call with one refresh token: the token (its rotated refresh token stored first),
+        None for 61023; other failures raise."""
+        p = self.platform
+        try:
+            fetched, rotated = p.host.client.authorizer_token(
+                p.comp.component_appid, token, appid, refresh_token)
+        except UpstreamError as exc:
+            if exc.kind is ErrorClass.TOKEN_INVALID:
+                p.component_refused(token)
+                raise UpstreamError(ErrorClass.TRANSIENT, "WeChat refused the "
+                                    "component_access_token; it is being replaced") from None
+            if exc.errcode == 61023:
+                return None
+            raise
+        # durable before the new access token is published (the refresher writes it after)
+        p.files.store_refresh(appid, rotated or refresh_token, time.time(),
+                              previous=refresh_token)
+        p.authorizer_ok(appid)
+        return fetched
+
+    def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
+        return self.platform.host.client.fetch_ticket(app, access_token, kind)
+
+    def close(self) -> None:
+        pass
+
+
+class Platform:
+    """One ``[components.NAME]`` in the daemon."""
+
+    def __init__(self, host: Host, comp: ComponentConfig, clock: Callable[[], float],
+                 rng: random.Random) -> None:
+        self.host = host
+        self.comp = comp
+        self.clock = clock
+        self.rng = rng
+        config = host.config
+        self.files = ComponentFiles(config.state_dir, comp.name, comp.component_appid)
+        self.crypto = MessageCrypto(comp.msg_token, comp.encoding_aes_key,
+                                    comp.component_appid)
+        self.log = get_logger(component=comp.name)
+        self.component_fetcher = ComponentFetcher(self)
+        self.authorizer_fetcher = AuthorizerFetcher(self)
+        self.keys: set[str] = set()  # the refreshers this platform registered
+        self._lock = threading.Lock()
+        self._needs_reauth: dict[str, str] = {}
+
+    # -- names ------------------------------------------------------------------------------------
+    def key(self, appid: str) -> str:
+        return f"{self.comp.name}/{appid}"
+
+    @property
+    def component_key(self) -> str:
+        return self.key(self.comp.component_appid)
+
+    # -- refreshers -------------------------------------------------------------------------------
+    def _app(self, appid: str, tickets: tuple[str, ...] = ()) -> AppConfig:
+        return AppConfig(name=appid, api=Api.TOKEN, appid=appid, secret="",
+                         secret_source=f"component {self.comp.name}", tickets=tickets)
+
+    def _refresher(self, appid: str) -> Refresher:
+        from wxtoken.refresher import Refresher
+        component = appid == self.comp.component_appid
+        app = self._app(appid, () if component else self.comp.tickets)
+        fetcher = self.component_fetcher if component else self.authorizer_fetcher
+        store = FileStore(self.files.dir, appid, 0o640, None)
+        log = get_logger(component=self.comp.name, app=appid,
+                         role="component" if component else "authorizer")
+        return Refresher(self.host.config, app, fetcher, store=store,  # type: ignore[arg-type]
+                         clock=self.clock, rng=self.rng, log=log,
+                         population=self.host.population)
+
+    def _add(self, appid: str) -> Refresher:
+        refresher = self._refresher(appid)
+        key = self.key(appid)
+        with self._lock:
+            self.keys.add(key)
+        self.host.add_refresher(key, refresher)
+        return refresher
+
+    def start(self) -> None:
+        """Create the directories, register the component's refresher and one per known
+        authorizer, and plan the reconcile (now when the last is more than a day old)."""
+        self.files.ensure()
+        for done in clean_state_dir(self.files.dir):
+            self.log.info("state_dir.cleaned", action=done)
+        doc = self.files.platform()
+        self._needs_reauth = dict(doc.get("needs_reauth") or {})
+        self._add(self.comp.component_appid)
+        for appid in self.files.authorizers():
+            self._add(appid)
+        last = doc.get("last_reconcile")
+        age = self.clock() - last if isinstance(last, (int, float)) else None
+        due = 0.0 if age is None or age >= RECONCILE_EVERY else RECONCILE_EVERY - age
+        self.host.later(self.reconcile, due, f"reconcile:{self.comp.name}")
+        if self.files.newest_ticket_at() is None:
+            self.log.warning("component.no_ticket", reason="no component_verify_ticket yet: "
+                             "it comes from WeChat every 10 minutes at the authorization event "
+                             "URL (callback_listen), or from `wxtoken component ticket`")
+
+    def component_token(self) -> str | None:
+        """The component token in its file, when valid for a few seconds more."""
+        try:
+            record = load_record(token_path(self.files.dir, self.comp.component_appid),
+                                 self.comp.component_appid)[0]
+        except TokenUnavailable:
+            return None
+        return record.access_token if record.expires_at > time.time() + 5 else None
+
+    def component_refused(self, token: str) -> None:
+        """WeChat refused the component token (an authorizer call said so): replace it."""
+        self.log.warning("component.token_refused", token=mask(token))
+        self.host.later(lambda: self._force_component(token), 0,
+                        f"component-refresh:{self.comp.name}")
+
+    def _force_component(self, token: str) -> None:
+        self.host.force(self.component_key, token, True)
+
+    # -- the ticket -------------------------------------------------------------------------------
+    def on_ticket(self, ticket: str, via: str) -> bool:
+        """A component_verify_ticket arrived (pushed, or handed over): kept durably; a
+        component token waiting for one is fetched at once. False when it was known."""
+        if not ticket or len(ticket) > 512 or not ticket.isprintable():
+            raise WxtokenError("not a component_verify_ticket")
+        now = self.clock()
+        before = self.files.newest_ticket_at()
+        if not self.files.store_ticket(ticket, now):
+            return False
+        # one line when tickets start (or start again) arriving, not one every 10 minutes
+        quiet = before is not None and now - before < 1800 and via == "callback"
+        (self.log.debug if quiet else self.log.info)("component.ticket_received", via=via,
+                                                     ticket=mask(ticket))
+        if self.component_token() is None:
+            self._end_ticket_wait()
+        return True
+
+    def _end_ticket_wait(self) -> None:
+        def run() -> None:
+            refresher = self.host_refresher(self.component_key)
+            if refresher is not None:
+                refresher.end_wait(lambda s: s.error_class in (ErrorClass.PERMANENT,
+                                                               ErrorClass.TRANSIENT),
+                                   "a new component_verify_ticket arrived")
+            self.host.wake(self.component_key)
+        self.host.later(run, 0, f"ticket-arrived:{self.comp.name}")
+
+    def host_refresher(self, key: str) -> Refresher | None:
+        refreshers: dict[str, Refresher] = getattr(self.host, "refreshers", {})
+        return refreshers.get(key)
+
+    # -- authorizers ------------------------------------------------------------------------------
+    def authorizer_ok(self, appid: str) -> None:
+        if appid in self._needs_reauth:
+            with self._lock:
+                self._needs_reauth.pop(appid, None)
+                pending = dict(self._needs_reauth)
+            self.files.note(needs_reauth=pending or None)
+
+    def needs_reauth(self, appid: str, reason: str) -> None:
+        with self._lock:
+            self._needs_reauth[appid] = reason
+            pending = dict(self._needs_reauth)
+        self.files.note(needs_reauth=pending)
+        self.log.error("authorizer.needs_reauthorization", app=appid, reason=reason)
+
+    def needing_reauth(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._needs_reauth)
+
+    def gone(self, appid: str, reason: str) -> None:
+        """The authorizer no longer authorizes the platform: its refresher stops (after the
+        run in progress) and its files go."""
+        self.log.warning("authorizer.unauthorized", app=appid, reason=reason)
+        self.host.later(lambda: self._remove(appid), 0, f"remove:{self.comp.name}/{appid}")
+
+    def _remove(self, appid: str) -> None:
+        key = self.key(appid)
+        self.host.remove_refresher(key)
+        with self._lock:
+            self.keys.discard(key)
+            self._needs_reauth.pop(appid, None)
+            pending = dict(self._needs_reauth)
+        removed = self.files.remove_authorizer(appid)
+        self.files.note(needs_reauth=pending or None)
+        self.log.info("authorizer.removed", app=appid, files=len(removed))
+
+    def on_authorized(self, appid: str, code: str, attempt: int = 0) -> None:
+        """An authorization (new or updated): exchange the code, store the refresh token, write
+        the token, start refreshing. Retried while no component token is there yet."""
+        token = self.component_token()
+        try:
+            if token is None:
+                raise UpstreamError(ErrorClass.TRANSIENT, "no valid component_access_token yet")
+            info = self.host.client.query_auth(self.comp.component_appid, token, code)
+            got = str(info.get("authorizer_appid") or "")
+            if got != appid or not APP_NAME_RE.match(got):
+                raise UpstreamError(ErrorClass.PERMANENT, f"api_query_auth answered for "
+                                    f"{got!r}, not {appid}")
+            access = info.get("authorizer_access_token")
+            expires_in = info.get("expires_in")
+            refresh_token = info.get("authorizer_refresh_token")
+            if not isinstance(refresh_token, str) or not refresh_token \
+                    or not isinstance(access, str) or not access \
+                    or not isinstance(expires_in, int) or expires_in <= 0:
+                raise UpstreamError(ErrorClass.TRANSIENT, "api_query_auth answered without "
+                                    "the tokens")
+        except UpstreamError as exc:
+            retry = exc.kind is ErrorClass.TRANSIENT and attempt < 8
+            self.log.warning("authorizer.authorization_failed", app=appid, error=str(exc),
+                             errcode=exc.errcode, retry=retry)
+            if retry:
+                self.host.later(lambda: self.on_authorized(appid, code, attempt + 1),
+                                min(60.0, 2.0 ** attempt), f"authorize:{self.comp.name}/{appid}")
+            return
+        now = self.clock()
+        self.files.store_refresh(appid, refresh_token, now)  # durable before the token
+        record = TokenRecord(app=appid, appid=appid, access_token=access,
+                             expires_at=int(now) + expires_in, refreshed_at=int(now))
+        self._publish(appid, record)
+        self.authorizer_ok(appid)
+        self.log.info("authorizer.authorized", app=appid, token=mask(access),
+                      expires_in=expires_in)
+
+    def _publish(self, appid: str, record: TokenRecord, status: AppStatus | None = None
+                 ) -> None:
+        """Write an authorizer's token obtained outside its refresher (an authorization, an
+        import) and make sure a refresher keeps it fresh."""
+        key = self.key(appid)
+        refresher = self.host_refresher(key)
+        if refresher is None:
+            refresher = self._refresher(appid)
+            added = True
+        else:
+            added = False
+        try:
+            with refresher.store.locked(refresher.lock_timeout):
+                refresher.store.write(record)
+                fresh = status or refresher.store.read_status()
+                fresh.last_result = LastResult.OK
+                fresh.last_success_at = time.time()
+                fresh.refreshed_at_exact = float(record.refreshed_at)
+                fresh.failures, fresh.retry_at = 0, 0.0
+                fresh.error_class = fresh.errcode = fresh.errmsg = fresh.error = None
+                refresher.store.write_status(fresh)
+        except StoreError as exc:
+            self.log.error("authorizer.store_failed", app=appid, error=str(exc))
+        if added:
+            with self._lock:
+                self.keys.add(key)
+            self.host.add_refresher(key, refresher)
+        else:
+            self.host.wake(key)  # decides again from the new file (no call: it is fresh)
+
+    def on_unauthorized(self, appid: str) -> None:
+        self.gone(appid, "an unauthorized event")
+
+    # -- reconcile --------------------------------------------------------------------------------
+    def _list(self, token: str) -> dict[str, str]:
+        """Every authorizer and its current refresh token, from WeChat (paged)."""
+        listed: dict[str, str] = {}
+        offset = 0
+        while True:
+            page = self.host.client.authorizer_list(self.comp.component_appid, token, offset,
+                                                    LIST_PAGE)
+            items = page.get("list")
+            items = items if isinstance(items, list) else []
+            for item in items:
+                if isinstance(item, dict):
+                    appid, rt = item.get("authorizer_appid"), item.get("refresh_token")
+                    if isinstance(appid, str) and APP_NAME_RE.match(appid) \
+                            and isinstance(rt, str) and rt:
+                        listed[appid] = rt
+            offset += len(items)
+            total = page.get("total_count")
+            if not items or not isinstance(total, int) or offset >= total:
+                return listed
+
+    def listed_refresh_token(self, appid: str, token: str) -> str | None:
+        """The authorizer's refresh token from the authorizer list; None when it is not in it."""
+        return self._list(token).get(appid)
+
+    def reconcile(self) -> None:
+        """Learn every authorizer from WeChat's list: new ones start, known ones keep the
+        listed refresh token as a fallback. Runs daily; retried soon while there is no
+        component token."""
+        token = self.component_token()
+        if token is None:
+            retry = min(60.0, max(1.0, self.host.config.renew_before / 4))
+            self.host.later(self.reconcile, retry, f"reconcile:{self.comp.name}")
+            return
+        try:
+            listed = self._list(token)
+        except UpstreamError as exc:
+            self.log.warning("authorizers.reconcile_failed", error=str(exc),
+                             errcode=exc.errcode, next_in=600)
+            self.host.later(self.reconcile, 600, f"reconcile:{self.comp.name}")
+            return
+        now = self.clock()
+        known = set(self.files.authorizers())
+        added = 0
+        for appid, refresh_token in listed.items():
+            if appid not in known:
+                self.files.store_refresh(appid, refresh_token, now)
+                self._add(appid)
+                added += 1
+            else:
+                self.files.note_listed(appid, refresh_token, now)
+        unlisted = sorted(known - set(listed))
+        self.files.note(last_reconcile=now, listed=len(listed))
+        self.log.info("authorizers.reconciled", listed=len(listed), added=added,
+                      not_listed=len(unlisted))
+        self.host.later(self.reconcile, RECONCILE_EVERY, f"reconcile:{self.comp.name}")
+
+    # -- import ----------------------------------------------------------------------------------
+    def import_lines(self, lines: list[bytes]) -> dict[str, Any]:
+        """Seed authorizers from another system: JSON lines of authorizer_appid, refresh_token
+        and optionally access_token + expires_at (+ refreshed_at). A valid imported token is
+        used until it is due: the switch costs no refresh. Every line is checked before any is
+        stored."""
+        entries = []
+        problems = []
+        now = time.time()
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                problems.append(f"line {number}: not a JSON object ({exc})")
+                continue
+            appid, rt = doc.get("authorizer_appid"), doc.get("refresh_token")
+            if not isinstance(appid, str) or not APP_NAME_RE.match(appid):
+                problems.append(f"line {number}: authorizer_appid is missing or not an appid")
+                continue
+            if not isinstance(rt, str) or not rt.strip():
+                problems.append(f"line {number}: refresh_token is missing")
+                continue
+            access, expires = doc.get("access_token"), doc.get("expires_at")
+            record = None
+            if access is not None or expires is not None:
+                if not isinstance(access, str) or not access or isinstance(expires, bool) \
+                        or not isinstance(expires, int):
+                    problems.append(f"line {number}: access_token needs expires_at (Unix "
+                                    "seconds), and the other way round")
+                    continue
+                if expires > now + 60:
+                    refreshed = doc.get("refreshed_at")
+                    if not isinstance(refreshed, int) or isinstance(refreshed, bool):
+                        refreshed = int(min(now, expires - 7200))
+                    record = TokenRecord(app=appid, appid=appid, access_token=access,
+                                         expires_at=expires, refreshed_at=max(1, refreshed))
+            entries.append((appid, rt.strip(), record))
+        if problems:
+            raise WxtokenError("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)"
+                                                           if len(problems) > 5 else ""))
+        tokens = 0
+        for appid, refresh_token, record in entries:
+            self.files.store_refresh(appid, refresh_token, self.clock())
+            if record is not None:
+                tokens += 1
+                self._publish(appid, record)
+            elif self.host_refresher(self.key(appid)) is None:
+                self._add(appid)
+        self.log.info("authorizers.imported", authorizers=len(entries), tokens=tokens)
+        return {"imported": len(entries), "with_token": tokens}
+
+    # -- events -----------------------------------------------------------------------------------
+    def on_event(self, fields: dict[str, str]) -> str:
+        """One decrypted callback message; what was done (for the log)."""
+        info = fields.get("InfoType", "")
+        if info == "component_verify_ticket":
+            ticket = fields.get("ComponentVerifyTicket", "")
+            self.on_ticket(ticket, "callback")
+            return "ticket"
+        if info in ("authorized", "updateauthorized"):
+            appid, code = fields.get("AuthorizerAppid", ""), fields.get("AuthorizationCode", "")
+            if not APP_NAME_RE.match(appid) or not code:
+                raise WxtokenError(f"{info} without an AuthorizerAppid or AuthorizationCode")
+            self.host.later(lambda: self.on_authorized(appid, code), 0,
+                            f"authorize:{self.comp.name}/{appid}")
+            return info
+        if info == "unauthorized":
+            appid = fields.get("AuthorizerAppid", "")
+            if not APP_NAME_RE.match(appid):
+                raise WxtokenError("unauthorized without an AuthorizerAppid")
+            self.on_unauthorized(appid)
+            return info
+        return "ignored"
+
+    # -- health -----------------------------------------------------------------------------------
+    def ticket_problem(self, now: float) -> str | None:
+        at = self.files.newest_ticket_at()
+        if at is None:
+            return "no component_verify_ticket received yet"
+        if now - at >= self.files.ticket_life:
+            return (f"no component_verify_ticket for {int((now - at) // 3600)} h (it comes every "
+                    "10 minutes): is WeChat reaching callback_listen?")
+        return None

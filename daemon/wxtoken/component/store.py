@@ -1,0 +1,222 @@
+"""A component's files, under ``<state_dir>/components/<NAME>/``:
+
+    <component_appid>.json        the component_access_token (the usual contract, group-readable)
+    <authorizer_appid>.json       each authorizer's token (the usual contract, group-readable)
+    <appid>.status.json           the refreshers' bookkeeping, as for apps
+    .locks/                       the writers' locks (the daemon's alone), as for apps
+    .platform.json                what `wxtoken status` shows: when the last ticket came, the last
+                                  reconcile, authorizers that need re-authorization (no secret)
+    .private/                     0700, the daemon's alone:
+        ticket.json               the newest ticket and the last one that yielded a token
+        refresh/<appid>.json      each authorizer's refresh token(s): durable state, never logged
+
+Every write is atomic (temp file, fsync, rename); the refresh tokens and the ticket are written
+durably before anything that depends on them is published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from typing import Any
+
+from wxtoken.record import APP_NAME_RE
+from wxtoken.store import atomic_write
+
+COMPONENTS_DIR = "components"
+TICKET_LIFE = 12 * 3600.0  # WeChat: a component_verify_ticket is good for 12 hours
+PRIVATE = ".private"
+PLATFORM_FILE = ".platform.json"
+
+
+def component_dir(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, COMPONENTS_DIR, name)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON object file; None when missing; ValueError when damaged."""
+    try:
+        with open(path, "rb") as fh:
+            doc = json.loads(fh.read(1 << 20))
+    except FileNotFoundError:
+        return None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+class ComponentFiles:
+    """The files of one component."""
+
+    def __init__(self, state_dir: str, name: str, component_appid: str,
+                 ticket_life: float = TICKET_LIFE) -> None:
+        self.name = name
+        self.component_appid = component_appid
+        self.dir = component_dir(state_dir, name)
+        self.private = os.path.join(self.dir, PRIVATE)
+        self.refresh_dir = os.path.join(self.private, "refresh")
+        self.ticket_path = os.path.join(self.private, "ticket.json")
+        self.platform_path = os.path.join(self.dir, PLATFORM_FILE)
+        self.ticket_life = ticket_life
+        self._lock = threading.Lock()  # the ticket file and .platform.json
+
+    def ensure(self) -> None:
+        """Create the directories (the component's readable by the group, .private not)."""
+        os.makedirs(os.path.dirname(self.dir), mode=0o750, exist_ok=True)
+        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        os.makedirs(self.refresh_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.private, 0o700)
+        os.chmod(self.refresh_dir, 0o700)
+
+    # -- the ticket ------------------------------------------------------------------------------
+    def tickets(self) -> dict[str, Any]:
+        try:
+            return _read_json(self.ticket_path) or {}
+        except ValueError:
+            return {}
+
+    def store_ticket(self, ticket: str, now: float) -> bool:
+        """Keep a pushed ticket (durably) as the newest; False when it is the one already kept.
+        The last one that yielded a token stays, as the fallback."""
+        with self._lock:
+            doc = self.tickets()
+            latest = doc.get("latest") or {}
+            if latest.get("ticket") == ticket:
+                return False
+            doc["latest"] = {"ticket": ticket, "received_at": now}
+            atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
+        self.note(ticket_received_at=now)
+        return True
+
+    def ticket_worked(self, ticket: str, now: float) -> None:
+        """This ticket yielded a component token: it becomes the fallback."""
+        with self._lock:
+            doc = self.tickets()
+            for slot in ("latest", "good"):
+                entry = doc.get(slot) or {}
+                if entry.get("ticket") == ticket:
+                    doc["good"] = {**entry, "worked_at": now}
+                    break
+            else:
+                return
+            atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
+
+    def usable_tickets(self, now: float) -> list[str]:
+        """The tickets to try, newest first: those pushed less than 12 h ago."""
+        doc = self.tickets()
+        out: list[str] = []
+        for slot in ("latest", "good"):
+            entry = doc.get(slot) or {}
+            ticket, at = entry.get("ticket"), entry.get("received_at")
+            if isinstance(ticket, str) and ticket and isinstance(at, (int, float)) \
+                    and now - at < self.ticket_life and ticket not in out:
+                out.append(ticket)
+        return out
+
+    def newest_ticket_at(self) -> float | None:
+        doc = self.tickets()
+        times = [e.get("received_at") for e in (doc.get("latest") or {}, doc.get("good") or {})]
+        valid = [t for t in times if isinstance(t, (int, float))]
+        return max(valid) if valid else None
+
+    # -- refresh tokens --------------------------------------------------------------------------
+    def refresh_path(self, appid: str) -> str:
+        if not APP_NAME_RE.match(appid):
+            raise ValueError(f"{appid!r} is not an appid")
+        return os.path.join(self.refresh_dir, f"{appid}.json")
+
+    def refresh(self, appid: str) -> dict[str, Any] | None:
+        """The authorizer's stored refresh tokens: {"refresh_token", "previous", "listed",
+        "updated_at"}; None when there are none. ValueError when the file is damaged."""
+        return _read_json(self.refresh_path(appid))
+
+    def refresh_candidates(self, appid: str) -> list[str]:
+        """The refresh tokens to try, best first: the current one, the one before it (WeChat
+        keeps it valid until the new one is first used), the one the authorizer list gave."""
+        try:
+            doc = self.refresh(appid) or {}
+        except ValueError:
+            return []
+        out: list[str] = []
+        for key in ("refresh_token", "previous", "listed"):
+            value = doc.get(key)
+            if isinstance(value, str) and value and value not in out:
+                out.append(value)
+        return out
+
+    def store_refresh(self, appid: str, refresh_token: str, now: float,
+                      previous: str | None = None, listed: str | None = None) -> None:
+        """Persist the authorizer's refresh token, durably, before the token it came with is
+        published. An empty or missing one never overwrites a stored one."""
+        if not refresh_token:
+            raise ValueError("an empty refresh token is never stored")
+        try:
+            doc = self.refresh(appid) or {}
+        except ValueError:
+            doc = {}
+        if previous is None and doc.get("refresh_token") != refresh_token:
+            previous = doc.get("refresh_token")
+        new = {"appid": appid, "refresh_token": refresh_token, "updated_at": now}
+        if previous and previous != refresh_token:
+            new["previous"] = previous
+        kept_listed = listed if listed is not None else doc.get("listed")
+        if kept_listed and kept_listed not in (refresh_token, previous):
+            new["listed"] = kept_listed
+        atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
+
+    def note_listed(self, appid: str, listed: str, now: float) -> bool:
+        """Remember the refresh token the authorizer list gave, as a fallback; True when it is
+        new to us."""
+        try:
+            doc = self.refresh(appid) or {}
+        except ValueError:
+            doc = {}
+        if listed in (doc.get("refresh_token"), doc.get("previous"), doc.get("listed")):
+            return False
+        if not doc.get("refresh_token"):
+            self.store_refresh(appid, listed, now)
+            return True
+        doc["listed"] = listed
+        atomic_write(self.refresh_path(appid), json.dumps(doc).encode() + b"\n", 0o600)
+        return True
+
+    def authorizers(self) -> list[str]:
+        """Every authorizer with a stored refresh token (they define who is served)."""
+        try:
+            names = os.listdir(self.refresh_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json")
+                      and APP_NAME_RE.match(n[:-5]))
+
+    def remove_authorizer(self, appid: str) -> list[str]:
+        """Delete an authorizer's files (it cancelled the authorization); what was removed."""
+        removed = []
+        for path in (os.path.join(self.dir, f"{appid}.json"),
+                     os.path.join(self.dir, f"{appid}.status.json"),
+                     self.refresh_path(appid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+        return removed
+
+    # -- what `wxtoken status` shows -------------------------------------------------------------
+    def platform(self) -> dict[str, Any]:
+        try:
+            return _read_json(self.platform_path) or {}
+        except ValueError:
+            return {}
+
+    def note(self, **changes: Any) -> None:
+        """Update .platform.json (no secret in it: times, counts, appids and reasons)."""
+        with self._lock:
+            doc = self.platform()
+            for key, value in changes.items():
+                if value is None:
+                    doc.pop(key, None)
+                else:
+                    doc[key] = value
+            atomic_write(self.platform_path, json.dumps(doc, sort_keys=True).encode() + b"\n",
+                         0o640, durable=False)
