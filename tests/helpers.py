@@ -101,11 +101,12 @@ class DaemonProcess:
             assert_no_secret(self.log_path.read_text(), f"the daemon log {self.log_path}")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `wxtoken` command line (its output is checked for leaked secrets)."""
     result = subprocess.run([sys.executable, "-m", "wxtoken", *args], capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                            text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                            input=stdin)
     assert_no_secret(result.stdout + result.stderr, f"the output of wxtoken {' '.join(args)}")
     return result
 

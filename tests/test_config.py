@@ -66,6 +66,18 @@ BROKEN = [
      "is not an API path"),
     ("quota_watch with a newline", GOOD_APP + 'quota_watch = ["/cgi-bin/token\\n"]\n',
      "is not an API path"),
+    ("component without appid", '[components.p]\nsecret = "s"\nmsg_token = "t"\n'
+     'encoding_aes_key = "' + "a" * 43 + '"\n', "components.p.component_appid: is required"),
+    ("component without msg_token", '[components.p]\ncomponent_appid = "wxc"\nsecret = "s"\n'
+     'encoding_aes_key = "' + "a" * 43 + '"\n', "components.p.msg_token_*: exactly one"),
+    ("component aes key", '[components.p]\ncomponent_appid = "wxc"\nsecret = "s"\n'
+     'msg_token = "t"\nencoding_aes_key = "short"\n', "components.p.encoding_aes_key: must be "
+     "the 43 characters"),
+    ("component in the fleet", '[redis]\nurl = "redis://h/0"\n[components.p]\n'
+     'component_appid = "wxc"\nsecret = "s"\nmsg_token = "t"\nencoding_aes_key = "'
+     + "a" * 43 + '"\n', "components: the fleet mode ([redis]) does not cover"),
+    ("bad callback_listen", 'callback_listen = "8089"\n' + GOOD_APP,
+     'callback_listen: must be "host:port"'),
     ("quota_watch twice", GOOD_APP + 'quota_watch = ["/cgi-bin/token", "/cgi-bin/token"]\n',
      "apps.main.quota_watch: lists a path twice"),
     ("quota_watch for WeCom", '[apps.w]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1\n'
@@ -196,11 +208,13 @@ def test_defaults_match_the_contract(tmp_path: Path) -> None:
 
 def test_example_config_documents_every_key_and_is_valid(tmp_path: Path) -> None:
     """config.example.toml parses (secrets from env) and mentions every key the parser knows."""
-    from wxtoken.config import APP_KEYS, TOP_KEYS
+    from wxtoken.config import APP_KEYS, COMPONENT_KEYS, TOP_KEYS
     from wxtoken.fleet.config import REDIS_KEYS
     text = (REPO / "config.example.toml").read_text()
     for key in TOP_KEYS | APP_KEYS | REDIS_KEYS:
         assert f"{key} =" in text or f"[{key}" in text, key
+    for key in COMPONENT_KEYS:
+        assert key in text, key
     config = load_config(str(REPO / "config.example.toml"), resolve_secrets=False)
     assert [a.name for a in config.apps] == ["main", "mini", "corp"]
     assert config.redis is None  # the fleet table is shown commented out

@@ -348,7 +348,7 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
                 "with `wxtoken component ticket` (or set callback_listen)")
     apps_doc = doc.get("apps")
     apps: list[AppConfig] = []
-    if apps_doc is None and components:
+    if apps_doc is None and isinstance(comps_doc, dict) and comps_doc:
         pass  # a platform may have no apps of its own
     elif not isinstance(apps_doc, dict) or not apps_doc:
         ck.bad("apps", "at least one [apps.NAME] table (or [components.NAME]) is required")

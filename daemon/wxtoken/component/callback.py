@@ -171,9 +171,10 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self._answer(500, "internal error")
             return
+        with contextlib.suppress(OSError):
+            self._answer(200, "success")
         if done:
-            log.info("callback.event", event=done)
-        self._answer(200, "success")
+            log.info("callback.event", kind=done)
 
     def _handle(self, platform: Platform, query: dict[str, list[str]]) -> str | None:
         def one(name: str) -> str:

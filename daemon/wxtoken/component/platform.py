@@ -94,6 +94,7 @@ class ComponentFetcher:
                     continue
                 raise
             p.files.ticket_worked(ticket, now)
+            p.component_ready()
             return fetched
         assert failure is not None
         raise failure
@@ -120,10 +121,16 @@ class AuthorizerFetcher:
             raise UpstreamError(ErrorClass.TRANSIENT, "no valid component_access_token yet "
                                 "(is the component_verify_ticket arriving?)", called=False)
         tried: list[str] = []
-        candidates = p.files.refresh_candidates(appid)
-        for refresh_token in candidates:
+        for source, refresh_token in p.files.refresh_candidates(appid):
             fetched = self._try(appid, token, refresh_token)
             if fetched is not None:
+                if source == "listed":
+                    p.log.warning("authorizer.repaired", app=appid, reason="the stored refresh "
+                                  "token was refused; the one api_get_authorizer_list gave works")
+                elif source == "previous":
+                    p.log.info("authorizer.previous_refresh_token", app=appid,
+                               reason="the newest one was refused (never used: a crash "
+                               "before it was?); the one before it works")
                 return fetched
             tried.append(refresh_token)
         # every stored refresh token is refused: WeChat's list has the authorizer's current one
@@ -163,8 +170,8 @@ class AuthorizerFetcher:
                 p.component_refused(token)
                 raise UpstreamError(ErrorClass.TRANSIENT, "WeChat refused the "
                                     "component_access_token; it is being replaced") from None
-            if exc.errcode == 61023:
-                return None
+            if exc.errcode in (61023, 61003):  # refused, or the authorization is gone: the
+                return None                       # authorizer list tells which
             raise
         # durable before the new access token is published (the refresher writes it after)
         p.files.store_refresh(appid, rotated or refresh_token, time.time(),
@@ -198,6 +205,7 @@ class Platform:
         self.keys: set[str] = set()  # the refreshers this platform registered
         self._lock = threading.Lock()
         self._needs_reauth: dict[str, str] = {}
+        self._reconcile_waiting = False
 
     # -- names ------------------------------------------------------------------------------------
     def key(self, appid: str) -> str:
@@ -253,13 +261,20 @@ class Platform:
                              "URL (callback_listen), or from `wxtoken component ticket`")
 
     def component_token(self) -> str | None:
-        """The component token in its file, when valid for a few seconds more."""
+        """The component token in its file, when valid for a second more."""
         try:
             record = load_record(token_path(self.files.dir, self.comp.component_appid),
                                  self.comp.component_appid)[0]
         except TokenUnavailable:
             return None
-        return record.access_token if record.expires_at > time.time() + 5 else None
+        return record.access_token if record.expires_at > time.time() + 1 else None
+
+    def component_ready(self) -> None:
+        """A component token was fetched: a reconcile that waited for one runs now (the
+        refresher writes the file right after this: a moment later)."""
+        if self._reconcile_waiting:
+            self._reconcile_waiting = False
+            self.host.later(self.reconcile, 0.5, f"reconcile:{self.comp.name}")
 
     def component_refused(self, token: str) -> None:
         """WeChat refused the component token (an authorizer call said so): replace it."""
@@ -438,10 +453,11 @@ class Platform:
         listed refresh token as a fallback. Runs daily; retried soon while there is no
         component token."""
         token = self.component_token()
-        if token is None:
-            retry = min(60.0, max(1.0, self.host.config.renew_before / 4))
-            self.host.later(self.reconcile, retry, f"reconcile:{self.comp.name}")
+        if token is None:  # run when the component token comes (or in a minute at most)
+            self._reconcile_waiting = True
+            self.host.later(self.reconcile, 60, f"reconcile:{self.comp.name}")
             return
+        self._reconcile_waiting = False
         try:
             listed = self._list(token)
         except UpstreamError as exc:
@@ -499,10 +515,12 @@ class Platform:
                     problems.append(f"line {number}: access_token needs expires_at (Unix "
                                     "seconds), and the other way round")
                     continue
-                if expires > now + 60:
+                if expires > now + 1:  # still valid: used until it is due
                     refreshed = doc.get("refreshed_at")
                     if not isinstance(refreshed, int) or isinstance(refreshed, bool):
-                        refreshed = int(min(now, expires - 7200))
+                        # unknown: counted from now, so it is replaced by its expiry (less
+                        # renew_before), not at once
+                        refreshed = int(now)
                     record = TokenRecord(app=appid, appid=appid, access_token=access,
                                          expires_at=expires, refreshed_at=max(1, refreshed))
             entries.append((appid, rt.strip(), record))

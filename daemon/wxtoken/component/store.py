@@ -132,18 +132,19 @@ class ComponentFiles:
         "updated_at"}; None when there are none. ValueError when the file is damaged."""
         return _read_json(self.refresh_path(appid))
 
-    def refresh_candidates(self, appid: str) -> list[str]:
-        """The refresh tokens to try, best first: the current one, the one before it (WeChat
-        keeps it valid until the new one is first used), the one the authorizer list gave."""
+    def refresh_candidates(self, appid: str) -> list[tuple[str, str]]:
+        """The refresh tokens to try, best first, as (where it came from, token): the current
+        one, the one before it (WeChat keeps it valid until the new one is first used), the one
+        the authorizer list gave."""
         try:
             doc = self.refresh(appid) or {}
         except ValueError:
             return []
-        out: list[str] = []
+        out: list[tuple[str, str]] = []
         for key in ("refresh_token", "previous", "listed"):
             value = doc.get(key)
-            if isinstance(value, str) and value and value not in out:
-                out.append(value)
+            if isinstance(value, str) and value and value not in (v for _, v in out):
+                out.append((key, value))
         return out
 
     def store_refresh(self, appid: str, refresh_token: str, now: float,
