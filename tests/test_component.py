@@ -21,7 +21,16 @@ from wxtoken import read_token
 from wxtoken.component.crypto import CryptoError, MessageCrypto
 from wxtoken.emulator import Emulator
 
-from helpers import NOBODY, DaemonProcess, curl, read_json, run_cli, socket_of, wait_until
+from helpers import (
+    NOBODY,
+    DaemonProcess,
+    curl,
+    read_json,
+    run_cli,
+    samples,
+    socket_of,
+    wait_until,
+)
 
 COMP = "wxcomp0000000000001"
 SECRET = "comp-s3cr3t-0123456789"
@@ -407,4 +416,34 @@ def test_a_thousand_authorizers_discovered_refreshed_and_restarted_with_no_call(
     time.sleep(2)
     assert emulator.calls() == calls
     assert not any(e.get("event") == "authorizers.reconciled" for e in d.events())
+    assert d.stop() == 0
+
+
+def test_an_authorizer_no_refresh_token_can_save_needs_a_new_authorization(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Every refresh token refused, also the authorizer list's: an error line, the status and
+    a metric say the authorizer needs a new authorization; its next authorization mends it."""
+    emulator.state.settings.token_ttl = 8
+    prom = tmp_path / "wxtoken.prom"
+    p = Platform(tmp_path, emulator, sock_dir, push_every=2, refresh_interval=4,
+                 renew_before=2, metrics_file=str(prom))
+    d = daemons(p.config)
+    wait_component(d, p)
+    emulator.platforms.authorize(COMP, auth(1))
+    wait_until(lambda: (p.dir / f"{auth(1)}.json").exists(), timeout=15)
+    emulator.platforms.break_authorizer(COMP, auth(1))
+    line = d.wait_for("authorizer.needs_reauthorization", timeout=20)
+    assert line["level"] == "error" and line["app"] == auth(1)
+    status = run_cli("status", "--json", "--config", str(p.config))
+    comp = json.loads(status.stdout)["components"][0]
+    assert status.returncode == 1 and auth(1) in comp["needs_reauthorization"]
+    key = ("wxtoken_authorizer_needs_reauthorization", (("appid", auth(1)),
+                                                        ("component", "plat")))
+    wait_until(lambda: key in samples(prom), timeout=10)
+    emulator.platforms.authorize(COMP, auth(1))  # the merchant authorizes again
+    wait_until(lambda: not json.loads(run_cli("status", "--json", "--config", str(p.config))
+                                      .stdout)["components"][0]["needs_reauthorization"],
+               timeout=15)
+    assert emulator.token_status(p.token(auth(1))) == 0
     assert d.stop() == 0

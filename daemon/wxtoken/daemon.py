@@ -152,6 +152,8 @@ class Daemon:
                 self.platforms[comp.name] = platform = Platform(self, comp, self.clock,
                                                                 self._rng)
                 platform.start()
+            if self.metrics is not None:
+                self.metrics.components = self._component_figures
             if self.config.callback_listen is not None:
                 from wxtoken.component.callback import CallbackServer
                 host, port = self.config.callback_listen
@@ -235,6 +237,15 @@ class Daemon:
 
     def population(self) -> int:
         return len(self.refreshers)
+
+    def _component_figures(self) -> list[tuple[str, float | None, int, list[str]]]:
+        now = time.time()
+        out = []
+        for name, platform in self.platforms.items():
+            at = platform.files.newest_ticket_at()
+            out.append((name, None if at is None else max(0.0, now - at),
+                        max(0, len(platform.keys) - 1), sorted(platform.needing_reauth())))
+        return out
 
     # -- work in flight ---------------------------------------------------------------------------
     @contextlib.contextmanager

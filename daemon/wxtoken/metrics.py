@@ -39,6 +39,9 @@ class Metrics:
         self.results: Counter[tuple[str, str]] = Counter()
         # (app, path, daily_limit, used, remain) of every quota_watch path (the daemon sets it)
         self.quota: Callable[[], list[tuple[str, str, int, int, int]]] = list
+        # (component, seconds since the last ticket or None, authorizers, appids that need a
+        # new authorization) of every Open Platform component (the daemon sets it)
+        self.components: Callable[[], list[tuple[str, float | None, int, list[str]]]] = list
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._lock = threading.Lock()
@@ -112,6 +115,26 @@ class Metrics:
             for (app_name, result), count in sorted(self.results.items()):
                 total.add_metric([app_name, result], count)
         yield from (up, expiry, success, calls, total)
+        platforms = self.components()
+        if platforms:
+            ticket = GaugeMetricFamily("wxtoken_component_ticket_age_seconds",
+                                       "Seconds since the component's last "
+                                       "component_verify_ticket (WeChat pushes one every 10 "
+                                       "minutes; it is good for 12 hours)", labels=["component"])
+            known = GaugeMetricFamily("wxtoken_component_authorizers",
+                                      "Authorizers whose tokens the daemon keeps",
+                                      labels=["component"])
+            reauth = GaugeMetricFamily("wxtoken_authorizer_needs_reauthorization",
+                                       "1 for an authorizer whose refresh tokens WeChat refuses "
+                                       "(it must authorize the platform again)",
+                                       labels=["component", "appid"])
+            for name, age, authorizers, needing in platforms:
+                if age is not None:
+                    ticket.add_metric([name], age)
+                known.add_metric([name], authorizers)
+                for appid in needing:
+                    reauth.add_metric([name, appid], 1)
+            yield from (ticket, known, reauth)
         figures = self.quota()
         if figures:
             remaining = GaugeMetricFamily("wxtoken_api_quota_remaining",

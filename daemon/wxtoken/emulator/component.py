@@ -50,6 +50,7 @@ class Authorizer:
     latest: str  # the refresh token last issued
     older: str | None = None  # the one used to get it: valid until ``latest`` is first used
     auth_time: int = 0
+    listed: str | None = None  # what the authorizer list says instead of ``latest`` (broken)
 
 
 @dataclass
@@ -116,6 +117,8 @@ class Platforms:
             if not existed:
                 comp.authorizers[authorizer_appid] = Authorizer(
                     authorizer_appid, _new_refresh_token(), auth_time=int(self.state.clock()))
+            else:  # an authorization again mends whatever was broken
+                comp.authorizers[authorizer_appid].listed = None
             comp.codes[code] = (authorizer_appid, self.state.clock() + 3600)
         if push and comp.callback:
             self.push(comp, {"InfoType": "updateauthorized" if existed else "authorized",
@@ -140,6 +143,15 @@ class Platforms:
             auth = comp.authorizers[authorizer_appid]
             auth.latest, auth.older = _new_refresh_token(), None
             return auth.latest
+
+    def break_authorizer(self, component_appid: str, authorizer_appid: str) -> None:
+        """Every refresh token the platform could know stops working, also the one the
+        authorizer list gives: only a new authorization (authorize()) helps."""
+        comp = self.components[component_appid]
+        with self.state.lock:
+            auth = comp.authorizers[authorizer_appid]
+            auth.latest, auth.older = _new_refresh_token(), None
+            auth.listed = _new_refresh_token()
 
     # -- pushing --------------------------------------------------------------------------------
     def message(self, comp: Component, fields: dict[str, str]) -> str:
@@ -295,7 +307,7 @@ class Platforms:
             items = sorted(comp.authorizers.values(), key=lambda a: a.appid)
             page = items[offset:offset + count]
             return {"total_count": len(items), "list": [
-                {"authorizer_appid": a.appid, "refresh_token": a.latest,
+                {"authorizer_appid": a.appid, "refresh_token": a.listed or a.latest,
                  "auth_time": a.auth_time} for a in page]}
 
     def stats(self) -> dict[str, Any]:
