@@ -159,7 +159,7 @@ def test_the_callback_refuses_bad_signatures_replays_and_bad_bodies(
     assert (again.status_code, again.text) == (200, "success")
     refused = [e for e in d.events() if e.get("event") == "callback.refused"]
     assert len(refused) == 6 and all(e["level"] == "warning" for e in refused)
-    assert sum(1 for e in d.events() if e.get("event") == "callback.event") == 1
+    assert sum(1 for e in d.events() if e.get("event") == "component.ticket_received") == 1
     wait_until(lambda: (platform.dir / f"{COMP}.json").exists(), timeout=15)
     assert "Traceback" not in d.log_path.read_text()
     assert d.stop() == 0

@@ -173,8 +173,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with contextlib.suppress(OSError):
             self._answer(200, "success")
-        if done:
-            log.info("callback.event", kind=done)
+        if done:  # a ticket every 10 minutes is routine (component.ticket_received says when
+            # tickets start or stop coming); other events are news
+            (log.debug if done == "ticket" else log.info)("callback.event", kind=done)
 
     def _handle(self, platform: Platform, query: dict[str, list[str]]) -> str | None:
         def one(name: str) -> str:
