@@ -323,6 +323,98 @@ def bench_many_apps(tmp: Path, n: int, latency: float) -> None:
             f"{emu.stats()['total_calls'] - calls} calls", "goal: seconds, 0 calls")
 
 
+# -- the Open Platform ------------------------------------------------------------------------
+PLATFORM_AES = "BenchEncodingAESKey0123456789abcdefghijklmn"
+
+
+def bench_platform(tmp: Path, n: int, latency: float, callback_seconds: float) -> None:
+    """n authorizers that authorized while the daemon was away: found in the authorizer list
+    at start, every token fetched (first round); a restart with every file valid; then the
+    callback endpoint under a flood of (distinct, valid) ticket pushes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    comp_appid = "wxbenchcomponent01"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with Emulator({}, latency=latency) as emu:
+        comp = emu.platforms.add(comp_appid, "bench-component-secret", "bench-msg-token",
+                                 PLATFORM_AES,
+                                 f"http://127.0.0.1:{port}/components/bench/callback",
+                                 push_every=2)
+        for i in range(n):
+            emu.platforms.authorize(comp_appid, f"wxbench{i:011d}", push=False)
+        config = config_file(tmp, emu, {}, callback_listen=f"127.0.0.1:{port}")
+        with config.open("a") as fh:
+            fh.write(f'[components.bench]\ncomponent_appid = "{comp_appid}"\n'
+                     'secret = "bench-component-secret"\nmsg_token = "bench-msg-token"\n'
+                     f'encoding_aes_key = "{PLATFORM_AES}"\n')
+        directory = tmp / "state" / "components" / "bench"
+        sock, path = notify_socket(tmp)
+        t = time.monotonic()
+        proc = start(config, path)
+        wait_ready(sock, timeout=120)
+
+        def tokens() -> int:
+            try:
+                return sum(1 for e in os.scandir(directory) if e.name.startswith("wxbench0")
+                           and e.name.endswith(".json") and not e.name.endswith(".status.json"))
+            except OSError:
+                return 0
+
+        peak = 0.0
+        while tokens() < n and time.monotonic() - t < 1800:
+            peak = max(peak, peak_mb(proc.pid))
+            time.sleep(1)
+        took = time.monotonic() - t
+        time.sleep(2)
+        peak = max(peak, peak_mb(proc.pid))
+        stop(proc)
+        stats = emu.stats()
+        row(f"Open Platform, {n} authorizers, upstream {latency * 1000:.0f} ms: first round",
+            f"{took:.1f} s, {tokens()} files, {stats['total_calls']} calls, max "
+            f"{stats['max_inflight']} concurrent", "bounded concurrency")
+        row(f"Open Platform, {n} authorizers: daemon peak RSS", f"{peak:.1f} MB",
+            "goal <= 150 MB")
+        calls = emu.stats()["total_calls"]
+        comp.pushing = False
+        t = time.monotonic()
+        proc = start(config, path)
+        wait_ready(sock, timeout=300)
+        ready = time.monotonic() - t
+        time.sleep(2)
+        row(f"Open Platform, {n} authorizers: restart with every file valid",
+            f"READY in {ready:.1f} s, {emu.stats()['total_calls'] - calls} calls",
+            "goal <= 5 s, 0 calls")
+        url = f"http://127.0.0.1:{port}/components/bench/callback"
+        messages = [emu.platforms.sealed(comp, emu.platforms.message(comp, {
+            "InfoType": "component_verify_ticket",
+            "ComponentVerifyTicket": emu.platforms.new_ticket(comp)})) for _ in range(4000)]
+        done = 0
+        lock = threading.Lock()
+        deadline = time.monotonic() + callback_seconds
+
+        def client(k: int) -> None:
+            nonlocal done
+            with requests.Session() as session:
+                for query, body in messages[k::8]:
+                    if time.monotonic() > deadline:
+                        return
+                    resp = session.post(url, params=query, data=body, timeout=5)
+                    if resp.status_code == 200 and resp.text == "success":
+                        with lock:
+                            done += 1
+
+        t = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(client, range(8)))
+        rate = done / (time.monotonic() - t)
+        stop(proc)
+        row("Open Platform: callback requests answered (8 clients, distinct signed tickets)",
+            f"{rate:.0f} per second", "WeChat sends one every 10 minutes")
+
+
 # -- the fleet ------------------------------------------------------------------------------
 def fleet_config(tmp: Path, emu: Emulator, redis_url: str, n: int, follower: bool,
                  **top: Any) -> Path:
@@ -445,6 +537,8 @@ def main() -> int:
     parser.add_argument("--day", type=float, default=24.0, help="scaled day in seconds")
     parser.add_argument("--apps", default="1000,10000",
                         help="comma-separated app counts for the many-apps rows")
+    parser.add_argument("--authorizers", type=int, default=10000,
+                        help="authorizers of the Open Platform rows")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="wxtoken-bench-"))
     try:
@@ -456,6 +550,8 @@ def main() -> int:
         bench_scaled_day(tmp / "day", 3, 5, args.day)
         for n in (int(x) for x in args.apps.split(",") if x):
             bench_many_apps(tmp / f"many{n}", n, 0.05)
+        print("Open Platform:", file=sys.stderr)
+        bench_platform(tmp / "platform", args.authorizers, 0.05, 5.0)
         print("fleet:", file=sys.stderr)
         bench_fleet(tmp / "fleet", 10, 40.0, args.idle, args.day * 2)
     finally:
