@@ -437,6 +437,7 @@ def test_a_passive_refresh_that_cannot_be_written_is_written_within_seconds(
     not at the next scheduled refresh an hour later, and without fetching again."""
     config, d, state = running
     old = read_token("main", state)
+    refreshed = sum(e["event"] == "token.refreshed" for e in d.events())
     blocker = Path(state, "main.json")
     blocker.unlink()
     blocker.mkdir()
@@ -447,6 +448,8 @@ def test_a_passive_refresh_that_cannot_be_written_is_written_within_seconds(
     (blocker / "keeps-rmdir-from-working").unlink()
     blocker.rmdir()
     wait_until(lambda: Path(state, "main.json").is_file(), timeout=10)
+    # the file is renamed into place before its log line is written
+    d.wait_for("token.refreshed", timeout=5, count=refreshed + 1)
     drop_cache()
     new = read_token("main", state)
     assert new != old and emulator.token_status(new) == 0

@@ -141,6 +141,13 @@ def test_every_contract_errcode_is_in_the_one_table() -> None:
         expected[code] = ErrorClass.PERMANENT
     for code in (89501, 89503, 89506, 89507):
         expected[code] = ErrorClass.NEEDS_HUMAN
+    # the Open Platform's (#12): a bad ticket or component secret, a wrong or cancelled
+    # authorizer, an authorization code that was used; a refresh token WeChat no longer knows
+    # (61023) and an authorizer not authorized to this platform (61003) need a reconcile or a human
+    for code in (61004, 61005, 61006, 61009, 61011):
+        expected[code] = ErrorClass.PERMANENT
+    for code in (61003, 61023):
+        expected[code] = ErrorClass.NEEDS_HUMAN
     assert {c: k for c, (k, _) in FETCH_ERRCODES.items()} == expected
     assert classify(99999)[0] is ErrorClass.PERMANENT
     assert all(business_token_invalid(c) for c in (40001, 40014, 42001))
