@@ -73,9 +73,12 @@ BROKEN = [
     ("component aes key", '[components.p]\ncomponent_appid = "wxc"\nsecret = "s"\n'
      'msg_token = "t"\nencoding_aes_key = "short"\n', "components.p.encoding_aes_key: must be "
      "the 43 characters"),
-    ("component in the fleet", '[redis]\nurl = "redis://h/0"\n[components.p]\n'
-     'component_appid = "wxc"\nsecret = "s"\nmsg_token = "t"\nencoding_aes_key = "'
-     + "a" * 43 + '"\n', "components: the fleet mode ([redis]) does not cover"),
+    ("component without secret off the fleet", '[components.p]\ncomponent_appid = "wxc"\n'
+     'msg_token = "t"\nencoding_aes_key = "' + "a" * 43 + '"\n',
+     "components.p.secret_*: exactly one of"),
+    ("fleet follower component without msg_token", '[redis]\nurl = "redis://h/0"\n'
+     '[components.p]\ncomponent_appid = "wxc"\nencoding_aes_key = "' + "a" * 43 + '"\n',
+     "components.p.msg_token_*: exactly one"),
     ("bad callback_listen", 'callback_listen = "8089"\n' + GOOD_APP,
      'callback_listen: must be "host:port"'),
     ("quota_watch twice", GOOD_APP + 'quota_watch = ["/cgi-bin/token", "/cgi-bin/token"]\n',

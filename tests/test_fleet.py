@@ -190,7 +190,9 @@ def test_a_killed_leader_is_replaced_in_time_and_no_file_holds_a_refused_token(
     took_over = [e for d in procs if d is not killed for e in d.events()
                  if e["event"] == "token.refreshed" and iso(e["timestamp"]) > killed_at]
     assert took_over, "nobody took over"
-    assert iso(took_over[0]["timestamp"]) - killed_at < 8  # the lease (4 s) and one call
+    # the first take-over in time, whichever survivor made it
+    first = min(iso(e["timestamp"]) for e in took_over)
+    assert first - killed_at < 8  # the lease (4 s) and one call
 
 
 def iso(stamp: str) -> float:

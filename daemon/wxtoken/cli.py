@@ -389,6 +389,19 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             print(f"file_group = {json.dumps(app.file_group)}")
         if app.quota_watch:
             print(f"quota_watch = {json.dumps(list(app.quota_watch))}")
+    if config.callback_listen is not None:
+        host, port = config.callback_listen
+        print(f"\ncallback_listen = \"{host}:{port}\"")
+    for comp in config.components:
+        print(f"\n[components.{comp.name}]")
+        print(f"component_appid = {json.dumps(comp.component_appid)}")
+        if comp.secret_source:
+            print(f"secret = \"***\"  # from {comp.secret_source}")
+        else:
+            print("# no secret: this host follows the platform (fleet mode)")
+        print("msg_token = \"***\"\nencoding_aes_key = \"***\"")
+        if comp.tickets:
+            print(f"tickets = {json.dumps(list(comp.tickets))}")
     for warning in config.warnings:
         print(f"wxtoken: warning: {warning}", file=sys.stderr)
     return 0

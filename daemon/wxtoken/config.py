@@ -107,6 +107,12 @@ class ComponentConfig:
     secret_source: str = ""
     tickets: tuple[str, ...] = ()  # fetched for every authorizer
 
+    @property
+    def follower(self) -> bool:
+        """In the fleet mode, a component without a secret: this host never calls WeChat for
+        it, it mirrors the component's and its authorizers' files from the fleet."""
+        return not self.secret_source
+
 
 @dataclass(frozen=True)
 class Config:
@@ -263,7 +269,7 @@ def _listen(ck: Checker, value: Any) -> tuple[str, int] | None:
 
 
 def _parse_component(ck: Checker, name: str, table: Any, config_mode: int,
-                     resolve_secrets: bool) -> ComponentConfig | None:
+                     resolve_secrets: bool, fleet: bool) -> ComponentConfig | None:
     prefix = f"components.{name}."
     if not APP_NAME_RE.match(name):
         ck.bad(f"components.{name}", "component names may use only letters, digits, '_' and "
@@ -284,8 +290,9 @@ def _parse_component(ck: Checker, name: str, table: Any, config_mode: int,
     source = ""
     for kind in ("secret", "msg_token", "encoding_aes_key"):
         if resolve_secrets:
+            # in the fleet mode a component without a secret makes this host a follower
             value, where = resolve_secret(ck, table, prefix, kind, config_mode, inline=True,
-                                          required=True)
+                                          required=not (fleet and kind == "secret"))
             found[kind] = value or ""
             if kind == "secret":
                 source = where
@@ -334,15 +341,13 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
         ck.bad("components", "must be [components.NAME] tables")
     else:
         for name, table in comps_doc.items():
-            comp = _parse_component(ck, name, table, config_mode, resolve_secrets)
+            comp = _parse_component(ck, name, table, config_mode, resolve_secrets,
+                                    redis is not None)
             if comp is not None:
                 if any(c.component_appid == comp.component_appid for c in components):
                     ck.bad(f"components.{name}", f"component_appid {comp.component_appid} is "
                            "already configured")
                 components.append(comp)
-    if components and redis is not None:
-        ck.bad("components", "the fleet mode ([redis]) does not cover the Open Platform yet: "
-               "run the components on one host, in a config without [redis]")
     if components and callback_listen is None:
         ck.warn("callback_listen", "is unset: the component_verify_ticket must be handed over "
                 "with `wxtoken component ticket` (or set callback_listen)")

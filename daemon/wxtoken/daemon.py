@@ -32,6 +32,7 @@ from wxtoken import schedule, sdnotify
 from wxtoken.errors import ConfigError
 from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
+from wxtoken.passive import ForcedState
 from wxtoken.refresher import Forced, Refresher
 from wxtoken.schedule import Outcome, State
 from wxtoken.status import AppStatus
@@ -90,7 +91,9 @@ class Daemon:
         # wait for a fleet lease, plus slack
         self.stall_after = 2 * max((r.hold_limit for r in self.refreshers.values()),
                                    default=10.0) + max(
-            (r.store.extra_wait for r in self.refreshers.values()), default=0.0) + 10
+            (r.store.extra_wait for r in self.refreshers.values()),
+            # a platform's refreshers come later: in the fleet mode they wait for leases too
+            default=self.node.fleet.lease_timeout + 1 if self.node else 0.0) + 10
         self.stop_wait = min(45.0, self.stall_after)  # under TimeoutStopSec=90 with the rest
         # every job sets its own next run; should one be lost, its trigger runs it this often
         self.safety_net = max(1.0, min(3600.0, config.renew_before / 2))
@@ -150,7 +153,7 @@ class Daemon:
             from wxtoken.component.platform import Platform
             for comp in self.config.components:
                 self.platforms[comp.name] = platform = Platform(self, comp, self.clock,
-                                                                self._rng)
+                                                                self._rng, self.node)
                 platform.start()
             if self.metrics is not None:
                 self.metrics.components = self._component_figures
@@ -299,6 +302,8 @@ class Daemon:
         with self._working(name) as ok:
             if not ok:
                 return None
+            if name not in self.refreshers and "/" in name:  # a platform's token it follows
+                return self._followed_component(name)
             if name not in self.refreshers:  # an app this host follows: the fleet refreshes it
                 assert self.node is not None
                 return self.node.ask(self.config.app(name), invalid_token, privileged,
@@ -307,6 +312,13 @@ class Daemon:
             if forced.outcome is not None:
                 self._after(name, forced.outcome)
             return forced
+
+    def _followed_component(self, key: str) -> Forced:
+        comp, _, appid = key.partition("/")
+        platform = self.platforms.get(comp)
+        return Forced(ForcedState.FAILED, platform.record(appid) if platform else None,
+                      retry_after=30.0, reason=f"this host only follows component {comp} (no "
+                      "secret): report the token on a host of the fleet that has its secret")
 
     # -- the quota tools ------------------------------------------------------------------------
     def _watch_quota(self, name: str) -> None:
@@ -403,9 +415,16 @@ class Daemon:
             ticket_problem = platform.ticket_problem(time.time())
             for key in sorted(platform.keys):
                 refresher = self.refreshers.get(key)
-                if refresher is None:
-                    continue
                 component = key == platform.component_key
+                if refresher is None:
+                    if platform.following:  # a mirror: its health from its file
+                        appid = key.partition("/")[2]
+                        info = app_health(self.config, platform.app(appid),
+                                          platform.record(appid), AppStatus(), time.time(),
+                                          role="follower")
+                        info.update(app=key, component=name)
+                        out.append(info)
+                    continue
                 info = app_health(self.config, refresher.app, refresher.record,
                                   refresher.status, now, problem=refresher.problem,
                                   role="component" if component else "authorizer")

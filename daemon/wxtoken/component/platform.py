@@ -19,7 +19,9 @@ than a day old), and from ``wxtoken component import``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import threading
 import time
@@ -38,6 +40,9 @@ from wxtoken.store import FileStore, clean_state_dir
 from wxtoken.upstream import Fetched, WeChatClient
 
 if TYPE_CHECKING:
+    from wxtoken.fleet.node import FleetNode
+    from wxtoken.fleet.platform import PlatformFleet
+    from wxtoken.fleet.store import FleetStore
     from wxtoken.refresher import Forced, Refresher
 
 RECONCILE_EVERY = 86400.0
@@ -74,7 +79,9 @@ class ComponentFetcher:
 
     def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
         p = self.platform
-        now = time.time()
+        if p.fleet is not None:  # a ticket another host received
+            p.fleet.pull_tickets(p.files)
+        now = p.clock()
         tickets = p.files.usable_tickets(now)
         if not tickets:
             raise UpstreamError(ErrorClass.PERMANENT, "no component_verify_ticket younger "
@@ -93,7 +100,7 @@ class ComponentFetcher:
                     failure = exc
                     continue
                 raise
-            p.files.ticket_worked(ticket, now)
+            p.ticket_worked(ticket, now)
             p.component_ready()
             return fetched
         assert failure is not None
@@ -120,6 +127,8 @@ class AuthorizerFetcher:
         if token is None:
             raise UpstreamError(ErrorClass.TRANSIENT, "no valid component_access_token yet "
                                 "(is the component_verify_ticket arriving?)", called=False)
+        if p.fleet is not None:  # another host may have refreshed it last (and rotated)
+            p.fleet.pull_refresh(appid, p.files)
         tried: list[str] = []
         for source, refresh_token in p.files.refresh_candidates(appid):
             fetched = self._try(appid, token, refresh_token)
@@ -146,7 +155,7 @@ class AuthorizerFetcher:
                                 "platform (61023, and it is not in the authorizer list): its "
                                 "files are removed", errcode=61023)
         if listed not in tried:
-            p.files.note_listed(appid, listed, time.time())
+            p.files.note_listed(appid, listed, p.clock())
             fetched = self._try(appid, token, listed)
             if fetched is not None:
                 p.log.warning("authorizer.repaired", app=appid,
@@ -174,8 +183,7 @@ class AuthorizerFetcher:
                 return None                       # authorizer list tells which
             raise
         # durable before the new access token is published (the refresher writes it after)
-        p.files.store_refresh(appid, rotated or refresh_token, time.time(),
-                              previous=refresh_token)
+        p.store_refresh(appid, rotated or refresh_token, p.clock(), previous=refresh_token)
         p.authorizer_ok(appid)
         return fetched
 
@@ -190,8 +198,16 @@ class Platform:
     """One ``[components.NAME]`` in the daemon."""
 
     def __init__(self, host: Host, comp: ComponentConfig, clock: Callable[[], float],
-                 rng: random.Random) -> None:
+                 rng: random.Random, node: FleetNode | None = None) -> None:
         self.host = host
+        self.node = node
+        self.fleet: PlatformFleet | None = None
+        if node is not None:
+            from wxtoken.fleet.platform import PlatformFleet
+            self.fleet = PlatformFleet(node.fleet, comp)
+        # a follower (fleet mode, no secret) never calls WeChat: it mirrors the fleet's files
+        self.following = node is not None and comp.follower
+        self.stores: dict[str, FleetStore] = {}  # the fleet mode: each token's FleetStore
         self.comp = comp
         self.clock = clock
         self.rng = rng
@@ -216,29 +232,91 @@ class Platform:
         return self.key(self.comp.component_appid)
 
     # -- refreshers -------------------------------------------------------------------------------
-    def _app(self, appid: str, tickets: tuple[str, ...] = ()) -> AppConfig:
+    def app(self, appid: str, tickets: tuple[str, ...] = ()) -> AppConfig:
         return AppConfig(name=appid, api=Api.TOKEN, appid=appid, secret="",
                          secret_source=f"component {self.comp.name}", tickets=tickets)
 
     def _refresher(self, appid: str) -> Refresher:
         from wxtoken.refresher import Refresher
         component = appid == self.comp.component_appid
-        app = self._app(appid, () if component else self.comp.tickets)
+        app = self.app(appid, () if component else self.comp.tickets)
         fetcher = self.component_fetcher if component else self.authorizer_fetcher
-        store = FileStore(self.files.dir, appid, 0o640, None)
+        local = FileStore(self.files.dir, appid, 0o640, None)
+        store: FileStore | FleetStore = local
+        if self.node is not None:
+            store = self._fleet_store(appid, local)
         log = get_logger(component=self.comp.name, app=appid,
                          role="component" if component else "authorizer")
         return Refresher(self.host.config, app, fetcher, store=store,  # type: ignore[arg-type]
                          clock=self.clock, rng=self.rng, log=log,
                          population=self.host.population)
 
-    def _add(self, appid: str) -> Refresher:
-        refresher = self._refresher(appid)
+    def _fleet_store(self, appid: str, local: FileStore) -> FleetStore:
+        """The token's FleetStore (record, lease, generation in Redis), followed by the sync
+        thread: another host's refresh rewrites this host's file."""
+        from wxtoken.fleet.store import FleetStore
+        assert self.node is not None and self.fleet is not None
+        store = FleetStore(self.node.fleet, self.app(appid), identity=self.fleet.identity(appid),
+                           local=local, key=self.key(appid))
+        old = self.stores.get(appid)
+        if old is not None:
+            self.node.sync.remove(old)
+        self.stores[appid] = store
+        self.node.sync.add(store)
+        return store
+
+    def _add(self, appid: str) -> Refresher | None:
         key = self.key(appid)
+        if self.following:
+            self._follow(appid)
+            return None
+        refresher = self._refresher(appid)
         with self._lock:
             self.keys.add(key)
         self.host.add_refresher(key, refresher)
         return refresher
+
+    def _follow(self, appid: str) -> None:
+        """A follower's mirror of one token: its file follows the fleet's record."""
+        from wxtoken.fleet.connect import REDIS_ERRORS
+        assert self.node is not None
+        if appid in self.stores:
+            return
+        store = self._fleet_store(appid, FileStore(self.files.dir, appid, 0o640, None))
+        with self._lock:
+            self.keys.add(self.key(appid))
+        if self.node.fleet.up:
+            try:
+                store.sync()
+            except REDIS_ERRORS as exc:
+                self.node.fleet.mark_down(exc)
+
+    def record(self, appid: str) -> TokenRecord | None:
+        """The token in this host's file (a follower's health)."""
+        try:
+            return load_record(token_path(self.files.dir, appid), appid)[0]
+        except TokenUnavailable:
+            return None
+
+    def store_refresh(self, appid: str, refresh_token: str, now: float,
+                      previous: str | None = None) -> None:
+        """Persist an authorizer's refresh token: durably here, then (the fleet mode) in
+        Redis, before the token it came with is published."""
+        self.files.store_refresh(appid, refresh_token, now, previous=previous)
+        if self.fleet is not None:
+            with contextlib.suppress(ValueError):
+                doc = self.files.refresh(appid)
+                if doc and not self.fleet.push_refresh(appid, doc):
+                    self.log.warning("fleet.refresh_token_local_only", app=appid,
+                                     reason="Redis is unreachable: the refresh token is on "
+                                     "this host only until Redis is back")
+
+    def ticket_worked(self, ticket: str, now: float) -> None:
+        self.files.ticket_worked(ticket, now)
+        if self.fleet is not None:
+            at = self.files.received_at(ticket)
+            if at is not None:
+                self.fleet.push_ticket("good", ticket, at)
 
     def start(self) -> None:
         """Create the directories, register the component's refresher and one per known
@@ -248,17 +326,138 @@ class Platform:
             self.log.info("state_dir.cleaned", action=done)
         doc = self.files.platform()
         self._needs_reauth = dict(doc.get("needs_reauth") or {})
+        if self.fleet is not None and self.node is not None:
+            self.fleet.warn_without_persistence()
+            self.node.sync.hooks[self.fleet.members_name] = self.resync_members
+            self.node.sync.hooks[self.fleet.ticket_name] = self._ticket_news
+            if self.following:
+                self._start_following()
+                return
+            self.node.sync.listen(self.fleet.requests, self._handed_over)
+            self._seed_fleet()
         self._add(self.comp.component_appid)
         for appid in self.files.authorizers():
             self._add(appid)
         last = doc.get("last_reconcile")
         age = self.clock() - last if isinstance(last, (int, float)) else None
         due = 0.0 if age is None or age >= RECONCILE_EVERY else RECONCILE_EVERY - age
+        if self.fleet is not None and (wait := self.fleet.reconcile_wait()) is not None:
+            due = wait  # the fleet's: one host reconciles a day
         self.host.later(self.reconcile, due, f"reconcile:{self.comp.name}")
         if self.files.newest_ticket_at() is None:
             self.log.warning("component.no_ticket", reason="no component_verify_ticket yet: "
                              "it comes from WeChat every 10 minutes at the authorization event "
                              "URL (callback_listen), or from `wxtoken component ticket`")
+
+    # -- the fleet mode ------------------------------------------------------------------------
+    def _start_following(self) -> None:
+        """A follower: a mirror of the component's token and of every authorizer's the fleet
+        knows, or this host has a file of."""
+        assert self.fleet is not None
+        self.fleet.pull_tickets(self.files)
+        appids = set(self.fleet.members() or ())
+        appids.update(self._local_tokens())
+        self._follow(self.comp.component_appid)
+        for appid in sorted(appids):
+            self._follow(appid)
+
+    def _local_tokens(self) -> list[str]:
+        """The authorizers this host has a token file of."""
+        try:
+            names = os.listdir(self.files.dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")
+                      and not n.endswith(".status.json") and APP_NAME_RE.match(n[:-5])
+                      and n[:-5] != self.comp.component_appid)
+
+    def _seed_fleet(self) -> None:
+        """A candidate at start: the fleet's refresh tokens when newer than this host's, and
+        this host's when Redis lacks them (restarted empty, or written while it was away)."""
+        assert self.fleet is not None
+        entries = self.fleet.all_refresh()
+        if entries is None:
+            return
+        self.fleet.adopt_all(entries, self.files)
+        self.fleet.pull_tickets(self.files)
+        self._push_missing(entries)
+
+    def _push_missing(self, entries: dict[str, dict[str, Any]]) -> None:
+        """This host's refresh tokens that Redis lacks or has older, into Redis, unless the
+        authorizer was removed meanwhile (then its files here go too)."""
+        assert self.fleet is not None
+        stale = []
+        for appid in self.files.authorizers():
+            try:
+                doc = self.files.refresh(appid) or {}
+            except ValueError:
+                continue
+            theirs = entries.get(appid, {}).get("updated_at")
+            ours = doc.get("updated_at")
+            if appid not in entries or (isinstance(ours, (int, float)) and isinstance(
+                    theirs, (int, float)) and ours > theirs):
+                stale.append((appid, doc))
+        gone = self.fleet.gone([appid for appid, _ in stale])
+        reseeded = 0
+        for appid, doc in stale:
+            if appid in gone:
+                self.log.info("authorizer.removed_elsewhere", app=appid)
+                self._remove(appid)
+            elif self.fleet.push_refresh(appid, doc):
+                reseeded += 1
+        if reseeded:
+            self.log.warning("fleet.refresh_tokens_reseeded", authorizers=reseeded,
+                             reason="Redis lacked them (restarted empty, or written while it "
+                             "was unreachable)")
+
+    def resync_members(self) -> None:
+        """The fleet's authorizers changed (or a resync): start the new ones here, remove
+        those another host removed; a candidate puts back what Redis lost."""
+        assert self.fleet is not None
+        members = self.fleet.members()
+        if members is None:
+            return
+        mine = {a for a in self.stores if a != self.comp.component_appid}
+        added, missing = sorted(members - mine), sorted(mine - members)
+        if self.following:
+            for appid in added:
+                self._follow(appid)
+            for appid in self.fleet.gone(missing):
+                self._remove(appid)
+            return
+        for appid in added:
+            self.fleet.pull_refresh(appid, self.files)
+            if self.host_refresher(self.key(appid)) is None:
+                try:
+                    self.files.refresh(appid)
+                except ValueError:
+                    continue
+                self._add(appid)
+        if missing:
+            entries = self.fleet.all_refresh()
+            if entries is not None:
+                self._push_missing(entries)
+
+    def _ticket_news(self) -> None:
+        """Another host received a ticket: take it; a component token waiting for one is
+        fetched now."""
+        assert self.fleet is not None
+        if self.fleet.pull_tickets(self.files) and not self.following \
+                and self.component_token() is None:
+            self._end_ticket_wait()
+
+    def _handed_over(self, data: str) -> None:
+        """An authorization that reached a follower: one candidate exchanges the code."""
+        assert self.fleet is not None
+        try:
+            doc = json.loads(data)
+            appid, code = doc["authorized"], doc["code"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if isinstance(appid, str) and APP_NAME_RE.match(appid) and isinstance(code, str) \
+                and code and self.fleet.claim(code):
+            self.host.later(lambda: self.on_authorized(appid, code), 0,
+                            f"authorize:{self.comp.name}/{appid}")
 
     def component_token(self) -> str | None:
         """The component token in its file, when valid for a second more."""
@@ -293,13 +492,15 @@ class Platform:
             raise WxtokenError("not a component_verify_ticket")
         now = self.clock()
         before = self.files.newest_ticket_at()
+        if self.fleet is not None:
+            self.fleet.push_ticket("latest", ticket, now)
         if not self.files.store_ticket(ticket, now):
             return False
         # one line when tickets start (or start again) arriving, not one every 10 minutes
         quiet = before is not None and now - before < 1800 and via == "callback"
         (self.log.debug if quiet else self.log.info)("component.ticket_received", via=via,
                                                      ticket=mask(ticket))
-        if self.component_token() is None:
+        if self.component_token() is None and not self.following:
             self._end_ticket_wait()
         return True
 
@@ -340,11 +541,16 @@ class Platform:
         """The authorizer no longer authorizes the platform: its refresher stops (after the
         run in progress) and its files go."""
         self.log.warning("authorizer.unauthorized", app=appid, reason=reason)
+        if self.fleet is not None:
+            self.fleet.remove(appid)  # every host removes its files
         self.host.later(lambda: self._remove(appid), 0, f"remove:{self.comp.name}/{appid}")
 
     def _remove(self, appid: str) -> None:
         key = self.key(appid)
         self.host.remove_refresher(key)
+        store = self.stores.pop(appid, None)
+        if store is not None and self.node is not None:
+            self.node.sync.remove(store)
         with self._lock:
             self.keys.discard(key)
             self._needs_reauth.pop(appid, None)
@@ -382,7 +588,7 @@ class Platform:
                                 min(60.0, 2.0 ** attempt), f"authorize:{self.comp.name}/{appid}")
             return
         now = self.clock()
-        self.files.store_refresh(appid, refresh_token, now)  # durable before the token
+        self.store_refresh(appid, refresh_token, now)  # durable before the token
         record = TokenRecord(app=appid, appid=appid, access_token=access,
                              expires_at=int(now) + expires_in, refreshed_at=int(now))
         self._publish(appid, record)
@@ -458,11 +664,18 @@ class Platform:
             self.host.later(self.reconcile, 60, f"reconcile:{self.comp.name}")
             return
         self._reconcile_waiting = False
+        if self.fleet is not None and not self.fleet.take_reconcile(RECONCILE_EVERY):
+            wait = self.fleet.reconcile_wait()  # another host did it: look again when due
+            self.host.later(self.reconcile, max(60.0, wait or RECONCILE_EVERY),
+                            f"reconcile:{self.comp.name}")
+            return
         try:
             listed = self._list(token)
         except UpstreamError as exc:
             self.log.warning("authorizers.reconcile_failed", error=str(exc),
                              errcode=exc.errcode, next_in=600)
+            if self.fleet is not None:
+                self.fleet.release_reconcile()
             self.host.later(self.reconcile, 600, f"reconcile:{self.comp.name}")
             return
         now = self.clock()
@@ -470,7 +683,7 @@ class Platform:
         added = 0
         for appid, refresh_token in listed.items():
             if appid not in known:
-                self.files.store_refresh(appid, refresh_token, now)
+                self.store_refresh(appid, refresh_token, now)
                 self._add(appid)
                 added += 1
             else:
@@ -487,6 +700,9 @@ class Platform:
         and optionally access_token + expires_at (+ refreshed_at). A valid imported token is
         used until it is due: the switch costs no refresh. Every line is checked before any is
         stored."""
+        if self.following:
+            raise WxtokenError(f"this host only follows component {self.comp.name} (no "
+                               "secret): import on a host of the fleet that has its secret")
         entries = []
         problems = []
         now = time.time()
@@ -529,7 +745,7 @@ class Platform:
                                                            if len(problems) > 5 else ""))
         tokens = 0
         for appid, refresh_token, record in entries:
-            self.files.store_refresh(appid, refresh_token, self.clock())
+            self.store_refresh(appid, refresh_token, self.clock())
             if record is not None:
                 tokens += 1
                 self._publish(appid, record)
@@ -550,6 +766,15 @@ class Platform:
             appid, code = fields.get("AuthorizerAppid", ""), fields.get("AuthorizationCode", "")
             if not APP_NAME_RE.match(appid) or not code:
                 raise WxtokenError(f"{info} without an AuthorizerAppid or AuthorizationCode")
+            if self.fleet is not None:
+                if self.following:
+                    if not self.fleet.hand_over(appid, code):
+                        self.log.error("authorizer.not_handed_over", app=appid,
+                                       reason="no host with the component's secret is "
+                                       "listening: the next reconcile finds the authorizer")
+                    return f"{info} (handed over)"
+                if not self.fleet.claim(code):
+                    return f"{info} (another host has it)"
             self.host.later(lambda: self.on_authorized(appid, code), 0,
                             f"authorize:{self.comp.name}/{appid}")
             return info

@@ -103,6 +103,34 @@ class ComponentFiles:
                 return
             atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
 
+    def adopt_ticket(self, slot: str, ticket: str, received_at: float) -> bool:
+        """Take a ticket another host of the fleet received (``latest``) or found working
+        (``good``) when it is newer than this host's; True when the file changed."""
+        with self._lock:
+            doc = self.tickets()
+            entry = doc.get(slot) or {}
+            at = entry.get("received_at")
+            if entry.get("ticket") == ticket or (isinstance(at, (int, float))
+                                                  and at >= received_at):
+                return False
+            doc[slot] = {"ticket": ticket, "received_at": received_at}
+            if slot == "good":
+                doc[slot]["worked_at"] = received_at
+            atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
+        if slot == "latest":
+            self.note(ticket_received_at=received_at)
+        return True
+
+    def received_at(self, ticket: str) -> float | None:
+        """When a kept ticket was received."""
+        doc = self.tickets()
+        for slot in ("latest", "good"):
+            entry = doc.get(slot) or {}
+            if entry.get("ticket") == ticket and isinstance(entry.get("received_at"),
+                                                            (int, float)):
+                return float(entry["received_at"])
+        return None
+
     def usable_tickets(self, now: float) -> list[str]:
         """The tickets to try, newest first: those pushed less than 12 h ago."""
         doc = self.tickets()

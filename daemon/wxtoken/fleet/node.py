@@ -119,7 +119,7 @@ class FleetNode:
         self.note_leadership(name)
 
     def note_leadership(self, name: str) -> None:
-        if name in self.followers:
+        if name in self.followers or name not in self.stores:  # not an app: a platform's
             return
         leading = self.stores[name].leader
         if self._leading.get(name) != leading:

@@ -258,7 +258,8 @@ class Fleet:
             raise ConfigError(problems)
 
     # -- writing ------------------------------------------------------------------------------
-    def announce(self, keys: Keys, record: TokenRecord, api: str) -> bool:
+    def announce(self, keys: Keys, record: TokenRecord, api: str, mirrored: bool = True
+                 ) -> bool:
         """After a record was written: tell every host (the version moves on, the identity is
         published), then write the SDK layouts in a transaction that runs only while the record
         still holds this token (a late writer never puts an older token back into the SDKs'
@@ -269,7 +270,7 @@ class Fleet:
             self.mark_down(exc)
             return False
         entries = mirror.entries(self.cfg.mirror, self.mirror_prefixes, record, api,
-                                 self.clock())
+                                 self.clock()) if mirrored else []
         if not entries:
             return True
 

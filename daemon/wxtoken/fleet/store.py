@@ -83,12 +83,18 @@ class _Heartbeat(threading.Thread):
 class FleetStore:
     """One app's state in the fleet's Redis, with this host's local file beside it."""
 
-    def __init__(self, fleet: Fleet, app: AppConfig) -> None:
+    def __init__(self, fleet: Fleet, app: AppConfig, identity: str | None = None,
+                 local: FileStore | None = None, key: str | None = None) -> None:
+        """``identity``, ``local`` and ``key`` (the name the daemon knows it by) default to
+        the app's; an Open Platform's tokens give their own."""
         self.fleet = fleet
         self.app = app
-        self.local = FileStore(fleet.config.state_dir, app.name, app.file_mode, app.file_group)
-        self.keys = Keys(fleet.prefix, app.identity)
-        self.log = get_logger(app=app.name, appid=app.appid, api=app.api)
+        self.key = key or app.name
+        self.platform = key is not None  # an Open Platform's token (not a configured app)
+        self.local = local or FileStore(fleet.config.state_dir, app.name, app.file_mode,
+                                        app.file_group)
+        self.keys = Keys(fleet.prefix, identity or app.identity)
+        self.log = get_logger(app=self.key, appid=app.appid, api=app.api)
         # a lease whose holder died frees itself this late: waiting for it is not a stall
         self.extra_wait = fleet.lease_timeout + 1
         self.gen = 0  # the generation taken with the lease now held
@@ -137,7 +143,7 @@ class FleetStore:
                      blocking_timeout=self.extra_wait, thread_local=False)
         try:
             if not lease.acquire():
-                raise StoreError(f"the fleet's lease on {self.app.identity} stayed taken for "
+                raise StoreError(f"the fleet's lease on {self.keys.identity} stayed taken for "
                                  f"{self.extra_wait:.0f} s")
             gen = self.fleet.take_generation(keys=[self.keys.lease, self.keys.gen],
                                              args=[lease.local.token, self.seen_gen])
@@ -146,7 +152,7 @@ class FleetStore:
             return None
         self._ok()
         if gen is None:
-            raise StoreError(f"the fleet's lease on {self.app.identity} expired at once")
+            raise StoreError(f"the fleet's lease on {self.keys.identity} expired at once")
         self.gen = int(gen)
         self.seen_gen = max(self.seen_gen, self.gen)
         return lease
@@ -249,8 +255,9 @@ class FleetStore:
         return done
 
     def _announce(self, record: TokenRecord) -> None:
-        self.unannounced = None if self.fleet.announce(self.keys, record, self.app.api) \
-            else record
+        # an Open Platform's tokens are not written into the SDKs' layouts
+        self.unannounced = None if self.fleet.announce(self.keys, record, self.app.api,
+                                                       mirrored=not self.platform) else record
 
     def write(self, record: TokenRecord) -> None:
         if self._lease is None:  # Redis was down when the lock was taken: this host alone

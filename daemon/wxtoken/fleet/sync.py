@@ -43,6 +43,10 @@ class Sync:
         self.on_request = on_request  # a follower's passive refresh, for an app we refresh
         self.by_identity: dict[str, list[FleetStore]] = {}
         self.requests: dict[str, str] = {}
+        # an Open Platform's: names announced on the events channel that are not records (its
+        # authorizers, its ticket), and request channels of its own; both also run on a resync
+        self.hooks: dict[str, Callable[[], None]] = {}
+        self.handlers: dict[str, Callable[[str], None]] = {}
         self._resubscribe = False
         self._thread = threading.Thread(target=self._run, name="fleet-sync", daemon=True)
         self.update(stores, candidates)
@@ -58,10 +62,37 @@ class Sync:
         """The apps to follow (a reload changed them): subscribe anew, then catch up."""
         by_identity: dict[str, list[FleetStore]] = {}
         for store in stores:
-            by_identity.setdefault(store.app.identity, []).append(store)
+            by_identity.setdefault(store.keys.identity, []).append(store)
+        # an Open Platform's stores stay (they come and go with its authorizers)
+        for identity, kept in self.by_identity.items():
+            platform = [s for s in kept if s.platform]
+            if platform:
+                by_identity.setdefault(identity, []).extend(platform)
         self.by_identity = by_identity
         # the channels of the identities this host has the secret of
         self.requests = {request_channel(self.fleet.prefix, i): i for i in sorted(candidates)}
+        if self._thread.is_alive():
+            self._resubscribe = True
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.fleet.client.publish(self.fleet.channel, WAKE)
+
+    def add(self, store: FleetStore) -> None:
+        """Follow one more record (an authorizer discovered while running)."""
+        stores = self.by_identity.get(store.keys.identity, [])
+        self.by_identity = {**self.by_identity, store.keys.identity: [*stores, store]}
+
+    def remove(self, store: FleetStore) -> None:
+        stores = [s for s in self.by_identity.get(store.keys.identity, []) if s is not store]
+        by_identity = dict(self.by_identity)
+        if stores:
+            by_identity[store.keys.identity] = stores
+        else:
+            by_identity.pop(store.keys.identity, None)
+        self.by_identity = by_identity
+
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Hand every message on ``channel`` to ``handler`` (subscribed anew at once)."""
+        self.handlers = {**self.handlers, channel: handler}
         if self._thread.is_alive():
             self._resubscribe = True
             with contextlib.suppress(*REDIS_ERRORS):
@@ -81,7 +112,7 @@ class Sync:
             pubsub = self.fleet.client.pubsub(  # type: ignore[no-untyped-call]
                 ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self.fleet.channel, *self.requests)
+                pubsub.subscribe(self.fleet.channel, *self.requests, *self.handlers)
                 # redis-py reconnects a subscription by itself (a quick Redis restart goes
                 # unseen otherwise): every reconnect must catch up, and maybe re-seed
                 pubsub.connection.register_connect_callback(self._reconnected)
@@ -118,6 +149,8 @@ class Sync:
                 channel, data = text(message["channel"]), text(message["data"])
                 if channel in self.requests:
                     self.requested(self.requests[channel], data)
+                elif channel in self.handlers:
+                    self.handlers[channel](data)
                 else:
                     self.changed(data)
             if time.monotonic() >= next_poll:
@@ -134,7 +167,9 @@ class Sync:
             self.heard = max(self.heard, int(version))
         for store in self.by_identity.get(identity, ()):
             if store.sync():
-                self.on_change(store.app.name)
+                self.on_change(store.key)
+        if (hook := self.hooks.get(identity)) is not None:
+            hook()
         self.fleet.last_sync = time.time()
 
     def requested(self, identity: str, data: str) -> None:
@@ -160,8 +195,10 @@ class Sync:
         from this host's file."""
         version = self.fleet.client.get(self.fleet.version_key)
         self.heard = int(version) if version is not None else 0
-        for stores in self.by_identity.values():
+        for stores in list(self.by_identity.values()):
             for store in stores:
                 if store.sync():
-                    self.on_change(store.app.name)
+                    self.on_change(store.key)
+        for hook in list(self.hooks.values()):
+            hook()
         self.fleet.last_sync = time.time()

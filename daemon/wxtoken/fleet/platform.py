@@ -1,0 +1,355 @@
+"""An Open Platform component's share of the fleet's Redis.
+
+The component's keys share one hash tag (``{<component_appid>:component}``), so they live in
+one slot; no key name holds a secret:
+
+    <prefix>:{<cid>:component}:record      the component token's record (a FleetStore's)
+    <prefix>:{<cid>:component}:ticket      hash: latest, latest_at, good, good_at (the last
+                                           component_verify_ticket pushed, the last that worked)
+    <prefix>:{<cid>:component}:refresh     hash: authorizer appid -> {"refresh_token",
+                                           "previous", "updated_at"} (durable state)
+    <prefix>:{<cid>:component}:authorizers set of the authorizers' appids
+    <prefix>:{<cid>:component}:gone:<appid>  an authorizer removed (unauthorized): 7 days, so a
+                                           host that still has its files removes them instead of
+                                           putting it back
+    <prefix>:{<cid>:component}:claim:<h>   one host handles an authorization code (10 minutes)
+    <prefix>:{<cid>:component}:reconciled  the fleet's last reconcile (expires after a day)
+    <prefix>:{<aid>:authorizer:<cid>}:record (lease, gen, status)  an authorizer's token
+    <prefix>:requests:<cid>:component      an authorization that reached a follower, for the
+                                           candidates
+
+The events channel also carries ``<cid>:component:authorizers`` (the set changed) and
+``<cid>:component:ticket`` (a ticket arrived) with the fleet's version, like a record change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ResponseError
+
+from wxtoken.component.store import ComponentFiles
+from wxtoken.config import ComponentConfig
+from wxtoken.fleet.connect import REDIS_ERRORS, text
+from wxtoken.fleet.keys import Keys
+from wxtoken.logs import get_logger
+
+if TYPE_CHECKING:
+    from wxtoken.fleet.shared import Fleet
+
+GONE_FOR = 7 * 86400
+CLAIM_FOR = 600
+
+# A ticket slot moves only forward in time (a late push of an older ticket changes nothing).
+PUSH_TICKET = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
+  return 0
+end
+local at = tonumber(redis.call('hget', KEYS[1], ARGV[1] .. '_at') or '0')
+if at >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. '_at', ARGV[3])
+return 1
+"""
+# An authorizer's refresh tokens: never replaced by older ones (ARGV[3] is updated_at); the
+# authorizer joins the set and is no longer "gone". Returns 1 when it joined the set.
+PUSH_REFRESH = """
+local current = redis.call('hget', KEYS[1], ARGV[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  local at = ok and type(doc) == 'table' and tonumber(doc.updated_at)
+  if at and at > tonumber(ARGV[3]) then
+    return redis.call('sadd', KEYS[2], ARGV[1])
+  end
+end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
+redis.call('del', KEYS[3])
+return redis.call('sadd', KEYS[2], ARGV[1])
+"""
+# An authorizer is gone (unauthorized): out of the set, its refresh tokens and record deleted,
+# a tombstone left for the hosts that still have its files.
+REMOVE = """
+redis.call('srem', KEYS[2], ARGV[1])
+redis.call('hdel', KEYS[1], ARGV[1])
+redis.call('del', KEYS[3])
+redis.call('set', KEYS[4], '1', 'EX', ARGV[2])
+return 1
+"""
+
+
+class PlatformFleet:
+    """One component's keys and the few operations on them."""
+
+    def __init__(self, fleet: Fleet, comp: ComponentConfig) -> None:
+        self.fleet = fleet
+        self.comp = comp
+        cid = comp.component_appid
+        self.component_identity = f"{cid}:component"
+        self.base = f"{fleet.prefix}:{{{self.component_identity}}}"
+        self.ticket_key = f"{self.base}:ticket"
+        self.refresh_key = f"{self.base}:refresh"
+        self.members_key = f"{self.base}:authorizers"
+        self.reconciled_key = f"{self.base}:reconciled"
+        self.members_name = f"{cid}:component:authorizers"  # announced on the events channel
+        self.ticket_name = f"{cid}:component:ticket"
+        self.requests = f"{fleet.prefix}:requests:{cid}:component"
+        self.log = get_logger(component=comp.name)
+        client = fleet.client
+        self._push_ticket = client.register_script(PUSH_TICKET)
+        self._push_refresh = client.register_script(PUSH_REFRESH)
+        self._remove = client.register_script(REMOVE)
+
+    def identity(self, appid: str) -> str:
+        """The fleet identity of the component's token or of one authorizer's (an authorizer
+        of two platforms has two tokens)."""
+        if appid == self.comp.component_appid:
+            return self.component_identity
+        return f"{appid}:authorizer:{self.comp.component_appid}"
+
+    def _gone_key(self, appid: str) -> str:
+        return f"{self.base}:gone:{appid}"
+
+    def _ok(self) -> bool:
+        """Whether to talk to Redis now (it is up, or due for a probe)."""
+        return self.fleet.may_try()
+
+    def _announce(self, name: str) -> None:
+        try:
+            self.fleet.announce_record(keys=[self.fleet.version_key],
+                                       args=[self.fleet.channel, name])
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+
+    # -- Redis's persistence --------------------------------------------------------------------
+    def warn_without_persistence(self) -> None:
+        """Refresh tokens are state: warn when Redis would lose them on a restart."""
+        client = self.fleet.client
+        try:
+            try:
+                aof = text(client.config_get("appendonly").get("appendonly") or "no")
+                save = text(client.config_get("save").get("save") or "").strip()
+                durable: bool | None = aof == "yes" or bool(save)
+            except ResponseError:  # CONFIG is often disabled (managed Redis, renamed)
+                info = client.info("persistence")
+                durable = True if info.get("aof_enabled") == 1 else None
+        except REDIS_ERRORS:
+            return
+        if durable is False:
+            self.log.warning("redis.no_persistence", reason="Redis has neither appendonly nor "
+                             "save points: a Redis restart loses the authorizers' refresh "
+                             "tokens (the candidates' own files put them back; a host that "
+                             "never had them cannot); turn on appendonly")
+        elif durable is None:
+            self.log.warning("redis.persistence_unknown", reason="CONFIG is refused and "
+                             "appendonly is off: make sure Redis persists (save points or "
+                             "appendonly); the authorizers' refresh tokens are state")
+
+    # -- the ticket -----------------------------------------------------------------------------
+    def push_ticket(self, slot: str, ticket: str, at: float) -> bool:
+        """Share a ticket (``latest`` pushed, or ``good``: it yielded a token); True when it
+        was news to the fleet."""
+        if not self._ok():
+            return False
+        try:
+            done = bool(self._push_ticket(keys=[self.ticket_key], args=[slot, ticket, at]))
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return False
+        self.fleet.mark_up()
+        if done and slot == "latest":
+            self._announce(self.ticket_name)
+        return done
+
+    def pull_tickets(self, files: ComponentFiles) -> bool:
+        """The fleet's tickets into this host's ticket file when they are newer; True when
+        this host got a newer one."""
+        if not self._ok():
+            return False
+        try:
+            doc = {text(k): text(v) for k, v in self.fleet.client.hgetall(self.ticket_key).items()}
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return False
+        self.fleet.mark_up()
+        got = False
+        for slot in ("good", "latest"):
+            ticket, at = doc.get(slot), doc.get(f"{slot}_at")
+            try:
+                when = float(at) if at is not None else None
+            except ValueError:
+                when = None
+            if ticket and when is not None and files.adopt_ticket(slot, ticket, when):
+                got = True
+        return got
+
+    # -- refresh tokens and the authorizers -----------------------------------------------------
+    def push_refresh(self, appid: str, doc: dict[str, Any]) -> bool:
+        """Share an authorizer's refresh tokens (a newer one never gives way to an older);
+        False when Redis could not be written (the local file has them; a resync pushes them)."""
+        if not self._ok():
+            return False
+        entry = {k: doc[k] for k in ("refresh_token", "previous", "updated_at") if doc.get(k)}
+        try:
+            joined = self._push_refresh(
+                keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
+                args=[appid, json.dumps(entry), entry.get("updated_at", 0)])
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return False
+        self.fleet.mark_up()
+        if joined:
+            self._announce(self.members_name)
+        return True
+
+    def pull_refresh(self, appid: str, files: ComponentFiles) -> None:
+        """Take the fleet's refresh tokens for ``appid`` when newer than this host's (another
+        host refreshed it last, and WeChat may have rotated them)."""
+        if not self._ok():
+            return
+        try:
+            raw = self.fleet.client.hget(self.refresh_key, appid)
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return
+        self.fleet.mark_up()
+        if raw is not None:
+            self._adopt(appid, raw, files)
+
+    def _adopt(self, appid: str, raw: bytes | str, files: ComponentFiles) -> None:
+        try:
+            doc = json.loads(raw)
+            rt, at = doc["refresh_token"], float(doc["updated_at"])
+            previous = doc.get("previous")
+        except (ValueError, KeyError, TypeError):
+            self.log.warning("fleet.refresh_unusable", app=appid)
+            return
+        if not isinstance(rt, str) or not rt:
+            return
+        try:
+            mine = files.refresh(appid) or {}
+        except ValueError:
+            mine = {}
+        ours = mine.get("updated_at")
+        if not isinstance(ours, (int, float)) or at > ours:
+            files.store_refresh(appid, rt, at, previous=previous if isinstance(previous, str)
+                                else None)
+
+    def all_refresh(self) -> dict[str, dict[str, Any]] | None:
+        """Every authorizer's entry (None while Redis is unreachable)."""
+        if not self._ok():
+            return None
+        try:
+            raw = self.fleet.client.hgetall(self.refresh_key)
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return None
+        self.fleet.mark_up()
+        out = {}
+        for key, value in raw.items():
+            try:
+                doc = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                out[text(key)] = doc
+        return out
+
+    def adopt_all(self, entries: dict[str, dict[str, Any]], files: ComponentFiles) -> None:
+        for appid, doc in entries.items():
+            self._adopt(appid, json.dumps(doc), files)
+
+    def members(self) -> set[str] | None:
+        """The fleet's authorizers (None while Redis is unreachable)."""
+        if not self._ok():
+            return None
+        try:
+            found = {text(m) for m in self.fleet.client.smembers(self.members_key)}
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return None
+        self.fleet.mark_up()
+        return found
+
+    def gone(self, appids: list[str]) -> set[str]:
+        """Which of ``appids`` were removed from the fleet (unauthorized) lately."""
+        if not appids or not self._ok():
+            return set()
+        try:
+            pipe = self.fleet.client.pipeline(transaction=False)
+            for appid in appids:
+                pipe.exists(self._gone_key(appid))
+            found = pipe.execute()
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return set()
+        return {appid for appid, n in zip(appids, found, strict=True) if n}
+
+    def remove(self, appid: str) -> None:
+        if not self._ok():
+            return
+        try:
+            self._remove(keys=[self.refresh_key, self.members_key,
+                               Keys(self.fleet.prefix, self.identity(appid)).record,
+                               self._gone_key(appid)], args=[appid, GONE_FOR])
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return
+        self._announce(self.members_name)
+
+    def claim(self, code: str) -> bool:
+        """Whether this host handles an authorization code (one host of the fleet does; a
+        retried event that reached another host is answered but not exchanged again). True
+        while Redis is unreachable."""
+        digest = hashlib.sha256(code.encode()).hexdigest()[:24]
+        if not self._ok():
+            return True
+        try:
+            return bool(self.fleet.client.set(f"{self.base}:claim:{digest}", "1", nx=True,
+                                               ex=CLAIM_FOR))
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return True
+
+    def hand_over(self, appid: str, code: str) -> int:
+        """An authorization that reached a follower: to the candidates (how many heard it)."""
+        try:
+            return int(self.fleet.client.publish(
+                self.requests, json.dumps({"authorized": appid, "code": code})))
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return 0
+
+    # -- the daily reconcile --------------------------------------------------------------------
+    def reconcile_wait(self) -> float | None:
+        """Seconds until the fleet's next reconcile is due (0: now); None while Redis is
+        unreachable (the host decides from its own files)."""
+        if not self._ok():
+            return None
+        try:
+            ttl = int(self.fleet.client.ttl(self.reconciled_key))
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return None
+        return float(max(0, ttl))
+
+    def take_reconcile(self, every: float) -> bool:
+        """Whether this host runs the reconcile now: one host a day in the whole fleet. True
+        while Redis is unreachable."""
+        if not self._ok():
+            return True
+        try:
+            return bool(self.fleet.client.set(self.reconciled_key, str(self.fleet.clock()),
+                                               nx=True, ex=max(60, int(every) - 60)))
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return True
+
+    def release_reconcile(self) -> None:
+        """The reconcile failed: the next try (on any host) may run it."""
+        try:
+            self.fleet.client.delete(self.reconciled_key)
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)

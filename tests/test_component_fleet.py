@@ -1,0 +1,230 @@
+"""The Open Platform on a fleet: the ticket, the component token, the authorizers' tokens and
+their refresh tokens in Redis, leases per token, followers mirroring every file; through real
+daemons, a real redis-server of the test's own and the emulator pushing to one host's callback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from test_component import AES_KEY, COMP, MSG_TOKEN, SECRET, auth, free_port
+from wxtoken import read_token
+from wxtoken.emulator import Emulator
+
+from helpers import DaemonProcess, read_json, run_cli, wait_until
+from redis_server import RedisServer
+
+
+class Host:
+    """One host of the fleet: its config, state and (maybe) callback URL."""
+
+    def __init__(self, base: Path, emulator: Emulator, redis_url: str, secret: bool,
+                 callback: bool, **top: object) -> None:
+        base.mkdir(parents=True)
+        self.state = base / "state"
+        self.dir = self.state / "components" / "plat"
+        self.config = base / "config.toml"
+        self.sock = Path(tempfile.mkdtemp(prefix="wxcf-", dir="/tmp"))
+        self.port = free_port()
+        settings: dict[str, object] = {
+            "state_dir": str(self.state), "api_base": emulator.url, "log_format": "json",
+            "control_socket": str(self.sock / "c.sock"), **top}
+        if callback:
+            settings["callback_listen"] = f"127.0.0.1:{self.port}"
+        lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        lines += ["[redis]", f"url = {json.dumps(redis_url)}",
+                  "[components.plat]", f'component_appid = "{COMP}"',
+                  f'msg_token = "{MSG_TOKEN}"', f'encoding_aes_key = "{AES_KEY}"',
+                  'tickets = ["jsapi"]']
+        if secret:
+            lines.append(f'secret = "{SECRET}"')
+        self.config.write_text("\n".join(lines) + "\n")
+        self.config.chmod(0o600)
+        self.url = f"http://127.0.0.1:{self.port}/components/plat/callback"
+
+    def token(self, appid: str) -> str:
+        return str(read_token(appid, str(self.state), component="plat"))
+
+    def has(self, appid: str) -> bool:
+        return (self.dir / f"{appid}.json").exists()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, emulator: Emulator, redis_server: RedisServer,
+          daemons: Callable[..., DaemonProcess]) -> Iterator[Callable[..., Host]]:
+    made: list[Host] = []
+
+    def make(secret: bool = True, callback: bool = False, **top: object) -> Host:
+        host = Host(tmp_path / f"host{len(made)}", emulator, redis_server.url, secret,
+                    callback, **top)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        shutil.rmtree(host.sock, ignore_errors=True)
+
+
+def s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def same_token(hosts: tuple[Host, ...], appid: str) -> bool:
+    return len({h.token(appid) for h in hosts}) == 1
+
+
+def accepted(emulator: Emulator, host: Host, appid: str) -> bool:
+    return emulator.token_status(host.token(appid)) == 0
+
+
+def events(d: DaemonProcess, name: str) -> list[dict[str, object]]:
+    return [e for e in d.events() if e.get("event") == name]
+
+
+def test_a_platform_on_a_fleet_one_call_per_token_and_every_host_has_every_file(
+        fleet: Callable[..., Host], emulator: Emulator, redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """WeChat pushes to one host only (behind the load balancer it is any one): two candidates
+    and a follower end with the same component and authorizer tokens, fetched once each for the
+    whole fleet; the refresh tokens are in Redis and on the candidates, never on the follower;
+    an authorization or a cancellation reaching the follower is handled; Redis without
+    persistence is warned about."""
+    emulator.state.settings.token_ttl = 60
+    top = {"refresh_interval": 600, "renew_before": 10}
+    a = fleet(callback=True, **top)
+    b = fleet(**top)
+    c = fleet(secret=False, callback=True, **top)
+    shown = run_cli("check-config", "--config", str(c.config)).stdout
+    assert "[components.plat]\ncomponent_appid = \"wxcomp" in shown
+    assert "this host follows the platform" in shown and MSG_TOKEN not in shown
+    shown = run_cli("check-config", "--config", str(a.config)).stdout
+    assert 'secret = "***"  # from inline' in shown and SECRET not in shown
+    comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY, a.url, 2)
+    da, db, dc = daemons(a.config), daemons(b.config), daemons(c.config)
+    for d in (da, db, dc):
+        d.wait_for("daemon.ready", timeout=20)
+        assert events(d, "redis.no_persistence")[0]["level"] == "warning"
+    wait_until(lambda: all(h.has(COMP) for h in (a, b, c)), timeout=20)
+    for i in range(3):
+        emulator.platforms.authorize(COMP, auth(i))
+    wait_until(lambda: all(h.has(auth(i)) for h in (a, b, c) for i in range(3)), timeout=20)
+    for i in range(3):
+        wait_until(functools.partial(same_token, (a, b, c), auth(i)), timeout=10)
+        assert emulator.token_status(a.token(auth(i))) == 0
+    assert len({h.token(COMP) for h in (a, b, c)}) == 1
+    assert emulator.calls(api="component_token") == 1
+    assert emulator.calls(api="query_auth") == 3
+    assert emulator.calls(api="authorizer_token") == 0  # the codes' tokens are still fresh
+    r = redis_server.client()
+    base = f"wxtoken:{{{COMP}:component}}"
+    assert {s(m) for m in r.smembers(f"{base}:authorizers")} == {auth(i) for i in range(3)}
+    stored = {s(k): json.loads(v) for k, v in r.hgetall(f"{base}:refresh").items()}
+    with emulator.state.lock:
+        latest = {a_.appid: a_.latest for a_ in comp.authorizers.values()}
+    assert {k: v["refresh_token"] for k, v in stored.items()} == latest
+    assert r.exists(f"wxtoken:{{{auth(0)}:authorizer:{COMP}}}:record")
+    assert all(SECRET not in s(k) and "refreshtoken" not in s(k) for k in r.keys("*"))
+    for h in (a, b):
+        assert {p.stem for p in (h.dir / ".private" / "refresh").iterdir()} == \
+            {auth(i) for i in range(3)}
+    assert not any((c.dir / ".private" / "refresh").iterdir())
+    # the ticket reached the other hosts through Redis
+    assert read_json(b.dir / ".private" / "ticket.json")["latest"]["ticket"]
+    # the follower serves reads, and says who can refresh
+    assert run_cli("token", "--component", "plat", auth(0), "--config",
+                   str(c.config)).stdout.strip() == a.token(auth(0))
+    refused = run_cli("refresh", "--component", "plat", auth(0), "--config", str(c.config))
+    assert refused.returncode != 0 and "only follows component plat" in refused.stderr
+    status = json.loads(run_cli("status", "--json", "--config", str(c.config)).stdout)
+    assert len(status["components"][0]["authorizers"]) == 3
+    # WeChat's pushes move to the follower (the load balancer): an authorization is handed to
+    # a candidate, a cancellation removes the files everywhere
+    emulator.platforms.components[COMP].callback = c.url
+    emulator.platforms.authorize(COMP, auth(3))
+    wait_until(lambda: all(h.has(auth(3)) for h in (a, b, c)), timeout=20)
+    assert emulator.calls(api="query_auth") == 4
+    emulator.platforms.unauthorize(COMP, auth(1))
+    wait_until(lambda: not any(h.has(auth(1)) for h in (a, b, c)), timeout=20)
+    assert not (a.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
+    assert not (b.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
+    assert not r.hexists(f"{base}:refresh", auth(1))
+    for d in (da, db, dc):
+        assert "Traceback" not in d.log_path.read_text()
+        for i in range(4):
+            rt = latest.get(auth(i))
+            assert rt is None or rt not in d.log_path.read_text()
+        assert d.stop() == 0
+
+
+def test_the_leader_killed_the_other_candidate_goes_on_with_the_fleets_refresh_tokens(
+        fleet: Callable[..., Host], emulator: Emulator,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Every api_authorizer_token call rotates the refresh token. Two candidates refresh in
+    turns; one is SIGKILLed, WeChat's pushes stop with it: the other goes on refreshing every
+    authorizer with the refresh tokens the fleet holds (never a 61023 repair, never a human)
+    and the component token with the last ticket it got through Redis."""
+    emulator.state.settings.token_ttl = 8
+    top = {"refresh_interval": 600, "renew_before": 3}
+    a = fleet(callback=True, **top)
+    b = fleet(**top)
+    emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY, a.url, 1)
+    da, db = daemons(a.config), daemons(b.config)
+    n = 4
+    wait_until(lambda: a.has(COMP) and b.has(COMP), timeout=20)
+    for i in range(n):
+        emulator.platforms.authorize(COMP, auth(i))
+    wait_until(lambda: all(b.has(auth(i)) for i in range(n)), timeout=20)
+    time.sleep(12)  # a few rotations, by whichever host takes each lease
+    da.stop(signal.SIGKILL)
+    emulator.platforms.components[COMP].pushing = False
+    before = emulator.calls(api="authorizer_token")
+    components = emulator.calls(api="component_token")
+    time.sleep(12)
+    assert emulator.calls(api="authorizer_token") >= before + n
+    assert emulator.calls(api="component_token") > components
+    for i in range(n):
+        wait_until(functools.partial(accepted, emulator, b, auth(i)), timeout=10)
+    assert emulator.token_status(b.token(COMP)) == 0
+    names = [e.get("event") for e in db.events()]
+    assert "authorizer.repaired" not in names and "authorizer.needs_reauthorization" not in names
+    assert db.stop() == 0
+
+
+def test_redis_restarted_empty_gets_the_refresh_tokens_back_from_the_candidates(
+        fleet: Callable[..., Host], emulator: Emulator, redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Without persistence a Redis restart loses everything (the warning said so): the
+    candidates put the authorizers and their refresh tokens back from their own files with no
+    call, the follower keeps its files, and an authorization after it reaches every host."""
+    emulator.state.settings.token_ttl = 60
+    top = {"refresh_interval": 600, "renew_before": 10}
+    a = fleet(callback=True, **top)
+    c = fleet(secret=False, **top)
+    emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY, a.url, 2)
+    da, dc = daemons(a.config), daemons(c.config)
+    for i in range(3):
+        emulator.platforms.authorize(COMP, auth(i))
+    wait_until(lambda: all(h.has(auth(i)) and "jsapi_ticket" in read_json(
+        h.dir / f"{auth(i)}.json") for h in (a, c) for i in range(3)), timeout=20)
+    calls = emulator.calls()
+    redis_server.restart()
+    r = redis_server.client()
+    base = f"wxtoken:{{{COMP}:component}}"
+    wait_until(lambda: r.hlen(f"{base}:refresh") == 3, timeout=30)
+    assert r.scard(f"{base}:authorizers") == 3
+    assert events(da, "fleet.refresh_tokens_reseeded")
+    assert emulator.calls() == calls  # no upstream call at all
+    assert all(c.has(auth(i)) for i in range(3))
+    emulator.platforms.authorize(COMP, auth(5))
+    wait_until(lambda: c.has(auth(5)), timeout=20)
+    assert c.token(auth(5)) == a.token(auth(5))
+    assert da.stop() == 0 and dc.stop() == 0
