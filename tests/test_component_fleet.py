@@ -152,6 +152,9 @@ def test_a_platform_on_a_fleet_one_call_per_token_and_every_host_has_every_file(
     emulator.platforms.authorize(COMP, auth(3))
     wait_until(lambda: all(h.has(auth(3)) for h in (a, b, c)), timeout=20)
     assert emulator.calls(api="query_auth") == 4
+    assert not events(dc, "authorizer.authorized")  # the follower called nothing
+    assert any(e["app"] == auth(3) for d in (da, db) for e in events(d, "authorizer.authorized"))
+    assert not any((c.dir / ".private" / "refresh").iterdir())
     emulator.platforms.unauthorize(COMP, auth(1))
     wait_until(lambda: not any(h.has(auth(1)) for h in (a, b, c)), timeout=20)
     assert not (a.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
@@ -183,7 +186,9 @@ def test_the_leader_killed_the_other_candidate_goes_on_with_the_fleets_refresh_t
     for i in range(n):
         emulator.platforms.authorize(COMP, auth(i))
     wait_until(lambda: all(b.has(auth(i)) for i in range(n)), timeout=20)
+    rotated = emulator.calls(api="authorizer_token")
     time.sleep(12)  # a few rotations, by whichever host takes each lease
+    assert emulator.calls(api="authorizer_token") >= rotated + n
     da.stop(signal.SIGKILL)
     emulator.platforms.components[COMP].pushing = False
     before = emulator.calls(api="authorizer_token")
@@ -195,6 +200,8 @@ def test_the_leader_killed_the_other_candidate_goes_on_with_the_fleets_refresh_t
         wait_until(functools.partial(accepted, emulator, b, auth(i)), timeout=10)
     assert emulator.token_status(b.token(COMP)) == 0
     names = [e.get("event") for e in db.events()]
+    # B always had the newest refresh token: not the one before it, not the list's
+    assert "authorizer.previous_refresh_token" not in names
     assert "authorizer.repaired" not in names and "authorizer.needs_reauthorization" not in names
     assert db.stop() == 0
 
@@ -228,3 +235,91 @@ def test_redis_restarted_empty_gets_the_refresh_tokens_back_from_the_candidates(
     wait_until(lambda: c.has(auth(5)), timeout=20)
     assert c.token(auth(5)) == a.token(auth(5))
     assert da.stop() == 0 and dc.stop() == 0
+
+
+def test_a_cancellation_while_redis_hangs_reaches_every_host_when_it_is_back(
+        fleet: Callable[..., Host], emulator: Emulator, redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """An `unauthorized` reaches one host while Redis hangs (SIGSTOP: it keeps its data): that
+    host removes its files at once, answers WeChat in time, and tells the fleet when Redis is
+    back; the other candidate then removes its files too and does not put the authorizer back
+    into Redis."""
+    emulator.state.settings.token_ttl = 60
+    top = {"refresh_interval": 600, "renew_before": 10}
+    a = fleet(callback=True, **top)
+    b = fleet(**top)
+    emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY, a.url, 2)
+    da, db = daemons(a.config), daemons(b.config)
+    for i in range(2):
+        emulator.platforms.authorize(COMP, auth(i))
+    wait_until(lambda: all(h.has(auth(i)) for h in (a, b) for i in range(2)), timeout=20)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        emulator.platforms.unauthorize(COMP, auth(1))  # pushed to A's callback
+        assert time.monotonic() - started < 3  # answered while Redis hangs
+        wait_until(lambda: not a.has(auth(1)), timeout=15)
+        assert b.has(auth(1))  # B cannot know yet
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: not b.has(auth(1)), timeout=30)
+    assert not (b.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
+    r = redis_server.client()
+    base = f"wxtoken:{{{COMP}:component}}"
+    assert not r.sismember(f"{base}:authorizers", auth(1))
+    assert not r.hexists(f"{base}:refresh", auth(1))
+    assert r.exists(f"{base}:gone:{auth(1)}")
+    assert a.has(auth(0)) and b.has(auth(0))
+    assert "removed" not in read_json(a.dir / ".platform.json")  # the tombstone was told
+    for d in (da, db):
+        assert "Traceback" not in d.log_path.read_text()
+        assert d.stop() == 0
+
+
+def test_refresh_tokens_in_redis_are_fenced_by_the_lease_generation(
+        tmp_path: Path, emulator: Emulator, redis_server: RedisServer) -> None:
+    """The fleet's refresh-token entries against a real Redis: one obtained under a lower
+    lease generation (a holder paused past its lease) never replaces one of a higher, whatever
+    its time; at the same generation the later wins; a removed authorizer is not put back by a
+    late refresh, only by a new authorization; a host takes the fleet's entry only when it is
+    newer than its own."""
+    from wxtoken.component.store import ComponentFiles
+    from wxtoken.config import load_config
+    from wxtoken.fleet.platform import GONE, OLDER, STORED, PlatformFleet
+    from wxtoken.fleet.shared import Fleet
+    host = Host(tmp_path / "h", emulator, redis_server.url, True, False)
+    config = load_config(str(host.config))
+    assert config.redis is not None
+    fleet = Fleet(config, config.redis)
+    pf = PlatformFleet(fleet, config.components[0])
+    r = redis_server.client()
+    aid = auth(7)
+
+    def entry() -> dict[str, object]:
+        raw = r.hget(pf.refresh_key, aid)
+        assert raw is not None
+        return dict(json.loads(raw))
+
+    assert pf.push_refresh(aid, {"refresh_token": "B", "updated_at": 100.0, "gen": 5}) == STORED
+    assert pf.push_refresh(aid, {"refresh_token": "A", "updated_at": 200.0, "gen": 4}) == OLDER
+    assert entry()["refresh_token"] == "B"
+    assert pf.push_refresh(aid, {"refresh_token": "C", "updated_at": 90.0, "gen": 5}) == OLDER
+    assert pf.push_refresh(aid, {"refresh_token": "D", "updated_at": 101.0, "gen": 5}) == STORED
+    assert entry()["refresh_token"] == "D"
+    files = ComponentFiles(str(host.state), "plat", COMP)
+    files.ensure()
+    files.store_refresh(aid, "mine", 500.0, gen=4)
+    pf.pull_refresh(aid, files)  # the fleet's (gen 5) is newer than this host's (gen 4)
+    assert (files.refresh(aid) or {})["refresh_token"] == "D"
+    files.store_refresh(aid, "mine-newer", 50.0, gen=6)
+    pf.pull_refresh(aid, files)  # this host's (gen 6) is newer: kept
+    assert (files.refresh(aid) or {})["refresh_token"] == "mine-newer"
+    assert pf.remove(aid)
+    assert not r.hexists(pf.refresh_key, aid) and not r.sismember(pf.members_key, aid)
+    assert pf.push_refresh(aid, {"refresh_token": "late", "updated_at": 900.0, "gen": 9}) == GONE
+    assert not r.hexists(pf.refresh_key, aid)
+    assert pf.push_refresh(aid, {"refresh_token": "again", "updated_at": 901.0, "gen": 10},
+                           authorized=True) == STORED
+    assert r.sismember(pf.members_key, aid) and not r.exists(f"{pf.base}:gone:{aid}")
+    fleet.client.close()

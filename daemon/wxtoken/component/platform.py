@@ -19,7 +19,6 @@ than a day old), and from ``wxtoken component import``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -46,6 +45,7 @@ if TYPE_CHECKING:
     from wxtoken.refresher import Forced, Refresher
 
 RECONCILE_EVERY = 86400.0
+GONE = -1  # wxtoken.fleet.platform.GONE: the fleet removed the authorizer
 LIST_PAGE = 500  # api_get_authorizer_list's largest page
 MAX_IMPORT_LINE = 4096
 
@@ -183,7 +183,12 @@ class AuthorizerFetcher:
                 return None                       # authorizer list tells which
             raise
         # durable before the new access token is published (the refresher writes it after)
-        p.store_refresh(appid, rotated or refresh_token, p.clock(), previous=refresh_token)
+        stored = p.store_refresh(appid, rotated or refresh_token, p.clock(),
+                                 previous=refresh_token)
+        if stored == GONE:  # another host removed it (unauthorized) meanwhile
+            p.later_remove(appid)
+            raise UpstreamError(ErrorClass.PERMANENT, f"{appid} was removed from the fleet "
+                                "(unauthorized) during its refresh", called=True)
         p.authorizer_ok(appid)
         return fetched
 
@@ -220,6 +225,9 @@ class Platform:
         self.authorizer_fetcher = AuthorizerFetcher(self)
         self.keys: set[str] = set()  # the refreshers this platform registered
         self._lock = threading.Lock()
+        # registering and removing a token (refresher, FleetStore) is check-then-act from the
+        # scheduler's, the platform's and the fleet's sync threads
+        self._tokens = threading.RLock()
         self._needs_reauth: dict[str, str] = {}
         self._reconcile_waiting = False
 
@@ -258,33 +266,40 @@ class Platform:
         assert self.node is not None and self.fleet is not None
         store = FleetStore(self.node.fleet, self.app(appid), identity=self.fleet.identity(appid),
                            local=local, key=self.key(appid))
-        old = self.stores.get(appid)
-        if old is not None:
-            self.node.sync.remove(old)
-        self.stores[appid] = store
-        self.node.sync.add(store)
+        with self._tokens:
+            old = self.stores.get(appid)
+            if old is not None:
+                self.node.sync.remove(old)
+            self.stores[appid] = store
+            self.node.sync.add(store)
         return store
 
     def _add(self, appid: str) -> Refresher | None:
+        """Start keeping an authorizer's token (the one registered already, if any)."""
         key = self.key(appid)
         if self.following:
             self._follow(appid)
             return None
-        refresher = self._refresher(appid)
-        with self._lock:
-            self.keys.add(key)
-        self.host.add_refresher(key, refresher)
+        with self._tokens:
+            refresher = self.host_refresher(key)
+            if refresher is not None:
+                return refresher
+            refresher = self._refresher(appid)
+            with self._lock:
+                self.keys.add(key)
+            self.host.add_refresher(key, refresher)
         return refresher
 
     def _follow(self, appid: str) -> None:
         """A follower's mirror of one token: its file follows the fleet's record."""
         from wxtoken.fleet.connect import REDIS_ERRORS
         assert self.node is not None
-        if appid in self.stores:
-            return
-        store = self._fleet_store(appid, FileStore(self.files.dir, appid, 0o640, None))
-        with self._lock:
-            self.keys.add(self.key(appid))
+        with self._tokens:
+            if appid in self.stores:
+                return
+            store = self._fleet_store(appid, FileStore(self.files.dir, appid, 0o640, None))
+            with self._lock:
+                self.keys.add(self.key(appid))
         if self.node.fleet.up:
             try:
                 store.sync()
@@ -299,17 +314,31 @@ class Platform:
             return None
 
     def store_refresh(self, appid: str, refresh_token: str, now: float,
-                      previous: str | None = None) -> None:
+                      previous: str | None = None, authorized: bool = False) -> int:
         """Persist an authorizer's refresh token: durably here, then (the fleet mode) in
-        Redis, before the token it came with is published."""
-        self.files.store_refresh(appid, refresh_token, now, previous=previous)
-        if self.fleet is not None:
-            with contextlib.suppress(ValueError):
-                doc = self.files.refresh(appid)
-                if doc and not self.fleet.push_refresh(appid, doc):
-                    self.log.warning("fleet.refresh_token_local_only", app=appid,
-                                     reason="Redis is unreachable: the refresh token is on "
-                                     "this host only until Redis is back")
+        Redis, before the token it came with is published; with the generation of the lease
+        held on its token, so that a holder paused past its lease cannot replace a newer one.
+        ``authorized``: a new authorization (or an import), which may bring back an
+        authorizer removed lately. Returns the fleet's answer (STORED without a fleet)."""
+        from wxtoken.fleet.platform import FAILED, OLDER, STORED
+        store = self.stores.get(appid)
+        gen = store.gen if store is not None else None
+        doc = self.files.store_refresh(appid, refresh_token, now, previous=previous, gen=gen)
+        if self.fleet is None:
+            return STORED
+        result = self.fleet.push_refresh(appid, doc, authorized)
+        if result == FAILED:
+            self.log.warning("fleet.refresh_token_local_only", app=appid,
+                             reason="Redis could not be written: the refresh token is on this "
+                             "host only until a resync puts it there")
+        elif result == OLDER:
+            self.log.warning("fleet.refresh_token_fenced", app=appid, generation=gen,
+                             reason="another host stored a newer one after this host's lease "
+                             "ran out: this one is kept here only, as a fallback")
+        return result
+
+    def later_remove(self, appid: str) -> None:
+        self.host.later(lambda: self._remove(appid), 0, f"remove:{self.comp.name}/{appid}")
 
     def ticket_worked(self, ticket: str, now: float) -> None:
         self.files.ticket_worked(ticket, now)
@@ -330,6 +359,7 @@ class Platform:
             self.fleet.warn_without_persistence()
             self.node.sync.hooks[self.fleet.members_name] = self.resync_members
             self.node.sync.hooks[self.fleet.ticket_name] = self._ticket_news
+            self.node.sync.resyncs.append(self.full_resync)
             if self.following:
                 self._start_following()
                 return
@@ -356,7 +386,11 @@ class Platform:
         assert self.fleet is not None
         self.fleet.pull_tickets(self.files)
         appids = set(self.fleet.members() or ())
-        appids.update(self._local_tokens())
+        local = set(self._local_tokens())
+        for appid in self.fleet.gone(sorted(local - appids)):  # removed while this host was down
+            local.discard(appid)
+            self.files.remove_authorizer(appid)
+        appids.update(local)
         self._follow(self.comp.component_appid)
         for appid in sorted(appids):
             self._follow(appid)
@@ -383,60 +417,81 @@ class Platform:
         self._push_missing(entries)
 
     def _push_missing(self, entries: dict[str, dict[str, Any]]) -> None:
-        """This host's refresh tokens that Redis lacks or has older, into Redis, unless the
-        authorizer was removed meanwhile (then its files here go too)."""
+        """This host's refresh tokens that Redis lacks or has older (by lease generation,
+        then time), into Redis, unless the authorizer was removed meanwhile (then its files
+        here go too)."""
+        from wxtoken.fleet.platform import GONE, STORED, order
         assert self.fleet is not None
-        stale = []
+        reseeded = 0
         for appid in self.files.authorizers():
             try:
                 doc = self.files.refresh(appid) or {}
             except ValueError:
                 continue
-            theirs = entries.get(appid, {}).get("updated_at")
-            ours = doc.get("updated_at")
-            if appid not in entries or (isinstance(ours, (int, float)) and isinstance(
-                    theirs, (int, float)) and ours > theirs):
-                stale.append((appid, doc))
-        gone = self.fleet.gone([appid for appid, _ in stale])
-        reseeded = 0
-        for appid, doc in stale:
-            if appid in gone:
+            theirs = entries.get(appid)
+            if theirs is not None and order(doc) <= order(theirs):
+                continue
+            result = self.fleet.push_refresh(appid, doc)
+            if result == GONE:
                 self.log.info("authorizer.removed_elsewhere", app=appid)
                 self._remove(appid)
-            elif self.fleet.push_refresh(appid, doc):
+            elif result == STORED:
                 reseeded += 1
         if reseeded:
             self.log.warning("fleet.refresh_tokens_reseeded", authorizers=reseeded,
-                             reason="Redis lacked them (restarted empty, or written while it "
-                             "was unreachable)")
+                             reason="Redis lacked them or had older ones (restarted empty, "
+                             "or written while it was unreachable)")
+
+    def full_resync(self) -> None:
+        """Every reconnect, and a message lost: removals made while Redis was away are told,
+        the fleet's authorizers and tickets are taken, this host's newer refresh tokens go to
+        Redis."""
+        assert self.fleet is not None
+        for appid in sorted(self._tombstones()):
+            if self.fleet.remove(appid):
+                self._forget_tombstone(appid)
+        self.fleet.pull_tickets(self.files)
+        self.resync_members()
+        if not self.following and (entries := self.fleet.all_refresh()) is not None:
+            self.fleet.adopt_all(entries, self.files)
+            self._push_missing(entries)
+
+    def _tombstones(self) -> dict[str, float]:
+        found = self.files.platform().get("removed")
+        return dict(found) if isinstance(found, dict) else {}
+
+    def _forget_tombstone(self, appid: str) -> None:
+        with self._lock:
+            left = self._tombstones()
+            left.pop(appid, None)
+            self.files.note(removed=left or None)
 
     def resync_members(self) -> None:
-        """The fleet's authorizers changed (or a resync): start the new ones here, remove
-        those another host removed; a candidate puts back what Redis lost."""
+        """The fleet's authorizers changed: start the new ones here, remove those another
+        host removed."""
         assert self.fleet is not None
         members = self.fleet.members()
         if members is None:
             return
-        mine = {a for a in self.stores if a != self.comp.component_appid}
-        added, missing = sorted(members - mine), sorted(mine - members)
+        with self._tokens:
+            mine = {a for a in self.stores if a != self.comp.component_appid}
+        removed_here = self._tombstones()  # not yet told to Redis: not taken back from it
+        added = sorted(members - mine - set(removed_here))
+        missing = sorted(mine - members)
+        for appid in self.fleet.gone(missing):
+            self._remove(appid)
         if self.following:
             for appid in added:
                 self._follow(appid)
-            for appid in self.fleet.gone(missing):
-                self._remove(appid)
             return
         for appid in added:
             self.fleet.pull_refresh(appid, self.files)
-            if self.host_refresher(self.key(appid)) is None:
-                try:
-                    self.files.refresh(appid)
-                except ValueError:
-                    continue
+            try:
+                known = self.files.refresh(appid) is not None
+            except ValueError:
+                known = False
+            if known:
                 self._add(appid)
-        if missing:
-            entries = self.fleet.all_refresh()
-            if entries is not None:
-                self._push_missing(entries)
 
     def _ticket_news(self) -> None:
         """Another host received a ticket: take it; a component token waiting for one is
@@ -492,9 +547,14 @@ class Platform:
             raise WxtokenError("not a component_verify_ticket")
         now = self.clock()
         before = self.files.newest_ticket_at()
-        if self.fleet is not None:
-            self.fleet.push_ticket("latest", ticket, now)
-        if not self.files.store_ticket(ticket, now):
+        stored = self.files.store_ticket(ticket, now)
+        if self.fleet is not None:  # off the callback's thread (WeChat waits 5 s at most)
+            fleet = self.fleet
+
+            def share() -> None:
+                fleet.push_ticket("latest", ticket, now)
+            self.host.later(share, 0, f"ticket-share:{self.comp.name}")
+        if not stored:
             return False
         # one line when tickets start (or start again) arriving, not one every 10 minutes
         quiet = before is not None and now - before < 1800 and via == "callback"
@@ -541,16 +601,18 @@ class Platform:
         """The authorizer no longer authorizes the platform: its refresher stops (after the
         run in progress) and its files go."""
         self.log.warning("authorizer.unauthorized", app=appid, reason=reason)
-        if self.fleet is not None:
-            self.fleet.remove(appid)  # every host removes its files
+        if self.fleet is not None and not self.fleet.remove(appid):  # every host removes it
+            with self._lock:  # Redis is told at the next resync
+                self.files.note(removed={**self._tombstones(), appid: self.clock()})
         self.host.later(lambda: self._remove(appid), 0, f"remove:{self.comp.name}/{appid}")
 
     def _remove(self, appid: str) -> None:
         key = self.key(appid)
-        self.host.remove_refresher(key)
-        store = self.stores.pop(appid, None)
-        if store is not None and self.node is not None:
-            self.node.sync.remove(store)
+        with self._tokens:
+            self.host.remove_refresher(key)
+            store = self.stores.pop(appid, None)
+            if store is not None and self.node is not None:
+                self.node.sync.remove(store)
         with self._lock:
             self.keys.discard(key)
             self._needs_reauth.pop(appid, None)
@@ -588,46 +650,69 @@ class Platform:
                                 min(60.0, 2.0 ** attempt), f"authorize:{self.comp.name}/{appid}")
             return
         now = self.clock()
-        self.store_refresh(appid, refresh_token, now)  # durable before the token
         record = TokenRecord(app=appid, appid=appid, access_token=access,
                              expires_at=int(now) + expires_in, refreshed_at=int(now))
-        self._publish(appid, record)
-        self.authorizer_ok(appid)
-        self.log.info("authorizer.authorized", app=appid, token=mask(access),
-                      expires_in=expires_in)
+        if self._publish(appid, record, refresh_token=refresh_token, authorized=True):
+            self.authorizer_ok(appid)
+            self.log.info("authorizer.authorized", app=appid, token=mask(access),
+                          expires_in=expires_in)
 
-    def _publish(self, appid: str, record: TokenRecord, status: AppStatus | None = None
-                 ) -> None:
+    def _publish(self, appid: str, record: TokenRecord, status: AppStatus | None = None,
+                 refresh_token: str | None = None, authorized: bool = False) -> bool:
         """Write an authorizer's token obtained outside its refresher (an authorization, an
-        import) and make sure a refresher keeps it fresh."""
+        import) and make sure a refresher keeps it fresh. ``refresh_token`` is stored first,
+        under the token's lock (the fleet's lease): no host refreshes the authorizer between
+        the two writes, which would retire the token about to be written. False when the
+        token could not be written."""
         key = self.key(appid)
-        refresher = self.host_refresher(key)
-        if refresher is None:
-            refresher = self._refresher(appid)
-            added = True
-        else:
-            added = False
-        try:
-            with refresher.store.locked(refresher.lock_timeout):
-                refresher.store.write(record)
-                fresh = status or refresher.store.read_status()
-                fresh.last_result = LastResult.OK
-                fresh.last_success_at = time.time()
-                fresh.refreshed_at_exact = float(record.refreshed_at)
-                fresh.failures, fresh.retry_at = 0, 0.0
-                fresh.error_class = fresh.errcode = fresh.errmsg = fresh.error = None
-                refresher.store.write_status(fresh)
-        except StoreError as exc:
-            self.log.error("authorizer.store_failed", app=appid, error=str(exc))
-        if added:
-            with self._lock:
-                self.keys.add(key)
-            self.host.add_refresher(key, refresher)
-        else:
-            self.host.wake(key)  # decides again from the new file (no call: it is fresh)
+        with self._tokens:  # one refresher per authorizer, whoever else registers it
+            refresher = self.host_refresher(key)
+            added = refresher is None
+            if refresher is None:
+                refresher = self._refresher(appid)
+            written = False
+            try:
+                with refresher.store.locked(refresher.lock_timeout):
+                    if refresh_token is not None:
+                        self.store_refresh(appid, refresh_token, self.clock(),
+                                           authorized=authorized)
+                    refresher.store.write(record)
+                    written = True
+                    fresh = status or refresher.store.read_status()
+                    fresh.last_result = LastResult.OK
+                    fresh.last_success_at = time.time()
+                    fresh.refreshed_at_exact = float(record.refreshed_at)
+                    fresh.failures, fresh.retry_at = 0, 0.0
+                    fresh.error_class = fresh.errcode = fresh.errmsg = fresh.error = None
+                    refresher.store.write_status(fresh)
+            except StoreError as exc:
+                self.log.error("authorizer.store_failed", app=appid, error=str(exc))
+            if added:
+                with self._lock:
+                    self.keys.add(key)
+                self.host.add_refresher(key, refresher)
+            else:
+                self.host.wake(key)  # decides again from the new file (no call: it is fresh)
+        return written
 
     def on_unauthorized(self, appid: str) -> None:
-        self.gone(appid, "an unauthorized event")
+        self.host.later(lambda: self.gone(appid, "an unauthorized event"), 0,
+                        f"unauthorized:{self.comp.name}/{appid}")
+
+    def _authorization(self, appid: str, code: str) -> None:
+        """An authorization event: exchanged here, or (the fleet mode) by one candidate."""
+        if self.fleet is not None:
+            if self.following:
+                if not self.fleet.hand_over(appid, code):
+                    self.log.error("authorizer.not_handed_over", app=appid,
+                                   reason="no host with the component's secret is listening: "
+                                   "the next reconcile finds the authorizer")
+                return
+            if not self.fleet.claim(code):
+                self.log.info("authorizer.authorization_elsewhere", app=appid,
+                              reason="another host of the fleet exchanges this code")
+                return
+        self.on_authorized(appid, code)
 
     # -- reconcile --------------------------------------------------------------------------------
     def _list(self, token: str) -> dict[str, str]:
@@ -666,7 +751,8 @@ class Platform:
         self._reconcile_waiting = False
         if self.fleet is not None and not self.fleet.take_reconcile(RECONCILE_EVERY):
             wait = self.fleet.reconcile_wait()  # another host did it: look again when due
-            self.host.later(self.reconcile, max(60.0, wait or RECONCILE_EVERY),
+            self.host.later(self.reconcile,
+                            max(60.0, wait if wait is not None else RECONCILE_EVERY),
                             f"reconcile:{self.comp.name}")
             return
         try:
@@ -683,7 +769,10 @@ class Platform:
         added = 0
         for appid, refresh_token in listed.items():
             if appid not in known:
-                self.store_refresh(appid, refresh_token, now)
+                # removed lately (an unauthorized event; the list may lag): not brought back
+                if self.store_refresh(appid, refresh_token, now) == GONE:
+                    self.files.remove_authorizer(appid)
+                    continue
                 self._add(appid)
                 added += 1
             else:
@@ -745,11 +834,11 @@ class Platform:
                                                            if len(problems) > 5 else ""))
         tokens = 0
         for appid, refresh_token, record in entries:
-            self.store_refresh(appid, refresh_token, self.clock())
             if record is not None:
                 tokens += 1
-                self._publish(appid, record)
-            elif self.host_refresher(self.key(appid)) is None:
+                self._publish(appid, record, refresh_token=refresh_token, authorized=True)
+            else:
+                self.store_refresh(appid, refresh_token, self.clock(), authorized=True)
                 self._add(appid)
         self.log.info("authorizers.imported", authorizers=len(entries), tokens=tokens)
         return {"imported": len(entries), "with_token": tokens}
@@ -766,16 +855,8 @@ class Platform:
             appid, code = fields.get("AuthorizerAppid", ""), fields.get("AuthorizationCode", "")
             if not APP_NAME_RE.match(appid) or not code:
                 raise WxtokenError(f"{info} without an AuthorizerAppid or AuthorizationCode")
-            if self.fleet is not None:
-                if self.following:
-                    if not self.fleet.hand_over(appid, code):
-                        self.log.error("authorizer.not_handed_over", app=appid,
-                                       reason="no host with the component's secret is "
-                                       "listening: the next reconcile finds the authorizer")
-                    return f"{info} (handed over)"
-                if not self.fleet.claim(code):
-                    return f"{info} (another host has it)"
-            self.host.later(lambda: self.on_authorized(appid, code), 0,
+            # off the callback's thread: WeChat wants its answer within 5 s, Redis may be slow
+            self.host.later(lambda: self._authorization(appid, code), 0,
                             f"authorize:{self.comp.name}/{appid}")
             return info
         if info == "unauthorized":

@@ -61,6 +61,7 @@ class ComponentFiles:
         self.platform_path = os.path.join(self.dir, PLATFORM_FILE)
         self.ticket_life = ticket_life
         self._lock = threading.Lock()  # the ticket file and .platform.json
+        self._refresh_lock = threading.RLock()  # the refresh-token files' read-modify-writes
 
     def ensure(self) -> None:
         """Create the directories (the component's readable by the group, .private not)."""
@@ -176,11 +177,20 @@ class ComponentFiles:
         return out
 
     def store_refresh(self, appid: str, refresh_token: str, now: float,
-                      previous: str | None = None, listed: str | None = None) -> None:
+                      previous: str | None = None, listed: str | None = None,
+                      gen: int | None = None) -> dict[str, Any]:
         """Persist the authorizer's refresh token, durably, before the token it came with is
-        published. An empty or missing one never overwrites a stored one."""
+        published. An empty or missing one never overwrites a stored one. ``gen``: the fleet
+        generation of the lease it was obtained under (the fleet mode). Returns what was
+        stored."""
         if not refresh_token:
             raise ValueError("an empty refresh token is never stored")
+        with self._refresh_lock:
+            return self._store_refresh(appid, refresh_token, now, previous, listed, gen)
+
+    def _store_refresh(self, appid: str, refresh_token: str, now: float,
+                       previous: str | None, listed: str | None, gen: int | None
+                       ) -> dict[str, Any]:
         try:
             doc = self.refresh(appid) or {}
         except ValueError:
@@ -193,23 +203,27 @@ class ComponentFiles:
         kept_listed = listed if listed is not None else doc.get("listed")
         if kept_listed and kept_listed not in (refresh_token, previous):
             new["listed"] = kept_listed
+        if gen is not None:
+            new["gen"] = gen
         atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
+        return new
 
     def note_listed(self, appid: str, listed: str, now: float) -> bool:
         """Remember the refresh token the authorizer list gave, as a fallback; True when it is
         new to us."""
-        try:
-            doc = self.refresh(appid) or {}
-        except ValueError:
-            doc = {}
-        if listed in (doc.get("refresh_token"), doc.get("previous"), doc.get("listed")):
-            return False
-        if not doc.get("refresh_token"):
-            self.store_refresh(appid, listed, now)
+        with self._refresh_lock:
+            try:
+                doc = self.refresh(appid) or {}
+            except ValueError:
+                doc = {}
+            if listed in (doc.get("refresh_token"), doc.get("previous"), doc.get("listed")):
+                return False
+            if not doc.get("refresh_token"):
+                self.store_refresh(appid, listed, now)
+                return True
+            doc["listed"] = listed
+            atomic_write(self.refresh_path(appid), json.dumps(doc).encode() + b"\n", 0o600)
             return True
-        doc["listed"] = listed
-        atomic_write(self.refresh_path(appid), json.dumps(doc).encode() + b"\n", 0o600)
-        return True
 
     def authorizers(self) -> list[str]:
         """Every authorizer with a stored refresh token (they define who is served)."""

@@ -28,7 +28,7 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from wxtoken.component.store import ComponentFiles
 from wxtoken.config import ComponentConfig
@@ -39,6 +39,7 @@ from wxtoken.logs import get_logger
 if TYPE_CHECKING:
     from wxtoken.fleet.shared import Fleet
 
+ERRORS: tuple[type[Exception], ...] = (RedisError, *REDIS_ERRORS)
 GONE_FOR = 7 * 86400
 CLAIM_FOR = 600
 
@@ -54,30 +55,47 @@ end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. '_at', ARGV[3])
 return 1
 """
-# An authorizer's refresh tokens: never replaced by older ones (ARGV[3] is updated_at); the
-# authorizer joins the set and is no longer "gone". Returns 1 when it joined the set.
+# An authorizer's refresh tokens, fenced like records: an entry obtained under a lower lease
+# generation (ARGV[3]; a holder paused past its lease) never replaces one of a higher, and at
+# the same generation the later (ARGV[4], the fleet's time) wins. A removed authorizer (its
+# tombstone, KEYS[3]) is not put back unless this is a new authorization (ARGV[5] = 1).
+# Returns 1: stored and joined the set; 0: stored; -1: the authorizer was removed; -2: refused,
+# the fleet's is newer.
 PUSH_REFRESH = """
+if ARGV[5] ~= '1' and redis.call('exists', KEYS[3]) == 1 then
+  return -1
+end
 local current = redis.call('hget', KEYS[1], ARGV[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)
-  local at = ok and type(doc) == 'table' and tonumber(doc.updated_at)
-  if at and at > tonumber(ARGV[3]) then
-    return redis.call('sadd', KEYS[2], ARGV[1])
+  if ok and type(doc) == 'table' then
+    local gen = tonumber(doc.gen) or 0
+    local at = tonumber(doc.updated_at) or 0
+    if gen > tonumber(ARGV[3]) or (gen == tonumber(ARGV[3]) and at > tonumber(ARGV[4])) then
+      return -2
+    end
   end
 end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
 redis.call('del', KEYS[3])
 return redis.call('sadd', KEYS[2], ARGV[1])
 """
-# An authorizer is gone (unauthorized): out of the set, its refresh tokens and record deleted,
-# a tombstone left for the hosts that still have its files.
+# An authorizer is gone (unauthorized): out of the set, its refresh tokens deleted, a tombstone
+# left for the hosts that still have its files (its record, in another slot, goes apart).
 REMOVE = """
 redis.call('srem', KEYS[2], ARGV[1])
 redis.call('hdel', KEYS[1], ARGV[1])
-redis.call('del', KEYS[3])
-redis.call('set', KEYS[4], '1', 'EX', ARGV[2])
+redis.call('set', KEYS[3], '1', 'EX', ARGV[2])
 return 1
 """
+STORED, GONE, OLDER, FAILED = 0, -1, -2, -3
+
+
+def order(doc: dict[str, Any]) -> tuple[int, float]:
+    """How new an entry of refresh tokens is: its lease generation, then its time."""
+    gen, at = doc.get("gen"), doc.get("updated_at")
+    return (gen if isinstance(gen, int) and not isinstance(gen, bool) else 0,
+            float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0)
 
 
 class PlatformFleet:
@@ -116,12 +134,20 @@ class PlatformFleet:
         """Whether to talk to Redis now (it is up, or due for a probe)."""
         return self.fleet.may_try()
 
+    def _trouble(self, exc: Exception) -> None:
+        """Redis unreachable (marked down), or a command refused (an error reply: OOM, NOPERM,
+        a proxy's CROSSSLOT...): a warning, never a traceback."""
+        if isinstance(exc, REDIS_ERRORS):
+            self.fleet.mark_down(exc)
+        else:
+            self.log.warning("fleet.redis_refused", error=str(exc)[:200] or type(exc).__name__)
+
     def _announce(self, name: str) -> None:
         try:
             self.fleet.announce_record(keys=[self.fleet.version_key],
                                        args=[self.fleet.channel, name])
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
 
     # -- Redis's persistence --------------------------------------------------------------------
     def warn_without_persistence(self) -> None:
@@ -135,7 +161,7 @@ class PlatformFleet:
             except ResponseError:  # CONFIG is often disabled (managed Redis, renamed)
                 info = client.info("persistence")
                 durable = True if info.get("aof_enabled") == 1 else None
-        except REDIS_ERRORS:
+        except ERRORS:
             return
         if durable is False:
             self.log.warning("redis.no_persistence", reason="Redis has neither appendonly nor "
@@ -155,8 +181,8 @@ class PlatformFleet:
             return False
         try:
             done = bool(self._push_ticket(keys=[self.ticket_key], args=[slot, ticket, at]))
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return False
         self.fleet.mark_up()
         if done and slot == "latest":
@@ -170,8 +196,8 @@ class PlatformFleet:
             return False
         try:
             doc = {text(k): text(v) for k, v in self.fleet.client.hgetall(self.ticket_key).items()}
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return False
         self.fleet.mark_up()
         got = False
@@ -186,23 +212,26 @@ class PlatformFleet:
         return got
 
     # -- refresh tokens and the authorizers -----------------------------------------------------
-    def push_refresh(self, appid: str, doc: dict[str, Any]) -> bool:
-        """Share an authorizer's refresh tokens (a newer one never gives way to an older);
-        False when Redis could not be written (the local file has them; a resync pushes them)."""
+    def push_refresh(self, appid: str, doc: dict[str, Any], authorized: bool = False) -> int:
+        """Share an authorizer's refresh tokens: STORED, GONE (removed from the fleet: not put
+        back unless ``authorized``, a new authorization), OLDER (the fleet has newer ones) or
+        FAILED (Redis could not be written: the local file has them; a resync pushes them)."""
         if not self._ok():
-            return False
-        entry = {k: doc[k] for k in ("refresh_token", "previous", "updated_at") if doc.get(k)}
+            return FAILED
+        entry = {k: doc[k] for k in ("refresh_token", "previous", "updated_at", "gen")
+                 if doc.get(k)}
+        gen, at = order(doc)
         try:
-            joined = self._push_refresh(
+            result = int(self._push_refresh(
                 keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
-                args=[appid, json.dumps(entry), entry.get("updated_at", 0)])
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
-            return False
+                args=[appid, json.dumps(entry), gen, at, 1 if authorized else 0]))
+        except ERRORS as exc:
+            self._trouble(exc)
+            return FAILED
         self.fleet.mark_up()
-        if joined:
+        if result == 1:
             self._announce(self.members_name)
-        return True
+        return min(result, STORED) if result >= 0 else result
 
     def pull_refresh(self, appid: str, files: ComponentFiles) -> None:
         """Take the fleet's refresh tokens for ``appid`` when newer than this host's (another
@@ -211,8 +240,8 @@ class PlatformFleet:
             return
         try:
             raw = self.fleet.client.hget(self.refresh_key, appid)
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return
         self.fleet.mark_up()
         if raw is not None:
@@ -221,7 +250,7 @@ class PlatformFleet:
     def _adopt(self, appid: str, raw: bytes | str, files: ComponentFiles) -> None:
         try:
             doc = json.loads(raw)
-            rt, at = doc["refresh_token"], float(doc["updated_at"])
+            rt = doc["refresh_token"]
             previous = doc.get("previous")
         except (ValueError, KeyError, TypeError):
             self.log.warning("fleet.refresh_unusable", app=appid)
@@ -232,10 +261,10 @@ class PlatformFleet:
             mine = files.refresh(appid) or {}
         except ValueError:
             mine = {}
-        ours = mine.get("updated_at")
-        if not isinstance(ours, (int, float)) or at > ours:
+        if not mine.get("refresh_token") or order(doc) > order(mine):
+            gen, at = order(doc)
             files.store_refresh(appid, rt, at, previous=previous if isinstance(previous, str)
-                                else None)
+                                else None, gen=gen)
 
     def all_refresh(self) -> dict[str, dict[str, Any]] | None:
         """Every authorizer's entry (None while Redis is unreachable)."""
@@ -243,8 +272,8 @@ class PlatformFleet:
             return None
         try:
             raw = self.fleet.client.hgetall(self.refresh_key)
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return None
         self.fleet.mark_up()
         out = {}
@@ -267,8 +296,8 @@ class PlatformFleet:
             return None
         try:
             found = {text(m) for m in self.fleet.client.smembers(self.members_key)}
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return None
         self.fleet.mark_up()
         return found
@@ -282,22 +311,25 @@ class PlatformFleet:
             for appid in appids:
                 pipe.exists(self._gone_key(appid))
             found = pipe.execute()
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return set()
         return {appid for appid, n in zip(appids, found, strict=True) if n}
 
-    def remove(self, appid: str) -> None:
+    def remove(self, appid: str) -> bool:
+        """Remove an authorizer from the fleet (every host removes its files); False when
+        Redis could not be told (the caller keeps a tombstone and tells it later)."""
         if not self._ok():
-            return
+            return False
         try:
-            self._remove(keys=[self.refresh_key, self.members_key,
-                               Keys(self.fleet.prefix, self.identity(appid)).record,
-                               self._gone_key(appid)], args=[appid, GONE_FOR])
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
-            return
+            self._remove(keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
+                         args=[appid, GONE_FOR])
+            self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).record)
+        except ERRORS as exc:
+            self._trouble(exc)
+            return False
         self._announce(self.members_name)
+        return True
 
     def claim(self, code: str) -> bool:
         """Whether this host handles an authorization code (one host of the fleet does; a
@@ -309,8 +341,8 @@ class PlatformFleet:
         try:
             return bool(self.fleet.client.set(f"{self.base}:claim:{digest}", "1", nx=True,
                                                ex=CLAIM_FOR))
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return True
 
     def hand_over(self, appid: str, code: str) -> int:
@@ -318,8 +350,8 @@ class PlatformFleet:
         try:
             return int(self.fleet.client.publish(
                 self.requests, json.dumps({"authorized": appid, "code": code})))
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return 0
 
     # -- the daily reconcile --------------------------------------------------------------------
@@ -330,8 +362,8 @@ class PlatformFleet:
             return None
         try:
             ttl = int(self.fleet.client.ttl(self.reconciled_key))
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return None
         return float(max(0, ttl))
 
@@ -343,13 +375,13 @@ class PlatformFleet:
         try:
             return bool(self.fleet.client.set(self.reconciled_key, str(self.fleet.clock()),
                                                nx=True, ex=max(60, int(every) - 60)))
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)
             return True
 
     def release_reconcile(self) -> None:
         """The reconcile failed: the next try (on any host) may run it."""
         try:
             self.fleet.client.delete(self.reconciled_key)
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
+        except ERRORS as exc:
+            self._trouble(exc)

@@ -153,6 +153,7 @@ class Fleet:
         self._up: bool | None = None  # None: not tried yet
         self._down_since = 0.0  # monotonic time of the last failure (probes are spaced)
         self.last_sync = 0.0  # when this host last caught up with the fleet (Unix seconds)
+        self.downs = 0  # how many times Redis was found unreachable (a resync follows each)
         self._state = threading.Lock()
         self.mirror_prefixes = {sdk: cfg.mirror_prefix(sdk) for sdk in MIRRORS}
         self.on_change: Callable[[], None] = lambda: None  # Redis went up or down
@@ -193,6 +194,8 @@ class Fleet:
         with self._state:
             was, self._up = self._up, False
             self._down_since = time.monotonic()
+            if was is not False:
+                self.downs += 1
         if was is not False:
             if "CERTIFICATE_VERIFY_FAILED" in str(exc):
                 self.log.error("redis.tls_failed", error="the Redis server's certificate did "

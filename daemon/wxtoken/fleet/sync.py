@@ -44,9 +44,12 @@ class Sync:
         self.by_identity: dict[str, list[FleetStore]] = {}
         self.requests: dict[str, str] = {}
         # an Open Platform's: names announced on the events channel that are not records (its
-        # authorizers, its ticket), and request channels of its own; both also run on a resync
+        # authorizers, its ticket), request channels of its own, and what a resync runs first
         self.hooks: dict[str, Callable[[], None]] = {}
         self.handlers: dict[str, Callable[[str], None]] = {}
+        self.resyncs: list[Callable[[], None]] = []  # run first on every resync
+        self._stores = threading.Lock()  # add/remove from several threads
+        self._downs = 0  # the fleet's count of outages at the last resync
         self._resubscribe = False
         self._thread = threading.Thread(target=self._run, name="fleet-sync", daemon=True)
         self.update(stores, candidates)
@@ -63,12 +66,13 @@ class Sync:
         by_identity: dict[str, list[FleetStore]] = {}
         for store in stores:
             by_identity.setdefault(store.keys.identity, []).append(store)
-        # an Open Platform's stores stay (they come and go with its authorizers)
-        for identity, kept in self.by_identity.items():
-            platform = [s for s in kept if s.platform]
-            if platform:
-                by_identity.setdefault(identity, []).extend(platform)
-        self.by_identity = by_identity
+        with self._stores:
+            # an Open Platform's stores stay (they come and go with its authorizers)
+            for identity, kept in self.by_identity.items():
+                platform = [s for s in kept if s.platform]
+                if platform:
+                    by_identity.setdefault(identity, []).extend(platform)
+            self.by_identity = by_identity
         # the channels of the identities this host has the secret of
         self.requests = {request_channel(self.fleet.prefix, i): i for i in sorted(candidates)}
         if self._thread.is_alive():
@@ -78,17 +82,20 @@ class Sync:
 
     def add(self, store: FleetStore) -> None:
         """Follow one more record (an authorizer discovered while running)."""
-        stores = self.by_identity.get(store.keys.identity, [])
-        self.by_identity = {**self.by_identity, store.keys.identity: [*stores, store]}
+        with self._stores:
+            stores = self.by_identity.get(store.keys.identity, [])
+            self.by_identity = {**self.by_identity, store.keys.identity: [*stores, store]}
 
     def remove(self, store: FleetStore) -> None:
-        stores = [s for s in self.by_identity.get(store.keys.identity, []) if s is not store]
-        by_identity = dict(self.by_identity)
-        if stores:
-            by_identity[store.keys.identity] = stores
-        else:
-            by_identity.pop(store.keys.identity, None)
-        self.by_identity = by_identity
+        with self._stores:
+            stores = [s for s in self.by_identity.get(store.keys.identity, [])
+                      if s is not store]
+            by_identity = dict(self.by_identity)
+            if stores:
+                by_identity[store.keys.identity] = stores
+            else:
+                by_identity.pop(store.keys.identity, None)
+            self.by_identity = by_identity
 
     def listen(self, channel: str, handler: Callable[[str], None]) -> None:
         """Hand every message on ``channel`` to ``handler`` (subscribed anew at once)."""
@@ -153,6 +160,10 @@ class Sync:
                     self.handlers[channel](data)
                 else:
                     self.changed(data)
+            if self.fleet.downs != self._downs and self.fleet.up:
+                # Redis was unreachable for another thread while this subscription survived
+                # (Redis paused, a network blip): catch up as after a reconnect
+                self.resync()
             if time.monotonic() >= next_poll:
                 if time.monotonic() >= next_clock:
                     self.fleet.measure_clock()
@@ -193,12 +204,15 @@ class Sync:
     def resync(self) -> None:
         """Every app: the local file follows the fleet's record; a record Redis lost is re-seeded
         from this host's file."""
+        self._downs = self.fleet.downs
         version = self.fleet.client.get(self.fleet.version_key)
         self.heard = int(version) if version is not None else 0
+        # an Open Platform's first: authorizers removed meanwhile go before their stores
+        # would re-seed Redis with their records
+        for full in list(self.resyncs):
+            full()
         for stores in list(self.by_identity.values()):
             for store in stores:
                 if store.sync():
                     self.on_change(store.key)
-        for hook in list(self.hooks.values()):
-            hook()
         self.fleet.last_sync = time.time()
