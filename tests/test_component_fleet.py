@@ -277,13 +277,14 @@ def test_a_cancellation_while_redis_hangs_reaches_every_host_when_it_is_back(
         assert d.stop() == 0
 
 
-def test_refresh_tokens_in_redis_are_fenced_by_the_lease_generation(
+def test_refresh_tokens_in_redis_follow_the_rotation_chain(
         tmp_path: Path, emulator: Emulator, redis_server: RedisServer) -> None:
-    """The fleet's refresh-token entries against a real Redis: one obtained under a lower
-    lease generation (a holder paused past its lease) never replaces one of a higher, whatever
-    its time; at the same generation the later wins; a removed authorizer is not put back by a
-    late refresh, only by a new authorization; a host takes the fleet's entry only when it is
-    newer than its own."""
+    """The fleet's refresh-token entries against a real Redis: a token replaces the fleet's
+    only when it follows from it (a holder paused past its lease, whose predecessor is no
+    longer the fleet's, is refused, whatever the clocks say); an authorization starts a new
+    chain; a host takes the fleet's unless its own follows from it, keeping its own as a
+    spare; a removal keeps a late refresh from bringing the authorizer back, but not a later
+    authorization, and a removal told late does not undo an authorization made since."""
     from wxtoken.component.store import ComponentFiles
     from wxtoken.config import load_config
     from wxtoken.fleet.platform import GONE, OLDER, STORED, PlatformFleet
@@ -296,30 +297,44 @@ def test_refresh_tokens_in_redis_are_fenced_by_the_lease_generation(
     r = redis_server.client()
     aid = auth(7)
 
-    def entry() -> dict[str, object]:
+    def fleets() -> str:
         raw = r.hget(pf.refresh_key, aid)
         assert raw is not None
-        return dict(json.loads(raw))
+        return str(json.loads(raw)["refresh_token"])
 
-    assert pf.push_refresh(aid, {"refresh_token": "B", "updated_at": 100.0, "gen": 5}) == STORED
-    assert pf.push_refresh(aid, {"refresh_token": "A", "updated_at": 200.0, "gen": 4}) == OLDER
-    assert entry()["refresh_token"] == "B"
-    assert pf.push_refresh(aid, {"refresh_token": "C", "updated_at": 90.0, "gen": 5}) == OLDER
-    assert pf.push_refresh(aid, {"refresh_token": "D", "updated_at": 101.0, "gen": 5}) == STORED
-    assert entry()["refresh_token"] == "D"
+    def push(rt: str, *after: str, authorized_at: float | None = None,
+             authorized: bool = False) -> int:
+        doc: dict[str, object] = {"refresh_token": rt, "updated_at": 1.0}
+        if after:
+            doc["previous"] = after[0]  # the one used; the others were refused
+        if authorized_at is not None:
+            doc["authorized_at"] = authorized_at
+        return pf.push_refresh(aid, doc, authorized, after)
+
+    assert push("R0", authorized_at=100.0, authorized=True) == STORED
+    assert push("R1", "R0") == STORED  # B rotated R0 -> R1
+    assert push("R1b", "R0") == OLDER  # A, paused past its lease, also rotated R0
+    assert fleets() == "R1"
+    assert push("R2", "R1", "R1x") == STORED  # R1 used, R1x refused on the way
     files = ComponentFiles(str(host.state), "plat", COMP)
     files.ensure()
-    files.store_refresh(aid, "mine", 500.0, gen=4)
-    pf.pull_refresh(aid, files)  # the fleet's (gen 5) is newer than this host's (gen 4)
-    assert (files.refresh(aid) or {})["refresh_token"] == "D"
-    files.store_refresh(aid, "mine-newer", 50.0, gen=6)
-    pf.pull_refresh(aid, files)  # this host's (gen 6) is newer: kept
-    assert (files.refresh(aid) or {})["refresh_token"] == "mine-newer"
-    assert pf.remove(aid)
+    files.store_refresh(aid, "R1b", 5.0, previous="R0")
+    pf.pull_refresh(aid, files)  # another chain: the fleet's is taken, this one kept as spare
+    mine = files.refresh(aid) or {}
+    assert (mine["refresh_token"], mine["previous"], mine["spare"]) == ("R2", "R1", "R1b")
+    assert [rt for _, rt in files.refresh_candidates(aid)] == ["R2", "R1", "R1b"]
+    files.store_refresh(aid, "R3", 6.0, previous="R2")  # rotated here, Redis not told yet
+    pf.pull_refresh(aid, files)  # this host's follows from the fleet's: kept
+    assert (files.refresh(aid) or {})["refresh_token"] == "R3"
+    assert pf.push_refresh(aid, files.refresh(aid) or {}, after=("R2",)) == STORED
+    assert fleets() == "R3"
+    assert pf.remove(aid, 1000.0) is True
     assert not r.hexists(pf.refresh_key, aid) and not r.sismember(pf.members_key, aid)
-    assert pf.push_refresh(aid, {"refresh_token": "late", "updated_at": 900.0, "gen": 9}) == GONE
-    assert not r.hexists(pf.refresh_key, aid)
-    assert pf.push_refresh(aid, {"refresh_token": "again", "updated_at": 901.0, "gen": 10},
-                           authorized=True) == STORED
+    assert push("R4", "R3", authorized_at=100.0) == GONE  # a late refresh
+    assert push("N0", authorized_at=900.0) == GONE  # an authorization before the removal
+    assert push("N1", authorized_at=1100.0) == STORED  # one after it (told late)
     assert r.sismember(pf.members_key, aid) and not r.exists(f"{pf.base}:gone:{aid}")
+    assert pf.remove(aid, 1050.0) is False  # a removal told late: the authorization stays
+    assert fleets() == "N1"
+    assert push("N2", authorized=True) == STORED  # an import: stored whatever the fleet has
     fleet.client.close()

@@ -217,6 +217,18 @@ class Daemon:
             self.outcomes.pop(key, None)
             self._awaiting.discard(key)
 
+    def settle(self, key: str, timeout: float) -> bool:
+        """Wait until no run of ``key`` is in flight (after remove_refresher: none starts
+        again); False when one still runs after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while any(name == key for name, _ in self._inflight.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
     def wake(self, key: str) -> None:
         """Run the job now (it decides again from its file)."""
         with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
@@ -308,7 +320,10 @@ class Daemon:
                 assert self.node is not None
                 return self.node.ask(self.config.app(name), invalid_token, privileged,
                                      timeout=self.stall_after / 2)
-            forced = self.refreshers[name].force(invalid_token, privileged)
+            refresher = self.refreshers.get(name)
+            if refresher is None:  # a platform's authorizer removed meanwhile
+                return None
+            forced = refresher.force(invalid_token, privileged)
             if forced.outcome is not None:
                 self._after(name, forced.outcome)
             return forced

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from wxtoken.refresher import Forced, Refresher
 
 RECONCILE_EVERY = 86400.0
-GONE = -1  # wxtoken.fleet.platform.GONE: the fleet removed the authorizer
+GONE, OLDER = -1, -2  # wxtoken.fleet.platform's: the fleet removed it, has another chain
 LIST_PAGE = 500  # api_get_authorizer_list's largest page
 MAX_IMPORT_LINE = 4096
 
@@ -61,6 +61,8 @@ class Host(Protocol):
     def add_refresher(self, key: str, refresher: Refresher) -> None: ...
 
     def remove_refresher(self, key: str) -> None: ...
+
+    def settle(self, key: str, timeout: float) -> bool: ...
 
     def wake(self, key: str) -> None: ...
 
@@ -131,7 +133,7 @@ class AuthorizerFetcher:
             p.fleet.pull_refresh(appid, p.files)
         tried: list[str] = []
         for source, refresh_token in p.files.refresh_candidates(appid):
-            fetched = self._try(appid, token, refresh_token)
+            fetched = self._try(appid, token, refresh_token, tuple(tried))
             if fetched is not None:
                 if source == "listed":
                     p.log.warning("authorizer.repaired", app=appid, reason="the stored refresh "
@@ -156,7 +158,7 @@ class AuthorizerFetcher:
                                 "files are removed", errcode=61023)
         if listed not in tried:
             p.files.note_listed(appid, listed, p.clock())
-            fetched = self._try(appid, token, listed)
+            fetched = self._try(appid, token, listed, tuple(tried))
             if fetched is not None:
                 p.log.warning("authorizer.repaired", app=appid,
                               reason="refresh token recovered from api_get_authorizer_list")
@@ -167,7 +169,8 @@ class AuthorizerFetcher:
         p.needs_reauth(appid, reason)
         raise UpstreamError(ErrorClass.NEEDS_HUMAN, f"{appid}: {reason}", errcode=61023)
 
-    def _try(self, appid: str, token: str, refresh_token: str) -> Fetched | None:
+    def _try(self, appid: str, token: str, refresh_token: str, refused: tuple[str, ...]
+             ) -> Fetched | None:
         """One call with one refresh token: the token (its rotated refresh token stored first),
         None for 61023; other failures raise."""
         p = self.platform
@@ -184,7 +187,7 @@ class AuthorizerFetcher:
             raise
         # durable before the new access token is published (the refresher writes it after)
         stored = p.store_refresh(appid, rotated or refresh_token, p.clock(),
-                                 previous=refresh_token)
+                                 previous=refresh_token, after=(refresh_token, *refused))
         if stored == GONE:  # another host removed it (unauthorized) meanwhile
             p.later_remove(appid)
             raise UpstreamError(ErrorClass.PERMANENT, f"{appid} was removed from the fleet "
@@ -228,6 +231,7 @@ class Platform:
         # registering and removing a token (refresher, FleetStore) is check-then-act from the
         # scheduler's, the platform's and the fleet's sync threads
         self._tokens = threading.RLock()
+        self._publishing: set[str] = set()  # authorizers whose token _publish is writing
         self._needs_reauth: dict[str, str] = {}
         self._reconcile_waiting = False
 
@@ -282,7 +286,7 @@ class Platform:
             return None
         with self._tokens:
             refresher = self.host_refresher(key)
-            if refresher is not None:
+            if refresher is not None or appid in self._publishing:
                 return refresher
             refresher = self._refresher(appid)
             with self._lock:
@@ -314,27 +318,32 @@ class Platform:
             return None
 
     def store_refresh(self, appid: str, refresh_token: str, now: float,
-                      previous: str | None = None, authorized: bool = False) -> int:
+                      previous: str | None = None, authorized: bool = False,
+                      after: tuple[str, ...] = ()) -> int:
         """Persist an authorizer's refresh token: durably here, then (the fleet mode) in
-        Redis, before the token it came with is published; with the generation of the lease
-        held on its token, so that a holder paused past its lease cannot replace a newer one.
-        ``authorized``: a new authorization (or an import), which may bring back an
-        authorizer removed lately. Returns the fleet's answer (STORED without a fleet)."""
+        Redis, before the token it came with is published. ``after``: the refresh tokens it
+        replaces (used, or found refused): the fleet takes it only if its current one is among
+        them (a holder paused past its lease cannot replace a newer chain). ``authorized``: it
+        comes from an authorization or an import, which starts a new chain and may bring back
+        an authorizer removed before. Returns the fleet's answer (STORED without a fleet)."""
         from wxtoken.fleet.platform import FAILED, OLDER, STORED
-        store = self.stores.get(appid)
-        gen = store.gen if store is not None else None
-        doc = self.files.store_refresh(appid, refresh_token, now, previous=previous, gen=gen)
+        doc = self.files.store_refresh(appid, refresh_token, now, previous=previous,
+                                       authorized_at=now if authorized else None)
+        if authorized and appid in self._tombstones():
+            self._forget_tombstone(appid)  # authorized again since it was removed here
         if self.fleet is None:
             return STORED
-        result = self.fleet.push_refresh(appid, doc, authorized)
+        result = self.fleet.push_refresh(appid, doc, authorized, after)
         if result == FAILED:
             self.log.warning("fleet.refresh_token_local_only", app=appid,
                              reason="Redis could not be written: the refresh token is on this "
                              "host only until a resync puts it there")
         elif result == OLDER:
-            self.log.warning("fleet.refresh_token_fenced", app=appid, generation=gen,
-                             reason="another host stored a newer one after this host's lease "
-                             "ran out: this one is kept here only, as a fallback")
+            self.log.warning("fleet.refresh_token_fenced", app=appid,
+                             reason="the fleet holds a refresh token this one does not follow "
+                             "from (another host refreshed after this host's lease ran out): "
+                             "the fleet's is taken at the next refresh, this one kept as a "
+                             "spare")
         return result
 
     def later_remove(self, appid: str) -> None:
@@ -417,10 +426,10 @@ class Platform:
         self._push_missing(entries)
 
     def _push_missing(self, entries: dict[str, dict[str, Any]]) -> None:
-        """This host's refresh tokens that Redis lacks or has older (by lease generation,
-        then time), into Redis, unless the authorizer was removed meanwhile (then its files
-        here go too)."""
-        from wxtoken.fleet.platform import GONE, STORED, order
+        """This host's refresh tokens that Redis lacks, or that follow from Redis's (rotated
+        here while Redis could not be written), or that come from a later authorization, into
+        Redis; an authorizer removed meanwhile goes here too."""
+        from wxtoken.fleet.platform import GONE, STORED
         assert self.fleet is not None
         reseeded = 0
         for appid in self.files.authorizers():
@@ -429,9 +438,16 @@ class Platform:
             except ValueError:
                 continue
             theirs = entries.get(appid)
-            if theirs is not None and order(doc) <= order(theirs):
+            mine_at, their_at = doc.get("authorized_at"), (theirs or {}).get("authorized_at")
+            if theirs is not None and theirs.get("refresh_token") != doc.get("previous") and \
+                    not (isinstance(mine_at, (int, float)) and
+                         mine_at > (their_at if isinstance(their_at, (int, float)) else 0)):
                 continue
-            result = self.fleet.push_refresh(appid, doc)
+            if theirs is not None and theirs.get("refresh_token") == doc.get("refresh_token"):
+                continue
+            previous = doc.get("previous")
+            result = self.fleet.push_refresh(
+                appid, doc, after=(previous,) if isinstance(previous, str) else ())
             if result == GONE:
                 self.log.info("authorizer.removed_elsewhere", app=appid)
                 self._remove(appid)
@@ -439,18 +455,18 @@ class Platform:
                 reseeded += 1
         if reseeded:
             self.log.warning("fleet.refresh_tokens_reseeded", authorizers=reseeded,
-                             reason="Redis lacked them or had older ones (restarted empty, "
-                             "or written while it was unreachable)")
+                             reason="Redis lacked them or had their predecessors (restarted "
+                             "empty, or written while it was unreachable)")
 
     def full_resync(self) -> None:
         """Every reconnect, and a message lost: removals made while Redis was away are told,
         the fleet's authorizers and tickets are taken, this host's newer refresh tokens go to
         Redis."""
         assert self.fleet is not None
-        for appid in sorted(self._tombstones()):
-            if self.fleet.remove(appid):
+        for appid, at in sorted(self._tombstones().items()):
+            if self.fleet.remove(appid, at) is not None:  # told (or authorized again since)
                 self._forget_tombstone(appid)
-        self.fleet.pull_tickets(self.files)
+        self._ticket_news()
         self.resync_members()
         if not self.following and (entries := self.fleet.all_refresh()) is not None:
             self.fleet.adopt_all(entries, self.files)
@@ -464,7 +480,7 @@ class Platform:
         with self._lock:
             left = self._tombstones()
             left.pop(appid, None)
-            self.files.note(removed=left or None)
+            self.files.note(durable=True, removed=left or None)
 
     def resync_members(self) -> None:
         """The fleet's authorizers changed: start the new ones here, remove those another
@@ -601,9 +617,10 @@ class Platform:
         """The authorizer no longer authorizes the platform: its refresher stops (after the
         run in progress) and its files go."""
         self.log.warning("authorizer.unauthorized", app=appid, reason=reason)
-        if self.fleet is not None and not self.fleet.remove(appid):  # every host removes it
-            with self._lock:  # Redis is told at the next resync
-                self.files.note(removed={**self._tombstones(), appid: self.clock()})
+        now = self.clock()
+        if self.fleet is not None and self.fleet.remove(appid, now) is None:
+            with self._lock:  # every host removes it once Redis is told (at the next resync)
+                self.files.note(durable=True, removed={**self._tombstones(), appid: now})
         self.host.later(lambda: self._remove(appid), 0, f"remove:{self.comp.name}/{appid}")
 
     def _remove(self, appid: str) -> None:
@@ -613,6 +630,11 @@ class Platform:
             store = self.stores.pop(appid, None)
             if store is not None and self.node is not None:
                 self.node.sync.remove(store)
+        # a refresh in flight finishes before the files go (none starts again)
+        if not self.host.settle(key, 30.0):
+            self.log.warning("authorizer.remove_waited", app=appid,
+                             reason="a refresh still runs after 30 s: its files may come back "
+                             "until its next run removes them")
         with self._lock:
             self.keys.discard(key)
             self._needs_reauth.pop(appid, None)
@@ -625,6 +647,7 @@ class Platform:
         """An authorization (new or updated): exchange the code, store the refresh token, write
         the token, start refreshing. Retried while no component token is there yet."""
         token = self.component_token()
+        asked = self.clock()
         try:
             if token is None:
                 raise UpstreamError(ErrorClass.TRANSIENT, "no valid component_access_token yet")
@@ -652,30 +675,39 @@ class Platform:
         now = self.clock()
         record = TokenRecord(app=appid, appid=appid, access_token=access,
                              expires_at=int(now) + expires_in, refreshed_at=int(now))
-        if self._publish(appid, record, refresh_token=refresh_token, authorized=True):
+        if self._publish(appid, record, refresh_token=refresh_token, authorized=True,
+                         since=asked):
             self.authorizer_ok(appid)
             self.log.info("authorizer.authorized", app=appid, token=mask(access),
                           expires_in=expires_in)
 
     def _publish(self, appid: str, record: TokenRecord, status: AppStatus | None = None,
-                 refresh_token: str | None = None, authorized: bool = False) -> bool:
+                 refresh_token: str | None = None, authorized: bool = False,
+                 since: float | None = None) -> bool:
         """Write an authorizer's token obtained outside its refresher (an authorization, an
         import) and make sure a refresher keeps it fresh. ``refresh_token`` is stored first,
         under the token's lock (the fleet's lease): no host refreshes the authorizer between
-        the two writes, which would retire the token about to be written. False when the
-        token could not be written."""
+        the two writes, which would retire the token about to be written. ``since``: when the
+        token was asked for; a token another host wrote after that is newer and stays. False
+        when the token could not be written."""
         key = self.key(appid)
         with self._tokens:  # one refresher per authorizer, whoever else registers it
             refresher = self.host_refresher(key)
-            added = refresher is None
             if refresher is None:
                 refresher = self._refresher(appid)
-            written = False
-            try:
-                with refresher.store.locked(refresher.lock_timeout):
-                    if refresh_token is not None:
-                        self.store_refresh(appid, refresh_token, self.clock(),
-                                           authorized=authorized)
+            self._publishing.add(appid)  # _add leaves it alone meanwhile
+        written = stored = False
+        try:
+            with refresher.store.locked(refresher.lock_timeout):
+                if refresh_token is not None:
+                    self.store_refresh(appid, refresh_token, self.clock(), authorized=authorized)
+                    stored = True
+                current = refresher.store.read() if since is not None else None
+                if current is not None and since is not None and \
+                        current.access_token != record.access_token and \
+                        current.refreshed_at >= int(since):
+                    written = True  # another host refreshed it meanwhile: its token is newer
+                else:
                     refresher.store.write(record)
                     written = True
                     fresh = status or refresher.store.read_status()
@@ -685,14 +717,20 @@ class Platform:
                     fresh.failures, fresh.retry_at = 0, 0.0
                     fresh.error_class = fresh.errcode = fresh.errmsg = fresh.error = None
                     refresher.store.write_status(fresh)
-            except StoreError as exc:
-                self.log.error("authorizer.store_failed", app=appid, error=str(exc))
-            if added:
-                with self._lock:
-                    self.keys.add(key)
-                self.host.add_refresher(key, refresher)
-            else:
-                self.host.wake(key)  # decides again from the new file (no call: it is fresh)
+        except (StoreError, TokenUnavailable) as exc:
+            self.log.error("authorizer.store_failed", app=appid, error=str(exc))
+            if refresh_token is not None and not stored:  # never lose a refresh token
+                self.store_refresh(appid, refresh_token, self.clock(), authorized=authorized)
+        finally:
+            with self._tokens:
+                self._publishing.discard(appid)
+                registered = self.host_refresher(key) is not None
+                if not registered:  # scheduled from the new file (no call: it is fresh)
+                    with self._lock:
+                        self.keys.add(key)
+                    self.host.add_refresher(key, refresher)
+        if registered:
+            self.host.wake(key)  # decides again from the new file (no call: it is fresh)
         return written
 
     def on_unauthorized(self, appid: str) -> None:
@@ -770,9 +808,13 @@ class Platform:
         for appid, refresh_token in listed.items():
             if appid not in known:
                 # removed lately (an unauthorized event; the list may lag): not brought back
-                if self.store_refresh(appid, refresh_token, now) == GONE:
+                stored = self.store_refresh(appid, refresh_token, now)
+                if stored == GONE:
                     self.files.remove_authorizer(appid)
                     continue
+                if stored == OLDER and self.fleet is not None:  # the fleet knows it already
+                    self.fleet.pull_refresh(appid, self.files)
+                    self.files.note_listed(appid, refresh_token, now)
                 self._add(appid)
                 added += 1
             else:

@@ -163,50 +163,82 @@ class ComponentFiles:
 
     def refresh_candidates(self, appid: str) -> list[tuple[str, str]]:
         """The refresh tokens to try, best first, as (where it came from, token): the current
-        one, the one before it (WeChat keeps it valid until the new one is first used), the one
-        the authorizer list gave."""
+        one, the one before it (WeChat keeps it valid until the new one is first used), this
+        host's own that the fleet's replaced (the fleet mode), the one the authorizer list
+        gave."""
         try:
             doc = self.refresh(appid) or {}
         except ValueError:
             return []
         out: list[tuple[str, str]] = []
-        for key in ("refresh_token", "previous", "listed"):
+        for key in ("refresh_token", "previous", "spare", "listed"):
             value = doc.get(key)
             if isinstance(value, str) and value and value not in (v for _, v in out):
                 out.append((key, value))
         return out
 
+    @property
+    def refresh_lock(self) -> threading.RLock:
+        """Held around a read-modify-write of the refresh-token files (re-entrant)."""
+        return self._refresh_lock
+
     def store_refresh(self, appid: str, refresh_token: str, now: float,
                       previous: str | None = None, listed: str | None = None,
-                      gen: int | None = None) -> dict[str, Any]:
+                      authorized_at: float | None = None) -> dict[str, Any]:
         """Persist the authorizer's refresh token, durably, before the token it came with is
-        published. An empty or missing one never overwrites a stored one. ``gen``: the fleet
-        generation of the lease it was obtained under (the fleet mode). Returns what was
-        stored."""
+        published. An empty or missing one never overwrites a stored one. ``authorized_at``:
+        the time of the authorization (or import) it came from; kept through rotations.
+        Returns what was stored."""
         if not refresh_token:
             raise ValueError("an empty refresh token is never stored")
         with self._refresh_lock:
-            return self._store_refresh(appid, refresh_token, now, previous, listed, gen)
+            try:
+                doc = self.refresh(appid) or {}
+            except ValueError:
+                doc = {}
+            if previous is None and doc.get("refresh_token") != refresh_token:
+                previous = doc.get("refresh_token")
+            new: dict[str, Any] = {"appid": appid, "refresh_token": refresh_token,
+                                   "updated_at": now}
+            if previous and previous != refresh_token:
+                new["previous"] = previous
+            kept_listed = listed if listed is not None else doc.get("listed")
+            if kept_listed and kept_listed not in (refresh_token, previous):
+                new["listed"] = kept_listed
+            at = authorized_at if authorized_at is not None else doc.get("authorized_at")
+            if isinstance(at, (int, float)):
+                new["authorized_at"] = at
+            atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
+            return new
 
-    def _store_refresh(self, appid: str, refresh_token: str, now: float,
-                       previous: str | None, listed: str | None, gen: int | None
-                       ) -> dict[str, Any]:
-        try:
-            doc = self.refresh(appid) or {}
-        except ValueError:
-            doc = {}
-        if previous is None and doc.get("refresh_token") != refresh_token:
-            previous = doc.get("refresh_token")
-        new = {"appid": appid, "refresh_token": refresh_token, "updated_at": now}
-        if previous and previous != refresh_token:
-            new["previous"] = previous
-        kept_listed = listed if listed is not None else doc.get("listed")
-        if kept_listed and kept_listed not in (refresh_token, previous):
-            new["listed"] = kept_listed
-        if gen is not None:
-            new["gen"] = gen
-        atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
-        return new
+    def adopt_refresh(self, appid: str, theirs: dict[str, Any], now: float) -> bool:
+        """Take the fleet's refresh tokens for ``appid`` unless this host's are the same or
+        one rotation ahead of them (rotated while Redis could not be written: they go to Redis
+        instead). This host's current one is kept as a spare to try. True when adopted."""
+        current, previous = theirs.get("refresh_token"), theirs.get("previous")
+        if not isinstance(current, str) or not current:
+            return False
+        with self._refresh_lock:
+            try:
+                mine = self.refresh(appid) or {}
+            except ValueError:
+                mine = {}
+            if current in (mine.get("refresh_token"), mine.get("previous")):
+                return False
+            new: dict[str, Any] = {"appid": appid, "refresh_token": current, "updated_at": now}
+            if isinstance(previous, str) and previous and previous != current:
+                new["previous"] = previous
+            spare = mine.get("refresh_token")
+            if isinstance(spare, str) and spare and spare not in (current, previous):
+                new["spare"] = spare
+            listed = mine.get("listed")
+            if isinstance(listed, str) and listed not in (current, previous, spare):
+                new["listed"] = listed
+            at = theirs.get("authorized_at")
+            if isinstance(at, (int, float)):
+                new["authorized_at"] = at
+            atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
+            return True
 
     def note_listed(self, appid: str, listed: str, now: float) -> bool:
         """Remember the refresh token the authorizer list gave, as a fallback; True when it is
@@ -252,7 +284,7 @@ class ComponentFiles:
         except ValueError:
             return {}
 
-    def note(self, **changes: Any) -> None:
+    def note(self, durable: bool = False, **changes: Any) -> None:
         """Update .platform.json (no secret in it: times, counts, appids and reasons)."""
         with self._lock:
             doc = self.platform()
@@ -262,4 +294,4 @@ class ComponentFiles:
                 else:
                     doc[key] = value
             atomic_write(self.platform_path, json.dumps(doc, sort_keys=True).encode() + b"\n",
-                         0o640, durable=False)
+                         0o640, durable=durable)

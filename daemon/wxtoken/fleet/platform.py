@@ -55,23 +55,37 @@ end
 redis.call('hset', KEYS[1], ARGV[1], ARGV[2], ARGV[1] .. '_at', ARGV[3])
 return 1
 """
-# An authorizer's refresh tokens, fenced like records: an entry obtained under a lower lease
-# generation (ARGV[3]; a holder paused past its lease) never replaces one of a higher, and at
-# the same generation the later (ARGV[4], the fleet's time) wins. A removed authorizer (its
-# tombstone, KEYS[3]) is not put back unless this is a new authorization (ARGV[5] = 1).
-# Returns 1: stored and joined the set; 0: stored; -1: the authorizer was removed; -2: refused,
-# the fleet's is newer.
+# An authorizer's refresh tokens, fenced along the rotation chain (no clocks, no counters): a
+# new entry replaces the fleet's only when the fleet's current refresh token is one this host
+# used or found refused on the way to it (ARGV[4..]: a holder paused past its lease, whose
+# predecessor is no longer the fleet's current, is refused), or when it comes from a later
+# authorization (authorized_at). ARGV[3] = "authorized": a new authorization or an import,
+# stored whatever the fleet has. A removed authorizer (its tombstone, KEYS[3], holds the
+# removal's time) is put back only by an authorization made after the removal.
+# Returns 1: stored and joined the set; 0: stored; -1: removed; -2: refused (the fleet's is
+# another chain's).
 PUSH_REFRESH = """
-if ARGV[5] ~= '1' and redis.call('exists', KEYS[3]) == 1 then
-  return -1
+local new = cjson.decode(ARGV[2])
+local newauth = tonumber(new.authorized_at) or 0
+local authorized = ARGV[3] == 'authorized'
+if not authorized then
+  local gone = redis.call('get', KEYS[3])
+  if gone and newauth <= (tonumber(gone) or 0) then
+    return -1
+  end
 end
 local current = redis.call('hget', KEYS[1], ARGV[1])
-if current then
+if current and not authorized then
   local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' then
-    local gen = tonumber(doc.gen) or 0
-    local at = tonumber(doc.updated_at) or 0
-    if gen > tonumber(ARGV[3]) or (gen == tonumber(ARGV[3]) and at > tonumber(ARGV[4])) then
+  if ok and type(doc) == 'table' and doc.refresh_token and
+      doc.refresh_token ~= new.refresh_token then
+    local accepted = newauth > (tonumber(doc.authorized_at) or 0)
+    for i = 4, #ARGV do
+      if doc.refresh_token == ARGV[i] then
+        accepted = true
+      end
+    end
+    if not accepted then
       return -2
     end
   end
@@ -80,22 +94,24 @@ redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
 redis.call('del', KEYS[3])
 return redis.call('sadd', KEYS[2], ARGV[1])
 """
-# An authorizer is gone (unauthorized): out of the set, its refresh tokens deleted, a tombstone
-# left for the hosts that still have its files (its record, in another slot, goes apart).
+# An authorizer is gone (unauthorized at ARGV[3]): out of the set, its refresh tokens deleted, a
+# tombstone left for the hosts that still have its files (its record, in another slot, goes
+# apart) - unless it authorized again after that moment (a removal told late). 1: removed.
 REMOVE = """
+local current = redis.call('hget', KEYS[1], ARGV[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and type(doc) == 'table' and (tonumber(doc.authorized_at) or 0) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
 redis.call('srem', KEYS[2], ARGV[1])
 redis.call('hdel', KEYS[1], ARGV[1])
-redis.call('set', KEYS[3], '1', 'EX', ARGV[2])
+redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[2])
 return 1
 """
 STORED, GONE, OLDER, FAILED = 0, -1, -2, -3
-
-
-def order(doc: dict[str, Any]) -> tuple[int, float]:
-    """How new an entry of refresh tokens is: its lease generation, then its time."""
-    gen, at = doc.get("gen"), doc.get("updated_at")
-    return (gen if isinstance(gen, int) and not isinstance(gen, bool) else 0,
-            float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else 0.0)
+ENTRY_KEYS = ("refresh_token", "previous", "updated_at", "authorized_at")
 
 
 class PlatformFleet:
@@ -212,19 +228,23 @@ class PlatformFleet:
         return got
 
     # -- refresh tokens and the authorizers -----------------------------------------------------
-    def push_refresh(self, appid: str, doc: dict[str, Any], authorized: bool = False) -> int:
-        """Share an authorizer's refresh tokens: STORED, GONE (removed from the fleet: not put
-        back unless ``authorized``, a new authorization), OLDER (the fleet has newer ones) or
-        FAILED (Redis could not be written: the local file has them; a resync pushes them)."""
+    def push_refresh(self, appid: str, doc: dict[str, Any], authorized: bool = False,
+                     after: tuple[str, ...] = ()) -> int:
+        """Share an authorizer's refresh tokens (``doc``: this host's entry). ``after``: the
+        refresh tokens this one replaces (the one used, those found refused): the fleet's
+        current must be one of them. ``authorized``: a new authorization or an import, stored
+        whatever the fleet has. Returns STORED, GONE (removed from the fleet), OLDER (the
+        fleet's is another chain: it is taken here at the next refresh, this one kept as a
+        spare) or FAILED (Redis could not be written: the local file has it; a resync pushes
+        it)."""
         if not self._ok():
             return FAILED
-        entry = {k: doc[k] for k in ("refresh_token", "previous", "updated_at", "gen")
-                 if doc.get(k)}
-        gen, at = order(doc)
+        entry = {k: doc[k] for k in ENTRY_KEYS if doc.get(k)}
         try:
             result = int(self._push_refresh(
                 keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
-                args=[appid, json.dumps(entry), gen, at, 1 if authorized else 0]))
+                args=[appid, json.dumps(entry), "authorized" if authorized else "chain",
+                      *after]))
         except ERRORS as exc:
             self._trouble(exc)
             return FAILED
@@ -234,8 +254,8 @@ class PlatformFleet:
         return min(result, STORED) if result >= 0 else result
 
     def pull_refresh(self, appid: str, files: ComponentFiles) -> None:
-        """Take the fleet's refresh tokens for ``appid`` when newer than this host's (another
-        host refreshed it last, and WeChat may have rotated them)."""
+        """Take the fleet's refresh tokens for ``appid`` unless this host's are the same or
+        ahead of them (another host refreshed it last, and WeChat may have rotated them)."""
         if not self._ok():
             return
         try:
@@ -245,26 +265,14 @@ class PlatformFleet:
             return
         self.fleet.mark_up()
         if raw is not None:
-            self._adopt(appid, raw, files)
-
-    def _adopt(self, appid: str, raw: bytes | str, files: ComponentFiles) -> None:
-        try:
-            doc = json.loads(raw)
-            rt = doc["refresh_token"]
-            previous = doc.get("previous")
-        except (ValueError, KeyError, TypeError):
-            self.log.warning("fleet.refresh_unusable", app=appid)
-            return
-        if not isinstance(rt, str) or not rt:
-            return
-        try:
-            mine = files.refresh(appid) or {}
-        except ValueError:
-            mine = {}
-        if not mine.get("refresh_token") or order(doc) > order(mine):
-            gen, at = order(doc)
-            files.store_refresh(appid, rt, at, previous=previous if isinstance(previous, str)
-                                else None, gen=gen)
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                files.adopt_refresh(appid, doc, self.fleet.clock())
+            else:
+                self.log.warning("fleet.refresh_unusable", app=appid)
 
     def all_refresh(self) -> dict[str, dict[str, Any]] | None:
         """Every authorizer's entry (None while Redis is unreachable)."""
@@ -287,8 +295,9 @@ class PlatformFleet:
         return out
 
     def adopt_all(self, entries: dict[str, dict[str, Any]], files: ComponentFiles) -> None:
+        now = self.fleet.clock()
         for appid, doc in entries.items():
-            self._adopt(appid, json.dumps(doc), files)
+            files.adopt_refresh(appid, doc, now)
 
     def members(self) -> set[str] | None:
         """The fleet's authorizers (None while Redis is unreachable)."""
@@ -316,20 +325,25 @@ class PlatformFleet:
             return set()
         return {appid for appid, n in zip(appids, found, strict=True) if n}
 
-    def remove(self, appid: str) -> bool:
-        """Remove an authorizer from the fleet (every host removes its files); False when
-        Redis could not be told (the caller keeps a tombstone and tells it later)."""
+    def remove(self, appid: str, at: float) -> bool | None:
+        """Remove an authorizer from the fleet (every host removes its files), as cancelled at
+        ``at`` (the fleet's time): True; False when it authorized again after that (a removal
+        told late); None when Redis could not be told (the caller keeps a tombstone and tells
+        it later)."""
         if not self._ok():
-            return False
+            return None
         try:
-            self._remove(keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
-                         args=[appid, GONE_FOR])
-            self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).record)
+            done = bool(self._remove(
+                keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
+                args=[appid, GONE_FOR, at]))
+            if done:
+                self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).record)
         except ERRORS as exc:
             self._trouble(exc)
-            return False
-        self._announce(self.members_name)
-        return True
+            return None
+        if done:
+            self._announce(self.members_name)
+        return done
 
     def claim(self, code: str) -> bool:
         """Whether this host handles an authorization code (one host of the fleet does; a

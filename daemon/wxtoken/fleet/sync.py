@@ -25,6 +25,7 @@ from wxtoken.logs import get_logger
 
 POLL_EVERY = 10.0  # seconds between version polls: a flushed Redis is re-seeded within this
 CLOCK_EVERY = 60.0  # seconds between clock checks
+DOWN_RESYNC_EVERY = 60.0  # at most this often, a resync after an outage the subscription outlived
 RECONNECT_MAX = 5.0  # the longest wait between reconnects: back within 10 s of Redis's return
 WAKE = "__wxtoken_wake__ 0"
 
@@ -50,6 +51,7 @@ class Sync:
         self.resyncs: list[Callable[[], None]] = []  # run first on every resync
         self._stores = threading.Lock()  # add/remove from several threads
         self._downs = 0  # the fleet's count of outages at the last resync
+        self._down_resync = -DOWN_RESYNC_EVERY  # monotonic time of the last one for an outage
         self._resubscribe = False
         self._thread = threading.Thread(target=self._run, name="fleet-sync", daemon=True)
         self.update(stores, candidates)
@@ -160,9 +162,12 @@ class Sync:
                     self.handlers[channel](data)
                 else:
                     self.changed(data)
-            if self.fleet.downs != self._downs and self.fleet.up:
+            if self.fleet.downs != self._downs and self.fleet.up and \
+                    time.monotonic() - self._down_resync >= DOWN_RESYNC_EVERY:
                 # Redis was unreachable for another thread while this subscription survived
-                # (Redis paused, a network blip): catch up as after a reconnect
+                # (Redis paused, a network blip): catch up as after a reconnect (a flapping
+                # Redis gets one a minute, not one per blip)
+                self._down_resync = time.monotonic()
                 self.resync()
             if time.monotonic() >= next_poll:
                 if time.monotonic() >= next_clock:
