@@ -48,6 +48,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from wxtoken.config import Config
 from wxtoken.errors import TokenUnavailable, UpstreamError, WxtokenError
 from wxtoken.health import app_health_from_files
+from wxtoken.httpbody import BodyError, read_body
 from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
 from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
@@ -440,19 +441,10 @@ class _Handler(BaseHTTPRequestHandler):
                              "error_class": "store"})
 
     def _raw_body(self, limit: int) -> bytes:
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") is not None or not lengths:
-            raise _BadRequest(411, "Content-Length is required")
-        raw_length = lengths[0].strip()
-        if len(lengths) > 1 or not (raw_length.isascii() and raw_length.isdigit()):
-            raise _BadRequest(400, "Content-Length must be one number of bytes")
-        length = int(raw_length)
-        if length > limit:
-            raise _BadRequest(413, f"the body may be at most {limit} bytes")
-        raw = self.rfile.read(length) if length else b""
-        if len(raw) < length:
-            raise _BadRequest(400, "the body is shorter than its Content-Length")
-        return raw
+        try:
+            return read_body(self.headers, self.rfile, limit)
+        except BodyError as exc:
+            raise _BadRequest(exc.status, exc.message) from None
 
     def _op(self, name: str, call: Callable[[Operations], dict[str, Any]], ask: bool = False,
             path: str | None = None) -> None:
@@ -485,20 +477,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> str | None:
         """The reported token from the body; _BadRequest for anything but {} or
         {"invalid_token": "<non-empty string>"} sent with a valid Content-Length."""
-        if self.headers.get("Transfer-Encoding") is not None:
-            raise _BadRequest(411, "chunked bodies are not accepted: send Content-Length")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            raise _BadRequest(411, "Content-Length is required (use -d '{}' with curl)")
-        raw_length = lengths[0].strip()
-        if len(lengths) > 1 or not (raw_length.isascii() and raw_length.isdigit()):
-            raise _BadRequest(400, "Content-Length must be one number of bytes")
-        length = int(raw_length)
-        if length > MAX_BODY:
-            raise _BadRequest(413, f"the body may be at most {MAX_BODY} bytes")
-        raw = self.rfile.read(length) if length else b""
-        if len(raw) < length:
-            raise _BadRequest(400, "the body is shorter than its Content-Length")
+        try:
+            raw = read_body(self.headers, self.rfile, MAX_BODY,
+                            chunked="chunked bodies are not accepted: send Content-Length",
+                            missing="Content-Length is required (use -d '{}' with curl)")
+        except BodyError as exc:
+            raise _BadRequest(exc.status, exc.message) from None
         try:
             body = json.loads(raw or b"{}")
         except ValueError:

@@ -29,6 +29,7 @@ from xml.etree import ElementTree
 
 from wxtoken.component.crypto import CryptoError
 from wxtoken.errors import WxtokenError
+from wxtoken.httpbody import BodyError, read_body
 from wxtoken.logs import get_logger
 
 if TYPE_CHECKING:
@@ -128,25 +129,10 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
 
     def _body(self) -> bytes:
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") is not None or not lengths:
-            raise _Refused(411, "Content-Length is required")
-        raw = lengths[0].strip()
-        if len(lengths) > 1 or not (raw.isascii() and raw.isdigit()):
-            raise _Refused(400, "Content-Length must be one number")
-        length = int(raw)
-        if length > MAX_BODY:
-            raise _Refused(413, f"the body may be at most {MAX_BODY} bytes")
-        deadline = time.monotonic() + READ_TIMEOUT
-        body = b""
-        while len(body) < length:
-            if time.monotonic() > deadline:
-                raise _Refused(408, "the body did not arrive in time")
-            chunk = self.rfile.read1(length - len(body))
-            if not chunk:
-                raise _Refused(400, "the body is shorter than its Content-Length")
-            body += chunk
-        return body
+        try:
+            return read_body(self.headers, self.rfile, MAX_BODY, deadline=READ_TIMEOUT)
+        except BodyError as exc:
+            raise _Refused(exc.status, exc.message) from None
 
     def do_POST(self) -> None:
         parts = urlsplit(self.path)
