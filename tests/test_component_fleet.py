@@ -336,5 +336,30 @@ def test_refresh_tokens_in_redis_follow_the_rotation_chain(
     assert r.sismember(pf.members_key, aid) and not r.exists(f"{pf.base}:gone:{aid}")
     assert pf.remove(aid, 1050.0) is False  # a removal told late: the authorization stays
     assert fleets() == "N1"
-    assert push("N2", authorized=True) == STORED  # an import: stored whatever the fleet has
+    # an import: stored whatever the fleet has
+    assert push("N2", authorized_at=1200.0, authorized=True) == STORED
+    assert push("N3", "N2", authorized_at=5.0) == STORED  # authorized_at never goes back
+    assert json.loads(r.hget(pf.refresh_key, aid) or b"{}")["authorized_at"] == 1200.0
+    # rotated twice here while Redis was away: the fleet's is what this host last knew there
+    files.store_refresh(aid, "N3", 7.0, previous="N2")
+    files.in_step(aid, "N3")
+    files.store_refresh(aid, "N4", 8.0, previous="N3")
+    files.store_refresh(aid, "N5", 9.0, previous="N4")
+    pf.pull_refresh(aid, files)
+    assert (files.refresh(aid) or {})["refresh_token"] == "N5"  # not taken back to N3
+    assert pf.push_refresh(aid, files.refresh(aid) or {}, after=("N4",)) == STORED
+    assert fleets() == "N5"
+    # authorized here (Redis away) after the fleet's chain began: this host's stays
+    files.store_refresh(aid, "A0", 10.0, authorized_at=5000.0)
+    pf.pull_refresh(aid, files)
+    assert (files.refresh(aid) or {})["refresh_token"] == "A0"
+    # Redis restarted empty: the entries put back give way to a later-updated one
+    r.hdel(pf.refresh_key, aid)
+    assert pf.push_refresh(aid, {"refresh_token": "S1", "updated_at": 10.0},
+                           seeded=True) == STORED
+    assert pf.push_refresh(aid, {"refresh_token": "S2", "updated_at": 20.0},
+                           seeded=True) == STORED
+    assert pf.push_refresh(aid, {"refresh_token": "S0", "updated_at": 15.0},
+                           seeded=True) == OLDER
+    assert fleets() == "S2"
     fleet.client.close()

@@ -209,18 +209,17 @@ class Platform:
                  rng: random.Random, node: FleetNode | None = None) -> None:
         self.host = host
         self.node = node
+        self.files = ComponentFiles(host.config.state_dir, comp.name, comp.component_appid)
         self.fleet: PlatformFleet | None = None
         if node is not None:
             from wxtoken.fleet.platform import PlatformFleet
-            self.fleet = PlatformFleet(node.fleet, comp)
+            self.fleet = PlatformFleet(node.fleet, comp, self.files)
         # a follower (fleet mode, no secret) never calls WeChat: it mirrors the fleet's files
         self.following = node is not None and comp.follower
         self.stores: dict[str, FleetStore] = {}  # the fleet mode: each token's FleetStore
         self.comp = comp
         self.clock = clock
         self.rng = rng
-        config = host.config
-        self.files = ComponentFiles(config.state_dir, comp.name, comp.component_appid)
         self.crypto = MessageCrypto(comp.msg_token, comp.encoding_aes_key,
                                     comp.component_appid)
         self.log = get_logger(component=comp.name)
@@ -318,17 +317,19 @@ class Platform:
             return None
 
     def store_refresh(self, appid: str, refresh_token: str, now: float,
-                      previous: str | None = None, authorized: bool = False,
+                      previous: str | None = None, authorized_at: float | None = None,
                       after: tuple[str, ...] = ()) -> int:
         """Persist an authorizer's refresh token: durably here, then (the fleet mode) in
         Redis, before the token it came with is published. ``after``: the refresh tokens it
         replaces (used, or found refused): the fleet takes it only if its current one is among
-        them (a holder paused past its lease cannot replace a newer chain). ``authorized``: it
-        comes from an authorization or an import, which starts a new chain and may bring back
-        an authorizer removed before. Returns the fleet's answer (STORED without a fleet)."""
+        them (a holder paused past its lease cannot replace a newer chain). ``authorized_at``:
+        it comes from an authorization (made then) or an import, which starts a new chain and
+        may bring back an authorizer removed before that. Returns the fleet's answer (STORED
+        without a fleet)."""
         from wxtoken.fleet.platform import FAILED, OLDER, STORED
+        authorized = authorized_at is not None
         doc = self.files.store_refresh(appid, refresh_token, now, previous=previous,
-                                       authorized_at=now if authorized else None)
+                                       authorized_at=authorized_at)
         if authorized and appid in self._tombstones():
             self._forget_tombstone(appid)  # authorized again since it was removed here
         if self.fleet is None:
@@ -426,9 +427,11 @@ class Platform:
         self._push_missing(entries)
 
     def _push_missing(self, entries: dict[str, dict[str, Any]]) -> None:
-        """This host's refresh tokens that Redis lacks, or that follow from Redis's (rotated
-        here while Redis could not be written), or that come from a later authorization, into
-        Redis; an authorizer removed meanwhile goes here too."""
+        """This host's refresh tokens into Redis where Redis lacks them (restarted empty: the
+        host that refreshed last wins), where they follow from Redis's (rotated here while
+        Redis could not be written), or where they come from a later authorization; an
+        authorizer removed meanwhile goes here too."""
+        from wxtoken.component.store import as_number
         from wxtoken.fleet.platform import GONE, STORED
         assert self.fleet is not None
         reseeded = 0
@@ -438,25 +441,29 @@ class Platform:
             except ValueError:
                 continue
             theirs = entries.get(appid)
-            mine_at, their_at = doc.get("authorized_at"), (theirs or {}).get("authorized_at")
-            if theirs is not None and theirs.get("refresh_token") != doc.get("previous") and \
-                    not (isinstance(mine_at, (int, float)) and
-                         mine_at > (their_at if isinstance(their_at, (int, float)) else 0)):
-                continue
-            if theirs is not None and theirs.get("refresh_token") == doc.get("refresh_token"):
+            mine = doc.get("refresh_token")
+            seeded = theirs is None or bool(theirs.get("seeded"))
+            if theirs is not None and (
+                    theirs.get("refresh_token") == mine or not (
+                        theirs.get("refresh_token") in (doc.get("previous"), doc.get("fleet"))
+                        or as_number(doc.get("authorized_at")) >
+                        as_number(theirs.get("authorized_at"))
+                        or (seeded and as_number(doc.get("updated_at")) >
+                            as_number(theirs.get("updated_at"))))):
                 continue
             previous = doc.get("previous")
             result = self.fleet.push_refresh(
-                appid, doc, after=(previous,) if isinstance(previous, str) else ())
+                appid, doc, after=(previous,) if isinstance(previous, str) else (),
+                seeded=seeded)
             if result == GONE:
                 self.log.info("authorizer.removed_elsewhere", app=appid)
-                self._remove(appid)
+                self.later_remove(appid)
             elif result == STORED:
                 reseeded += 1
         if reseeded:
             self.log.warning("fleet.refresh_tokens_reseeded", authorizers=reseeded,
-                             reason="Redis lacked them or had their predecessors (restarted "
-                             "empty, or written while it was unreachable)")
+                             reason="Redis lacked them or had older ones (restarted empty, or "
+                             "written while it was unreachable)")
 
     def full_resync(self) -> None:
         """Every reconnect, and a message lost: removals made while Redis was away are told,
@@ -467,10 +474,12 @@ class Platform:
             if self.fleet.remove(appid, at) is not None:  # told (or authorized again since)
                 self._forget_tombstone(appid)
         self._ticket_news()
-        self.resync_members()
+        # authorizations and rotations made here while Redis was away go there first, so
+        # that the set's news below does not remove them
         if not self.following and (entries := self.fleet.all_refresh()) is not None:
             self.fleet.adopt_all(entries, self.files)
             self._push_missing(entries)
+        self.resync_members()
 
     def _tombstones(self) -> dict[str, float]:
         found = self.files.platform().get("removed")
@@ -494,8 +503,9 @@ class Platform:
         removed_here = self._tombstones()  # not yet told to Redis: not taken back from it
         added = sorted(members - mine - set(removed_here))
         missing = sorted(mine - members)
-        for appid in self.fleet.gone(missing):
-            self._remove(appid)
+        for appid, at in self.fleet.gone(missing).items():
+            if self._authorized_at(appid) <= at:  # not authorized here since
+                self.later_remove(appid)
         if self.following:
             for appid in added:
                 self._follow(appid)
@@ -508,6 +518,13 @@ class Platform:
                 known = False
             if known:
                 self._add(appid)
+
+    def _authorized_at(self, appid: str) -> float:
+        from wxtoken.component.store import as_number
+        try:
+            return as_number((self.files.refresh(appid) or {}).get("authorized_at"))
+        except ValueError:
+            return 0.0
 
     def _ticket_news(self) -> None:
         """Another host received a ticket: take it; a component token waiting for one is
@@ -525,9 +542,11 @@ class Platform:
             appid, code = doc["authorized"], doc["code"]
         except (ValueError, KeyError, TypeError):
             return
+        at = doc.get("at")
+        when = float(at) if isinstance(at, (int, float)) else None
         if isinstance(appid, str) and APP_NAME_RE.match(appid) and isinstance(code, str) \
                 and code and self.fleet.claim(code):
-            self.host.later(lambda: self.on_authorized(appid, code), 0,
+            self.host.later(lambda: self.on_authorized(appid, code, at=when), 0,
                             f"authorize:{self.comp.name}/{appid}")
 
     def component_token(self) -> str | None:
@@ -613,11 +632,11 @@ class Platform:
         with self._lock:
             return dict(self._needs_reauth)
 
-    def gone(self, appid: str, reason: str) -> None:
-        """The authorizer no longer authorizes the platform: its refresher stops (after the
-        run in progress) and its files go."""
+    def gone(self, appid: str, reason: str, at: float | None = None) -> None:
+        """The authorizer no longer authorizes the platform (since ``at``): its refresher
+        stops (after the run in progress) and its files go."""
         self.log.warning("authorizer.unauthorized", app=appid, reason=reason)
-        now = self.clock()
+        now = at if at is not None else self.clock()
         if self.fleet is not None and self.fleet.remove(appid, now) is None:
             with self._lock:  # every host removes it once Redis is told (at the next resync)
                 self.files.note(durable=True, removed={**self._tombstones(), appid: now})
@@ -643,7 +662,8 @@ class Platform:
         self.files.note(needs_reauth=pending or None)
         self.log.info("authorizer.removed", app=appid, files=len(removed))
 
-    def on_authorized(self, appid: str, code: str, attempt: int = 0) -> None:
+    def on_authorized(self, appid: str, code: str, attempt: int = 0,
+                      at: float | None = None) -> None:
         """An authorization (new or updated): exchange the code, store the refresh token, write
         the token, start refreshing. Retried while no component token is there yet."""
         token = self.component_token()
@@ -669,20 +689,20 @@ class Platform:
             self.log.warning("authorizer.authorization_failed", app=appid, error=str(exc),
                              errcode=exc.errcode, retry=retry)
             if retry:
-                self.host.later(lambda: self.on_authorized(appid, code, attempt + 1),
+                self.host.later(lambda: self.on_authorized(appid, code, attempt + 1, at),
                                 min(60.0, 2.0 ** attempt), f"authorize:{self.comp.name}/{appid}")
             return
         now = self.clock()
         record = TokenRecord(app=appid, appid=appid, access_token=access,
                              expires_at=int(now) + expires_in, refreshed_at=int(now))
-        if self._publish(appid, record, refresh_token=refresh_token, authorized=True,
-                         since=asked):
+        if self._publish(appid, record, refresh_token=refresh_token,
+                         authorized_at=at if at is not None else asked, since=asked):
             self.authorizer_ok(appid)
             self.log.info("authorizer.authorized", app=appid, token=mask(access),
                           expires_in=expires_in)
 
     def _publish(self, appid: str, record: TokenRecord, status: AppStatus | None = None,
-                 refresh_token: str | None = None, authorized: bool = False,
+                 refresh_token: str | None = None, authorized_at: float | None = None,
                  since: float | None = None) -> bool:
         """Write an authorizer's token obtained outside its refresher (an authorization, an
         import) and make sure a refresher keeps it fresh. ``refresh_token`` is stored first,
@@ -699,15 +719,18 @@ class Platform:
         written = stored = False
         try:
             with refresher.store.locked(refresher.lock_timeout):
-                if refresh_token is not None:
-                    self.store_refresh(appid, refresh_token, self.clock(), authorized=authorized)
-                    stored = True
                 current = refresher.store.read() if since is not None else None
                 if current is not None and since is not None and \
                         current.access_token != record.access_token and \
                         current.refreshed_at >= int(since):
-                    written = True  # another host refreshed it meanwhile: its token is newer
+                    # another host refreshed it meanwhile: its token and refresh token follow
+                    # on from this authorization's, and stay
+                    written = stored = True
                 else:
+                    if refresh_token is not None:
+                        self.store_refresh(appid, refresh_token, self.clock(),
+                                           authorized_at=authorized_at)
+                        stored = True
                     refresher.store.write(record)
                     written = True
                     fresh = status or refresher.store.read_status()
@@ -720,7 +743,8 @@ class Platform:
         except (StoreError, TokenUnavailable) as exc:
             self.log.error("authorizer.store_failed", app=appid, error=str(exc))
             if refresh_token is not None and not stored:  # never lose a refresh token
-                self.store_refresh(appid, refresh_token, self.clock(), authorized=authorized)
+                self.store_refresh(appid, refresh_token, self.clock(),
+                                   authorized_at=authorized_at)
         finally:
             with self._tokens:
                 self._publishing.discard(appid)
@@ -733,15 +757,15 @@ class Platform:
             self.host.wake(key)  # decides again from the new file (no call: it is fresh)
         return written
 
-    def on_unauthorized(self, appid: str) -> None:
-        self.host.later(lambda: self.gone(appid, "an unauthorized event"), 0,
+    def on_unauthorized(self, appid: str, at: float | None = None) -> None:
+        self.host.later(lambda: self.gone(appid, "an unauthorized event", at), 0,
                         f"unauthorized:{self.comp.name}/{appid}")
 
-    def _authorization(self, appid: str, code: str) -> None:
+    def _authorization(self, appid: str, code: str, at: float) -> None:
         """An authorization event: exchanged here, or (the fleet mode) by one candidate."""
         if self.fleet is not None:
             if self.following:
-                if not self.fleet.hand_over(appid, code):
+                if not self.fleet.hand_over(appid, code, at):
                     self.log.error("authorizer.not_handed_over", app=appid,
                                    reason="no host with the component's secret is listening: "
                                    "the next reconcile finds the authorizer")
@@ -750,7 +774,7 @@ class Platform:
                 self.log.info("authorizer.authorization_elsewhere", app=appid,
                               reason="another host of the fleet exchanges this code")
                 return
-        self.on_authorized(appid, code)
+        self.on_authorized(appid, code, at=at)
 
     # -- reconcile --------------------------------------------------------------------------------
     def _list(self, token: str) -> dict[str, str]:
@@ -878,14 +902,27 @@ class Platform:
         for appid, refresh_token, record in entries:
             if record is not None:
                 tokens += 1
-                self._publish(appid, record, refresh_token=refresh_token, authorized=True)
+                self._publish(appid, record, refresh_token=refresh_token,
+                              authorized_at=self.clock())
             else:
-                self.store_refresh(appid, refresh_token, self.clock(), authorized=True)
+                self.store_refresh(appid, refresh_token, self.clock(),
+                                   authorized_at=self.clock())
                 self._add(appid)
         self.log.info("authorizers.imported", authorizers=len(entries), tokens=tokens)
         return {"imported": len(entries), "with_token": tokens}
 
     # -- events -----------------------------------------------------------------------------------
+    def _event_time(self, fields: dict[str, str]) -> float:
+        """When WeChat sent the event (its CreateTime, when plausible; else now): an
+        authorization and a cancellation handled on different hosts, or late, are ordered by
+        it."""
+        now = self.clock()
+        try:
+            at = float(int(fields.get("CreateTime", "")))
+        except ValueError:
+            return now
+        return at if abs(at - now) < 86400 else now
+
     def on_event(self, fields: dict[str, str]) -> str:
         """One decrypted callback message; what was done (for the log)."""
         info = fields.get("InfoType", "")
@@ -897,15 +934,16 @@ class Platform:
             appid, code = fields.get("AuthorizerAppid", ""), fields.get("AuthorizationCode", "")
             if not APP_NAME_RE.match(appid) or not code:
                 raise WxtokenError(f"{info} without an AuthorizerAppid or AuthorizationCode")
+            at = self._event_time(fields)
             # off the callback's thread: WeChat wants its answer within 5 s, Redis may be slow
-            self.host.later(lambda: self._authorization(appid, code), 0,
+            self.host.later(lambda: self._authorization(appid, code, at), 0,
                             f"authorize:{self.comp.name}/{appid}")
             return info
         if info == "unauthorized":
             appid = fields.get("AuthorizerAppid", "")
             if not APP_NAME_RE.match(appid):
                 raise WxtokenError("unauthorized without an AuthorizerAppid")
-            self.on_unauthorized(appid)
+            self.on_unauthorized(appid, self._event_time(fields))
             return info
         return "ignored"
 

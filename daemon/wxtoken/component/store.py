@@ -47,6 +47,11 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return doc
 
 
+def as_number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else 0.0
+
+
 class ComponentFiles:
     """The files of one component."""
 
@@ -208,13 +213,32 @@ class ComponentFiles:
             at = authorized_at if authorized_at is not None else doc.get("authorized_at")
             if isinstance(at, (int, float)):
                 new["authorized_at"] = at
+            base = doc.get("fleet")  # the fleet mode: its current when last in step with it
+            if isinstance(base, str) and base and authorized_at is None:
+                new["fleet"] = base
             atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
             return new
 
-    def adopt_refresh(self, appid: str, theirs: dict[str, Any], now: float) -> bool:
-        """Take the fleet's refresh tokens for ``appid`` unless this host's are the same or
-        one rotation ahead of them (rotated while Redis could not be written: they go to Redis
-        instead). This host's current one is kept as a spare to try. True when adopted."""
+    def in_step(self, appid: str, fleets: str) -> None:
+        """The fleet mode: the fleet's current refresh token is now ``fleets`` (this host's
+        was stored there, or taken from there): what this host's next ones follow from."""
+        with self._refresh_lock:
+            try:
+                doc = self.refresh(appid)
+            except ValueError:
+                return
+            if doc is None or doc.get("fleet") == fleets:
+                return
+            doc["fleet"] = fleets
+            # not durable: a lost one only makes the next push or take less exact
+            atomic_write(self.refresh_path(appid), json.dumps(doc).encode() + b"\n", 0o600,
+                         durable=False)
+
+    def adopt_refresh(self, appid: str, theirs: dict[str, Any]) -> bool:
+        """Take the fleet's refresh tokens for ``appid`` unless this host's are the same, or
+        follow from them (rotated here while Redis could not be written: they go to Redis
+        instead), or come from a later authorization. This host's current one is kept as a
+        spare to try. True when adopted."""
         current, previous = theirs.get("refresh_token"), theirs.get("previous")
         if not isinstance(current, str) or not current:
             return False
@@ -223,9 +247,13 @@ class ComponentFiles:
                 mine = self.refresh(appid) or {}
             except ValueError:
                 mine = {}
-            if current in (mine.get("refresh_token"), mine.get("previous")):
+            if current in (mine.get("refresh_token"), mine.get("previous"), mine.get("fleet")):
                 return False
-            new: dict[str, Any] = {"appid": appid, "refresh_token": current, "updated_at": now}
+            if as_number(mine.get("authorized_at")) > as_number(theirs.get("authorized_at")):
+                return False  # authorized (or imported) here since: this host's is the chain
+            new: dict[str, Any] = {"appid": appid, "refresh_token": current,
+                                   "updated_at": as_number(theirs.get("updated_at")),
+                                   "fleet": current}
             if isinstance(previous, str) and previous and previous != current:
                 new["previous"] = previous
             spare = mine.get("refresh_token")

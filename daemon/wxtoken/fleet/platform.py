@@ -57,11 +57,13 @@ return 1
 """
 # An authorizer's refresh tokens, fenced along the rotation chain (no clocks, no counters): a
 # new entry replaces the fleet's only when the fleet's current refresh token is one this host
-# used or found refused on the way to it (ARGV[4..]: a holder paused past its lease, whose
-# predecessor is no longer the fleet's current, is refused), or when it comes from a later
-# authorization (authorized_at). ARGV[3] = "authorized": a new authorization or an import,
-# stored whatever the fleet has. A removed authorizer (its tombstone, KEYS[3], holds the
-# removal's time) is put back only by an authorization made after the removal.
+# used, found refused on the way, or last knew as the fleet's (ARGV[4..]: a holder paused past
+# its lease, whose predecessor is no longer the fleet's current, is refused), or when it comes
+# from a later authorization (authorized_at). Entries put back after Redis lost them
+# ("seeded") give way to a later-updated one: the host that refreshed last wins. ARGV[3] =
+# "authorized": a new authorization or an import, stored whatever the fleet has. A removed
+# authorizer (its tombstone, KEYS[3], holds the removal's time) is put back only by an
+# authorization made after the removal. authorized_at never goes back.
 # Returns 1: stored and joined the set; 0: stored; -1: removed; -2: refused (the fleet's is
 # another chain's).
 PUSH_REFRESH = """
@@ -77,16 +79,23 @@ end
 local current = redis.call('hget', KEYS[1], ARGV[1])
 if current and not authorized then
   local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' and doc.refresh_token and
-      doc.refresh_token ~= new.refresh_token then
-    local accepted = newauth > (tonumber(doc.authorized_at) or 0)
-    for i = 4, #ARGV do
-      if doc.refresh_token == ARGV[i] then
-        accepted = true
+  if ok and type(doc) == 'table' and doc.refresh_token then
+    local theirauth = tonumber(doc.authorized_at) or 0
+    if doc.refresh_token ~= new.refresh_token then
+      local accepted = newauth > theirauth or (doc.seeded and
+          (tonumber(new.updated_at) or 0) > (tonumber(doc.updated_at) or 0))
+      for i = 4, #ARGV do
+        if doc.refresh_token == ARGV[i] then
+          accepted = true
+        end
+      end
+      if not accepted then
+        return -2
       end
     end
-    if not accepted then
-      return -2
+    if theirauth > newauth then
+      new.authorized_at = theirauth
+      ARGV[2] = cjson.encode(new)
     end
   end
 end
@@ -112,14 +121,17 @@ return 1
 """
 STORED, GONE, OLDER, FAILED = 0, -1, -2, -3
 ENTRY_KEYS = ("refresh_token", "previous", "updated_at", "authorized_at")
+MAX_AFTER = 8  # predecessors sent with a push (the used one, refused ones, the fleet's base)
 
 
 class PlatformFleet:
     """One component's keys and the few operations on them."""
 
-    def __init__(self, fleet: Fleet, comp: ComponentConfig) -> None:
+    def __init__(self, fleet: Fleet, comp: ComponentConfig,
+                 files: ComponentFiles | None = None) -> None:
         self.fleet = fleet
         self.comp = comp
+        self.files = files  # this host's: told when it is in step with the fleet
         cid = comp.component_appid
         self.component_identity = f"{cid}:component"
         self.base = f"{fleet.prefix}:{{{self.component_identity}}}"
@@ -229,7 +241,7 @@ class PlatformFleet:
 
     # -- refresh tokens and the authorizers -----------------------------------------------------
     def push_refresh(self, appid: str, doc: dict[str, Any], authorized: bool = False,
-                     after: tuple[str, ...] = ()) -> int:
+                     after: tuple[str, ...] = (), seeded: bool = False) -> int:
         """Share an authorizer's refresh tokens (``doc``: this host's entry). ``after``: the
         refresh tokens this one replaces (the one used, those found refused): the fleet's
         current must be one of them. ``authorized``: a new authorization or an import, stored
@@ -239,19 +251,29 @@ class PlatformFleet:
         it)."""
         if not self._ok():
             return FAILED
-        entry = {k: doc[k] for k in ENTRY_KEYS if doc.get(k)}
+        entry: dict[str, Any] = {k: doc[k] for k in ENTRY_KEYS if doc.get(k)}
+        if seeded:
+            entry["seeded"] = True
+        base = doc.get("fleet")  # what this host last knew as the fleet's: it follows from it
+        chain = [t for t in (*after, base) if isinstance(t, str) and t][:MAX_AFTER]
         try:
             result = int(self._push_refresh(
                 keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
                 args=[appid, json.dumps(entry), "authorized" if authorized else "chain",
-                      *after]))
+                      *chain]))
         except ERRORS as exc:
             self._trouble(exc)
             return FAILED
         self.fleet.mark_up()
         if result == 1:
             self._announce(self.members_name)
+        if result >= 0:
+            self._in_step(appid, str(entry["refresh_token"]))
         return min(result, STORED) if result >= 0 else result
+
+    def _in_step(self, appid: str, refresh_token: str) -> None:
+        if self.files is not None:
+            self.files.in_step(appid, refresh_token)
 
     def pull_refresh(self, appid: str, files: ComponentFiles) -> None:
         """Take the fleet's refresh tokens for ``appid`` unless this host's are the same or
@@ -270,7 +292,7 @@ class PlatformFleet:
             except ValueError:
                 doc = None
             if isinstance(doc, dict):
-                files.adopt_refresh(appid, doc, self.fleet.clock())
+                files.adopt_refresh(appid, doc)
             else:
                 self.log.warning("fleet.refresh_unusable", app=appid)
 
@@ -295,9 +317,8 @@ class PlatformFleet:
         return out
 
     def adopt_all(self, entries: dict[str, dict[str, Any]], files: ComponentFiles) -> None:
-        now = self.fleet.clock()
         for appid, doc in entries.items():
-            files.adopt_refresh(appid, doc, now)
+            files.adopt_refresh(appid, doc)
 
     def members(self) -> set[str] | None:
         """The fleet's authorizers (None while Redis is unreachable)."""
@@ -311,19 +332,26 @@ class PlatformFleet:
         self.fleet.mark_up()
         return found
 
-    def gone(self, appids: list[str]) -> set[str]:
-        """Which of ``appids`` were removed from the fleet (unauthorized) lately."""
+    def gone(self, appids: list[str]) -> dict[str, float]:
+        """Which of ``appids`` were removed from the fleet (unauthorized) lately, and when."""
         if not appids or not self._ok():
-            return set()
+            return {}
         try:
             pipe = self.fleet.client.pipeline(transaction=False)
             for appid in appids:
-                pipe.exists(self._gone_key(appid))
+                pipe.get(self._gone_key(appid))
             found = pipe.execute()
         except ERRORS as exc:
             self._trouble(exc)
-            return set()
-        return {appid for appid, n in zip(appids, found, strict=True) if n}
+            return {}
+        out = {}
+        for appid, value in zip(appids, found, strict=True):
+            if value is not None:
+                try:
+                    out[appid] = float(value)
+                except ValueError:
+                    out[appid] = 0.0
+        return out
 
     def remove(self, appid: str, at: float) -> bool | None:
         """Remove an authorizer from the fleet (every host removes its files), as cancelled at
@@ -359,11 +387,12 @@ class PlatformFleet:
             self._trouble(exc)
             return True
 
-    def hand_over(self, appid: str, code: str) -> int:
-        """An authorization that reached a follower: to the candidates (how many heard it)."""
+    def hand_over(self, appid: str, code: str, at: float) -> int:
+        """An authorization (made at ``at``) that reached a follower: to the candidates (how
+        many heard it)."""
         try:
             return int(self.fleet.client.publish(
-                self.requests, json.dumps({"authorized": appid, "code": code})))
+                self.requests, json.dumps({"authorized": appid, "code": code, "at": at})))
         except ERRORS as exc:
             self._trouble(exc)
             return 0
