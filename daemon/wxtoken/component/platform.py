@@ -374,7 +374,7 @@ class Platform:
                 self._start_following()
                 return
             self.node.sync.listen(self.fleet.requests, self._handed_over)
-            self._seed_fleet()
+            self.full_resync()  # what changed while this host was down, both ways
         self._add(self.comp.component_appid)
         for appid in self.files.authorizers():
             self._add(appid)
@@ -392,18 +392,17 @@ class Platform:
     # -- the fleet mode ------------------------------------------------------------------------
     def _start_following(self) -> None:
         """A follower: a mirror of the component's token and of every authorizer's the fleet
-        knows, or this host has a file of."""
+        knows, or this host has a file of (unless it was removed meanwhile)."""
         assert self.fleet is not None
-        self.fleet.pull_tickets(self.files)
-        appids = set(self.fleet.members() or ())
-        local = set(self._local_tokens())
-        for appid in self.fleet.gone(sorted(local - appids)):  # removed while this host was down
-            local.discard(appid)
-            self.files.remove_authorizer(appid)
-        appids.update(local)
+        self.full_resync()  # removals told, tickets taken, the fleet's authorizers followed
         self._follow(self.comp.component_appid)
-        for appid in sorted(appids):
-            self._follow(appid)
+        local = sorted(set(self._local_tokens()) - set(self.stores))
+        gone = self.fleet.gone(local)
+        for appid in local:
+            if appid in gone:  # removed while this host was down
+                self.files.remove_authorizer(appid)
+            else:
+                self._follow(appid)
 
     def _local_tokens(self) -> list[str]:
         """The authorizers this host has a token file of."""
@@ -414,17 +413,6 @@ class Platform:
         return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")
                       and not n.endswith(".status.json") and APP_NAME_RE.match(n[:-5])
                       and n[:-5] != self.comp.component_appid)
-
-    def _seed_fleet(self) -> None:
-        """A candidate at start: the fleet's refresh tokens when newer than this host's, and
-        this host's when Redis lacks them (restarted empty, or written while it was away)."""
-        assert self.fleet is not None
-        entries = self.fleet.all_refresh()
-        if entries is None:
-            return
-        self.fleet.adopt_all(entries, self.files)
-        self.fleet.pull_tickets(self.files)
-        self._push_missing(entries)
 
     def _push_missing(self, entries: dict[str, dict[str, Any]]) -> None:
         """This host's refresh tokens into Redis where Redis lacks them (restarted empty: the
