@@ -464,10 +464,12 @@ class Platform:
         self._ticket_news()
         # authorizations and rotations made here while Redis was away go there first, so
         # that the set's news below does not remove them
+        adopted = False
         if not self.following and (entries := self.fleet.all_refresh()) is not None:
             self.fleet.adopt_all(entries, self.files)
             self._push_missing(entries)
-        self.resync_members()
+            adopted = True
+        self.resync_members(adopted)
 
     def _tombstones(self) -> dict[str, float]:
         found = self.files.platform().get("removed")
@@ -479,9 +481,10 @@ class Platform:
             left.pop(appid, None)
             self.files.note(durable=True, removed=left or None)
 
-    def resync_members(self) -> None:
+    def resync_members(self, adopted: bool = False) -> None:
         """The fleet's authorizers changed: start the new ones here, remove those another
-        host removed."""
+        host removed. ``adopted``: the fleet's refresh tokens were just taken (no need to ask
+        for each new one)."""
         assert self.fleet is not None
         members = self.fleet.members()
         if members is None:
@@ -499,7 +502,8 @@ class Platform:
                 self._follow(appid)
             return
         for appid in added:
-            self.fleet.pull_refresh(appid, self.files)
+            if not adopted:
+                self.fleet.pull_refresh(appid, self.files)
             try:
                 known = self.files.refresh(appid) is not None
             except ValueError:
