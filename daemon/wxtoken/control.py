@@ -325,30 +325,12 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._known(name):
                 return
             assert name is not None
-            try:
-                record = load_record(token_path(config.state_dir, name), name)[0]
-            except TokenUnavailable as exc:
-                self._send(503, {"error": f"no valid token: {exc.reason}",
-                                 "error_class": "unavailable"})
-                return
-            if record.expires_at <= now:
-                self._send(503, {"error": "the token has expired", "error_class": "unavailable"})
-                return
-            self._send(200, _token_body(record, now))
+            self._send_token(config.state_dir, name, now)
         elif len(parts) == 4 and parts[:2] == ["v1", "components"]:
             found = self._component(parts[2], parts[3])
             if found is None:
                 return
-            try:
-                record = load_record(token_path(found.files.dir, parts[3]), parts[3])[0]
-            except TokenUnavailable as exc:
-                self._send(503, {"error": f"no valid token: {exc.reason}",
-                                 "error_class": "unavailable"})
-                return
-            if record.expires_at <= now:
-                self._send(503, {"error": "the token has expired", "error_class": "unavailable"})
-                return
-            self._send(200, _token_body(record, now))
+            self._send_token(found.files.dir, parts[3], now)
         elif len(parts) == 4 and parts[:2] == ["v1", "apps"] and parts[3] == "quota":
             if self._known(name):
                 assert name is not None
@@ -439,6 +421,19 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError as exc:
             self._send(503, {"error": f"could not write the state: {exc.strerror or exc}",
                              "error_class": "store"})
+
+    def _send_token(self, directory: str, name: str, now: float) -> None:
+        """The token in ``directory``'s file for ``name``, or 503 when there is no valid one."""
+        try:
+            record = load_record(token_path(directory, name), name)[0]
+        except TokenUnavailable as exc:
+            self._send(503, {"error": f"no valid token: {exc.reason}",
+                             "error_class": "unavailable"})
+            return
+        if record.expires_at <= now:
+            self._send(503, {"error": "the token has expired", "error_class": "unavailable"})
+            return
+        self._send(200, _token_body(record, now))
 
     def _raw_body(self, limit: int) -> bytes:
         try:

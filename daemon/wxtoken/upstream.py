@@ -239,15 +239,10 @@ class WeChatClient:
         """POST to a component endpoint; the answer, or UpstreamError (classified) when it
         carries an errcode."""
         params = {"component_access_token": component_token} if component_token else {}
-        answer = self._request("POST", (self.api_base or WECHAT_BASE) + path, path,
-                               {"params": params, "json": body})
-        if not isinstance(answer, dict):
-            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected response from {path}")
-        code = answer.get("errcode", 0)
-        if code is None or (code == 0 and not isinstance(code, bool)):
+        answer, code = self._post_json((self.api_base or WECHAT_BASE) + path, path, params,
+                                       body)
+        if code is None:
             return answer
-        if not isinstance(code, int) or isinstance(code, bool):
-            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected errcode from {path}")
         errmsg = str(answer.get("errmsg", ""))[:200]
         if business_token_invalid(code) and component_token:
             raise UpstreamError(ErrorClass.TOKEN_INVALID, f"{path} refused the "
@@ -310,15 +305,9 @@ class WeChatClient:
         query = dict(params or {})
         if access_token is not None:
             query["access_token"] = access_token
-        answer = self._request("POST", self._base(app) + path, path,
-                               {"params": query, "json": body})
-        if not isinstance(answer, dict):
-            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected response from {path}")
-        code = answer.get("errcode", 0)
-        if code is None or (code == 0 and not isinstance(code, bool)):
+        answer, code = self._post_json(self._base(app) + path, path, query, body)
+        if code is None:
             return answer
-        if not isinstance(code, int) or isinstance(code, bool):
-            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected errcode from {path}")
         if business_token_invalid(code):
             kind = ErrorClass.TOKEN_INVALID
         elif code in (-1, 45011):
@@ -331,6 +320,20 @@ class WeChatClient:
         raise UpstreamError(kind, f"{path} returned errcode {code}: {hint}", errcode=code,
                             errmsg=str(answer.get("errmsg", ""))[:200],
                             rid=rid_of(answer.get("errmsg")))
+
+    def _post_json(self, url: str, path: str, params: dict[str, str], body: dict[str, Any]
+                   ) -> tuple[dict[str, Any], int | None]:
+        """POST a JSON body: the answer object and its errcode (None for success); a transient
+        UpstreamError when the answer is not an object or its errcode not a number."""
+        answer = self._request("POST", url, path, {"params": params, "json": body})
+        if not isinstance(answer, dict):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected response from {path}")
+        code = answer.get("errcode", 0)
+        if code is None or (code == 0 and not isinstance(code, bool)):
+            return answer, None
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected errcode from {path}")
+        return answer, code
 
     def _request(self, method: str, url: str, path: str, kwargs: dict[str, Any]) -> Any:
         with _deadline(self.deadline) as call:
