@@ -26,6 +26,7 @@ from helpers import (
     read_json,
     run_cli,
     socket_of,
+    wait_until,
 )
 
 MAIN: dict[str, dict[str, object]] = {"main": {"appid": APPID, "secret": SECRET}}
@@ -81,7 +82,8 @@ def test_apps_added_removed_and_changed_under_a_running_daemon(
     rewrite(config, {"main": {**MAIN["main"], "tickets": ["jsapi"]}})
     changed = run_cli("reload", "--config", str(config))
     assert changed.stdout.strip() == "reloaded: removed mini; changed main"
-    d.wait_for("ticket.refreshed")
+    d.wait_for("ticket.refreshed")  # logged when fetched: the file is written right after
+    wait_until(lambda: "jsapi_ticket" in read_json(state / "main.json"), timeout=5)
     data = read_json(state / "main.json")
     assert data["access_token"] == main_token and "jsapi_ticket" in data
     assert emulator.calls(APPID, "token") == 1  # the ticket came with the token it had
