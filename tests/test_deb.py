@@ -4,12 +4,14 @@ reloads, upgrades, removes, reinstalls and purges it with apt, as an operator wo
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.markers import Marker
 
 from wxtoken.emulator import Emulator
 
@@ -93,6 +95,30 @@ def test_lintian_finds_nothing(debs: tuple[Path, Path]) -> None:
     findings = [line for line in (result.stdout + result.stderr).splitlines()
                 if line[:2] in ("E:", "W:")]
     assert findings == [], "\n".join(findings)
+
+
+def test_the_package_holds_the_locked_versions(debs: tuple[Path, Path]) -> None:
+    """Both packages hold exactly requirements/runtime.lock's versions of every dependency
+    (a .deb built twice from one commit holds the same code), and no pip or setuptools."""
+    # the markers as Debian's /usr/bin/python3, which the package's venv runs, sees them
+    debian_python = subprocess.run(["/usr/bin/python3", "-c", "import platform; "
+                                    "print(platform.python_version())"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    env = {"python_full_version": debian_python,
+           "python_version": ".".join(debian_python.split(".")[:2])}
+    lock = {name: version for name, version, marker in re.findall(
+                r"^([a-z0-9._-]+)==([^ ;\\\n]+)(?: ; ([^\\\n]+))?",
+                (REPO / "requirements" / "runtime.lock").read_text(), re.M)
+            if not marker or Marker(marker).evaluate(env)}
+    for deb in debs:
+        listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True,
+                                 check=True).stdout
+        held = {m[0].lower().replace("_", "-"): m[1] for m in re.findall(
+            r"site-packages/([A-Za-z0-9_.]+)-([^-/]+)\.dist-info/\n", listing)}
+        held.pop("wxtoken")
+        wanted = {name: version for name, version in lock.items()
+                  if name not in ("pip", "setuptools")}
+        assert held == wanted, deb.name
 
 
 def test_install_enables_but_starts_only_once_configured(

@@ -13,7 +13,15 @@ import pytest
 
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, SECRET, DaemonProcess, pids_talking_to, read_json, run_cli
+from helpers import (
+    APPID,
+    SECRET,
+    DaemonProcess,
+    pids_talking_to,
+    read_json,
+    run_cli,
+    wait_until,
+)
 from redis_server import RedisServer, Sentinels
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
@@ -577,8 +585,9 @@ def test_a_token_fetched_alone_during_a_stall_goes_to_redis_not_away(
     os.kill(redis_server.proc.pid, signal.SIGSTOP)
     try:
         procs[0].wait_for("refresh.uncoordinated", timeout=20)
-        alone = read_json(state_of(configs[0]) / "main.json")["access_token"]
-        assert alone != before
+        # the line is logged when the token is fetched; the file is written right after
+        wait_until(lambda: read_json(state_of(configs[0]) / "main.json")["access_token"]
+                   != before, timeout=10)
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
     failures: list[str] = []

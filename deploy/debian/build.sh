@@ -5,7 +5,8 @@
 # The package holds a venv made with Debian's /usr/bin/python3 at its final path,
 # /usr/lib/wxtoken (a venv cannot be moved: its scripts name their interpreter). It is built
 # there inside a private mount namespace, over an overlay of /usr/lib on a tmpfs, so nothing on
-# this machine changes. pip fetches the dependencies from the package index.
+# this machine changes. pip fetches the dependencies from the package index, at the versions
+# and hashes of requirements/runtime.lock: a .deb built twice from one commit holds the same code.
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -38,7 +39,7 @@ trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root/DEBIAN" "$work/src" "$work/mnt"
 # build from a copy: the checkout may be read-only and must not collect build artefacts
-cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/daemon" "$work/src/"
+cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/daemon" "$SRC/requirements" "$work/src/"
 
 # the venv at its final path, copied out before the namespace (and its tmpfs) goes away
 unshare --mount --propagation private sh -eu -c '
@@ -48,10 +49,12 @@ unshare --mount --propagation private sh -eu -c '
     mount -t overlay overlay -o "lowerdir=/usr/lib,upperdir=$work/mnt/upper,workdir=$work/mnt/work" /usr/lib
     rm -rf /usr/lib/wxtoken
     "$PY" -m venv /usr/lib/wxtoken
+    # the lock (hash mode), then the project alone: hash mode refuses a path without a hash
     if ! { /usr/lib/wxtoken/bin/python -m pip install -q --disable-pip-version-check \
-               --no-compile --upgrade pip &&
+               --no-compile --require-hashes -r "$work/src/requirements/runtime.lock" &&
            /usr/lib/wxtoken/bin/python -m pip install -q --disable-pip-version-check \
-               --no-compile "$work/src" &&
+               --no-compile --no-deps --no-build-isolation "$work/src" &&
+           /usr/lib/wxtoken/bin/python -m pip check &&
            /usr/lib/wxtoken/bin/python -m pip uninstall -q -y pip setuptools; } \
             >"$work/pip.log" 2>&1; then
         cat "$work/pip.log" >&2

@@ -44,10 +44,14 @@ fi
 # build from a copy: the checkout may be read-only and must not collect build artefacts
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
-cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/daemon" "$build/"
-# pip's own status decides (a pipe into a filter would hide it); its output is shown on failure
-if ! "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$build" \
-        >"$build/pip.log" 2>&1; then
+cp -r "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/daemon" "$SRC/requirements" "$build/"
+# pip's own status decides (a pipe into a filter would hide it); its output is shown on failure.
+# The dependencies at requirements/runtime.lock's versions and hashes, then the project alone.
+if ! { "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --require-hashes \
+           -r "$build/requirements/runtime.lock" &&
+       "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+           --no-build-isolation --upgrade --force-reinstall "$build" &&
+       "$PREFIX/bin/python" -m pip check; } >"$build/pip.log" 2>&1; then
     cat "$build/pip.log" >&2
     die "pip install failed (see above); the unit, user and config were not touched"
 fi

@@ -52,10 +52,10 @@ def connect(cfg: RedisConfig, ca_bundle: str | None = None) -> redis.Redis:
             sentinel_options["password"] = password
         if tls:
             sentinel_options.update({k: v for k, v in options.items() if k.startswith("ssl")})
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(cfg.sentinels), sentinel_kwargs=sentinel_options, **options)
         assert cfg.service_name is not None
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
             cfg.service_name, db=db)
         return client
     if parts.scheme == "unix":

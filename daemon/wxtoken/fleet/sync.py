@@ -118,12 +118,14 @@ class Sync:
     def _run(self) -> None:
         wait = 1.0
         while not self._stopped.is_set():
-            pubsub = self.fleet.client.pubsub(  # type: ignore[no-untyped-call]
+            # redis-py < 8.2 has no type hints here (the ignores are for it)
+            pubsub = self.fleet.client.pubsub(  # type: ignore[no-untyped-call, unused-ignore]
                 ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.fleet.channel, *self.requests, *self.handlers)
                 # redis-py reconnects a subscription by itself (a quick Redis restart goes
                 # unseen otherwise): every reconnect must catch up, and maybe re-seed
+                assert pubsub.connection is not None  # subscribe() connected it
                 pubsub.connection.register_connect_callback(self._reconnected)
                 self.fleet.mark_up()
                 self.resync()  # catch up with what changed while away; re-seed if Redis is empty
