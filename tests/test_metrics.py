@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from wxtoken import __version__
 from wxtoken.emulator import Emulator
 
 from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess, samples, wait_until
@@ -14,12 +15,14 @@ from helpers import APPID, APPID2, SECRET, SECRET2, DaemonProcess, samples, wait
 def test_metrics_file_parses_and_tracks_refreshes(
         emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
         daemons: Callable[..., DaemonProcess]) -> None:
-    """The .prom file parses, follows each refresh, and says wxtoken_up 0 after a stop."""
+    """The .prom file parses, names the running version (as the start line does), follows each
+    refresh, and says wxtoken_up 0 after a stop."""
     prom = tmp_path / "wxtoken.prom"
     config = make_config({"main": {"appid": APPID, "secret": SECRET},
                           "mini": {"appid": APPID2, "secret": SECRET2, "api": "stable_token"}},
                          refresh_interval=1, metrics_file=str(prom))
     d = daemons(config)
+    assert d.wait_for("daemon.starting")["version"] == __version__
     d.wait_for("daemon.ready")
     wait_until(lambda: prom.exists() and ("wxtoken_refresh_total", (
         ("app", "main"), ("result", "ok"))) in samples(prom))
@@ -27,6 +30,9 @@ def test_metrics_file_parses_and_tracks_refreshes(
     state = config.parent / "state"
     main = json.loads((state / "main.json").read_text())
     assert first[("wxtoken_up", ())] == 1
+    assert first[("wxtoken_build_info", (("version", __version__),))] == 1
+    assert [key for key in first if key[0] == "wxtoken_build_info"] == [
+        ("wxtoken_build_info", (("version", __version__),))]
     assert first[("wxtoken_token_expiry_timestamp_seconds", (("app", "main"),))] == \
         main["expires_at"]
     assert first[("wxtoken_upstream_calls_today", (("app", "mini"),))] == 1
@@ -47,6 +53,7 @@ def test_metrics_file_parses_and_tracks_refreshes(
     assert d.stop() == 0
     final = samples(prom)
     assert final[("wxtoken_up", ())] == 0
+    assert final[("wxtoken_build_info", (("version", __version__),))] == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("wxtoken.prom.")] == []
 
 

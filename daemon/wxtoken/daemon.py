@@ -28,7 +28,7 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from wxtoken import schedule, sdnotify
+from wxtoken import __version__, schedule, sdnotify
 from wxtoken.errors import ConfigError
 from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
@@ -136,7 +136,7 @@ class Daemon:
     # -- start ----------------------------------------------------------------------------------
     def start(self) -> None:
         self.log.info("daemon.starting", apps=len(self.refreshers),
-                      state_dir=self.config.state_dir)
+                      state_dir=self.config.state_dir, version=__version__)
         for done in clean_state_dir(self.config.state_dir):
             self.log.info("state_dir.cleaned", action=done)
         if self.node is not None:  # the fleet first: ConfigError when the hosts disagree

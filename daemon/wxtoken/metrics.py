@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from wxtoken import __version__
 from wxtoken.logs import get_logger
 from wxtoken.schedule import State
 
@@ -90,6 +91,9 @@ class Metrics:
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("wxtoken_up", "1 while the wxtoken daemon runs")
         up.add_metric([], self.up)
+        build = GaugeMetricFamily("wxtoken_build_info", "The running wxtoken's version (always 1)",
+                                  labels=["version"])
+        build.add_metric([__version__], 1)
         expiry = GaugeMetricFamily("wxtoken_token_expiry_timestamp_seconds",
                                    "When the app's token in its file expires", labels=["app"])
         success = GaugeMetricFamily("wxtoken_last_refresh_success_timestamp_seconds",
@@ -114,7 +118,7 @@ class Metrics:
         with self._lock:
             for (app_name, result), count in sorted(self.results.items()):
                 total.add_metric([app_name, result], count)
-        yield from (up, expiry, success, calls, total)
+        yield from (up, build, expiry, success, calls, total)
         platforms = self.components()
         if platforms:
             ticket = GaugeMetricFamily("wxtoken_component_ticket_age_seconds",
