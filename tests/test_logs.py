@@ -1,4 +1,5 @@
-"""Logging: journald priorities without timestamps, JSON, console, secrets scrubbed."""
+"""Logging: journald's <N> lines (when its socket is not there), JSON, console, secrets scrubbed.
+The journal's native protocol is tested in test_journal.py."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ def _reset() -> Iterator[None]:
     logs._secrets.clear()
 
 
-def test_journal_lines_carry_syslog_priorities_and_no_timestamp() -> None:
-    """Under journald each line starts with <N> for its level, logfmt after it, no time."""
+def test_journal_lines_carry_syslog_priorities_and_no_timestamp(tmp_path: Path) -> None:
+    """When journald's socket cannot take an entry, each line goes to the stream (which
+    journald reads too) starting with <N> for its level, logfmt after it, no time."""
     out = io.StringIO()
-    logs.configure("journal", stream=out)
+    logs.configure("journal", stream=out, journal_socket=str(tmp_path / "no-journald"))
     log = logs.get_logger(app="main")
     log.info("token.refreshed", expires_in=7200)
     log.warning("refresh.failed", errcode=-1)
@@ -49,13 +51,19 @@ def test_json_lines_have_stable_keys() -> None:
 
 
 def test_registered_secrets_are_scrubbed_from_every_value() -> None:
-    """A secret that slips into a log value is replaced before rendering."""
+    """A secret that slips into a log value (also inside a list or a dict) is replaced before
+    rendering; the values keep their types."""
     out = io.StringIO()
     logs.configure("json", stream=out)
-    logs.register_secrets(["very-secret-value"])
-    logs.get_logger().error("oops", error="call with secret=very-secret-value failed")
-    assert "very-secret-value" not in out.getvalue()
-    assert "secret=*** failed" in out.getvalue()
+    logs.register_secrets(["very-s3cr3t-value"])
+    logs.get_logger().error("oops", error="call with secret=very-s3cr3t-value failed",
+                            apps=["main", "very-s3cr3t-value"],
+                            answer={"errcode": 0, "nested": ["x very-s3cr3t-value"]})
+    assert "s3cr3t" not in out.getvalue()
+    data = json.loads(out.getvalue())
+    assert data["error"] == "call with secret=*** failed"
+    assert data["apps"] == ["main", "***"]
+    assert data["answer"] == {"errcode": 0, "nested": ["x ***"]}
 
 
 def test_mask_keeps_only_a_short_prefix() -> None:
@@ -65,9 +73,11 @@ def test_mask_keeps_only_a_short_prefix() -> None:
 
 
 def test_auto_format_detects_the_journal_stream(tmp_path: Path) -> None:
-    """auto picks journal when stderr is the stream named by $JOURNAL_STREAM, else console."""
+    """auto picks journal when stderr is the stream named by $JOURNAL_STREAM, else console
+    (here journald's socket is missing, so the entry lands on the stream as a <N> line)."""
     err = tmp_path / "err.log"
-    code = ("import sys; from wxtoken import logs; print(logs.configure('auto')); "
+    code = ("import sys; from wxtoken import logs; "
+            f"print(logs.configure('auto', journal_socket={str(tmp_path / 'none')!r})); "
             "logs.get_logger().error('boom')")
     with open(err, "w") as fh:
         st = os.fstat(fh.fileno())

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+import wxtoken
 from wxtoken.emulator import Emulator
 
 from helpers import APPID, APPID2, SECRET, assert_no_secret
@@ -143,6 +144,15 @@ def test_install_now_starts_a_notify_service_that_writes_the_token(
     assert emu.calls(APPID) == 1
     journal = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
     assert re.search(r"^event=token.refreshed app=main ", journal, re.M), journal
+    # native journal entries: fields of their own, so `journalctl -u wxtoken APP=main` selects
+    entry = json.loads(box.run("journalctl", "-u", "wxtoken", "APP=main", "EVENT=token.refreshed",
+                               "-o", "json", "-n", "1", "--no-pager").stdout)
+    assert entry["APPID"] == APPID and entry["PRIORITY"] == "6", entry
+    assert entry["SYSLOG_IDENTIFIER"] == "wxtoken", entry
+    assert entry["MESSAGE"].startswith("event=token.refreshed app=main "), entry
+    started = json.loads(box.run("journalctl", "-u", "wxtoken", "EVENT=daemon.starting", "-o",
+                                 "json", "-n", "1", "--no-pager").stdout)
+    assert started["VERSION"] == wxtoken.__version__, started
     assert box.run("journalctl", "-u", "wxtoken", "-p", "err", "--no-pager", "-o", "cat",
                    "-q").stdout.strip() == ""
     assert SECRET not in journal
