@@ -90,6 +90,11 @@ def events(d: DaemonProcess, name: str) -> list[dict[str, object]]:
     return [e for e in d.events() if e.get("event") == name]
 
 
+def removed(d: DaemonProcess, appid: str) -> bool:
+    """Whether the host removed the authorizer's files (the line follows the last one)."""
+    return any(e["app"] == appid for e in events(d, "authorizer.removed"))
+
+
 def test_a_platform_on_a_fleet_one_call_per_token_and_every_host_has_every_file(
         fleet: Callable[..., Host], emulator: Emulator, redis_server: RedisServer,
         daemons: Callable[..., DaemonProcess]) -> None:
@@ -152,11 +157,17 @@ def test_a_platform_on_a_fleet_one_call_per_token_and_every_host_has_every_file(
     emulator.platforms.authorize(COMP, auth(3))
     wait_until(lambda: all(h.has(auth(3)) for h in (a, b, c)), timeout=20)
     assert emulator.calls(api="query_auth") == 4
+    # the candidate logs authorizer.authorized after writing the token (to Redis, then its
+    # file): the other hosts' files can be there before the line
+    wait_until(lambda: any(e["app"] == auth(3) for d in (da, db)
+                           for e in events(d, "authorizer.authorized")), timeout=10)
     assert not events(dc, "authorizer.authorized")  # the follower called nothing
-    assert any(e["app"] == auth(3) for d in (da, db) for e in events(d, "authorizer.authorized"))
     assert not any((c.dir / ".private" / "refresh").iterdir())
     emulator.platforms.unauthorize(COMP, auth(1))
     wait_until(lambda: not any(h.has(auth(1)) for h in (a, b, c)), timeout=20)
+    # an authorizer's token file goes first, its refresh token last, then authorizer.removed
+    for d in (da, db):
+        wait_until(functools.partial(removed, d, auth(1)), timeout=10)
     assert not (a.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
     assert not (b.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
     assert not r.hexists(f"{base}:refresh", auth(1))
@@ -228,7 +239,8 @@ def test_redis_restarted_empty_gets_the_refresh_tokens_back_from_the_candidates(
     base = f"wxtoken:{{{COMP}:component}}"
     wait_until(lambda: r.hlen(f"{base}:refresh") == 3, timeout=30)
     assert r.scard(f"{base}:authorizers") == 3
-    assert events(da, "fleet.refresh_tokens_reseeded")
+    # logged once every refresh token is pushed: after the last one is in Redis
+    wait_until(lambda: events(da, "fleet.refresh_tokens_reseeded"), timeout=10)
     assert emulator.calls() == calls  # no upstream call at all
     assert all(c.has(auth(i)) for i in range(3))
     emulator.platforms.authorize(COMP, auth(5))
@@ -264,6 +276,7 @@ def test_a_cancellation_while_redis_hangs_reaches_every_host_when_it_is_back(
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
     wait_until(lambda: not b.has(auth(1)), timeout=30)
+    wait_until(functools.partial(removed, db, auth(1)), timeout=10)  # its refresh token too
     assert not (b.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
     r = redis_server.client()
     base = f"wxtoken:{{{COMP}:component}}"
@@ -271,7 +284,8 @@ def test_a_cancellation_while_redis_hangs_reaches_every_host_when_it_is_back(
     assert not r.hexists(f"{base}:refresh", auth(1))
     assert r.exists(f"{base}:gone:{auth(1)}")
     assert a.has(auth(0)) and b.has(auth(0))
-    assert "removed" not in read_json(a.dir / ".platform.json")  # the tombstone was told
+    # A forgets the tombstone once Redis took the removal, which B may act on first
+    wait_until(lambda: "removed" not in read_json(a.dir / ".platform.json"), timeout=10)
     for d in (da, db):
         assert "Traceback" not in d.log_path.read_text()
         assert d.stop() == 0

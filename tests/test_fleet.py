@@ -20,6 +20,7 @@ from helpers import (
     pids_talking_to,
     read_json,
     run_cli,
+    samples,
     wait_until,
 )
 from redis_server import RedisServer, Sentinels
@@ -30,6 +31,14 @@ FOLLOW = {"main": {"appid": APPID}}  # no secret: this host follows the app
 
 def state_of(config: Path) -> Path:
     return config.parent / "state"
+
+
+def token_of(config: Path, app: str = "main") -> str | None:
+    """The token in a host's file (None while it has none yet)."""
+    try:
+        return str(read_json(state_of(config) / f"{app}.json")["access_token"])
+    except FileNotFoundError:
+        return None
 
 
 def test_three_hosts_make_one_call_per_refresh_and_every_file_follows(
@@ -109,6 +118,9 @@ def test_reports_of_the_stale_token_on_three_hosts_make_one_call(
     for d in procs:
         d.wait_for("daemon.ready", timeout=15)
     old = read_json(state_of(configs[0]) / "main.json")["access_token"]
+    # a follower started before the first record is ready without a file: it writes the token
+    # when the candidate's announcement reaches it, after that candidate's daemon.ready
+    wait_until(lambda: all(token_of(c) == old for c in configs), timeout=10)
     emulator.invalidate(old)
     calls = emulator.calls()
     got: list[str] = []
@@ -235,9 +247,11 @@ def test_a_paused_holder_past_its_lease_is_fenced_and_every_file_ends_on_the_new
         os.kill(host_a.proc.pid, signal.SIGCONT)
     fenced = host_a.wait_for("fleet.fenced", timeout=15)
     assert fenced["level"] == "warning"
-    time.sleep(1)
     record = json.loads(redis_server.client().get(f"wxtoken:{{{APPID}:token}}:record") or b"")
     assert record["access_token"].startswith(taken["token"].rstrip("…"))
+    # A's file takes B's token after the fencing line: from its sync thread (B's announcement,
+    # queued while A was stopped) or its run a second after the fencing
+    wait_until(lambda: all(token_of(c) == record["access_token"] for c in (a, b)), timeout=5)
     for config in (a, b):
         assert read_json(state_of(config) / "main.json")["access_token"] == \
             record["access_token"]
@@ -367,6 +381,9 @@ def test_sdks_read_the_fleets_token_from_their_own_redis_keys(
         assert client.misc.get_wechat_ips() == ["127.0.0.1"]
         time.sleep(3.5)
     assert client.misc.get_wechat_ips() == ["127.0.0.1"]
+    # stopped before counting and comparing: a refresh in flight is counted by the emulator
+    # before its token.refreshed line, and writes the file before the SDK keys
+    assert d.stop() == 0
     refreshes = emulator.calls(APPID, "token") - token_calls
     assert refreshes >= 3
     refreshed = [e for e in d.events() if e["event"] == "token.refreshed"]
@@ -391,7 +408,6 @@ def test_sdks_read_the_fleets_token_from_their_own_redis_keys(
     assert r.get(f"wechatpy:{APPID}_jsapi_ticket_expires_at") == str(
         current["jsapi_ticket_expires_at"]).encode()
     assert client.jsapi.get_jsapi_ticket() == ticket  # from the mirror, not a getticket call
-    assert d.stop() == 0
     assert not [k for k in r.scan_iter() if SECRET.encode() in k]  # no secret in a key name
 
 
@@ -501,8 +517,6 @@ def test_status_metrics_and_journal_show_roles_redis_and_clock_skew(
     """`wxtoken status` shows each app's role, Redis and the last sync; the metrics file has
     wxtoken_redis_up, wxtoken_leader and wxtoken_clock_skew_seconds; a host whose clock is 5 s
     ahead (libfaketime) warns, exports the skew, and writes its file in its own time."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     from test_daemon import FAKETIME
     if not FAKETIME:
         pytest.skip("libfaketime is not installed (./dev.sh test installs the faketime package)")
@@ -530,13 +544,13 @@ def test_status_metrics_and_journal_show_roles_redis_and_clock_skew(
     mine = read_json(state_of(ahead) / "main.json")
     assert mine["access_token"] == record["access_token"]
     assert 4 <= mine["expires_at"] - record["expires_at"] <= 6  # in the host's own (fast) time
-    time.sleep(0.5)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(prom.read_text())
-               for s in family.samples}
-    assert samples[("wxtoken_redis_up", ())] == 1
-    assert samples[("wxtoken_leader", (("app", "main"),))] == 1
-    assert ("wxtoken_clock_skew_seconds", ()) in samples
+    # the metrics file is written by its own thread, a moment after the refresh it shows
+    leading = ("wxtoken_leader", (("app", "main"),))
+    wait_until(lambda: prom.exists() and samples(prom).get(leading) == 1, timeout=10)
+    exported = samples(prom)
+    assert exported[("wxtoken_redis_up", ())] == 1
+    assert exported[leading] == 1
+    assert ("wxtoken_clock_skew_seconds", ()) in exported
     assert first.stop() == 0 and second.stop() == 0
     leadership = [e for e in first.events() if e["event"] == "fleet.leadership"]
     assert leadership and leadership[0]["leader"] is True
