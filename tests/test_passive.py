@@ -79,10 +79,23 @@ def test_quota_and_hard_error_waits_hold_for_readers_only() -> None:
 
 
 def test_a_spent_budget_holds_for_everyone() -> None:
-    """Once the whole budget is spent, not even the operator calls until the reset."""
-    s = status(retry_at=NOW + 3600, last_result=LastResult.BUDGET)
+    """Once the whole budget is spent, not even the operator calls until the reset; the
+    operator is told daily_budget is what holds it back."""
+    s = status(retry_at=NOW + 3600, last_result=LastResult.BUDGET, calls_today=1000)
     refused = passive.refusal(s, NOW, "token", 1000, 1, privileged=True)
     assert refused is not None and refused.state is ForcedState.BUDGET
+    assert "daily_budget is spent: 1000 of 1000" in refused.reason
+
+
+def test_a_budget_wait_is_decided_by_the_counts_not_by_the_file() -> None:
+    """A budget wait written when daily_budget was lower ends when the counts now allow a call:
+    the operator may call at once, readers within their share."""
+    s = status(retry_at=NOW + 3600, last_result=LastResult.BUDGET, calls_today=24)
+    assert passive.refusal(s, NOW, "token", 100, 1, privileged=True) is None
+    assert passive.refusal(s, NOW, "token", 100, 1, privileged=False) is None
+    refused = passive.refusal(s, NOW, "token", 25, 1, privileged=False)
+    assert refused is not None and refused.state is ForcedState.BUDGET
+    assert "passive refreshes may use" in refused.reason
 
 
 def test_stable_token_has_20_forced_refreshes_a_day_the_last_5_for_the_operator() -> None:

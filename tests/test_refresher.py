@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -457,3 +458,125 @@ def test_one_app_is_jittered_by_5_percent_of_its_interval_at_most() -> None:
     """A lone app's jitter stays small at scaled-down intervals too (a second: 50 ms)."""
     rec = TokenRecord("main", APPID, "t", expires_at=10_000 + 7200, refreshed_at=10_000)
     assert all(10_000 + 0.95 <= d <= 10_000 + 1 for d in due(rec, interval=1))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("target", ["refused", "tls", "proxy"])
+def test_a_call_that_never_reached_wechat_costs_no_budget(
+        tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch,
+        target: str) -> None:
+    """Connection refused, a failed TLS handshake, a proxy that cannot be reached: no request
+    byte reached api_base, so a whole outage of them spends none of daily_budget."""
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    if target == "refused":
+        base = f"http://127.0.0.1:{_closed_port()}"
+    elif target == "tls":
+        base = emulator.url.replace("http://", "https://")  # the emulator speaks plain HTTP
+    else:
+        base = "https://api.weixin.qq.com"
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{_closed_port()}")
+    client = WeChatClient(base, timeout=(2.0, 2.0))
+    clock = Clock()
+    r = make(tmp_path, client, clock=clock, daily_budget=3)
+    try:
+        for _ in range(8):
+            outcome = r.run()
+            assert outcome.state == "failed"
+            clock.offset = outcome.next_at - time.time() + 0.01
+    finally:
+        client.close()
+    status = FileStore(str(tmp_path), "main").read_status()
+    assert status.calls_today == 0 and status.failures == 8
+    assert emulator.calls() == 0
+
+
+@pytest.mark.parametrize("fault", ["5xx", "reset", "hang"])
+def test_a_call_that_reached_wechat_counts_against_the_budget(
+        tmp_path: Path, emulator: Emulator, fault: str) -> None:
+    """An HTTP 5xx, a reset after the request was sent, a read timeout: WeChat may have
+    counted (and answered) it, so it counts against daily_budget."""
+    client = WeChatClient(emulator.url, timeout=(2.0, 0.5), deadline=1.0)
+    emulator.add_fault(fault)
+    clock = Clock()
+    r = make(tmp_path, client, clock=clock, daily_budget=3)
+    try:
+        states = []
+        for _ in range(4):
+            outcome = r.run()
+            states.append(outcome.state)
+            clock.offset = outcome.next_at - time.time() + 0.01
+    finally:
+        client.close()
+    assert states == ["failed"] * 3 + ["budget"]
+    assert FileStore(str(tmp_path), "main").read_status().calls_today == 3
+
+
+def test_a_budget_wait_ends_when_daily_budget_is_raised(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """The budget wait is derived from the day's count and the config, not from the wait the
+    file holds: a restart (or reload) with a higher daily_budget refreshes at once."""
+    clock = Clock()
+    emulator.add_fault("busy", count=3)
+    r = make(tmp_path, client, clock=clock, daily_budget=3)
+    for _ in range(3):
+        outcome = r.run()
+        clock.offset = outcome.next_at - time.time() + 0.01
+    outcome = r.run()
+    assert outcome.state == "budget" and outcome.next_at - clock() > 60
+    assert r.run().state == "budget"
+    raised = make(tmp_path, client, clock=clock, daily_budget=100)
+    clock.offset += 1  # a second later, not at midnight
+    assert raised.run(first=True).state == "refreshed"
+    assert emulator.calls() == 4
+
+
+def test_a_backoff_longer_than_the_config_allows_is_not_kept(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """A wait written under another config (a longer refresh_interval: longer hard-error waits)
+    is cut to what the current config allows."""
+    clock = Clock()
+    emulator.add_fault("ip", count=1)
+    r = make(tmp_path, client, clock=clock, refresh_interval=7200)
+    for _ in range(3):
+        outcome = r.run()
+        clock.offset = outcome.next_at - time.time() + 0.01
+    status = FileStore(str(tmp_path), "main").read_status()
+    assert status.failures == 0
+    emulator.add_fault("ip")
+    outcome = r.run()
+    assert outcome.state == "failed" and outcome.next_at - clock() > 60
+    short = make(tmp_path, client, clock=clock, refresh_interval=6)
+    clock.offset += 60  # well past the longest hard-error wait of refresh_interval = 6
+    emulator.clear_faults()
+    assert short.run().state == "refreshed"
+
+
+def test_transient_retries_while_the_token_is_valid_wait_up_to_five_minutes(
+        tmp_path: Path, client: WeChatClient, emulator: Emulator) -> None:
+    """While the file's token has hours left, transient retries back off to a five-minute cap
+    (renew_before at most), not 75 s; without a valid token the cap is renew_before / 4."""
+    clock = Clock()
+    r = make(tmp_path, client, clock=clock, renew_before=300)
+    assert r.run(first=True).state == "refreshed"
+    emulator.add_fault("busy")
+    clock.offset += 3600
+    waits = []
+    for _ in range(14):
+        outcome = r.run()
+        assert outcome.state == "failed"
+        waits.append(outcome.next_at - clock())
+        clock.offset = outcome.next_at - time.time() + 0.01
+    assert max(waits) <= 300.0 + 0.05 and max(waits[8:]) > 100, waits
+    clock.offset += 7200  # the token has expired
+    waits = []
+    for _ in range(14):
+        outcome = r.run()
+        waits.append(outcome.next_at - clock())
+        clock.offset = outcome.next_at - time.time() + 0.01
+    assert max(waits) <= 75.0 + 0.05, waits

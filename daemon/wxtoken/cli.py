@@ -139,7 +139,14 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         else:
             config.app(args.app)
         control_socket = config.control_socket
-    answer = refresh(args.app, args.invalid, control_socket, component=args.component)
+    try:
+        answer = refresh(args.app, args.invalid, control_socket, component=args.component)
+    except ControlError as exc:
+        # WeChat's own errmsg says more than our hint (40164 names the IP to whitelist)
+        errmsg = exc.answer.get("errmsg")
+        if isinstance(errmsg, str) and errmsg and errmsg not in str(exc):
+            raise ControlError(f"{exc} (WeChat: {errmsg})") from None
+        raise
     print(answer["access_token"])
     return 0
 

@@ -55,7 +55,9 @@ def app_health(config: Config, app: AppConfig, record: TokenRecord | None, statu
                               "errmsg": status.errmsg, "rid": status.rid,
                               "message": status.error}
         problems.append(f"last refresh failed: {status.error}")
-    if status.last_result is LastResult.BUDGET or calls >= config.daily_budget:
+    # from the day's count and the current config (a raised daily_budget ends it), as the
+    # refresher decides it: the next refresh would not fit
+    if calls + 1 + len(app.tickets) > config.daily_budget:
         problems.append(f"daily budget of {config.daily_budget} calls reached")
     if problem:
         problems.append(problem)

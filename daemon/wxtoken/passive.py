@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from wxtoken import schedule
 from wxtoken.clock import next_wechat_midnight, wechat_day
 from wxtoken.errcodes import HARD_ERRORS, ErrorClass
-from wxtoken.status import AppStatus, LastResult
+from wxtoken.status import AppStatus
 
 STABLE_FORCE_PER_DAY = 20  # WeChat's limit on stable_token force_refresh
 STABLE_FORCE_READERS = 15  # of which token readers may use these
@@ -62,29 +62,40 @@ def calls_today(status: AppStatus, now: float) -> int:
 
 
 def refusal(status: AppStatus, now: float, api: str, daily_budget: int, calls: int,
-            privileged: bool) -> Refusal | None:
-    """Whether a forced refresh costing ``calls`` upstream calls may go ahead (None) or not."""
-    retry_at = schedule.wait_until(status.retry_at, status.last_attempt_at, now)
-    if retry_at > now and status.last_result is LastResult.BUDGET:
-        return Refusal(ForcedState.BUDGET, retry_at - now, "the daily budget is spent")
+            privileged: bool, retry_at: float | None = None) -> Refusal | None:
+    """Whether a forced refresh costing ``calls`` upstream calls may go ahead (None) or not.
+    ``retry_at`` is when the app's current wait ends, as the refresher derives it from the
+    config and the counts (default: the status's own); a budget wait is decided by the counts
+    below, never by a wait the file holds."""
+    if retry_at is None:
+        retry_at = schedule.wait_until(status.retry_at, status.last_attempt_at, now)
     if retry_at > now and status.error_class in WAITS_FOR_READERS and not privileged:
         return Refusal(ForcedState.WAITING, retry_at - now,
-                       f"waiting after {status.error_class} (errcode {status.errcode})")
+                       f"waiting after {status.error_class} (errcode {status.errcode}): no "
+                       f"call before the wait ends in {retry_at - now:.0f} s")
     since = schedule.elapsed(status.last_forced_at, now)
     spacing = schedule.force_spacing(status.forced_streak)
     if since < spacing:
         return Refusal(ForcedState.RATE_LIMITED, spacing - since,
-                       f"one forced refresh per {spacing:g} s")
+                       f"rate-limited: one forced refresh per {spacing:g} s; retry in "
+                       f"{spacing - since:.0f} s")
     midnight = next_wechat_midnight(now) - now
     used = calls_today(status, now)
     if api == "stable_token" and status.forced_today >= (
             STABLE_FORCE_PER_DAY if privileged else STABLE_FORCE_READERS):
         return Refusal(ForcedState.RATE_LIMITED, midnight,
-                       "stable_token force_refresh: 20 a day, the last 5 for the operator")
-    share = 1.0 if privileged else FORCED_SHARE
-    if used + calls > math.floor(daily_budget * share):
+                       "rate-limited: stable_token's force_refresh is allowed 20 times a day, "
+                       "the last 5 for the operator")
+    if privileged and used + calls > daily_budget:
         return Refusal(ForcedState.BUDGET, midnight,
-                       "the rest of daily_budget is kept for scheduled refreshes")
+                       f"daily_budget is spent: {used} of {daily_budget} calls counted today; "
+                       "raise daily_budget in the config and reload, or wait for 00:00 "
+                       "Asia/Shanghai")
+    share = math.floor(daily_budget * FORCED_SHARE)
+    if not privileged and used + calls > share:
+        return Refusal(ForcedState.BUDGET, midnight,
+                       f"the share of daily_budget passive refreshes may use is spent ({used} "
+                       f"of {share} calls); the rest is kept for scheduled refreshes")
     return None
 
 

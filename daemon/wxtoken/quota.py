@@ -29,12 +29,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from wxtoken.clock import SHANGHAI, next_wechat_month, wechat_month
+from wxtoken.clock import SHANGHAI, next_wechat_month, wechat_day, wechat_month
 from wxtoken.config import AppConfig, Config
 from wxtoken.errcodes import ErrorClass
 from wxtoken.errors import TokenUnavailable, UpstreamError, WxtokenError
 from wxtoken.logs import get_logger, mask, scrub
 from wxtoken.record import load_record, token_path
+from wxtoken.status import LastResult, read_status, status_path
 from wxtoken.store import atomic_write
 
 if TYPE_CHECKING:
@@ -290,6 +291,7 @@ class Operations:
         if not app.secret:
             raise OpError(409, "no_secret", f"this host has no secret for {name} (it follows "
                           "the app in the fleet): run clear-quota on a host that has it")
+        self._not_waiting_for_budget(app)
         with self._resets_lock:
             now = self.clock()
             month = wechat_month(now)
@@ -320,6 +322,20 @@ class Operations:
         self.on_cleared(app.appid)
         return {"app": name, "appid": app.appid, "cleared": True, "month": month,
                 "resets_used": used, "resets_left": max(0, RESETS_PER_MONTH - used)}
+
+    def _not_waiting_for_budget(self, app: AppConfig) -> None:
+        """An app held back by its own daily_budget gains nothing from a reset of WeChat's
+        quota: refuse before one of the month's 10 resets is spent."""
+        config = self.config()
+        status = read_status(status_path(config.state_dir, app.name))
+        now = time.time()
+        used = status.calls_today if status.calls_day == wechat_day(now) else 0
+        if status.last_result is LastResult.BUDGET and \
+                used + 1 + len(app.tickets) > config.daily_budget:
+            raise OpError(409, "budget", f"{app.name} waits for its own daily_budget ({used} of "
+                          f"{config.daily_budget} calls counted today), not for WeChat's quota "
+                          "(45009): a reset would not help, and no reset was spent; raise "
+                          "daily_budget and run `wxtoken reload`")
 
     # -- quota_watch ----------------------------------------------------------------------------
     def watch(self, name: str) -> None:

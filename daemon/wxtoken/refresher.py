@@ -38,6 +38,7 @@ from wxtoken.tickets import Tickets
 from wxtoken.upstream import Fetched, WeChatClient
 
 TRANSIENT_BASE = 1.0
+TRANSIENT_CAP = 300.0
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
 
@@ -86,7 +87,11 @@ class Refresher:
         # wait that long for it, and the daemon calls a run that takes twice as long stalled
         self.hold_limit = deadline * (1 + len(app.tickets)) + STORE_SLACK
         self.lock_timeout = self.hold_limit + self.store.extra_wait
-        self.transient_cap = min(300.0, max(TRANSIENT_BASE, config.renew_before / 4))
+        # transient retries: while the file's token is valid, up to five minutes apart (like
+        # kubelet's and Vault Agent's backoff), never more than renew_before nor an eighth of
+        # the token's remaining life; without a valid token, up to renew_before / 4 (75 s)
+        self.transient_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before / 4))
+        self.valid_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before))
         self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
         self.hard_cap = max(self.hard_base, config.refresh_interval)
         self.tickets = Tickets(app, client, self.log, self.rng,
@@ -264,9 +269,28 @@ class Refresher:
             self.log.warning("token_file.unusable", reason=exc.reason)
             return None
 
+    def wait_end(self, status: AppStatus, now: float, calls: int) -> float:
+        """When the current wait ends (0: none), derived from the config and the day's counts:
+        the file's retry_at is believed only as far as the current config would have set it,
+        so a reload or restart that raises daily_budget, or shortens the waits, ends a wait
+        written under the old config."""
+        retry_at = schedule.wait_until(status.retry_at, status.last_attempt_at, now)
+        if retry_at <= now:
+            return 0.0
+        midnight = next_wechat_midnight(now) + 60  # waits to the WeChat day's end, jitter incl.
+        if status.last_result is LastResult.BUDGET:
+            if passive.calls_today(status, now) + calls <= self.config.daily_budget:
+                return 0.0
+            return min(retry_at, midnight)
+        if status.error_class is ErrorClass.QUOTA_EXHAUSTED:
+            return min(retry_at, midnight)
+        cap = self.hard_cap if status.error_class in HARD_ERRORS else self.valid_cap
+        # the wait was set when the call failed: at most hold_limit after the attempt began
+        return min(retry_at, status.last_attempt_at + self.hold_limit + cap)
+
     def _waiting(self, record: TokenRecord | None, status: AppStatus, now: float,
                  first: bool) -> Outcome | None:
-        retry_at = schedule.wait_until(status.retry_at, status.last_attempt_at, now)
+        retry_at = self.wait_end(status, now, 1 + len(self.app.tickets))
         if retry_at <= now:
             return None
         if first and status.error_class in HARD_ERRORS:
@@ -451,7 +475,7 @@ class Refresher:
             cap = self.transient_cap
             if record is not None and record.expires_at > now:
                 # the closer the token in the file is to its end, the more often we try
-                cap = min(cap, max(TRANSIENT_BASE, (record.expires_at - now) / 8))
+                cap = min(self.valid_cap, max(TRANSIENT_BASE, (record.expires_at - now) / 8))
             delay = schedule.backoff(status.failures, TRANSIENT_BASE, cap, self.rng)
         status.retry_at = now + delay
         self.store.write_status(status)
@@ -495,7 +519,7 @@ class Refresher:
             and self.app.api == "token" and record.access_token == invalid_token
         calls = 1 + len(self.app.tickets)
         refusal = passive.refusal(status, now, self.app.api, self.config.daily_budget, calls,
-                                  privileged)
+                                  privileged, self.wait_end(status, now, calls))
         if refusal is not None and refusal.state is ForcedState.WAITING and remember:
             assert invalid_token is not None
             status.refused_token = fingerprint(invalid_token)
@@ -504,7 +528,8 @@ class Refresher:
             log = self.log.error if refusal.retry_after > 3600 else self.log.warning
             log("refresh.refused", state=refusal.state, reason=refusal.reason,
                 retry_after=round(refusal.retry_after, 1))
-            return Forced(refusal.state, record, retry_after=refusal.retry_after)
+            return Forced(refusal.state, record, retry_after=refusal.retry_after,
+                          reason=refusal.reason)
         passive.count_forced(status, now, calls, record.refreshed_at if record else None)
         self.store.write_status(status, durable=False)
         self.log.info("refresh.forced", reported=mask(invalid_token) or None,

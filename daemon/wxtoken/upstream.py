@@ -13,6 +13,13 @@ Two rules protect the secret and the schedule:
   socket down when its deadline passes, so the blocked read returns and the call fails as a
   transient error. (Name resolution happens before there is a socket; the daemon's watchdog
   covers a hang there.)
+
+Whether a failed call reached WeChat decides whether it counts against ``daily_budget``: a
+call counts once its connection was up (TCP, the proxy's CONNECT and the TLS handshake done),
+since from then on WeChat may have received, counted and answered it (a read timeout, a reset
+after sending, an HTTP 5xx or a gateway's answer). A name that does not resolve, a refused or
+timed-out connection, a failed TLS handshake or proxy CONNECT send no request byte: they are
+``UpstreamError(called=False)``, and a night-long egress outage spends none of the budget.
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -60,6 +69,7 @@ class _Call:
 
     def __init__(self) -> None:
         self.expired = False
+        self.connected = False  # a connection was up: the request may have reached WeChat
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
 
@@ -105,14 +115,26 @@ def _attach(sock: socket.socket | None) -> None:
         call.attach(sock)
 
 
+def _connected() -> None:
+    call: _Call | None = getattr(_current, "call", None)
+    if call is not None:
+        call.connected = True
+
+
 class _Connection(HTTPConnection):
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
         _attach(sock)
         return sock
 
+    def connect(self) -> None:
+        super().connect()  # TCP, and through a proxy its CONNECT
+        _connected()
+
     def request(self, *args: Any, **kwargs: Any) -> None:
         _attach(self.sock)  # a kept-alive connection: its socket predates this call
+        if self.sock is not None:
+            _connected()
         super().request(*args, **kwargs)
 
 
@@ -122,8 +144,14 @@ class _TLSConnection(HTTPSConnection):
         _attach(sock)  # before the handshake, which can be dripped too
         return sock
 
+    def connect(self) -> None:
+        super().connect()  # TCP, the proxy's CONNECT and the TLS handshake
+        _connected()
+
     def request(self, *args: Any, **kwargs: Any) -> None:
         _attach(self.sock)
+        if self.sock is not None:
+            _connected()
         super().request(*args, **kwargs)
 
 
@@ -338,29 +366,25 @@ class WeChatClient:
     def _request(self, method: str, url: str, path: str, kwargs: dict[str, Any]) -> Any:
         with _deadline(self.deadline) as call:
             try:
-                return self._send(method, url, path, kwargs)
-            except UpstreamError:
+                return self._send(method, url, path, kwargs, call)
+            except UpstreamError as exc:
                 if call.expired:
                     raise UpstreamError(ErrorClass.TRANSIENT,
                                         f"no complete answer from {path} within "
-                                        f"{self.deadline:g} s") from None
-                raise
+                                        f"{self.deadline:g} s ({_where(url)})",
+                                        called=call.connected) from None
+                raise UpstreamError(exc.kind, str(exc), exc.errcode, exc.errmsg, exc.rid,
+                                    called=call.connected) from None
 
-    def _send(self, method: str, url: str, path: str, kwargs: dict[str, Any]) -> Any:
+    def _send(self, method: str, url: str, path: str, kwargs: dict[str, Any],
+              call: _Call) -> Any:
         try:
             resp = self.session.request(method, url, timeout=self.timeout, verify=self.verify,
                                         allow_redirects=False, **kwargs)
-        except requests.exceptions.SSLError:
-            raise UpstreamError(ErrorClass.TRANSIENT,
-                                f"TLS verification failed for {path} (check ca_bundle)") from None
-        except requests.exceptions.Timeout:
-            raise UpstreamError(ErrorClass.TRANSIENT, f"timeout calling {path}") from None
-        except requests.exceptions.ConnectionError:
-            raise UpstreamError(ErrorClass.TRANSIENT,
-                                f"connection failed or reset calling {path}") from None
         except requests.exceptions.RequestException as exc:
+            # requests' messages carry the URL (and the secret in its query): ours instead
             raise UpstreamError(ErrorClass.TRANSIENT,
-                                f"{type(exc).__name__} calling {path}") from None
+                                f"calling {path}: {_cause(exc, url, call.connected)}") from None
         with resp:
             if resp.is_redirect or 300 <= resp.status_code < 400:
                 raise UpstreamError(ErrorClass.PERMANENT,
@@ -376,6 +400,62 @@ class WeChatClient:
             except (ValueError, requests.exceptions.RequestException):
                 raise UpstreamError(ErrorClass.TRANSIENT,
                                     f"non-JSON response from {path}") from None
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what caused it: requests wraps urllib3's, which wraps the OS's
+    (``reason`` on urllib3's MaxRetryError and its proxy errors, else cause or context)."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [getattr(item, "reason", None), *item.args, item.__cause__, item.__context__]
+
+
+def _cause(exc: requests.exceptions.RequestException, url: str, connected: bool) -> str:
+    """What went wrong, naming host, port and cause, and never the URL (its query holds the
+    secret)."""
+    where = _where(url)
+    chain = list(_chain(exc))
+    proxy = any(isinstance(e, requests.exceptions.ProxyError | urllib3.exceptions.ProxyError)
+                for e in chain)
+    if any(isinstance(e, urllib3.exceptions.NameResolutionError | socket.gaierror)
+           for e in chain):
+        return (f"cannot resolve {'the proxy' if proxy else urlsplit(url).hostname} (DNS): "
+                "check the resolver and egress")
+    if proxy:
+        why = ("refused the connection" if any(isinstance(e, ConnectionRefusedError)
+                                               for e in chain) else "failed")
+        return (f"the proxy (HTTPS_PROXY) {why}, on the way to {where}: check the proxy and "
+                "that it lets this host through")
+    if isinstance(exc, requests.exceptions.SSLError) or any(
+            isinstance(e, ssl.SSLError) for e in chain):
+        reason = next((e.reason for e in chain if isinstance(e, ssl.SSLError) and e.reason),
+                      "handshake failed")
+        if "CERTIFICATE" in str(reason):
+            return f"TLS verification failed for {where}: {reason} (check ca_bundle)"
+        return f"TLS handshake with {where} failed: {reason}"
+    if isinstance(exc, requests.exceptions.ConnectTimeout) and not connected:
+        return f"timed out connecting to {where}"
+    if isinstance(exc, requests.exceptions.Timeout):
+        return f"no answer from {where} in time (read timeout)"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return f"connection refused by {where}"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        if not connected:
+            return f"cannot connect to {where}"
+        return f"connection to {where} reset or closed before the answer"
+    return f"{type(exc).__name__} talking to {where}"
 
 
 def _parse_token_body(body: Any, path: str, took_ms: int) -> Fetched:
