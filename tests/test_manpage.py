@@ -7,8 +7,6 @@ import argparse
 import re
 from pathlib import Path
 
-import pytest
-
 from wxtoken.cli import build_parser
 
 MAN = Path(__file__).resolve().parent.parent / "deploy" / "debian" / "wxtoken.1"
@@ -73,9 +71,6 @@ def test_the_common_options_are_described() -> None:
     assert "WXTOKEN_CONFIG" in options and "WXTOKEN_CONFIG" in sections()["ENVIRONMENT"]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: help text pending for refresh APP, quota APP "
-                   "and --json, rid APP, RID and --json, clear-quota APP, component ACTION, "
-                   "status --json (remove this mark when they are added)")
 def test_every_argument_of_every_subcommand_has_help_text() -> None:
     """`wxtoken COMMAND --help` explains every argument, positional ones included."""
     missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"

@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_token)
     p = sub.add_parser("refresh", parents=[common],
                        help="passive refresh through the running daemon; prints the new token")
-    p.add_argument("app")
+    p.add_argument("app", help="the app (with --component: an authorizer appid, or the "
+                   "component_appid for the component token)")
     p.add_argument("--component", metavar="NAME", help="an Open Platform component's token")
     p.add_argument("--invalid", metavar="TOKEN",
                    help="the token WeChat refused: no upstream call if it was already replaced")
@@ -458,37 +459,39 @@ def build_parser() -> argparse.ArgumentParser:
     help_socket = "the daemon's control socket (default: control_socket from the config)"
     p = sub.add_parser("quota", parents=[common],
                        help="WeChat's daily quota of an API path for an app (openapi/quota/get)")
-    p.add_argument("app")
+    p.add_argument("app", help="the app whose token asks WeChat (the quota is its account's)")
     p.add_argument("--path", default="/cgi-bin/token", metavar="CGI_PATH",
                    help="the API path (default: /cgi-bin/token)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument("--socket", metavar="PATH", help=help_socket)
     p.set_defaults(func=_cmd_quota)
     p = sub.add_parser("rid", parents=[common],
                        help="what WeChat saw of a failed call, by the rid in its errmsg")
-    p.add_argument("app")
-    p.add_argument("rid")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("app", help="the app whose call failed (the rid must be of its account)")
+    p.add_argument("rid", help="the rid at the end of WeChat's errmsg (rid: …)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument("--socket", metavar="PATH", help=help_socket)
     p.set_defaults(func=_cmd_rid)
     p = sub.add_parser("clear-quota", parents=[common],
                        help="reset an app's daily quota (clear_quota/v2; 10 a month; root or "
                             "the daemon's user)")
-    p.add_argument("app")
+    p.add_argument("app", help="the app whose account's daily quota is reset")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--socket", metavar="PATH", help=help_socket)
     p.set_defaults(func=_cmd_clear_quota)
     p = sub.add_parser("component", parents=[common],
                        help="Open Platform: hand over a component_verify_ticket, or import "
                             "authorizers' refresh tokens (root or the daemon's user)")
-    p.add_argument("action", choices=["ticket", "import"])
+    p.add_argument("action", choices=["ticket", "import"],
+                   help="ticket: hand over a component_verify_ticket; import: seed authorizers' "
+                   "refresh tokens")
     p.add_argument("name", help="the component ([components.NAME])")
     p.add_argument("value", help="ticket: the ticket (- reads it from stdin); import: a file of "
                    "JSON lines (- for stdin)")
     p.add_argument("--socket", metavar="PATH", help=help_socket)
     p.set_defaults(func=_cmd_component)
     p = sub.add_parser("status", parents=[common], help="health of every app (exit 1 if unhealthy)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the health as JSON (for monitoring)")
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("check-config", parents=[common],
                        help="validate and print the config, secrets masked")
