@@ -30,6 +30,7 @@ from wxtoken.record import TokenRecord
 from wxtoken.store import atomic_write
 
 ROWS: list[tuple[str, str, str]] = []
+BENCH_APPID = "wx0000000000000001"  # an AppID's shape: "wx" + 16 lowercase hex digits
 
 
 def row(what: str, figure: str, goal: str = "") -> None:
@@ -231,8 +232,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def bench_one_app(tmp: Path, idle: float) -> None:
-    with Emulator({"wx1": "bench-wx1"}) as emu:
-        config = config_file(tmp, emu, {"main": "wx1"})
+    with Emulator({BENCH_APPID: f"bench-{BENCH_APPID}"}) as emu:
+        config = config_file(tmp, emu, {"main": BENCH_APPID})
         sock, path = notify_socket(tmp)
         proc = start(config, path)
         wait_ready(sock)
@@ -265,8 +266,8 @@ def bench_one_app(tmp: Path, idle: float) -> None:
 def bench_scaled_day(tmp: Path, daemons: int, restarts: int, day: float) -> None:
     """K daemons on one state dir over a scaled day (24 intervals), one restarted R times."""
     interval = day / 24
-    with Emulator({"wx1": "bench-wx1"}) as emu:
-        config = config_file(tmp, emu, {"main": "wx1"}, refresh_interval=interval)
+    with Emulator({BENCH_APPID: f"bench-{BENCH_APPID}"}) as emu:
+        config = config_file(tmp, emu, {"main": BENCH_APPID}, refresh_interval=interval)
         procs = [start(config) for _ in range(daemons)]
         end = time.monotonic() + day
         for _ in range(restarts):
@@ -334,7 +335,7 @@ def bench_platform(tmp: Path, n: int, latency: float, callback_seconds: float) -
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
-    comp_appid = "wxbenchcomponent01"
+    comp_appid = "wx00000000000bec01"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -424,9 +425,10 @@ def fleet_config(tmp: Path, emu: Emulator, redis_url: str, n: int, follower: boo
     lines = [f'state_dir = "{state}"', f'api_base = "{emu.url}"', 'log_format = "json"',
              f'control_socket = "{tempfile.mkdtemp(prefix="wxb-", dir="/tmp")}/c.sock"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in top.items()]
-    lines += ["[redis]", f'url = "{redis_url}"', "[apps.main]", 'appid = "wx1"']
+    lines += ["[redis]", f'url = "{redis_url}"', "[apps.main]",
+              f'appid = "{BENCH_APPID}"']
     if not follower:
-        lines.append('secret = "bench-wx1"')
+        lines.append(f'secret = "bench-{BENCH_APPID}"')
     path = base / "config.toml"
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
@@ -464,7 +466,7 @@ def bench_fleet(tmp: Path, hosts: int, seconds: float, idle: float, day: float) 
     r = redis.Redis(port=port)
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        with Emulator({"wx1": "bench-wx1"}) as emu:
+        with Emulator({BENCH_APPID: f"bench-{BENCH_APPID}"}) as emu:
             # propagation: 3 candidates and 7 followers, a refresh every 2 s
             configs = [fleet_config(tmp / "prop", emu, url, i, follower=i >= 3,
                                     refresh_interval=2, renew_before=4) for i in range(hosts)]

@@ -32,7 +32,7 @@ from helpers import (
     wait_until,
 )
 
-COMP = "wxcomp0000000000001"
+COMP = "wx0c0c000000000001"
 SECRET = "comp-s3cr3t-0123456789"
 MSG_TOKEN = "msg-token-0123"
 AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"

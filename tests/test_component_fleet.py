@@ -109,7 +109,7 @@ def test_a_platform_on_a_fleet_one_call_per_token_and_every_host_has_every_file(
     b = fleet(**top)
     c = fleet(secret=False, callback=True, **top)
     shown = run_cli("check-config", "--config", str(c.config)).stdout
-    assert "[components.plat]\ncomponent_appid = \"wxcomp" in shown
+    assert f"[components.plat]\ncomponent_appid = \"{COMP}\"" in shown
     assert "this host follows the platform" in shown and MSG_TOKEN not in shown
     shown = run_cli("check-config", "--config", str(a.config)).stdout
     assert 'secret = "***"  # from inline' in shown and SECRET not in shown

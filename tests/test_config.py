@@ -9,10 +9,12 @@ import pytest
 
 from wxtoken.config import load_config
 
-from helpers import APPID, SECRET, run_cli
+from helpers import APPID, APPID2, CORPID, SECRET, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_APP = f'[apps.main]\nappid = "{APPID}"\nsecret = "{SECRET}"\n'
+COMP_APPID = "wx0c0c0c0c0c0c0c0c"  # an Open Platform's AppID has the same shape
+COMP = f'[components.p]\ncomponent_appid = "{COMP_APPID}"\n'
 
 # (name, config text, a fragment the one-line error must contain)
 BROKEN = [
@@ -38,15 +40,12 @@ BROKEN = [
     ("two secrets", GOOD_APP + 'secret_env = "X"\n', "found secret_env, secret"),
     ("missing appid", '[apps.main]\nsecret = "x"\n', "apps.main.appid: is required"),
     ("bad api", GOOD_APP + 'api = "oauth"\n', "apps.main.api: must be one of"),
-    ("wecom without agentid", '[apps.w]\napi = "wecom"\ncorpid = "ww1"\nsecret = "x"\n',
+    ("wecom without agentid", f'[apps.w]\napi = "wecom"\ncorpid = "{CORPID}"\nsecret = "x"\n',
      "apps.w.agentid: is required"),
     ("secret file missing", f'[apps.main]\nappid = "{APPID}"\nsecret_file = "/nonexistent/s"\n',
      "apps.main.secret_file: cannot read '/nonexistent/s'"),
     ("secret env unset", f'[apps.main]\nappid = "{APPID}"\nsecret_env = "WXT_UNSET_VAR"\n',
      "environment variable WXT_UNSET_VAR is not set"),
-    ("credential without systemd",
-     f'[apps.main]\nappid = "{APPID}"\nsecret_credential = "main"\n',
-     "$CREDENTIALS_DIRECTORY is not set"),
     ("bad file_mode", GOOD_APP + 'file_mode = "0648"\n', "apps.main.file_mode: must be an octal"),
     ("world-writable mode", GOOD_APP + 'file_mode = "0666"\n', "must not be writable by others"),
     ("duplicate credentials", GOOD_APP + f'[apps.other]\nappid = "{APPID}"\nsecret = "y"\n',
@@ -68,23 +67,50 @@ BROKEN = [
      "is not an API path"),
     ("component without appid", '[components.p]\nsecret = "s"\nmsg_token = "t"\n'
      'encoding_aes_key = "' + "a" * 43 + '"\n', "components.p.component_appid: is required"),
-    ("component without msg_token", '[components.p]\ncomponent_appid = "wxc"\nsecret = "s"\n'
-     'encoding_aes_key = "' + "a" * 43 + '"\n', "components.p.msg_token_*: exactly one"),
-    ("component aes key", '[components.p]\ncomponent_appid = "wxc"\nsecret = "s"\n'
-     'msg_token = "t"\nencoding_aes_key = "short"\n', "components.p.encoding_aes_key: must be "
-     "the 43 characters"),
-    ("component without secret off the fleet", '[components.p]\ncomponent_appid = "wxc"\n'
-     'msg_token = "t"\nencoding_aes_key = "' + "a" * 43 + '"\n',
-     "components.p.secret_*: exactly one of"),
-    ("fleet follower component without msg_token", '[redis]\nurl = "redis://h/0"\n'
-     '[components.p]\ncomponent_appid = "wxc"\nencoding_aes_key = "' + "a" * 43 + '"\n',
-     "components.p.msg_token_*: exactly one"),
+    ("component without msg_token", COMP + 'secret = "s"\nencoding_aes_key = "' + "a" * 43
+     + '"\n', "components.p.msg_token_*: exactly one"),
+    ("component aes key", COMP + 'secret = "s"\nmsg_token = "t"\nencoding_aes_key = "short"\n',
+     "components.p.encoding_aes_key: must be the 43 characters"),
+    ("component without secret off the fleet", COMP + 'msg_token = "t"\nencoding_aes_key = "'
+     + "a" * 43 + '"\n', "components.p.secret_*: exactly one of"),
+    ("fleet follower component without msg_token", '[redis]\nurl = "redis://h/0"\n' + COMP
+     + 'encoding_aes_key = "' + "a" * 43 + '"\n', "components.p.msg_token_*: exactly one"),
     ("bad callback_listen", 'callback_listen = "8089"\n' + GOOD_APP,
      'callback_listen: must be "host:port"'),
     ("quota_watch twice", GOOD_APP + 'quota_watch = ["/cgi-bin/token", "/cgi-bin/token"]\n',
      "apps.main.quota_watch: lists a path twice"),
-    ("quota_watch for WeCom", '[apps.w]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1\n'
+    ("quota_watch for WeCom", f'[apps.w]\napi = "wecom"\ncorpid = "{CORPID}"\nagentid = 1\n'
      'secret = "x"\nquota_watch = ["/cgi-bin/token"]\n', "apps.w.quota_watch: WeCom has no"),
+    # ids: "wx" + 16 lowercase hex digits (a WeCom corpid "ww" or "wx"); WeChat answers 40013
+    ("appid with a trailing space", f'[apps.main]\nappid = "{APPID} "\nsecret = "x"\n',
+     f"apps.main.appid: '{APPID} ' has spaces around it"),
+    ("appid with a leading space", f'[apps.main]\nappid = " {APPID}"\nsecret = "x"\n',
+     f"apps.main.appid: ' {APPID}' has spaces around it"),
+    ("a trailing space does not pass as another app", GOOD_APP + f'[apps.other]\nappid = '
+     f'"{APPID} "\nsecret = "y"\n', f"apps.other.appid: '{APPID} ' has spaces around it"),
+    ("an original ID", '[apps.main]\nappid = "gh_0123456789ab"\nsecret = "x"\n',
+     "apps.main.appid: 'gh_0123456789ab' is the account's original ID (原始ID), not its AppID"),
+    ("an appid too short", '[apps.main]\nappid = "wx123"\nsecret = "x"\n',
+     'apps.main.appid: must be "wx" followed by 16 lowercase hex digits (the AppID on the '
+     "开发 → 基本配置 page), not 'wx123'"),
+    ("an appid in capitals", '[apps.main]\nappid = "WX11111111111111AB"\nsecret = "x"\n',
+     "apps.main.appid: must be \"wx\" followed by 16 lowercase hex digits"),
+    ("an appid that is not hex", '[apps.main]\nappid = "wx00000000demo0001"\nsecret = "x"\n',
+     "apps.main.appid: must be \"wx\" followed by 16 lowercase hex digits"),
+    ("an empty appid", '[apps.main]\nappid = ""\nsecret = "x"\n',
+     "apps.main.appid: must be a non-empty string"),
+    ("a corpid of another shape", '[apps.w]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1\n'
+     'secret = "x"\n', 'apps.w.corpid: must be "ww" or "wx" followed by 16 lowercase hex digits'),
+    ("a corpid with a space", f'[apps.w]\napi = "wecom"\ncorpid = "{CORPID} "\nagentid = 1\n'
+     'secret = "x"\n', f"apps.w.corpid: '{CORPID} ' has spaces around it"),
+    ("a component_appid of another shape", '[components.p]\ncomponent_appid = "wxcomponent"\n'
+     'secret = "s"\nmsg_token = "t"\nencoding_aes_key = "' + "a" * 43 + '"\n',
+     'components.p.component_appid: must be "wx" followed by 16 lowercase hex digits'),
+    ("a component's original ID", '[components.p]\ncomponent_appid = "gh_0123456789ab"\n'
+     'secret = "s"\nmsg_token = "t"\nencoding_aes_key = "' + "a" * 43 + '"\n',
+     "components.p.component_appid: 'gh_0123456789ab' is the account's original ID"),
+    ("secret_file is a directory", f'[apps.main]\nappid = "{APPID}"\nsecret_file = "/"\n',
+     "apps.main.secret_file: cannot read '/': Is a directory"),
 ]
 
 
@@ -110,7 +136,7 @@ def test_all_problems_are_reported_together(tmp_path: Path) -> None:
     """Several mistakes in one file produce one line each, in one run."""
     path = tmp_path / "config.toml"
     path.write_text('refresh_interval = "x"\nlog_format = "xml"\nbogus = 1\n'
-                    '[apps.main]\nappid = "wx1"\n')
+                    f'[apps.main]\nappid = "{APPID}"\n')
     result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 78
     lines = result.stderr.strip().splitlines()
@@ -147,10 +173,11 @@ def test_secret_sources_resolve_and_are_masked_by_check_config(tmp_path: Path) -
     (creds / "cred").write_text("credential-s3cr3t-value-456")
     path = tmp_path / "config.toml"
     path.write_text(
-        f'[apps.a]\nappid = "wxa"\nsecret_file = "{secret_file}"\n'
-        f'[apps.b]\nappid = "wxb"\nsecret_env = "WXT_SECRET_B"\n'
-        f'[apps.c]\nappid = "wxc"\nsecret_credential = "cred"\n'
-        f'[apps.d]\napi = "wecom"\ncorpid = "ww1"\nagentid = 1000002\nsecret = "inline-s3cr3t-7"\n')
+        f'[apps.a]\nappid = "{APPID}"\nsecret_file = "{secret_file}"\n'
+        f'[apps.b]\nappid = "{APPID2}"\nsecret_env = "WXT_SECRET_B"\n'
+        f'[apps.c]\nappid = "wx0000000000000003"\nsecret_credential = "cred"\n'
+        f'[apps.d]\napi = "wecom"\ncorpid = "{CORPID}"\nagentid = 1000002\n'
+        'secret = "inline-s3cr3t-7"\n')
     path.chmod(0o600)
     env = {"WXT_SECRET_B": "env-s3cr3t-value-789", "CREDENTIALS_DIRECTORY": str(creds)}
     os.environ.update(env)
@@ -307,3 +334,106 @@ def test_quota_watch_without_metrics_file_is_a_warning(tmp_path: Path) -> None:
     assert f"wxtoken: warning: {config}: apps.main.quota_watch: has no effect without " \
         "metrics_file" in out.stderr
     assert 'quota_watch = ["/cgi-bin/token"]' in out.stdout
+
+
+SECRET_FILES = [  # every secret that may come from a file, one rule
+    ("apps.main.secret_file", "secret", '[apps.main]\nappid = "' + APPID
+     + '"\nsecret_file = "{f}"\n'),
+    ("redis.password_file", "password", '[redis]\nurl = "redis://h/0"\npassword_file = "{f}"\n'
+     + GOOD_APP),
+    ("components.p.msg_token_file", "msg_token", 'callback_listen = "127.0.0.1:8089"\n' + COMP
+     + 'secret = "s"\nmsg_token_file = "{f}"\nencoding_aes_key = "' + "a" * 43 + '"\n'),
+]
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o444], ids=["0640", "0604", "0444"])
+@pytest.mark.parametrize(("key", "kind", "text"), SECRET_FILES, ids=[s[0] for s in SECRET_FILES])
+def test_a_secret_file_others_can_read_is_refused(tmp_path: Path, mode: int, key: str, kind: str,
+                                                  text: str) -> None:
+    """A secret in a file that others than its owner can read (the token readers' group, or
+    everyone) is refused like an inline secret in such a config: exit 78, one line naming the
+    key and the file. Owner-only (0600, 0400) passes."""
+    secret = tmp_path / "the.secret"
+    secret.write_text("file-s3cr3t-0123\n")
+    secret.chmod(mode)
+    path = tmp_path / "config.toml"
+    path.write_text(text.replace("{f}", str(secret)))
+    path.chmod(0o600)
+    for command in ("check-config", "run"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 78, result.stderr
+        assert result.stderr.strip() == (
+            f"wxtoken: {path}: {key}: {secret} is readable by others than its owner (mode "
+            f"{mode:04o}); make it readable by its owner only (the daemon's user: chmod 0600), "
+            f"or use {kind}_credential")
+    for private in (0o600, 0o400):
+        secret.chmod(private)
+        ok = run_cli("check-config", "--config", str(path))
+        assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+
+
+def test_a_secret_file_that_is_a_directory_names_the_path(tmp_path: Path) -> None:
+    """secret_file naming a directory: the one line names the path, not a file descriptor."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[apps.main]\nappid = "{APPID}"\nsecret_file = "{tmp_path}"\n')
+    path.chmod(0o600)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 78
+    assert result.stderr.strip() == (f"wxtoken: {path}: apps.main.secret_file: cannot read "
+                                     f"'{tmp_path}': Is a directory")
+
+
+def test_a_config_starting_with_a_utf8_bom_is_read(tmp_path: Path) -> None:
+    """Windows editors (Notepad) save UTF-8 with a byte order mark: it is accepted."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_APP.encode())
+    path.chmod(0o600)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert load_config(str(path)).app("main").appid == APPID
+
+
+def test_check_config_prints_an_apps_tickets(tmp_path: Path) -> None:
+    """check-config shows each app's tickets when it has some."""
+    path = tmp_path / "config.toml"
+    path.write_text(GOOD_APP + 'tickets = ["jsapi", "wx_card"]\n'
+                    f'[apps.mini]\nappid = "{APPID2}"\nsecret = "{SECRET}-2"\n')
+    path.chmod(0o600)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    main, mini = result.stdout.split("[apps.main]")[1].split("[apps.mini]")
+    assert 'tickets = ["jsapi", "wx_card"]' in main and "tickets" not in mini
+
+
+def test_a_wecom_corpid_may_start_with_wx(tmp_path: Path) -> None:
+    """Older WeCom corpids start with "wx": accepted like "ww"."""
+    path = tmp_path / "config.toml"
+    path.write_text(f'[apps.w]\napi = "wecom"\ncorpid = "wx{CORPID[2:]}"\nagentid = 1\n'
+                    f'secret = "{SECRET}"\n')
+    path.chmod(0o600)
+    assert load_config(str(path)).app("w").appid == "wx" + CORPID[2:]
+
+
+def test_a_missing_control_socket_directory_is_warned_about(tmp_path: Path) -> None:
+    """control_socket in a directory that does not exist (or is a file): check-config warns
+    (the daemon creates the socket, not its directory); an existing directory and the unit's
+    RuntimeDirectory (/run/wxtoken, which systemd creates at start) are fine."""
+    path = tmp_path / "config.toml"
+    cases = {
+        str(tmp_path / "nope" / "c.sock"): f"the directory {tmp_path / 'nope'} does not exist",
+        str(path / "c.sock"): f"{path} is not a directory",
+        str(tmp_path / "c.sock"): None,
+        "/run/wxtoken/control.sock": None,
+    }
+    for sock, problem in cases.items():
+        path.write_text(f'control_socket = "{sock}"\n' + GOOD_APP)
+        path.chmod(0o600)
+        result = run_cli("check-config", "--config", str(path))
+        assert result.returncode == 0, result.stderr
+        if problem is None:
+            assert result.stderr == "", result.stderr
+            assert load_config(str(path)).warnings == ()
+        else:
+            assert result.stderr.startswith(
+                f"wxtoken: warning: {path}: control_socket: {problem}"), result.stderr
+            assert len(result.stderr.splitlines()) == 1

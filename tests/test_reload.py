@@ -38,10 +38,11 @@ MINI: dict[str, dict[str, object]] = {
 def test_the_plan_says_what_a_reload_changes() -> None:
     """Added, removed and changed apps; an app-wide key changes every app; restart-only keys
     are named."""
-    apps = {"a": {"appid": "wxa", "secret": "s-a"}, "b": {"appid": "wxb", "secret": "s-b"}}
+    apps = {"a": {"appid": "wx000000000000000a", "secret": "s-a"},
+            "b": {"appid": "wx000000000000000b", "secret": "s-b"}}
     old = parse_config({"apps": apps}, "c.toml")
     new = parse_config({"apps": {"a": apps["a"], "b": {**apps["b"], "tickets": ["jsapi"]},
-                                 "c": {"appid": "wxc", "secret": "s-c"}}}, "c.toml")
+                                 "c": {"appid": "wx000000000000000c", "secret": "s-c"}}}, "c.toml")
     p = plan(old, new)
     assert (p.added, p.removed, p.changed, p.unchanged) == (("c",), (), ("b",), ("a",))
     assert p.summary() == "added c; changed b" and not p.needs_restart

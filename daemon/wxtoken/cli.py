@@ -361,7 +361,7 @@ def _fleet_status(config: Config, now: float) -> dict[str, Any]:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, service=True)
     print(f"# {config.path}: OK")
     for key in ("state_dir", "refresh_interval", "renew_before", "api_base", "ca_bundle",
                 "log_format", "daily_budget", "control_socket", "metrics_file"):
@@ -391,6 +391,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             print(f"secret = \"***\"  # from {app.secret_source}")
         else:
             print("# no secret: this host follows the app (fleet mode)")
+        if app.tickets:
+            print(f"tickets = {json.dumps(list(app.tickets))}")
         print(f"file_mode = \"{app.file_mode:04o}\"")
         if app.file_group:
             print(f"file_group = {json.dumps(app.file_group)}")

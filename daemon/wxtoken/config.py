@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wxtoken.configcheck import (
     Checker,
@@ -20,7 +20,9 @@ from wxtoken.configcheck import (
     check_metrics_path,
     check_socket_path,
     check_url,
+    id_problem,
     resolve_secret,
+    socket_dir_problem,
     source_keys,
 )
 from wxtoken.errors import ConfigError, WxtokenError
@@ -33,6 +35,11 @@ from wxtoken.record import (
     TICKET_TYPES,
 )
 from wxtoken.schedule import STABLE_WINDOW, call_deadline
+
+if TYPE_CHECKING:
+    from wxtoken.credentials import Service
+
+UTF8_BOM = b"\xef\xbb\xbf"  # Notepad's UTF-8 starts with one; TOML does not allow it
 
 
 class Api(enum.StrEnum):
@@ -210,8 +217,8 @@ def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
     if api == "wecom":
         if "appid" in app:
             ck.bad(prefix + "appid", "WeCom apps use corpid and agentid, not appid")
-        appid = ck.string(app, "corpid", prefix) or ""
-        if not appid:
+        appid = ck.string(app, "corpid", prefix, check=lambda v: id_problem(v, "corpid")) or ""
+        if "corpid" not in app:
             ck.bad(prefix + "corpid", "is required for api = \"wecom\"")
         raw_agent = app.get("agentid")
         if isinstance(raw_agent, bool) or not isinstance(raw_agent, (int, str)) or not str(
@@ -223,8 +230,8 @@ def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
         for key in ("corpid", "agentid"):
             if key in app:
                 ck.bad(prefix + key, "only for api = \"wecom\"")
-        appid = ck.string(app, "appid", prefix) or ""
-        if not appid:
+        appid = ck.string(app, "appid", prefix, check=lambda v: id_problem(v, "appid")) or ""
+        if "appid" not in app:
             ck.bad(prefix + "appid", "is required")
     tickets = app.get("tickets", [])
     if not isinstance(tickets, list) or any(t not in TICKET_TYPES for t in tickets):
@@ -280,11 +287,10 @@ def _parse_component(ck: Checker, name: str, table: Any, config_mode: int,
         return None
     before = len(ck.problems)
     ck.unknown(table, COMPONENT_KEYS, prefix)
-    appid = ck.string(table, "component_appid", prefix) or ""
-    if not appid:
+    appid = ck.string(table, "component_appid", prefix,
+                      check=lambda v: id_problem(v, "component_appid")) or ""
+    if "component_appid" not in table:
         ck.bad(prefix + "component_appid", "is required")
-    elif not APP_NAME_RE.match(appid):
-        ck.bad(prefix + "component_appid", f"{appid!r} is not an appid")
     tickets = ck.strings(table, "tickets", prefix, TICKET_TYPES)
     found: dict[str, str] = {}
     source = ""
@@ -312,9 +318,10 @@ def _parse_component(ck: Checker, name: str, table: Any, config_mode: int,
 
 
 def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
-                 resolve_secrets: bool = True) -> Config:
-    """Validate a parsed TOML document; raise ConfigError listing every problem."""
-    ck = Checker(path)
+                 resolve_secrets: bool = True, service: Service | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem. ``service``
+    (check-config): secrets are checked as the installed service would see them."""
+    ck = Checker(path, service)
     ck.unknown(doc, TOP_KEYS, "")
     state_dir = ck.string(doc, "state_dir", "", DEFAULT_STATE_DIR, check_abs_path)
     if state_dir and os.path.exists(state_dir) and not os.path.isdir(state_dir):
@@ -329,6 +336,8 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
         log_format = "auto"
     daily_budget = int(ck.number(doc, "daily_budget", 1000, 1, 100_000, integer=True))
     control_socket = ck.string(doc, "control_socket", "", DEFAULT_SOCKET, check_socket_path)
+    if control_socket and (problem := socket_dir_problem(control_socket)):
+        ck.warn("control_socket", problem)
     metrics_file = ck.string(doc, "metrics_file", "", None, check_metrics_path)
     redis: RedisConfig | None = None
     if "redis" in doc:
@@ -392,21 +401,29 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
     )
 
 
-def load_config(path: str | None = None, resolve_secrets: bool = True) -> Config:
+def load_config(path: str | None = None, resolve_secrets: bool = True,
+                service: bool = False) -> Config:
     """Read and validate the config file (``$WXTOKEN_CONFIG`` or the default when path is None).
 
     ``resolve_secrets=False`` is for commands that only read token files: they must work for a
-    member of the wxtoken group that cannot read the secrets.
+    member of the wxtoken group that cannot read the secrets. ``service=True`` is check-config's:
+    outside the service (no ``$CREDENTIALS_DIRECTORY``) credentials come from the systemd unit,
+    and the unit's user must be able to read every secret file (see credentials.py).
     """
     path = path or default_config_path()
     try:
         with open(path, "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
-            doc = tomllib.load(fh)
+            data = fh.read()
+        doc = tomllib.loads(data.removeprefix(UTF8_BOM).decode("utf-8"))
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: the config is not UTF-8 text"]) from None
-    return parse_config(doc, path, mode, resolve_secrets)
+    installed = None
+    if service and resolve_secrets:
+        from wxtoken.credentials import Service
+        installed = Service()
+    return parse_config(doc, path, mode, resolve_secrets, installed)

@@ -3,20 +3,43 @@ come from. Used by config.py (the core keys and apps) and fleet/config.py (``[re
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import stat
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from wxtoken.record import DEFAULT_SOCKET
+
+if TYPE_CHECKING:
+    from wxtoken.credentials import Service
+
+# the directory systemd creates at start for the control socket (the unit's RuntimeDirectory=)
+RUNTIME_DIR = os.path.dirname(DEFAULT_SOCKET)
+# what an id the operator copies from WeChat's pages looks like, and where it is shown
+IDS = {
+    "appid": (re.compile(r"wx[0-9a-f]{16}"), '"wx" followed by 16 lowercase hex digits',
+              "the AppID on the 开发 → 基本配置 page"),
+    "component_appid": (re.compile(r"wx[0-9a-f]{16}"),
+                        '"wx" followed by 16 lowercase hex digits',
+                        "the platform's AppID in the Open Platform's 管理中心 → 第三方平台"),
+    "corpid": (re.compile(r"w[wx][0-9a-f]{16}"),
+               '"ww" or "wx" followed by 16 lowercase hex digits',
+               "the 企业ID on the WeCom admin's 我的企业 page"),
+}
 
 
 class Checker:
     """Collects problems (one line each: file, key, problem) and warnings."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, service: Service | None = None) -> None:
         self.path = path
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        # check-config: the installed service, where $CREDENTIALS_DIRECTORY is not set
+        self.service = service
 
     def bad(self, key: str, problem: str) -> None:
         if not key.isprintable():  # one problem, one line, whatever the key holds
@@ -122,13 +145,61 @@ def check_ca(value: str) -> str | None:
     return check_abs_path(value) or (None if os.path.isfile(value) else f"no such file {value!r}")
 
 
-def read_secret_file(path: str) -> str:
+def id_problem(value: str, key: str) -> str | None:
+    """What is wrong with an ``appid``, ``component_appid`` or ``corpid`` the operator typed
+    (WeChat answers 40013 to any other shape, and only at run time)."""
+    shape, what, where = IDS[key]
+    if shape.fullmatch(value):
+        return None
+    if value != value.strip():
+        return f"{value!r} has spaces around it (it must be {what}: {where})"
+    if value.startswith("gh_"):
+        return (f"{value!r} is the account's original ID (原始ID), not its AppID: {where}, "
+                f"{what}")
+    return f"must be {what} ({where}), not {value!r}"
+
+
+def socket_dir_problem(socket: str) -> str | None:
+    """Why the control socket cannot be made where it is configured (None: it can). The daemon
+    makes the socket, not its directory; systemd makes /run/wxtoken (RuntimeDirectory=)."""
+    directory = os.path.dirname(os.path.normpath(socket))
+    if directory == RUNTIME_DIR or os.path.isdir(directory):
+        return None
+    if os.path.lexists(directory):
+        return f"{directory} is not a directory"
+    return (f"the directory {directory} does not exist (the daemon makes the socket, not its "
+            f"directory; systemd makes only {RUNTIME_DIR}, the unit's RuntimeDirectory=)")
+
+
+def read_secret_file(path: str) -> tuple[str, os.stat_result]:
+    """The secret in ``path`` (stripped) and the file's stat (OSError naming ``path``)."""
     # O_NONBLOCK + a regular-file check: a FIFO or device must not hang or flood the daemon
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(0, "not a regular file", path)
-        return fh.read(65536).decode("utf-8", "replace").strip()
+        data = b""
+        while len(data) < 65536 and (chunk := os.read(fd, 65536 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "replace").strip(), st
+
+
+def file_secret_problem(path: str, mode: int, kind: str, credential: bool = False) -> str | None:
+    """The one rule for every secret kept in a file of its own (``secret_file``, a password
+    file, a credential's source): only the file's owner may read it (token readers are in the
+    daemon's group)."""
+    mode = stat.S_IMODE(mode)
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        return (f"{path} is readable by others than its owner (mode {mode:04o}); make it "
+                + ("readable by its owner only (chmod 0600; systemd reads it as root)"
+                   if credential else "readable by its owner only (the daemon's user: chmod "
+                   f"0600), or use {kind}_credential"))
+    return None
 
 
 def inline_secret_problem(config_mode: int, kind: str = "secret") -> str | None:
@@ -167,40 +238,69 @@ def resolve_secret(ck: Checker, table: dict[str, Any], prefix: str, kind: str,
     if not isinstance(value, str) or not value.strip():
         ck.bad(prefix + key, "must be a non-empty string")
         return "", ""
-    secret = ""
+    if key == kind:  # inline
+        if problem := inline_secret_problem(config_mode, kind):
+            ck.bad(prefix + key, problem)
+            return "", ""
+        return value.strip(), "inline"
+    if key.endswith("_env"):
+        secret = os.environ.get(value, "").strip()
+        if not secret:
+            ck.bad(prefix + key, f"environment variable {value} is not set or empty")
+            return "", ""
+        return secret, f"{key}={value}"
+    if key.endswith("_file"):
+        if problem := check_abs_path(value):
+            ck.bad(prefix + key, problem)
+            return "", ""
+        return _from_file(ck, prefix + key, kind, value, f"{key}={value}")
+    # _credential
+    if "/" in value or "\0" in value or value in (".", ".."):
+        ck.bad(prefix + key, f"must be a credential name, not a path: {value!r}")
+        return "", ""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        return _from_file(ck, prefix + key, kind, os.path.join(creds, value),
+                          f"{key}={value}", rules=False)
+    if ck.service is None:  # run: systemd hands the credentials over, or nothing does
+        ck.bad(prefix + key, "$CREDENTIALS_DIRECTORY is not set "
+               "(use LoadCredential= in the systemd unit)")
+        return "", ""
+    # check-config outside the service: the file the unit's LoadCredential= names
+    found = ck.service.credential(value)
+    if found is None:
+        ck.bad(prefix + key, f"wxtoken.service has no LoadCredential={value}:PATH (add one: "
+               "systemctl edit wxtoken)")
+        return "", ""
+    if found.unchecked:
+        ck.warn(prefix + key, f"credential {value!r} not checked: {found.unchecked}")
+        return "", f"{key}={value} (not checked)"
+    return _from_file(ck, prefix + key, kind, found.path,
+                      f"{key}={value} (LoadCredential={value}:{found.path})",
+                      via=f"LoadCredential={value}")
+
+
+def _from_file(ck: Checker, key: str, kind: str, path: str, where: str, via: str = "",
+               rules: bool = True) -> tuple[str, str]:
+    """A secret read from a file: readable, a regular file, not empty. With ``rules``, only its
+    owner may read it, and (check-config as root) the service's user must be able to, unless
+    systemd reads it (``via`` the unit's LoadCredential=)."""
     try:
-        if key == kind:  # inline
-            if problem := inline_secret_problem(config_mode, kind):
-                ck.bad(prefix + key, problem)
-                return "", ""
-            return value.strip(), "inline"
-        if key.endswith("_file"):
-            if problem := check_abs_path(value):
-                ck.bad(prefix + key, problem)
-                return "", ""
-            secret = read_secret_file(value)
-            if os.stat(value).st_mode & (stat.S_IRGRP | stat.S_IROTH):
-                ck.warn(prefix + key, f"{value} is readable by others than its owner (token "
-                        "readers may be in its group); make it readable by the daemon's user "
-                        "only")
-        elif key.endswith("_env"):
-            secret = os.environ.get(value, "").strip()
-            if not secret:
-                ck.bad(prefix + key, f"environment variable {value} is not set or empty")
-                return "", ""
-        else:  # _credential
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not creds:
-                ck.bad(prefix + key, "$CREDENTIALS_DIRECTORY is not set "
-                       "(use LoadCredential= in the systemd unit)")
-                return "", ""
-            if "/" in value or "\0" in value or value in (".", ".."):
-                ck.bad(prefix + key, f"must be a credential name, not a path: {value!r}")
-                return "", ""
-            secret = read_secret_file(os.path.join(creds, value))
+        secret, st = read_secret_file(path)
     except OSError as exc:
-        ck.bad(prefix + key, f"cannot read {exc.filename!r}: {exc.strerror}")
+        ck.bad(key, f"cannot read {path!r}{f' ({via})' if via else ''}: {exc.strerror}")
+        return "", ""
+    if rules and (problem := file_secret_problem(path, st.st_mode, kind, credential=bool(via))):
+        ck.bad(key, problem)
         return "", ""
     if not secret:
-        ck.bad(prefix + key, f"the {kind} is empty")
-    return secret, f"{key}={value}"
+        ck.bad(key, f"the {kind} is empty" + (f" ({path}, {via})" if via else ""))
+        return "", ""
+    if rules and not via and ck.service is not None:
+        problem, unchecked = ck.service.reader_problem(path, st, kind)
+        if problem:
+            ck.bad(key, problem)
+            return "", ""
+        if unchecked:
+            ck.warn(key, f"not checked whether the service can read {path}: {unchecked}")
+    return secret, where

@@ -28,8 +28,8 @@ from wxtoken.errcodes import business_token_invalid
 from wxtoken.errors import TokenUnavailable, WxtokenError
 from wxtoken.reader import read_token, report_invalid
 
-DEMO_APPS = {"wx00000000demo0001": "demo-secret-main-0001",
-             "wx00000000demo0002": "demo-secret-mini-0002"}
+DEMO_APPS = {"wx000000000000de01": "demo-secret-main-0001",
+             "wx000000000000de02": "demo-secret-mini-0002"}
 
 DEMO_CONFIG = """\
 # written by `wxtoken demo`: two apps against the built-in emulator
@@ -42,11 +42,11 @@ control_socket = "{control_socket}"
 callback_listen = "127.0.0.1:{callback_port}"
 
 [apps.main]
-appid = "wx00000000demo0001"
+appid = "wx000000000000de01"
 secret_env = "WXTOKEN_DEMO_SECRET_MAIN"
 
 [apps.mini]
-appid = "wx00000000demo0002"
+appid = "wx000000000000de02"
 api = "stable_token"
 secret_env = "WXTOKEN_DEMO_SECRET_MINI"
 
@@ -57,7 +57,7 @@ secret_env = "WXTOKEN_DEMO_COMPONENT_SECRET"
 msg_token_env = "WXTOKEN_DEMO_MSG_TOKEN"
 encoding_aes_key_env = "WXTOKEN_DEMO_AES_KEY"
 """
-DEMO_COMPONENT = ("wx00000000democomp", "demo-secret-component-0003", "demo-msg-token",
+DEMO_COMPONENT = ("wx000000000000dec0", "demo-secret-component-0003", "demo-msg-token",
                   "DemoEncodingAESKey0123456789abcdefghijklmno")
 DEMO_AUTHORIZERS = ("wx0000000merchant1", "wx0000000merchant2", "wx0000000merchant3")
 
@@ -66,8 +66,8 @@ def run_demo(duration: float = 45.0) -> int:
     logs.configure("console")
     log = logs.get_logger(component="demo")
     emulator = Emulator(DEMO_APPS, token_ttl=30, overlap=8, stable_window=8).start()
-    os.environ["WXTOKEN_DEMO_SECRET_MAIN"] = DEMO_APPS["wx00000000demo0001"]
-    os.environ["WXTOKEN_DEMO_SECRET_MINI"] = DEMO_APPS["wx00000000demo0002"]
+    os.environ["WXTOKEN_DEMO_SECRET_MAIN"] = DEMO_APPS["wx000000000000de01"]
+    os.environ["WXTOKEN_DEMO_SECRET_MINI"] = DEMO_APPS["wx000000000000de02"]
     component_appid, component_secret, msg_token, aes_key = DEMO_COMPONENT
     os.environ["WXTOKEN_DEMO_COMPONENT_SECRET"] = component_secret
     os.environ["WXTOKEN_DEMO_MSG_TOKEN"] = msg_token
