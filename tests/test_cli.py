@@ -127,7 +127,8 @@ def test_status_reports_a_stale_token_when_refreshes_stop(make_config: Callable[
     status = run_cli("status", "--json", "--config", str(config))
     app = json.loads(status.stdout)["apps"][0]
     assert status.returncode == 1 and app["healthy"] is False
-    assert any(p.startswith("stale: refresh overdue by") for p in app["problems"])
+    assert any(p.startswith("stale: refresh overdue by") and p.endswith(
+        "(is the daemon running?)") for p in app["problems"])
 
 
 def test_secret_is_not_in_the_daemon_command_line_or_title(

@@ -41,6 +41,7 @@ def test_a_reload_that_raises_daily_budget_ends_the_wait_at_once(
     config, d = _spend_the_budget(emulator, make_config, daemons)
     status = run_cli("status", "--config", str(config))
     assert status.returncode == 1 and "daily budget of 3 calls reached" in status.stdout
+    assert "is the daemon running" not in status.stdout  # it is: the budget is the cause
     _raise_budget(config, 100)
     assert run_cli("reload", "--config", str(config)).returncode == 0
     token = config.parent / "state" / "main.json"

@@ -23,7 +23,7 @@ from wxtoken.config import Config, default_config_path, load_config
 from wxtoken.errors import ConfigError, ControlError, StoreError, TokenUnavailable, WxtokenError
 from wxtoken.health import app_health_from_files
 from wxtoken.reader import read_token
-from wxtoken.record import DEFAULT_SOCKET
+from wxtoken.record import DEFAULT_SOCKET, DEFAULT_STATE_DIR
 
 EX_CONFIG = 78
 
@@ -156,13 +156,19 @@ def _socket_of(args: argparse.Namespace) -> str:
     config may be the broken one a reload is about to refuse), else the default."""
     if args.socket:
         return str(args.socket)
+    return _lenient(args, "control_socket", DEFAULT_SOCKET)
+
+
+def _lenient(args: argparse.Namespace, key: str, default: str) -> str:
+    """A top-level path from a config that may not pass (a reload or a restart would refuse
+    it), else the default."""
     import tomllib
     try:
         with open(args.config or default_config_path(), "rb") as fh:
-            value = tomllib.load(fh).get("control_socket")
+            value = tomllib.load(fh).get(key)
     except (OSError, ValueError):
         value = None
-    return value if isinstance(value, str) and value else DEFAULT_SOCKET
+    return value if isinstance(value, str) and value else default
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
@@ -292,25 +298,46 @@ def _cmd_component(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    config = load_config(args.config, resolve_secrets=False)
+    from wxtoken.runinfo import running
+    try:
+        config = load_config(args.config, resolve_secrets=False)
+    except ConfigError as exc:
+        # the running daemon keeps the config it last loaded: say so, beside the refusal
+        info = running(_lenient(args, "state_dir", DEFAULT_STATE_DIR))
+        if info is None:
+            raise
+        for problem in exc.problems:
+            print(f"wxtoken: {problem}", file=sys.stderr)
+        print(f"running {info.version} (pid {info.pid}) on the config it last loaded; installed "
+              f"{__version__} refuses the config: {exc.problems[0]}; a restart would fail: fix "
+              "the config first (wxtoken check-config)")
+        return 1
     now = time.time()
-    apps = [app_health_from_files(config, app, now) for app in config.apps]
+    daemon = running(config.state_dir)
+    upgrade = _upgrade_line(args, daemon.version) if daemon else None
+    apps = [app_health_from_files(config, app, now, daemon is not None) for app in config.apps]
     from wxtoken.health import component_health_from_files
-    components = [component_health_from_files(config, comp, now)
+    components = [component_health_from_files(config, comp, now, daemon is not None)
                   for comp in config.components]
-    fleet = _fleet_status(config, now) if config.redis else None
+    fleet = _fleet_status(config, now, daemon is not None) if config.redis else None
     for a in apps:  # one host alone is "standalone"; on a fleet, as the daemon last said
         a["role"] = fleet["roles"].get(a["app"], "unknown") if fleet else "standalone"
     healthy = all(a["healthy"] for a in apps) and (fleet is None or not fleet["problems"]) \
-        and all(c["healthy"] for c in components)
+        and all(c["healthy"] for c in components) and (upgrade is None or upgrade[0])
     if args.json:
-        out: dict[str, Any] = {"healthy": healthy, "apps": apps}
+        out: dict[str, Any] = {"healthy": healthy, "apps": apps, "daemon": None}
+        if daemon is not None:
+            out["daemon"] = {"version": daemon.version, "pid": daemon.pid,
+                             "installed": __version__,
+                             **({"upgrade": upgrade[1]} if upgrade else {})}
         if components:
             out["components"] = components
         if fleet is not None:
             out["fleet"] = fleet
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0 if healthy else 1
+    if upgrade is not None:
+        print(upgrade[1])
     for c in components:
         fresh = sum(1 for a in c["authorizers"] if a["healthy"])
         ticket = (f"last ticket {human_delta(now - c['ticket_received_at'])} ago"
@@ -340,7 +367,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
-def _fleet_status(config: Config, now: float) -> dict[str, Any]:
+def _upgrade_line(args: argparse.Namespace, version: str) -> tuple[bool, str] | None:
+    """When the running daemon is another version than this program (installed since): whether
+    this version accepts the config (checked with the secrets as root, else without), and the
+    line that says so. None when the versions agree."""
+    if version == __version__:
+        return None
+    try:
+        load_config(args.config, resolve_secrets=os.geteuid() == 0)
+    except ConfigError as exc:
+        return False, (f"running {version}; installed {__version__} refuses the config: "
+                       f"{exc.problems[0]}; fix it, then: systemctl restart wxtoken")
+    return True, (f"running {version}; installed {__version__}: restart to run it "
+                  "(systemctl restart wxtoken)")
+
+
+def _fleet_status(config: Config, now: float, running: bool = True) -> dict[str, Any]:
     """What the daemon last wrote about the fleet (``<state_dir>/.fleet.json``)."""
     from wxtoken.fleet.node import STATUS_FILE
     try:
@@ -349,12 +391,14 @@ def _fleet_status(config: Config, now: float) -> dict[str, Any]:
         assert isinstance(doc, dict)
     except (OSError, ValueError, AssertionError):
         return {"redis_up": False, "last_sync": None, "clock_skew": 0.0, "roles": {},
-                "problems": ["no fleet state yet (is the daemon running?)"]}
+                "problems": ["no fleet state yet" + (
+                    " (the daemon is starting)" if running else " (is the daemon running?)")]}
     problems = []
     if not doc.get("redis_up"):
         problems.append("the fleet's Redis is unreachable")
     if now - float(doc.get("written_at") or 0) > 300:
-        problems.append("the fleet state is old (is the daemon running?)")
+        problems.append("the fleet state is old" + (
+            "" if running else " (is the daemon running?)"))
     if abs(float(doc.get("clock_skew") or 0)) > 2:
         problems.append(f"this host's clock is {doc['clock_skew']:+.1f} s off Redis TIME")
     return {**doc, "problems": problems}

@@ -11,7 +11,9 @@ start timeout while first fetches progress, and reschedules every job when the w
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import pkgutil
 import random
 import signal
 import sys
@@ -34,6 +36,7 @@ from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
 from wxtoken.refresher import Forced, Refresher
+from wxtoken.runinfo import remove_run_info, write_run_info
 from wxtoken.schedule import Outcome, State
 from wxtoken.status import AppStatus
 from wxtoken.store import TokenStore, clean_state_dir
@@ -621,6 +624,21 @@ class Daemon:
                 if now - began > self.stall_after]
 
 
+# modules a running daemon never needs (the test and demo tools, the wechatpy adapter)
+NOT_PRELOADED = frozenset({"emulator", "demo", "wechatpy_session", "__main__"})
+
+
+def preload() -> None:
+    """Import every module of the program the daemon may need later, before it is READY: an
+    upgrade (apt, install.sh) replaces the files under the running daemon, which must never load
+    a module of the new version beside the old ones (the reload code at the first SIGHUP, the
+    Open Platform's at its first event, the quota tools at their first use)."""
+    import wxtoken
+    for module in pkgutil.walk_packages(wxtoken.__path__, "wxtoken."):
+        if module.name.split(".")[1] not in NOT_PRELOADED:
+            importlib.import_module(module.name)
+
+
 def run(config: Config) -> int:
     """Run in the foreground until SIGTERM or SIGINT (SIGHUP reloads); return the exit code.
 
@@ -630,14 +648,17 @@ def run(config: Config) -> int:
     """
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # for good: the process ends here
+    preload()
     daemon = Daemon(config)
     clean = True
     try:
+        write_run_info(config.state_dir, __version__)
         daemon.start()
         while signal.sigwait(signals) == signal.SIGHUP:
             daemon.reload()  # the verdict goes to the journal
     finally:
         clean = daemon.stop()
+        remove_run_info(config.state_dir)
     if not clean:
         # a thread stuck in a call that cannot be interrupted would keep the interpreter from
         # exiting (the executor's threads are joined at exit): leave now, the files are whole

@@ -21,10 +21,11 @@ from wxtoken.status import AppStatus, LastResult, read_status, status_path
 
 def app_health(config: Config, app: AppConfig, record: TokenRecord | None, status: AppStatus,
                now: float, unusable: str | None = None, problem: str | None = None,
-               role: str | None = None) -> dict[str, Any]:
+               role: str | None = None, running: bool = True) -> dict[str, Any]:
     """One app's health as `wxtoken status --json` reports it. ``unusable`` says why there is
     no record when the file is there but cannot be used; ``problem`` is one the daemon knows of
-    (the state dir cannot be written, say)."""
+    (the state dir cannot be written, say); ``running`` whether a daemon runs on the state dir
+    (a stale token then has another cause than a stopped daemon)."""
     info: dict[str, Any] = {"app": app.name, "api": app.api, "appid": app.appid,
                             "daily_budget": config.daily_budget}
     if role is not None:
@@ -38,8 +39,8 @@ def app_health(config: Config, app: AppConfig, record: TokenRecord | None, statu
             problems.append("token expired")
         elif (late := overdue_by(record, app.api, config.refresh_interval, config.renew_before,
                                  now)) > 0:
-            problems.append(f"stale: refresh overdue by {human_delta(late)} "
-                            "(is the daemon running?)")
+            problems.append(f"stale: refresh overdue by {human_delta(late)}" + (
+                "" if running else " (is the daemon running?)"))
     elif unusable:
         problems.append(f"token file unusable: {unusable}")
     else:
@@ -66,7 +67,8 @@ def app_health(config: Config, app: AppConfig, record: TokenRecord | None, statu
     return info
 
 
-def app_health_from_files(config: Config, app: AppConfig, now: float) -> dict[str, Any]:
+def app_health_from_files(config: Config, app: AppConfig, now: float,
+                          running: bool = True) -> dict[str, Any]:
     """One app's health from its files (what `wxtoken status` shows)."""
     record: TokenRecord | None = None
     unusable: str | None = None
@@ -77,7 +79,7 @@ def app_health_from_files(config: Config, app: AppConfig, now: float) -> dict[st
     except TokenUnavailable as exc:
         unusable = exc.reason
     status = read_status(status_path(config.state_dir, app.name))
-    return app_health(config, app, record, status, now, unusable)
+    return app_health(config, app, record, status, now, unusable, running=running)
 
 
 def summary(healths: Iterable[Mapping[str, Any]], next_runs: Mapping[str, float],
@@ -99,7 +101,7 @@ def summary(healths: Iterable[Mapping[str, Any]], next_runs: Mapping[str, float]
 
 
 def component_health_from_files(config: Config, comp: ComponentConfig,
-                                now: float) -> dict[str, Any]:
+                                now: float, running: bool = True) -> dict[str, Any]:
     """An Open Platform component's health from its files: its token, the last ticket, every
     authorizer's token, and the authorizers that need a new authorization."""
     import json
@@ -120,7 +122,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
         except TokenUnavailable as exc:
             unusable = exc.reason
         info = app_health(config, app, record, read_status(status_path(directory, appid)),
-                          now, unusable, role=role)
+                          now, unusable, role=role, running=running)
         info.update(app=f"{comp.name}/{appid}", component=comp.name)
         return info
 
