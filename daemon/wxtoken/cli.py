@@ -374,7 +374,7 @@ def _upgrade_line(args: argparse.Namespace, version: str) -> tuple[bool, str] | 
     if version == __version__:
         return None
     try:
-        load_config(args.config, resolve_secrets=os.geteuid() == 0)
+        load_config(args.config, resolve_secrets=os.geteuid() == 0, service=True)
     except ConfigError as exc:
         return False, (f"running {version}; installed {__version__} refuses the config: "
                        f"{exc.problems[0]}; fix it, then: systemctl restart wxtoken")
