@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from wxtoken import __version__
 from wxtoken.emulator import Emulator
@@ -24,11 +25,22 @@ def test_metrics_file_parses_and_tracks_refreshes(
     d = daemons(config)
     assert d.wait_for("daemon.starting")["version"] == __version__
     d.wait_for("daemon.ready")
-    wait_until(lambda: prom.exists() and ("wxtoken_refresh_total", (
-        ("app", "main"), ("result", "ok"))) in samples(prom))
-    first = samples(prom)
     state = config.parent / "state"
-    main = json.loads((state / "main.json").read_text())
+    expiry = ("wxtoken_token_expiry_timestamp_seconds", (("app", "main"),))
+    seen: dict[str, Any] = {}
+
+    def agree() -> bool:
+        # main is refreshed every second and the metrics follow a moment later: take a pair of
+        # reads where the metrics file describes the token file's current token
+        if not prom.exists():
+            return False
+        seen["first"], seen["main"] = samples(prom), json.loads(
+            (state / "main.json").read_text())
+        return ("wxtoken_refresh_total", (("app", "main"), ("result", "ok"))) in \
+            seen["first"] and seen["first"].get(expiry) == seen["main"]["expires_at"]
+
+    wait_until(agree)
+    first, main = seen["first"], seen["main"]
     assert first[("wxtoken_up", ())] == 1
     assert first[("wxtoken_build_info", (("version", __version__),))] == 1
     assert [key for key in first if key[0] == "wxtoken_build_info"] == [

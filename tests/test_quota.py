@@ -71,7 +71,7 @@ def test_quota_prints_wechats_figures_and_names_a_bad_path(
     assert unknown.returncode == 1
     line = unknown.stderr.strip()
     assert line.startswith("wxtoken: quota: main: /cgi-bin/openapi/quota/get returned errcode "
-                           "76021") and "rid: " in line and len(line.splitlines()) == 1
+                           "76021") and line.count("rid: ") == 1 and len(line.splitlines()) == 1
     bad = run_cli("quota", "main", "--path", "https://evil.example/x?y=1", "--config",
                   str(config))
     assert bad.returncode == 1 and "is not an API path" in bad.stderr
@@ -206,6 +206,24 @@ def test_quota_watch_exports_remaining_and_limit_metrics(
     assert unknown[0]["errcode"] == 76021 and unknown[0]["rid"]
     assert not any(p == "/cgi-bin/no/such" for (_, labels) in samples(prom)
                    for k, p in labels if k == "path")
+    d.stop()
+
+
+def test_an_ip_not_whitelisted_gets_the_refreshers_hint_in_quota_and_quota_watch(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """40164 on openapi/quota/get: `wxtoken quota` and the `quota.watch_failed` line give the
+    refresher's hint (the IP whitelist) beside WeChat's errmsg, which names the IP."""
+    config = make_config({"main": {**MAIN["main"], "quota_watch": ["/cgi-bin/token"]}},
+                         refresh_interval=4, metrics_file=str(tmp_path / "wxtoken.prom"))
+    emulator.add_fault("ip", api="quota_get")
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    failed = d.wait_for("quota.watch_failed", timeout=15)
+    assert failed["errcode"] == 40164 and "IP whitelist" in failed["error"], failed
+    out = run_cli("quota", "main", "--config", str(config))
+    assert out.returncode == 1 and "IP whitelist" in out.stderr
+    assert "not in whitelist" in out.stderr and out.stderr.count("rid: ") == 1, out.stderr
     d.stop()
 
 

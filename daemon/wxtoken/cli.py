@@ -199,7 +199,11 @@ def _op_request(method: str, path: str, args: argparse.Namespace,
         return request(method, path, {} if method == "POST" else None, _socket_of(args),
                        timeout=timeout)
     except ControlError as exc:
-        extra = [f"{k}: {exc.answer[k]}" for k in ("errmsg", "rid") if exc.answer.get(k)]
+        errmsg = str(exc.answer.get("errmsg") or "")
+        extra = [f"errmsg: {errmsg}"] if errmsg else []
+        rid = exc.answer.get("rid")
+        if rid and str(rid) not in errmsg:  # WeChat's errmsg usually ends with it already
+            extra.append(f"rid: {rid}")
         if exc.retry_after:
             extra.append(f"retry in {exc.retry_after:.0f} s")
         raise WxtokenError(f"{args.command}: {args.app}: {exc}"

@@ -43,7 +43,14 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from wxtoken import __version__
 from wxtoken.config import AppConfig
-from wxtoken.errcodes import OPS_ERRCODES, ErrorClass, business_token_invalid, classify, rid_of
+from wxtoken.errcodes import (
+    FETCH_ERRCODES,
+    OPS_ERRCODES,
+    ErrorClass,
+    business_token_invalid,
+    classify,
+    rid_of,
+)
 from wxtoken.errors import UpstreamError
 from wxtoken.record import MAX_TOKEN_LEN
 
@@ -344,7 +351,9 @@ class WeChatClient:
             kind = ErrorClass.QUOTA_EXHAUSTED
         else:
             kind = ErrorClass.PERMANENT
-        hint = OPS_ERRCODES.get(code, "see WeChat's global error codes")
+        # the token endpoints' hints hold for the same errcode here (40164: the IP whitelist)
+        hint = OPS_ERRCODES.get(code) or (classify(code)[1] if code in FETCH_ERRCODES
+                                          else "see WeChat's global error codes")
         raise UpstreamError(kind, f"{path} returned errcode {code}: {hint}", errcode=code,
                             errmsg=str(answer.get("errmsg", ""))[:200],
                             rid=rid_of(answer.get("errmsg")))
