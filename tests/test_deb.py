@@ -21,7 +21,7 @@ from nspawn import Container, cannot_boot_reason
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-V1, V2 = "0.1.0", "0.1.0+1"
+V1, V2, V3 = "0.1.0", "0.1.0+1", "0.1.0+2"
 CONFIG = """\
 api_base = "{url}"
 [apps.main]
@@ -41,12 +41,15 @@ def build(version: str, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     reason = cannot_boot_reason()
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("debs")
-    return build(V1, out), build(V2, out)
+    # the checkout beside them (/src/repo in the container), for install.sh
+    shutil.copytree(REPO, out / "repo", ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "dist", "__pycache__", ".*_cache", ".hypothesis"))
+    return build(V1, out), build(V2, out), build(V3, out)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def emu() -> Iterator[Emulator]:
 
 
 @pytest.fixture(scope="module")
-def box(debs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+def box(debs: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[Container]:
     tmp = tmp_path_factory.mktemp("nspawn-deb")
     container = Container(tmp / "base", debs[0].parent, tmp / "console.log")
@@ -86,7 +89,7 @@ def main_pid(box: Container) -> str:
     return box.run("systemctl", "show", "wxtoken", "-p", "MainPID", "--value").stdout.strip()
 
 
-def test_lintian_finds_nothing(debs: tuple[Path, Path]) -> None:
+def test_lintian_finds_nothing(debs: tuple[Path, Path, Path]) -> None:
     """The package is lintian-clean (the venv's own findings are overridden, with reasons)."""
     if shutil.which("lintian") is None:
         pytest.skip("lintian is not installed (./dev.sh test installs it)")
@@ -97,7 +100,7 @@ def test_lintian_finds_nothing(debs: tuple[Path, Path]) -> None:
     assert findings == [], "\n".join(findings)
 
 
-def test_the_package_holds_the_locked_versions(debs: tuple[Path, Path]) -> None:
+def test_the_package_holds_the_locked_versions(debs: tuple[Path, Path, Path]) -> None:
     """Both packages hold exactly requirements/runtime.lock's versions of every dependency
     (a .deb built twice from one commit holds the same code), and no pip or setuptools."""
     # the markers as Debian's /usr/bin/python3, which the package's venv runs, sees them
@@ -121,8 +124,24 @@ def test_the_package_holds_the_locked_versions(debs: tuple[Path, Path]) -> None:
         assert held == wanted, deb.name
 
 
+def test_the_package_refuses_to_install_over_install_sh(
+        box: Container, debs: tuple[Path, Path, Path]) -> None:
+    """A machine where deploy/systemd/install.sh installed wxtoken: its unit in /etc/systemd
+    would shadow the package's, so apt refuses, naming the command that removes it."""
+    box.run("install", "-D", "-m", "0644", "/src/repo/deploy/systemd/wxtoken.service",
+            "/etc/systemd/system/wxtoken.service")
+    try:
+        out = box.run("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", "install",
+                      f"/src/{debs[0].name}", check=False, timeout=600)
+        assert out.returncode != 0
+        assert "deploy/systemd/install.sh --uninstall" in out.stdout + out.stderr
+        assert box.run("test", "-e", "/usr/bin/wxtoken", check=False).returncode != 0
+    finally:
+        box.run("rm", "-f", "/etc/systemd/system/wxtoken.service")
+
+
 def test_install_enables_but_starts_only_once_configured(
-        box: Container, debs: tuple[Path, Path], emu: Emulator) -> None:
+        box: Container, debs: tuple[Path, Path, Path], emu: Emulator) -> None:
     """apt install: user, directories and modes in place, the unit enabled but not started
     (the example config's secrets do not exist), and says so; once configured, it starts."""
     out = apt(box, "install", f"/src/{debs[0].name}")
@@ -151,21 +170,60 @@ def test_install_enables_but_starts_only_once_configured(
     assert active(box) == "active" and emu.calls(APPID) == 1
 
 
+def test_install_sh_refuses_while_the_package_is_installed(box: Container) -> None:
+    """install.sh on a machine with the package: refused before it changes anything, naming
+    the command that removes the package."""
+    out = box.run("/src/repo/deploy/systemd/install.sh", "--now", check=False)
+    assert out.returncode != 0 and "apt remove wxtoken" in out.stderr, out.stderr
+    assert box.run("test", "-e", "/opt/wxtoken", check=False).returncode != 0
+    assert box.run("test", "-e", "/etc/systemd/system/wxtoken.service",
+                   check=False).returncode != 0
+
+
+def test_an_upgrade_whose_version_refuses_the_config_keeps_the_running_service(
+        box: Container, debs: tuple[Path, Path, Path], emu: Emulator) -> None:
+    """apt install of a version that refuses the config: apt succeeds, the running service is
+    not restarted (it would stay down: exit 78 is not retried), the refused key and what to do
+    are printed, and `wxtoken status` says what runs and what is refused."""
+    config = box.run("cat", "/etc/wxtoken/config.toml").stdout
+    pid = main_pid(box)
+    box.run("sed", "-i", "1i refresh_intervall = 60", "/etc/wxtoken/config.toml")
+    out = apt(box, "install", f"/src/{debs[1].name}")
+    assert box.run("dpkg-query", "-W", "-f", "${Version}", "wxtoken").stdout == V2
+    assert "wxtoken: not restarted: the new version refuses the config: " \
+        "/etc/wxtoken/config.toml: refresh_intervall: unknown key" in out, out
+    assert "then: systemctl restart wxtoken" in out
+    assert active(box) == "active" and main_pid(box) == pid
+    status = box.run("wxtoken", "status", check=False)
+    assert status.returncode == 1 and f"(pid {pid}) on the config it last loaded; " \
+        "installed 0.1.0 refuses the config" in status.stdout, status.stdout + status.stderr
+    # the old daemon goes on: its files were replaced, it loaded what it needs before READY
+    box.run("systemctl", "reload", "wxtoken", check=False)  # refused: the config is broken
+    assert active(box) == "active" and main_pid(box) == pid
+    box.write("/etc/wxtoken/config.toml", config, "0640")
+    box.run("chgrp", "wxtoken", "/etc/wxtoken/config.toml")
+    box.run("systemctl", "restart", "wxtoken")
+    assert active(box) == "active" and main_pid(box) != pid
+    assert emu.calls(APPID) == 1
+    journal = box.run("journalctl", "-u", "wxtoken", "--no-pager", "-o", "cat").stdout
+    assert "Traceback" not in journal
+
+
 def test_upgrade_restarts_the_running_service_and_keeps_the_config(
-        box: Container, debs: tuple[Path, Path], emu: Emulator) -> None:
+        box: Container, debs: tuple[Path, Path, Path], emu: Emulator) -> None:
     """apt install of a higher version: the running service restarts on the new package (the
     token in the file is reused: no call), the edited config stays as it is."""
     config = box.run("cat", "/etc/wxtoken/config.toml").stdout
     before = main_pid(box)
-    apt(box, "install", f"/src/{debs[1].name}")
-    assert box.run("dpkg-query", "-W", "-f", "${Version}", "wxtoken").stdout == V2
+    apt(box, "install", f"/src/{debs[2].name}")
+    assert box.run("dpkg-query", "-W", "-f", "${Version}", "wxtoken").stdout == V3
     assert active(box) == "active" and main_pid(box) != before
     assert box.run("cat", "/etc/wxtoken/config.toml").stdout == config
     assert emu.calls(APPID) == 1
 
 
 def test_remove_stops_and_keeps_config_and_state_reinstall_starts(
-        box: Container, debs: tuple[Path, Path], emu: Emulator) -> None:
+        box: Container, debs: tuple[Path, Path, Path], emu: Emulator) -> None:
     """apt remove stops the service and keeps /etc/wxtoken and /var/lib/wxtoken; installing
     again finds the config ready (check-config passes with the unit's credentials) and
     starts the service by itself."""
@@ -174,14 +232,14 @@ def test_remove_stops_and_keeps_config_and_state_reinstall_starts(
     assert box.run("test", "-e", "/usr/bin/wxtoken", check=False).returncode != 0
     box.run("test", "-f", "/etc/wxtoken/config.toml")
     box.run("test", "-f", "/var/lib/wxtoken/main.json")
-    out = apt(box, "install", f"/src/{debs[1].name}")
+    out = apt(box, "install", f"/src/{debs[2].name}")
     assert "wxtoken: started" in out, out
     assert active(box) == "active"
     assert emu.calls(APPID) == 1  # the kept token file is reused
 
 
 def test_purge_removes_the_config_and_says_what_it_keeps(
-        box: Container, debs: tuple[Path, Path]) -> None:
+        box: Container, debs: tuple[Path, Path, Path]) -> None:
     """apt purge: the config goes, the directory with the operator's secret stays (named), the
     state dir stays with the tokens (said, with how to delete it)."""
     out = apt(box, "purge", "wxtoken")

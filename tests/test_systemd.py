@@ -194,6 +194,53 @@ def test_control_socket_serves_the_group_and_refuses_others(box: Container, emu:
     assert denied.returncode == 1 and "permission denied" in denied.stderr
 
 
+def test_check_config_as_root_reads_the_units_credentials(box: Container) -> None:
+    """The README's own `wxtoken check-config --config /etc/wxtoken/config.toml` passes on the
+    installed system: the secret_credential is read from the unit's LoadCredential=."""
+    out = box.run("wxtoken", "check-config", "--config", "/etc/wxtoken/config.toml",
+                  check=False)
+    assert out.returncode == 0, out.stderr
+    assert "LoadCredential=main:/etc/wxtoken/main.secret" in out.stdout
+
+
+def test_install_again_with_a_config_the_new_version_refuses_keeps_the_service(
+        box: Container) -> None:
+    """install.sh --now with a config the (new) version refuses: the running service is not
+    restarted (it would stay down with exit 78); the refusal and what to do are printed, the
+    script succeeds, and `wxtoken status` says what runs and what is refused."""
+    config = box.run("cat", "/etc/wxtoken/config.toml").stdout
+    pid = show(box, "MainPID")
+    box.run("sed", "-i", "1i refresh_intervall = 60", "/etc/wxtoken/config.toml")
+    try:
+        result = box.run("/src/deploy/systemd/install.sh", "--now", timeout=600, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "installed, not restarted: the new version refuses the config: " \
+            "/etc/wxtoken/config.toml: refresh_intervall" in result.stdout, result.stdout
+        assert "then: systemctl restart wxtoken" in result.stdout
+        assert show(box, "ActiveState") == "active" and show(box, "MainPID") == pid
+        status = box.run("wxtoken", "status", check=False)
+        assert status.returncode == 1
+        assert f"(pid {pid}) on the config it last loaded; installed {wxtoken.__version__} " \
+            "refuses the config" in status.stdout, status.stdout + status.stderr
+    finally:
+        box.write("/etc/wxtoken/config.toml", config, "0640")
+        box.run("chgrp", "wxtoken", "/etc/wxtoken/config.toml")
+
+
+def test_install_again_keeps_the_configs_owner_and_mode(box: Container) -> None:
+    """install.sh sets the config's owner and mode on the first install only: a wxtoken-owned
+    0600 config (which may hold an inline secret) stays as it is."""
+    box.run("chown", "wxtoken:wxtoken", "/etc/wxtoken/config.toml")
+    box.run("chmod", "0600", "/etc/wxtoken/config.toml")
+    try:
+        box.run("/src/deploy/systemd/install.sh", timeout=600)
+        assert box.run("stat", "-c", "%U %G %a", "/etc/wxtoken/config.toml").stdout.split() \
+            == ["wxtoken", "wxtoken", "600"]
+    finally:
+        box.run("chown", "root:wxtoken", "/etc/wxtoken/config.toml")
+        box.run("chmod", "0640", "/etc/wxtoken/config.toml")
+
+
 def test_restart_reuses_the_token_and_stop_is_clean(box: Container, emu: Emulator) -> None:
     """systemctl restart makes no upstream call; systemctl stop exits cleanly."""
     calls = emu.calls()

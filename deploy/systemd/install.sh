@@ -18,10 +18,20 @@ die() { echo "install.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root"
 command -v systemctl >/dev/null || die "systemd is required"
 
+# the wxtoken package (apt) and this script would shadow each other's unit and command (ours in
+# /etc/systemd/system and /usr/local/bin win): one method at a time
+packaged() { dpkg-query -W -f='${Status}' wxtoken 2>/dev/null | grep -q ' installed$'; }
+owned_by_package() { dpkg-query -S "$1" >/dev/null 2>&1; }
+
 case "${1:-}" in
 --uninstall)
-    systemctl disable --now wxtoken.service 2>/dev/null || true
-    rm -f "$UNIT" "$SYSUSERS" "$LINK"
+    # only what this script installed: never the package's files
+    if grep -qs '^# Installed by deploy/systemd/install.sh' "$UNIT"; then
+        systemctl disable --now wxtoken.service 2>/dev/null || true
+        rm -f "$UNIT"
+    fi
+    [ "$(readlink "$LINK" 2>/dev/null)" != "$PREFIX/bin/wxtoken" ] || rm -f "$LINK"
+    owned_by_package "$SYSUSERS" || rm -f "$SYSUSERS"
     rm -rf "$PREFIX"
     systemctl daemon-reload
     say "removed; kept /var/lib/wxtoken, /etc/wxtoken and the wxtoken user"
@@ -29,6 +39,12 @@ case "${1:-}" in
 --now|"") ;;
 *) die "usage: install.sh [--now | --uninstall]" ;;
 esac
+
+if packaged; then
+    die "the wxtoken package is installed (apt): this script's unit and command would shadow" \
+        "its own. Upgrade the package instead, or remove it first with: apt remove wxtoken" \
+        "(it keeps /etc/wxtoken and /var/lib/wxtoken)"
+fi
 
 # The service must not depend on anything under /root or /home (ProtectHome=yes hides them):
 # the venv is made with the system's Python.
@@ -40,6 +56,9 @@ if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 fi
 
+# a first install: this script's unit, written last, is not there yet
+first=""
+[ -e "$UNIT" ] || first=1
 [ -x "$PREFIX/bin/python" ] || "$PY" -m venv "$PREFIX"
 # build from a copy: the checkout may be read-only and must not collect build artefacts
 build=$(mktemp -d)
@@ -61,11 +80,12 @@ ln -sf "$PREFIX/bin/wxtoken" "$LINK"
 install -D -m 0644 "$HERE/wxtoken.sysusers" "$SYSUSERS"
 systemd-sysusers "$SYSUSERS"
 install -d -m 0750 -o root -g wxtoken /etc/wxtoken
+# the daemon (group wxtoken) reads the config, nobody else; set so on the first install only:
+# later runs keep what the operator chose (a wxtoken-owned 0600 config may hold an inline secret)
 if [ ! -e /etc/wxtoken/config.toml ]; then
     install -m 0640 -o root -g wxtoken "$SRC/config.example.toml" /etc/wxtoken/config.toml
     say "wrote /etc/wxtoken/config.toml from the example: edit it, then: systemctl restart wxtoken"
-else
-    # the daemon (user wxtoken) must read it; nobody else needs to
+elif [ -n "$first" ]; then
     chown root:wxtoken /etc/wxtoken/config.toml
     chmod 0640 /etc/wxtoken/config.toml
 fi
@@ -74,6 +94,21 @@ systemctl daemon-reload
 
 if [ "${1:-}" = --now ]; then
     systemctl enable --quiet wxtoken.service
+    # the new version checks the config first (like nginx's upgrade): a refused one would
+    # leave the service down (exit 78 is not retried); a running one goes on as it was
+    if ! out=$("$PREFIX/bin/wxtoken" check-config --config /etc/wxtoken/config.toml 2>&1 \
+               >/dev/null); then
+        why=$(echo "$out" | grep -v '^wxtoken: warning: ' | head -n 1 | sed 's/^wxtoken: //')
+        if systemctl --quiet is-active wxtoken.service; then
+            say "installed, not restarted: the new version refuses the config: $why"
+            say "the service goes on with the version it runs; fix /etc/wxtoken/config.toml" \
+                "(wxtoken check-config), then: systemctl restart wxtoken"
+        else
+            say "installed, not started: $why"
+            say "fix /etc/wxtoken/config.toml (wxtoken check-config), then: systemctl start wxtoken"
+        fi
+        exit 0
+    fi
     systemctl restart wxtoken.service
     say "started: systemctl status wxtoken; journalctl -u wxtoken"
 else
