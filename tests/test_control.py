@@ -571,3 +571,18 @@ def test_a_report_refused_by_the_spacing_costs_no_call_at_the_next_restart(
     d.wait_for("daemon.ready")
     assert emulator.calls(APPID) == 2
     d.stop()
+
+
+def test_a_missing_socket_directory_is_an_error_line_at_start(
+        emulator: Emulator, make_config: Callable[..., Path], sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """The control socket's directory missing when the daemon starts: tokens are still kept
+    fresh, but passive refresh is off, so it is an error line (readers would find out during
+    an outage), naming the socket and what to do."""
+    config = make_config(MAIN, control_socket=str(sock_dir / "missing" / "control.sock"))
+    d = daemons(config)
+    d.wait_for("daemon.ready")
+    disabled = d.wait_for("control.disabled")
+    assert disabled["level"] == "error" and disabled["socket"].endswith("missing/control.sock")
+    assert "passive refresh" in disabled["impact"]
+    assert d.stop() == 0

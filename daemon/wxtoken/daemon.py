@@ -173,9 +173,15 @@ class Daemon:
             self.control = ControlServer(self.config.control_socket, lambda: self.config,
                                          self.force, self.reload, self.ops, self.platforms)
         except OSError as exc:  # e.g. /run/wxtoken missing when run by hand: refresh is off
+            # an error line: readers would otherwise find out during an outage, when their
+            # passive refresh fails
             self.control = None
-            self.log.warning("control.disabled", socket=self.config.control_socket,
-                             reason=exc.strerror or str(exc))
+            self.log.error("control.disabled", socket=self.config.control_socket,
+                           reason=exc.strerror or str(exc),
+                           impact="no passive refresh, reload over the socket or quota tools; "
+                                  "tokens are still kept fresh",
+                           hint="create the socket's directory (or set control_socket) and "
+                                "restart")
         self.scheduler.start()
         if self.control is not None:
             self.control.start()
