@@ -328,7 +328,7 @@ class Operations:
         quota: refuse before one of the month's 10 resets is spent."""
         config = self.config()
         status = read_status(status_path(config.state_dir, app.name))
-        now = time.time()
+        now = self.clock()
         used = status.calls_today if status.calls_day == wechat_day(now) else 0
         if status.last_result is LastResult.BUDGET and \
                 used + 1 + len(app.tickets) > config.daily_budget:
