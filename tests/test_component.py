@@ -447,3 +447,19 @@ def test_an_authorizer_no_refresh_token_can_save_needs_a_new_authorization(
                timeout=15)
     assert emulator.token_status(p.token(auth(1))) == 0
     assert d.stop() == 0
+
+
+def test_a_platform_waits_for_its_first_ticket_without_an_error(
+        platform: Platform, daemons: Callable[..., DaemonProcess]) -> None:
+    """Before its first component_verify_ticket a platform only waits (an info line, nothing
+    at error level: `journalctl -p err` stays empty); the first push ends the wait at once."""
+    platform.comp.pushing = False
+    d = daemons(platform.config)
+    waiting = d.wait_for("refresh.waiting", timeout=15)
+    assert waiting["level"] == "info" and "component_verify_ticket" in waiting["reason"]
+    d.wait_for("daemon.ready", timeout=15)
+    platform.emulator.platforms.push_ticket(platform.comp)
+    wait_until(lambda: (platform.dir / f"{COMP}.json").exists(), timeout=15)
+    assert d.stop() == 0
+    loud = [e for e in d.events() if e["level"] in ("warning", "error", "critical")]
+    assert not loud, loud

@@ -58,12 +58,15 @@ class UpstreamError(WxtokenError):
 
     def __init__(self, kind: ErrorClass, message: str, errcode: int | None = None,
                  errmsg: str | None = None, rid: str | None = None,
-                 called: bool = True) -> None:
+                 called: bool = True, waiting: bool = False) -> None:
         self.kind = kind
         self.errcode = errcode
         self.errmsg = errmsg
         self.rid = rid  # WeChat's request id from the errmsg ("… rid: <id>"), for rid/get
         self.called = called  # False: refused before any call was made (counts no quota)
+        # nothing went wrong: what the call needs has not come yet (an Open Platform's first
+        # component_verify_ticket); logged at info, not as a failure
+        self.waiting = waiting
         super().__init__(message)
 
 

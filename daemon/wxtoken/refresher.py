@@ -99,6 +99,7 @@ class Refresher:
                                (self.hard_base, self.hard_cap))
         self.pending: _Pending | None = None
         self.store_failures = 0
+        self.told_waiting = False  # a wait for what comes by itself is said once per process
         self._due: tuple[str, float, float] | None = None  # (token, refreshed, jittered due)
         # what the last run saw (the daemon's health and metrics read these, not the files)
         self.record: TokenRecord | None = None
@@ -488,7 +489,11 @@ class Refresher:
             fields.update(errcode=exc.errcode, errmsg=exc.errmsg)
         if exc.rid:
             fields["rid"] = exc.rid  # `wxtoken rid APP <rid>` looks it up
-        if exc.kind is ErrorClass.TRANSIENT:
+        if exc.waiting:
+            (self.log.debug if self.told_waiting else self.log.info)(
+                "refresh.waiting", reason=str(exc), next_in=fields["next_in"])
+            self.told_waiting = True
+        elif exc.kind is ErrorClass.TRANSIENT:
             self.log.warning("refresh.failed", **fields)
         else:
             self.log.error("refresh.failed", **fields)

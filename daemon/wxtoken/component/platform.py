@@ -85,6 +85,13 @@ class ComponentFetcher:
             p.fleet.pull_tickets(p.files)
         now = p.clock()
         tickets = p.files.usable_tickets(now)
+        if not tickets and p.files.newest_ticket_at() is None:
+            # a platform just set up: nothing is wrong yet, the first push ends the wait
+            raise UpstreamError(ErrorClass.PERMANENT, "waiting for the first "
+                                "component_verify_ticket: WeChat pushes one every 10 minutes "
+                                "to the authorization event URL (callback_listen), or hand "
+                                "one over with `wxtoken component ticket`", called=False,
+                                waiting=True)
         if not tickets:
             raise UpstreamError(ErrorClass.PERMANENT, "no component_verify_ticket younger "
                                 "than 12 h: WeChat pushes one every 10 minutes to the "
@@ -384,10 +391,6 @@ class Platform:
         if self.fleet is not None and (wait := self.fleet.reconcile_wait()) is not None:
             due = wait  # the fleet's: one host reconciles a day
         self.host.later(self.reconcile, due, f"reconcile:{self.comp.name}")
-        if self.files.newest_ticket_at() is None:
-            self.log.warning("component.no_ticket", reason="no component_verify_ticket yet: "
-                             "it comes from WeChat every 10 minutes at the authorization event "
-                             "URL (callback_listen), or from `wxtoken component ticket`")
 
     # -- the fleet mode ------------------------------------------------------------------------
     def _start_following(self) -> None:
