@@ -1,4 +1,5 @@
-"""The command line as a user runs it: token, status, check-config, demo."""
+"""The command line as a user runs it: token, status, check-config (the shipped example config
+included). `wxtoken demo` has tests/test_demo.py."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from helpers import (
     NOBODY,
     SECRET,
     SECRET2,
-    TEST_SECRETS,
     DaemonProcess,
+    read_json,
     run_cli,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_token_prints_the_valid_token_and_status_is_healthy(
@@ -104,19 +107,6 @@ def test_reader_commands_need_no_secret(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no token file yet" in result.stdout
 
 
-def test_demo_runs_emulator_and_daemon_and_every_token_is_accepted() -> None:
-    """`wxtoken demo` refreshes both demo apps and its reader's tokens all work."""
-    result = run_cli("demo", "--duration", "13", timeout=60)
-    assert result.returncode == 0, result.stderr
-    out = result.stderr + result.stdout
-    assert "token.refreshed" in out and "app=main" in out and "app=mini" in out
-    assert "wechat_accepts=yes" in out and "unresolved=0" in out
-    assert "demo.wechat_drops_token" in out and "action=report_invalid" in out
-    assert "refresh.forced" in out and "passive_refreshes=1" in out
-    for secret in ("demo-secret-main-0001", "demo-secret-mini-0002", *TEST_SECRETS):
-        assert secret not in out
-
-
 def test_status_reports_a_stale_token_when_refreshes_stop(make_config: Callable[..., Path]) -> None:
     """A still-valid token whose refresh is long overdue (daemon not running) is unhealthy."""
     config = make_config(refresh_interval=60)
@@ -185,3 +175,64 @@ def test_a_state_dir_that_is_a_file_is_a_config_error(tmp_path: Path, command: s
     assert result.returncode == 78
     assert result.stderr.strip() == f"wxtoken: {config}: state_dir: {state} is not a directory"
     assert state.read_text() == "not a directory\n"
+
+
+def example_copy(tmp_path: Path, **top: object) -> Path:
+    """config.example.toml as shipped, with ``top`` settings put in front of it (the example
+    leaves every top-level setting commented out, so none is set twice)."""
+    path = tmp_path / "config.toml"
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in top.items())
+                    + (REPO / "config.example.toml").read_text())
+    return path
+
+
+def credentials(tmp_path: Path, secret: str | None) -> dict[str, str]:
+    """A $CREDENTIALS_DIRECTORY as systemd fills it from LoadCredential=main:… (0600, ours)."""
+    directory = tmp_path / "credentials"
+    directory.mkdir(mode=0o700)
+    if secret is not None:
+        (directory / "main").write_text(secret + "\n")
+        (directory / "main").chmod(0o600)
+    return {"CREDENTIALS_DIRECTORY": str(directory)}
+
+
+def test_the_example_config_is_one_official_account_and_lacks_only_its_secret(
+        tmp_path: Path) -> None:
+    """config.example.toml as shipped: one uncommented app table, main (stable_token, its
+    secret from the systemd credential "main"); check-config refuses it for that missing
+    secret alone, naming the key."""
+    import tomllib
+    shipped = tomllib.loads((REPO / "config.example.toml").read_text())
+    assert shipped == {"apps": {"main": {"appid": "wx0123456789abcdef", "api": "stable_token",
+                                         "secret_credential": "main"}}}
+    result = run_cli("check-config", "--config", str(REPO / "config.example.toml"),
+                     env=credentials(tmp_path, None))
+    assert result.returncode == 78, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines()
+              if not line.startswith("wxtoken: warning: ")]
+    assert len(errors) == 1 and "apps.main.secret_credential: cannot read" in errors[0], errors
+
+
+def test_the_example_config_passes_once_its_secret_is_there_and_fetches_a_token(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """With its secret handed over as the example recommends (a credential, 0600) and the
+    paths of a test, the example passes check-config and a daemon run on it keeps main's
+    token, fetched with stable_token."""
+    config = example_copy(tmp_path, state_dir=str(tmp_path / "state"), api_base=emulator.url,
+                          control_socket=str(sock_dir / "control.sock"), log_format="json")
+    text = config.read_text().replace('appid = "wx0123456789abcdef"', f'appid = "{APPID}"')
+    config.write_text(text)
+    (tmp_path / "state").mkdir()
+    env = credentials(tmp_path, SECRET)
+    checked = run_cli("check-config", "--config", str(config), env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert '[apps.main]\napi = "stable_token"' in checked.stdout
+    assert 'secret = "***"  # from secret_credential=main' in checked.stdout
+    d = daemons(config, env)
+    d.wait_for("daemon.ready", timeout=15)
+    token = run_cli("token", "main", "--config", str(config))
+    assert token.returncode == 0 and emulator.token_status(token.stdout.strip()) == 0
+    assert read_json(tmp_path / "state" / "main.json")["appid"] == APPID
+    assert d.stop() == 0
+    assert emulator.calls(APPID, "stable_token") == 1

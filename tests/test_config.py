@@ -246,7 +246,7 @@ def test_example_config_documents_every_key_and_is_valid(tmp_path: Path) -> None
     for key in COMPONENT_KEYS:
         assert key in text, key
     config = load_config(str(REPO / "config.example.toml"), resolve_secrets=False)
-    assert [a.name for a in config.apps] == ["main", "mini", "corp"]
+    assert [a.name for a in config.apps] == ["main"]  # one Official Account; the rest commented
     assert config.redis is None  # the fleet table is shown commented out
 
 
