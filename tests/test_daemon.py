@@ -175,7 +175,7 @@ def test_start_removes_leftover_temp_files_and_says_so(
     cleaned = d.wait_for("state_dir.cleaned")
     assert cleaned["action"] == f"removed {state}/.main.k1ll3d.tmp"
     assert sorted(p.name for p in state.iterdir()) == [
-        ".locks", "main.json", "main.status.json"]
+        ".daemon.json", ".locks", "main.json", "main.status.json"]
     assert d.stop() == 0
 
 
