@@ -306,3 +306,19 @@ def test_a_unit_running_as_root_reads_any_secret_file(tmp_path: Path) -> None:
     config = config_file(tmp_path, f'[apps.main]\nappid = "{APPID}"\nsecret_file = "{secret}"\n')
     result = check(config, fake_systemctl(tmp_path, "[Service]\nExecStart=/usr/bin/wxtoken run\n"))
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@needs_root
+def test_a_secret_env_the_unit_sets_is_a_warning_not_a_refusal(tmp_path: Path) -> None:
+    """check-config outside the service (an upgrade's check) does not see the unit's
+    Environment=: a secret_env it cannot read here is "not checked" (exit 0), not refused; the
+    daemon itself still requires it."""
+    config = config_file(tmp_path, f'[apps.main]\nappid = "{APPID}"\n'
+                                   'secret_env = "WXT_MAIN_SECRET"\n')
+    env = fake_systemctl(tmp_path, systemctl_cat("[Service]\nEnvironment=WXT_MAIN_SECRET=x\n"))
+    env.pop("WXT_MAIN_SECRET", None)
+    result = check(config, env)
+    assert result.returncode == 0, result.stderr
+    assert "apps.main.secret_env: environment variable WXT_MAIN_SECRET not checked" \
+        in result.stderr
+    assert run_cli("run", "--config", str(config), env=env).returncode == 78

@@ -130,6 +130,27 @@ def test_disk_full_keeps_the_old_token_and_recovers(
         assert [p for p in os.listdir(state) if p.endswith(".tmp")] == []
 
 
+def test_a_restart_on_a_full_disk_starts_and_serves_the_valid_token(
+        emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A restart (an upgrade's, a reboot's) while the state dir's disk is full: the daemon
+    still starts and keeps the valid token (its .daemon.json is best effort, a warning), instead
+    of failing until the start limit gives up."""
+    with small_tmpfs(tmp_path / "small") as state:
+        config = make_config(state_dir=str(state))
+        first = daemons(config)
+        first.wait_for("daemon.ready")
+        assert first.stop() == 0
+        before = (state / "main.json").read_bytes()
+        fill(state)
+        d = daemons(config)
+        d.wait_for("daemon.ready")
+        assert d.wait_for("daemon.run_info_failed")["level"] == "warning"
+        assert (state / "main.json").read_bytes() == before
+        assert d.stop() == 0
+        assert emulator.calls() == 1
+
+
 def test_read_only_state_dir_keeps_the_old_token_and_recovers(
         emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
         daemons: Callable[..., DaemonProcess]) -> None:

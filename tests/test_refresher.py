@@ -466,34 +466,71 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("target", ["refused", "tls", "proxy"])
+@pytest.mark.parametrize("target", ["refused", "tls", "proxy", "handshake_hangs"])
 def test_a_call_that_never_reached_wechat_costs_no_budget(
         tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch,
         target: str) -> None:
-    """Connection refused, a failed TLS handshake, a proxy that cannot be reached: no request
-    byte reached api_base, so a whole outage of them spends none of daily_budget."""
+    """Connection refused, a failed or hung TLS handshake, a proxy that cannot be reached: no
+    request byte reached api_base, so a whole outage of them spends none of daily_budget, and
+    the error names host, port and cause."""
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+    mute = socket.socket()  # accepts TCP (the kernel's backlog) and never says a word
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(16)
     if target == "refused":
-        base = f"http://127.0.0.1:{_closed_port()}"
+        port = _closed_port()
+        base, cause = f"http://127.0.0.1:{port}", f"connection refused by 127.0.0.1:{port}"
     elif target == "tls":
         base = emulator.url.replace("http://", "https://")  # the emulator speaks plain HTTP
+        cause = "TLS handshake with 127.0.0.1:"
+    elif target == "handshake_hangs":
+        base = f"https://127.0.0.1:{mute.getsockname()[1]}"
+        cause = f"timed out connecting to 127.0.0.1:{mute.getsockname()[1]}"
     else:
-        base = "https://api.weixin.qq.com"
+        base, cause = "https://api.weixin.qq.com", "the proxy (HTTPS_PROXY) refused"
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{_closed_port()}")
-    client = WeChatClient(base, timeout=(2.0, 2.0))
+    client = WeChatClient(base, timeout=(0.5, 0.5))
     clock = Clock()
     r = make(tmp_path, client, clock=clock, daily_budget=3)
     try:
-        for _ in range(8):
+        for _ in range(5):
             outcome = r.run()
             assert outcome.state == "failed"
             clock.offset = outcome.next_at - time.time() + 0.01
     finally:
         client.close()
+        mute.close()
     status = FileStore(str(tmp_path), "main").read_status()
-    assert status.calls_today == 0 and status.failures == 8
+    assert status.calls_today == 0 and status.failures == 5
+    assert status.error is not None and cause in status.error, status.error
     assert emulator.calls() == 0
+
+
+def test_tickets_and_forced_refreshes_that_never_reached_wechat_cost_nothing(
+        tmp_path: Path) -> None:
+    """A ticket fetch or a passive refresh that could not connect spends neither the budget
+    nor one of stable_token's 20 forced refreshes a day."""
+    client = WeChatClient(f"http://127.0.0.1:{_closed_port()}", timeout=(0.5, 0.5))
+    now = int(time.time())
+    app = AppConfig(name="mini", api=Api.STABLE_TOKEN, appid=APPID2, secret=SECRET2,
+                    tickets=("jsapi",))
+    FileStore(str(tmp_path), "mini").write(
+        TokenRecord("mini", APPID2, "valid-token", expires_at=now + 7000, refreshed_at=now))
+    clock = Clock()
+    r = make(tmp_path, client, app=app, clock=clock, daily_budget=3)
+    try:
+        for _ in range(4):  # the token is valid, its ticket is missing: ticket fetches
+            outcome = r.run()
+            clock.offset = max(clock.offset, outcome.next_at - time.time() + 0.01)
+        status = FileStore(str(tmp_path), "mini").read_status()
+        assert status.calls_today == 0 and status.last_attempt_at > 0
+        forced = r.force(privileged=True)
+    finally:
+        client.close()
+    assert forced.state == "failed"
+    status = FileStore(str(tmp_path), "mini").read_status()
+    assert status.calls_today == 0 and status.forced_today == 0
 
 
 @pytest.mark.parametrize("fault", ["5xx", "reset", "hang"])

@@ -4,6 +4,7 @@ the installed version accepts the config."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from collections.abc import Callable
@@ -58,6 +59,20 @@ def test_a_daemon_whose_files_were_replaced_reloads_refreshes_and_stops(
     assert "Traceback" not in log and "newly installed version" not in log
 
 
+def test_commands_that_read_the_config_leniently_take_a_bom(
+        make_config: Callable[..., Path], sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A config saved with a UTF-8 BOM (Notepad) is read by the daemon and by `wxtoken reload`,
+    which finds the control socket the config names (not the default)."""
+    config = make_config(MAIN, control_socket=str(sock_dir / "other.sock"))
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    d = daemons(config)
+    d.wait_for("daemon.ready", timeout=15)
+    reloaded = run_cli("reload", "--config", str(config))
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert d.stop() == 0
+
+
 def test_status_says_which_version_runs_and_that_the_installed_one_refuses_the_config(
         tmp_path: Path, make_config: Callable[..., Path],
         daemons: Callable[..., DaemonProcess]) -> None:
@@ -79,5 +94,10 @@ def test_status_says_which_version_runs_and_that_the_installed_one_refuses_the_c
     assert f"running 0.0.9 (pid {d.proc.pid}) on the config it last loaded; installed " \
            f"{__version__} refuses the config: " in status.stdout + status.stderr
     assert "refresh_intervall" in status.stdout + status.stderr
+    as_json = run_cli("status", "--json", "--config", str(config))
+    assert as_json.returncode == 1
+    doc = json.loads(as_json.stdout)  # monitoring parses it even now
+    assert doc["healthy"] is False and doc["daemon"]["pid"] == d.proc.pid
+    assert any("refresh_intervall" in p for p in doc["config_problems"])
     assert d.stop() == 0
     assert not (config.parent / "state" / ".daemon.json").exists()

@@ -163,9 +163,11 @@ def _lenient(args: argparse.Namespace, key: str, default: str) -> str:
     """A top-level path from a config that may not pass (a reload or a restart would refuse
     it), else the default."""
     import tomllib
+
+    from wxtoken.config import UTF8_BOM
     try:
         with open(args.config or default_config_path(), "rb") as fh:
-            value = tomllib.load(fh).get(key)
+            value = tomllib.loads(fh.read().removeprefix(UTF8_BOM).decode()).get(key)
     except (OSError, ValueError):
         value = None
     return value if isinstance(value, str) and value else default
@@ -306,15 +308,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, resolve_secrets=False)
     except ConfigError as exc:
-        # the running daemon keeps the config it last loaded: say so, beside the refusal
+        # the running daemon keeps the config it last loaded: say so, beside the refusal (not
+        # when this user merely cannot read the config: that is no refusal)
         info = running(_lenient(args, "state_dir", DEFAULT_STATE_DIR))
-        if info is None:
+        if info is None or any(": cannot read config: " in p for p in exc.problems):
             raise
+        line = (f"running {info.version} (pid {info.pid}) on the config it last loaded; "
+                f"installed {__version__} refuses the config: {exc.problems[0]}; a restart "
+                "would fail: fix the config first (wxtoken check-config)")
+        if args.json:
+            print(json.dumps({"healthy": False, "daemon": {
+                "version": info.version, "pid": info.pid, "installed": __version__,
+                "upgrade": line}, "config_problems": exc.problems}, indent=2,
+                ensure_ascii=False))
+            return 1
         for problem in exc.problems:
             print(f"wxtoken: {problem}", file=sys.stderr)
-        print(f"running {info.version} (pid {info.pid}) on the config it last loaded; installed "
-              f"{__version__} refuses the config: {exc.problems[0]}; a restart would fail: fix "
-              "the config first (wxtoken check-config)")
+        print(line)
         return 1
     now = time.time()
     daemon = running(config.state_dir)

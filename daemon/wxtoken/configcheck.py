@@ -245,6 +245,13 @@ def resolve_secret(ck: Checker, table: dict[str, Any], prefix: str, kind: str,
         return value.strip(), "inline"
     if key.endswith("_env"):
         secret = os.environ.get(value, "").strip()
+        if not secret and ck.service is not None and \
+                (given := ck.service.env_source(value)) is not None:
+            # check-config outside the service: the unit hands it to the daemon, not to this
+            # shell (an upgrade's check must not refuse the config for it)
+            ck.warn(prefix + key, f"environment variable {value} not checked: it is not set "
+                    f"here; the service gets it from its unit's {given}")
+            return "", f"{key}={value} (not checked)"
         if not secret:
             ck.bad(prefix + key, f"environment variable {value} is not set or empty")
             return "", ""

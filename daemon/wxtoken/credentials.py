@@ -15,6 +15,7 @@ import grp
 import os
 import pwd
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 
@@ -50,6 +51,17 @@ class Unit:
     group: str | None = None
     supplementary: tuple[str, ...] = ()
     dynamic_user: bool = False
+    environment: frozenset[str] = frozenset()  # the names Environment= sets
+    environment_files: tuple[str, ...] = ()  # EnvironmentFile= (they may set any name)
+
+    def sets_env(self, name: str) -> str | None:
+        """How the unit hands the daemon the environment variable ``name`` (None: it does
+        not)."""
+        if name in self.environment:
+            return "Environment="
+        if self.environment_files:
+            return f"EnvironmentFile={self.environment_files[-1]}"
+        return None
 
     def credential(self, name: str) -> Credential | None:
         """Where the credential ``name`` comes from (None: the unit gives none of that name).
@@ -107,6 +119,8 @@ def parse_unit(text: str) -> Unit:
     user = group = None
     supplementary: list[str] = []
     dynamic = False
+    environment: set[str] = set()
+    environment_files: list[str] = []
     section = ""
     for line in _logical_lines(text):
         if line.startswith("["):
@@ -137,8 +151,20 @@ def parse_unit(text: str) -> Unit:
             supplementary = supplementary + value.split() if value else []
         elif key == "DynamicUser":
             dynamic = value.lower() in TRUE
+        elif key == "Environment":
+            if not value:
+                environment.clear()
+            else:
+                try:
+                    words = shlex.split(value)
+                except ValueError:
+                    words = value.split()
+                environment.update(w.partition("=")[0] for w in words if "=" in w)
+        elif key == "EnvironmentFile":
+            environment_files = [*environment_files, value] if value else []
     return Unit(loaded=tuple(loaded), set_names=frozenset(set_names), imports=tuple(imports),
-                user=user, group=group, supplementary=tuple(supplementary), dynamic_user=dynamic)
+                user=user, group=group, supplementary=tuple(supplementary), dynamic_user=dynamic,
+                environment=frozenset(environment), environment_files=tuple(environment_files))
 
 
 def systemctl_cat(unit: str = UNIT) -> str:
@@ -195,6 +221,14 @@ class Service:
         if self._unit is None:
             raise UnitUnknown(self._why)
         return self._unit
+
+    def env_source(self, name: str) -> str | None:
+        """How the installed unit hands the daemon the environment variable ``name`` (None:
+        it does not, or there is no unit to read)."""
+        try:
+            return self.unit().sets_env(name)
+        except UnitUnknown:
+            return None
 
     def credential(self, name: str) -> Credential | None:
         """Where the unit loads credential ``name`` from (None: it loads none of that name)."""

@@ -36,7 +36,7 @@ from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
 from wxtoken.refresher import Forced, Refresher
-from wxtoken.runinfo import remove_run_info, write_run_info
+from wxtoken.runinfo import remove_run_info, run_path, write_run_info
 from wxtoken.schedule import Outcome, State
 from wxtoken.status import AppStatus
 from wxtoken.store import TokenStore, clean_state_dir
@@ -634,15 +634,28 @@ class Daemon:
 NOT_PRELOADED = frozenset({"emulator", "demo", "wechatpy_session", "__main__"})
 
 
+# what APScheduler would load by its entry points at first use (add_job without a trigger)
+THIRD_PARTY_LAZY = ("apscheduler.triggers.date",)
+
+
 def preload() -> None:
     """Import every module of the program the daemon may need later, before it is READY: an
     upgrade (apt, install.sh) replaces the files under the running daemon, which must never load
     a module of the new version beside the old ones (the reload code at the first SIGHUP, the
     Open Platform's at its first event, the quota tools at their first use)."""
     import wxtoken
-    for module in pkgutil.walk_packages(wxtoken.__path__, "wxtoken."):
-        if module.name.split(".")[1] not in NOT_PRELOADED:
-            importlib.import_module(module.name)
+
+    def walk(path: list[str], prefix: str) -> None:
+        for module in pkgutil.iter_modules(path, prefix):
+            if module.name.split(".")[1] in NOT_PRELOADED:
+                continue  # never imported, not even to look inside
+            imported = importlib.import_module(module.name)
+            if module.ispkg:
+                walk(list(imported.__path__), module.name + ".")
+
+    walk(list(wxtoken.__path__), "wxtoken.")
+    for name in THIRD_PARTY_LAZY:
+        importlib.import_module(name)
 
 
 def run(config: Config) -> int:
@@ -658,7 +671,9 @@ def run(config: Config) -> int:
     daemon = Daemon(config)
     clean = True
     try:
-        write_run_info(config.state_dir, __version__)
+        if (why := write_run_info(config.state_dir, __version__)) is not None:
+            daemon.log.warning("daemon.run_info_failed", path=run_path(config.state_dir),
+                               error=why, impact="wxtoken status cannot tell that it runs")
         daemon.start()
         while signal.sigwait(signals) == signal.SIGHUP:
             daemon.reload()  # the verdict goes to the journal

@@ -549,8 +549,9 @@ class Refresher:
             fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
         except UpstreamError as exc:
             status.calls_today -= len(self.app.tickets)
-            if not exc.called:
+            if not exc.called:  # nothing reached WeChat: neither the budget nor its 20 a day
                 status.calls_today -= 1
+                status.forced_today -= 1
             if remember:
                 assert invalid_token is not None
                 status.refused_token = fingerprint(invalid_token)

@@ -27,11 +27,17 @@ def run_path(state_dir: str) -> str:
     return os.path.join(state_dir, RUN_FILE)
 
 
-def write_run_info(state_dir: str, version: str) -> None:
-    """Say that this process, of ``version``, runs on ``state_dir`` (atomic, 0640)."""
+def write_run_info(state_dir: str, version: str) -> str | None:
+    """Say that this process, of ``version``, runs on ``state_dir`` (atomic, 0640). Best
+    effort: a full or read-only disk must not stop the daemon from starting (it keeps the
+    valid tokens it has); the reason is returned for a warning."""
     from wxtoken.store import atomic_write  # the daemon's side only
     doc = {"version": version, "pid": os.getpid(), "started_at": time.time()}
-    atomic_write(run_path(state_dir), json.dumps(doc).encode() + b"\n", 0o640)
+    try:
+        atomic_write(run_path(state_dir), json.dumps(doc).encode() + b"\n", 0o640)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def remove_run_info(state_dir: str) -> None:

@@ -65,6 +65,8 @@ class Tickets:
                 got = self.client.fetch_ticket(self.app, record.access_token, kind)
             except UpstreamError as exc:
                 failed = True
+                if not exc.called:
+                    asked -= 1  # no byte reached WeChat: it costs no budget
                 self.log.warning("ticket.failed", ticket=kind, error=str(exc),
                                  errcode=exc.errcode, errmsg=exc.errmsg,
                                  **({"rid": exc.rid} if exc.rid else {}))

@@ -411,6 +411,10 @@ class WeChatClient:
                                     f"non-JSON response from {path}") from None
 
 
+def _proxied(url: str) -> bool:
+    return bool(requests.utils.get_environ_proxies(url))
+
+
 def _where(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -431,6 +435,12 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         todo += [getattr(item, "reason", None), *item.args, item.__cause__, item.__context__]
 
 
+# urllib3 < 2 has no NameResolutionError (a name that does not resolve is a gaierror there)
+_NAME_ERRORS: tuple[type[BaseException], ...] = (socket.gaierror, *(
+    [urllib3.exceptions.NameResolutionError]
+    if hasattr(urllib3.exceptions, "NameResolutionError") else []))
+
+
 def _cause(exc: requests.exceptions.RequestException, url: str, connected: bool) -> str:
     """What went wrong, naming host, port and cause, and never the URL (its query holds the
     secret)."""
@@ -438,8 +448,7 @@ def _cause(exc: requests.exceptions.RequestException, url: str, connected: bool)
     chain = list(_chain(exc))
     proxy = any(isinstance(e, requests.exceptions.ProxyError | urllib3.exceptions.ProxyError)
                 for e in chain)
-    if any(isinstance(e, urllib3.exceptions.NameResolutionError | socket.gaierror)
-           for e in chain):
+    if any(isinstance(e, _NAME_ERRORS) for e in chain):
         return (f"cannot resolve {'the proxy' if proxy else urlsplit(url).hostname} (DNS): "
                 "check the resolver and egress")
     if proxy:
@@ -454,8 +463,10 @@ def _cause(exc: requests.exceptions.RequestException, url: str, connected: bool)
         if "CERTIFICATE" in str(reason):
             return f"TLS verification failed for {where}: {reason} (check ca_bundle)"
         return f"TLS handshake with {where} failed: {reason}"
-    if isinstance(exc, requests.exceptions.ConnectTimeout) and not connected:
-        return f"timed out connecting to {where}"
+    if isinstance(exc, requests.exceptions.Timeout) and not connected:
+        # the TCP connect, a proxy's CONNECT or the TLS handshake did not finish in time
+        via = " through the proxy (HTTPS_PROXY)" if _proxied(url) else ""
+        return f"timed out connecting to {where}{via} (TCP, TLS handshake or proxy)"
     if isinstance(exc, requests.exceptions.Timeout):
         return f"no answer from {where} in time (read timeout)"
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
