@@ -174,7 +174,7 @@ def test_install_sh_refuses_while_the_package_is_installed(box: Container) -> No
     """install.sh on a machine with the package: refused before it changes anything, naming
     the command that removes the package."""
     out = box.run("/src/repo/deploy/systemd/install.sh", "--now", check=False)
-    assert out.returncode != 0 and "apt remove wxtoken" in out.stderr, out.stderr
+    assert out.returncode != 0 and "apt purge wxtoken" in out.stderr, out.stderr
     assert box.run("test", "-e", "/opt/wxtoken", check=False).returncode != 0
     assert box.run("test", "-e", "/etc/systemd/system/wxtoken.service",
                    check=False).returncode != 0
@@ -232,6 +232,9 @@ def test_remove_stops_and_keeps_config_and_state_reinstall_starts(
     assert box.run("test", "-e", "/usr/bin/wxtoken", check=False).returncode != 0
     box.run("test", "-f", "/etc/wxtoken/config.toml")
     box.run("test", "-f", "/var/lib/wxtoken/main.json")
+    # removed, not purged: a later purge would delete the config under install.sh's service
+    refused = box.run("/src/repo/deploy/systemd/install.sh", check=False)
+    assert refused.returncode != 0 and "removed but not purged" in refused.stderr
     out = apt(box, "install", f"/src/{debs[2].name}")
     assert "wxtoken: started" in out, out
     assert active(box) == "active"

@@ -65,4 +65,10 @@ def running(state_dir: str) -> RunInfo | None:
         return None
     except PermissionError:
         pass  # it runs, as another user
+    try:  # a killed daemon's pid taken by another program since
+        with open(f"/proc/{info.pid}/cmdline", "rb") as fh:
+            if b"wxtoken" not in fh.read(4096):
+                return None
+    except OSError:
+        pass  # no /proc, or hidden from this user: the pid is all there is to go by
     return info

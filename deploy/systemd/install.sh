@@ -20,7 +20,7 @@ command -v systemctl >/dev/null || die "systemd is required"
 
 # the wxtoken package (apt) and this script would shadow each other's unit and command (ours in
 # /etc/systemd/system and /usr/local/bin win): one method at a time
-packaged() { dpkg-query -W -f='${Status}' wxtoken 2>/dev/null | grep -q ' installed$'; }
+package_state() { dpkg-query -W -f='${Status}' wxtoken 2>/dev/null || true; }
 owned_by_package() { dpkg-query -S "$1" >/dev/null 2>&1; }
 
 case "${1:-}" in
@@ -40,11 +40,19 @@ case "${1:-}" in
 *) die "usage: install.sh [--now | --uninstall]" ;;
 esac
 
-if packaged; then
+case "$(package_state)" in
+*" config-files")
+    # removed, not purged: /etc/wxtoken/config.toml is still its conffile, which a later
+    # `apt purge` (or autoremove --purge) would delete under this script's service
+    die "the wxtoken package was removed but not purged: a later purge would delete" \
+        "/etc/wxtoken/config.toml. Back it up, run: apt purge wxtoken, put it back, then run" \
+        "install.sh again" ;;
+*" not-installed"|"") ;;
+*)
     die "the wxtoken package is installed (apt): this script's unit and command would shadow" \
-        "its own. Upgrade the package instead, or remove it first with: apt remove wxtoken" \
-        "(it keeps /etc/wxtoken and /var/lib/wxtoken)"
-fi
+        "its own. Upgrade the package instead, or remove it first with: apt purge wxtoken" \
+        "(back up /etc/wxtoken/config.toml first; /var/lib/wxtoken stays)" ;;
+esac
 
 # The service must not depend on anything under /root or /home (ProtectHome=yes hides them):
 # the venv is made with the system's Python.
@@ -56,9 +64,6 @@ if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
 fi
 
-# a first install: this script's unit, written last, is not there yet
-first=""
-[ -e "$UNIT" ] || first=1
 [ -x "$PREFIX/bin/python" ] || "$PY" -m venv "$PREFIX"
 # build from a copy: the checkout may be read-only and must not collect build artefacts
 build=$(mktemp -d)
@@ -80,14 +85,16 @@ ln -sf "$PREFIX/bin/wxtoken" "$LINK"
 install -D -m 0644 "$HERE/wxtoken.sysusers" "$SYSUSERS"
 systemd-sysusers "$SYSUSERS"
 install -d -m 0750 -o root -g wxtoken /etc/wxtoken
-# the daemon (group wxtoken) reads the config, nobody else; set so on the first install only:
-# later runs keep what the operator chose (a wxtoken-owned 0600 config may hold an inline secret)
+# the daemon (group wxtoken) reads the config, nobody else. An existing config keeps the owner
+# and mode the operator chose (a wxtoken-owned 0600 config may hold an inline secret), unless
+# the daemon could not read it: then it becomes root:wxtoken 0640, and the script says so
 if [ ! -e /etc/wxtoken/config.toml ]; then
     install -m 0640 -o root -g wxtoken "$SRC/config.example.toml" /etc/wxtoken/config.toml
     say "wrote /etc/wxtoken/config.toml from the example: edit it, then: systemctl restart wxtoken"
-elif [ -n "$first" ]; then
+elif ! runuser -u wxtoken -- test -r /etc/wxtoken/config.toml; then
     chown root:wxtoken /etc/wxtoken/config.toml
     chmod 0640 /etc/wxtoken/config.toml
+    say "made /etc/wxtoken/config.toml readable by the daemon (root:wxtoken 0640)"
 fi
 install -m 0644 "$HERE/wxtoken.service" "$UNIT"
 systemctl daemon-reload
