@@ -27,13 +27,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -52,6 +50,7 @@ from wxtoken.errcodes import (
     rid_of,
 )
 from wxtoken.errors import UpstreamError
+from wxtoken.netcause import describe, where
 from wxtoken.record import MAX_TOKEN_LEN
 
 WECHAT_BASE = "https://api.weixin.qq.com"
@@ -380,7 +379,7 @@ class WeChatClient:
                 if call.expired:
                     raise UpstreamError(ErrorClass.TRANSIENT,
                                         f"no complete answer from {path} within "
-                                        f"{self.deadline:g} s ({_where(url)})",
+                                        f"{self.deadline:g} s ({where(url)})",
                                         called=call.connected) from None
                 raise UpstreamError(exc.kind, str(exc), exc.errcode, exc.errmsg, exc.rid,
                                     called=call.connected) from None
@@ -393,7 +392,7 @@ class WeChatClient:
         except requests.exceptions.RequestException as exc:
             # requests' messages carry the URL (and the secret in its query): ours instead
             raise UpstreamError(ErrorClass.TRANSIENT,
-                                f"calling {path}: {_cause(exc, url, call.connected)}") from None
+                                f"calling {path}: {describe(exc, url, call.connected)}") from None
         with resp:
             if resp.is_redirect or 300 <= resp.status_code < 400:
                 raise UpstreamError(ErrorClass.PERMANENT,
@@ -409,73 +408,6 @@ class WeChatClient:
             except (ValueError, requests.exceptions.RequestException):
                 raise UpstreamError(ErrorClass.TRANSIENT,
                                     f"non-JSON response from {path}") from None
-
-
-def _proxied(url: str) -> bool:
-    return bool(requests.utils.get_environ_proxies(url))
-
-
-def _where(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.hostname}:{port}"
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and what caused it: requests wraps urllib3's, which wraps the OS's
-    (``reason`` on urllib3's MaxRetryError and its proxy errors, else cause or context)."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        item = todo.pop(0)
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        todo += [getattr(item, "reason", None), *item.args, item.__cause__, item.__context__]
-
-
-# urllib3 < 2 has no NameResolutionError (a name that does not resolve is a gaierror there)
-_NAME_ERRORS: tuple[type[BaseException], ...] = (socket.gaierror, *(
-    [urllib3.exceptions.NameResolutionError]
-    if hasattr(urllib3.exceptions, "NameResolutionError") else []))
-
-
-def _cause(exc: requests.exceptions.RequestException, url: str, connected: bool) -> str:
-    """What went wrong, naming host, port and cause, and never the URL (its query holds the
-    secret)."""
-    where = _where(url)
-    chain = list(_chain(exc))
-    proxy = any(isinstance(e, requests.exceptions.ProxyError | urllib3.exceptions.ProxyError)
-                for e in chain)
-    if any(isinstance(e, _NAME_ERRORS) for e in chain):
-        return (f"cannot resolve {'the proxy' if proxy else urlsplit(url).hostname} (DNS): "
-                "check the resolver and egress")
-    if proxy:
-        why = ("refused the connection" if any(isinstance(e, ConnectionRefusedError)
-                                               for e in chain) else "failed")
-        return (f"the proxy (HTTPS_PROXY) {why}, on the way to {where}: check the proxy and "
-                "that it lets this host through")
-    if isinstance(exc, requests.exceptions.SSLError) or any(
-            isinstance(e, ssl.SSLError) for e in chain):
-        reason = next((e.reason for e in chain if isinstance(e, ssl.SSLError) and e.reason),
-                      "handshake failed")
-        if "CERTIFICATE" in str(reason):
-            return f"TLS verification failed for {where}: {reason} (check ca_bundle)"
-        return f"TLS handshake with {where} failed: {reason}"
-    if isinstance(exc, requests.exceptions.Timeout) and not connected:
-        # the TCP connect, a proxy's CONNECT or the TLS handshake did not finish in time
-        via = " through the proxy (HTTPS_PROXY)" if _proxied(url) else ""
-        return f"timed out connecting to {where}{via} (TCP, TLS handshake or proxy)"
-    if isinstance(exc, requests.exceptions.Timeout):
-        return f"no answer from {where} in time (read timeout)"
-    if any(isinstance(e, ConnectionRefusedError) for e in chain):
-        return f"connection refused by {where}"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        if not connected:
-            return f"cannot connect to {where}"
-        return f"connection to {where} reset or closed before the answer"
-    return f"{type(exc).__name__} talking to {where}"
 
 
 def _parse_token_body(body: Any, path: str, took_ms: int) -> Fetched:
