@@ -9,10 +9,15 @@ retries what is not answered within 5 s); the work an event needs (exchanging an
 code) runs after the answer.
 
 Refused with a 4xx and a warning, never a traceback: an unknown path (404), a method other than
-POST (405), no Content-Length (411), a body over 64 KiB (413), a malformed or DTD-carrying body
-(400), a bad signature (403), a timestamp more than 10 minutes away from this host's clock (403:
+POST (405), no Content-Length (411), a body over 64 KiB (413), a malformed or DTD-carrying body,
+a query parameter that is not printable ASCII, a timestamp that is not ASCII digits (400), a
+bad signature (403), a timestamp more than 10 minutes away from this host's clock (403:
 a replay). The same message again (WeChat's retry, or a replay inside the window) is answered
 ``success`` without being handled twice.
+
+A message this host cannot store (the component's directory cannot be written: disk full,
+read-only) is answered 503, so that WeChat pushes it again; one error line says so when it
+starts, an info line when a push is handled again, nothing per push in between.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from xml.etree import ElementTree
 
 from wxtoken.component.crypto import CryptoError
-from wxtoken.errors import WxtokenError
+from wxtoken.errors import StoreError, WxtokenError
 from wxtoken.httpbody import BodyError, read_body
 from wxtoken.logs import get_logger
+from wxtoken.store import store_error
 
 if TYPE_CHECKING:
     from wxtoken.component.platform import Platform
@@ -47,6 +53,10 @@ class _Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.warn = warn
+
+
+class _Unstored(Exception):
+    """The event could not be stored (our disk, not the sender's fault): 503."""
 
 
 def parse_xml(raw: bytes) -> dict[str, str]:
@@ -72,6 +82,7 @@ class _Server(ThreadingHTTPServer):
     slots: threading.BoundedSemaphore
     seen: OrderedDict[str, float]
     seen_lock: threading.Lock
+    unstored: dict[str, int]  # component -> pushes answered 503 since its store failed
 
     def __init__(self, listen: tuple[str, int]) -> None:
         if ":" in listen[0]:
@@ -152,6 +163,19 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self._answer(exc.status, str(exc))
             return
+        except _Unstored as exc:
+            with self.server.seen_lock:
+                refused = self.server.unstored.get(segments[1], 0)
+                self.server.unstored[segments[1]] = refused + 1
+            if refused:  # the operator was told once; WeChat pushes every 10 minutes
+                log.debug("callback.store_failed", status=503, error=str(exc))
+            else:
+                log.error("callback.store_failed", status=503, error=str(exc),
+                          reason="WeChat's pushes are answered 503 (it pushes again) until "
+                          "the component's directory can be written; not repeated per push")
+            with contextlib.suppress(OSError):
+                self._answer(503, "cannot store the message now")
+            return
         except Exception as exc:  # a bug: an answer and an error line, not a traceback
             log.error("callback.crashed", error=str(exc) or type(exc).__name__)
             with contextlib.suppress(OSError):
@@ -159,6 +183,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with contextlib.suppress(OSError):
             self._answer(200, "success")
+        if done is not None:
+            with self.server.seen_lock:
+                refused = self.server.unstored.pop(segments[1], 0)
+            if refused:
+                log.info("callback.store_recovered", refused=refused,
+                         reason="a push was handled again")
         if done:  # a ticket every 10 minutes is routine (component.ticket_received says when
             # tickets start or stop coming); other events are news
             (log.debug if done == "ticket" else log.info)("callback.event", kind=done)
@@ -166,12 +196,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, platform: Platform, query: dict[str, list[str]]) -> str | None:
         def one(name: str) -> str:
             values = query.get(name) or [""]
-            if len(values) != 1 or not values[0] or len(values[0]) > 128:
+            if len(values) != 1 or not values[0] or len(values[0]) > 128 \
+                    or not (values[0].isascii() and values[0].isprintable()):
                 raise _Refused(400, f"query parameter {name} is missing or malformed")
             return values[0]
 
         timestamp, nonce, signature = one("timestamp"), one("nonce"), one("msg_signature")
-        if not timestamp.isdigit():
+        if not timestamp.isdigit():  # ASCII (above): '²'.isdigit() is true, int('²') fails
             raise _Refused(400, "timestamp is not a number")
         if abs(time.time() - int(timestamp)) > MAX_SKEW:
             raise _Refused(403, "the timestamp is more than 10 minutes off (a replay, or this "
@@ -195,6 +226,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(400, "the message is for another component_appid")
         try:
             done = platform.on_event(inner)
+        except OSError as exc:
+            raise _Unstored(str(store_error("write", exc.filename or platform.files.dir,
+                                            exc))) from None
+        except StoreError as exc:
+            raise _Unstored(str(exc)) from None
         except WxtokenError as exc:
             raise _Refused(400, str(exc)) from None
         with self.server.seen_lock:
@@ -215,6 +251,7 @@ class CallbackServer:
         self.server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.server.seen = OrderedDict()
         self.server.seen_lock = threading.Lock()
+        self.server.unstored = {}
         self._thread = threading.Thread(target=self.server.serve_forever, name="callback",
                                         kwargs={"poll_interval": None}, daemon=True)
 

@@ -14,7 +14,6 @@ reason, never a traceback.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -40,7 +39,7 @@ class MessageCrypto:
     def __init__(self, token: str, encoding_aes_key: str, appid: str) -> None:
         try:
             self.key = base64.b64decode(encoding_aes_key + "=", validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str that is not ASCII
             raise CryptoError("the EncodingAESKey is not base64") from None
         if len(self.key) != 32:
             raise CryptoError("the EncodingAESKey must decode to 32 bytes")
@@ -52,14 +51,16 @@ class MessageCrypto:
 
     def verify(self, msg_signature: str, timestamp: str, nonce: str, encrypt: str) -> None:
         expected = signature(self.token, timestamp, nonce, encrypt)
-        if not hmac.compare_digest(expected, msg_signature.lower()):
+        # compare_digest raises TypeError on a str that is not ASCII: a stranger's input
+        if not msg_signature.isascii() or not hmac.compare_digest(expected,
+                                                                  msg_signature.lower()):
             raise CryptoError("msg_signature does not match")
 
     def decrypt(self, encrypt: str) -> bytes:
         """The message inside ``encrypt`` (base64 of the AES ciphertext)."""
         try:
             raw = base64.b64decode(encrypt, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str that is not ASCII
             raise CryptoError("Encrypt is not base64") from None
         if not raw or len(raw) % 16:
             raise CryptoError("Encrypt is not whole AES blocks")

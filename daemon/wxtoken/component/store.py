@@ -52,6 +52,21 @@ def as_number(value: Any) -> float:
         else 0.0
 
 
+def _reader_dir(path: str) -> None:
+    """A directory the readers' group traverses: created 0750 whatever the umask; one the
+    group cannot traverse (made under umask 077 by an earlier run) is opened to it, a wider
+    one is left as the operator made it."""
+    try:
+        os.makedirs(path, mode=0o750)
+    except FileExistsError:
+        mode = os.stat(path).st_mode & 0o7777
+        if os.path.isdir(path) and mode & 0o050 != 0o050:
+            with contextlib.suppress(PermissionError):  # another user's: as it was before
+                os.chmod(path, mode | 0o050)  # noqa: S103 - the readers' group traverses it
+    else:
+        os.chmod(path, 0o750)  # noqa: S103 - the readers' group traverses it
+
+
 class ComponentFiles:
     """The files of one component."""
 
@@ -69,9 +84,10 @@ class ComponentFiles:
         self._refresh_lock = threading.RLock()  # the refresh-token files' read-modify-writes
 
     def ensure(self) -> None:
-        """Create the directories (the component's readable by the group, .private not)."""
-        os.makedirs(os.path.dirname(self.dir), mode=0o750, exist_ok=True)
-        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        """Create the directories (the component's readable by the group, .private not), with
+        explicit modes: the umask must not decide who reads tokens."""
+        _reader_dir(os.path.dirname(self.dir))
+        _reader_dir(self.dir)
         os.makedirs(self.refresh_dir, mode=0o700, exist_ok=True)
         os.chmod(self.private, 0o700)
         os.chmod(self.refresh_dir, 0o700)

@@ -1,0 +1,240 @@
+"""The Open Platform's callback and files against what is not WeChat: strangers' malformed
+requests, a disk that cannot take the ticket, and a daemon started under a strict umask. Real
+daemons, the real callback endpoint over HTTP, the emulator, real files and users."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from wxtoken.component.crypto import CryptoError, MessageCrypto, signature
+from wxtoken.emulator import Emulator
+from wxtoken.emulator.component import Component
+
+from helpers import NOBODY, DaemonProcess, run_as, stdlib_reader_copy, wait_until
+
+COMP = "wx0c0c0000000000c1"
+SECRET = "comp-s3cr3t-0123456789"
+MSG_TOKEN = "msg-s3cr3t-token-0123"
+AES_KEY = "s3cr3tabcdefghijklmnopqrstuvwxyz0123456789A"  # 43 characters, as WeChat shows it
+AUTHORIZER = "wxauth000000000c01"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def platform_config(path: Path, state: Path, emulator: Emulator, sock_dir: Path,
+                    port: int) -> Path:
+    settings = {"state_dir": str(state), "api_base": emulator.url, "log_format": "json",
+                "control_socket": str(sock_dir / "control.sock"),
+                "callback_listen": f"127.0.0.1:{port}", "refresh_interval": 600,
+                "renew_before": 10}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["[components.plat]", f'component_appid = "{COMP}"', f'secret = "{SECRET}"',
+              f'msg_token = "{MSG_TOKEN}"', f'encoding_aes_key = "{AES_KEY}"']
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def callback_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/components/plat/callback"
+
+
+def ticket_push(emulator: Emulator, comp: Component) -> tuple[dict[str, str], bytes]:
+    """(query, body) of a correctly signed component_verify_ticket push, as WeChat sends it."""
+    plat = emulator.platforms
+    xml = plat.message(comp, {"InfoType": "component_verify_ticket",
+                              "ComponentVerifyTicket": plat.new_ticket(comp)})
+    return plat.sealed(comp, xml)
+
+
+def callback_lines(d: DaemonProcess) -> list[dict[str, Any]]:
+    return [e for e in d.events() if str(e.get("event", "")).startswith("callback.")]
+
+
+def test_strangers_malformed_requests_are_4xx_warnings_not_crashes(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A msg_signature that is not ASCII (hmac.compare_digest raised TypeError on it),
+    timestamp=² (str.isdigit() is true, int() fails) or in other non-ASCII digits, a non-ASCII
+    nonce, a signed Encrypt that is not ASCII (base64 raised ValueError): each a 4xx and a
+    warning, never a 500, an error line or a traceback; a correct push still works after."""
+    port = free_port()
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             port)
+    comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)  # no pusher: pushed here
+    d = daemons(config)
+    d.wait_for("callback.listening", timeout=15)
+    query, body = ticket_push(emulator, comp)
+    strangers = [
+        {**query, "msg_signature": "é" * 40},
+        {**query, "msg_signature": "ａ" * 40},  # fullwidth: .lower() keeps it non-ASCII
+        {**query, "timestamp": "²"},
+        {**query, "timestamp": "١٧٠٠٠٠٠٠٠٠"},  # Arabic-Indic digits: int() takes them
+        {**query, "nonce": "nönce"},
+    ]
+    for q in strangers:
+        answer = requests.post(callback_url(port), params=q, data=body, timeout=5)
+        assert 400 <= answer.status_code < 500, (q, answer.status_code, answer.text)
+    # signed, but the Encrypt is not ASCII (base64 raised a bare ValueError on it)
+    encrypt = "é" * 44
+    signed = {**query, "msg_signature": signature(MSG_TOKEN, query["timestamp"],
+                                                  query["nonce"], encrypt)}
+    answer = requests.post(callback_url(port), params=signed, timeout=5,
+                           data=f"<xml><Encrypt>{encrypt}</Encrypt></xml>".encode())
+    assert answer.status_code == 400, (answer.status_code, answer.text)
+    good = requests.post(callback_url(port), params=query, data=body, timeout=5)
+    assert (good.status_code, good.text) == (200, "success")
+    wait_until(lambda: (tmp_path / "state" / "components" / "plat" / f"{COMP}.json").exists(),
+               timeout=15)
+    assert d.stop() == 0
+    lines = callback_lines(d)
+    refused = [e for e in lines if e["event"] == "callback.refused"]
+    assert len(refused) == len(strangers) + 1, lines
+    assert all(e["level"] == "warning" for e in refused), refused
+    assert not [e for e in d.events() if e["level"] in ("error", "critical")]
+    assert "Traceback" not in d.log_path.read_text()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system ``directory`` is on, to ENOSPC."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_ticket_the_disk_cannot_take_is_503_with_one_error_line_then_recovers(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """The state dir's disk is full: every ticket push is answered 503 (WeChat pushes again;
+    no 500, no `callback.crashed`, no traceback), with one error line for the whole outage, not
+    one per push; once space is back the next push is stored, the component token fetched, and
+    an info line says the callback stores again."""
+    port = free_port()
+    comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
+    with small_tmpfs(tmp_path / "small") as state:
+        config = platform_config(tmp_path / "config.toml", state, emulator, sock_dir, port)
+        d = daemons(config)
+        d.wait_for("daemon.ready", timeout=15)
+        filler = fill(state)
+        for _ in range(5):
+            query, body = ticket_push(emulator, comp)
+            answer = requests.post(callback_url(port), params=query, data=body, timeout=5)
+            assert answer.status_code == 503, (answer.status_code, answer.text)
+        assert not (state / "components" / "plat" / ".private" / "ticket.json").exists()
+        lines = callback_lines(d)
+        loud = [e for e in lines if e["level"] in ("error", "critical")]
+        assert len(loud) == 1, lines
+        assert loud[0]["event"] == "callback.store_failed"
+        assert "no space left on device" in loud[0]["error"]
+        assert not [e for e in lines if e["event"] == "callback.crashed"]
+        filler.unlink()
+        query, body = ticket_push(emulator, comp)
+        answer = requests.post(callback_url(port), params=query, data=body, timeout=5)
+        assert (answer.status_code, answer.text) == (200, "success")
+        wait_until(lambda: (state / "components" / "plat" / f"{COMP}.json").exists(),
+                   timeout=15)
+        recovered = d.wait_for("callback.store_recovered")
+        assert recovered["level"] == "info" and recovered["refused"] == 5
+        assert d.stop() == 0
+        assert len([e for e in callback_lines(d) if e["level"] == "error"]) == 1
+        assert "Traceback" not in d.log_path.read_text()
+
+
+def test_directory_modes_do_not_depend_on_the_umask(
+        emulator: Emulator, sock_dir: Path, daemons: Callable[..., DaemonProcess]) -> None:
+    """`wxtoken run` by hand or in a container under umask 077 (the shipped unit's UMask=0027
+    hid it): components/ and components/<name>/ are still 0750, so a member of the files'
+    group reaches an authorizer's token with read_token(..., component=...); .private/ and
+    its refresh/ stay 0700, out of the group's reach. Directories an earlier version left 0700
+    are opened to the group at the next start."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root (CI runs as root)")
+    port = free_port()
+    state = sock_dir / "state"  # a path other users can reach
+    state.mkdir(mode=0o750)
+    state.chmod(0o750)
+    config = platform_config(sock_dir / "config.toml", state, emulator, sock_dir, port)
+    emulator.state.settings.token_ttl = 600
+    emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY, callback_url(port), 2)
+    d = daemons(config, prefix=["sh", "-c", 'umask 077 && exec "$@"', "sh"])
+    base = state / "components"
+    here = base / "plat"
+    d.wait_for("daemon.ready", timeout=15)
+    wait_until(lambda: (here / f"{COMP}.json").exists(), timeout=15)
+    emulator.platforms.authorize(COMP, AUTHORIZER)
+    wait_until(lambda: (here / f"{AUTHORIZER}.json").exists(), timeout=15)
+    modes = {p.name: p.stat().st_mode & 0o777
+             for p in (base, here, here / ".private", here / ".private" / "refresh",
+                       here / ".locks")}
+    assert modes == {"components": 0o750, "plat": 0o750, ".private": 0o700,
+                     "refresh": 0o700, ".locks": 0o700}
+    assert (here / f"{AUTHORIZER}.json").stat().st_mode & 0o777 == 0o640
+    group = (here / f"{AUTHORIZER}.json").stat().st_gid
+    code = ("import os, sys\nfrom wxtoken import read_token\n"
+            f"state = {str(state)!r}\n"
+            f"print(read_token({AUTHORIZER!r}, state, component='plat'))\n"
+            "try:\n"
+            "    os.listdir(os.path.join(state, 'components', 'plat', '.private'))\n"
+            "    print('private readable')\n"
+            "except PermissionError:\n"
+            "    print('private refused')\n")
+    lib = stdlib_reader_copy(sock_dir / "lib")
+    result = run_as(NOBODY, [group], code, lib)
+    assert result.returncode == 0, result.stderr
+    token, private = result.stdout.splitlines()
+    assert emulator.token_status(token) == 0
+    assert private == "private refused"
+    assert d.stop() == 0
+    for path in (base, here):  # as an earlier version left them under umask 077
+        path.chmod(0o700)
+    d = daemons(config, prefix=["sh", "-c", 'umask 077 && exec "$@"', "sh"])
+    d.wait_for("daemon.ready", timeout=15)
+    assert [p.stat().st_mode & 0o777 for p in (base, here)] == [0o750, 0o750]
+    assert d.stop() == 0
+
+
+def test_the_message_crypto_refuses_non_ascii_input_with_its_own_error() -> None:
+    """What a stranger controls reaches the crypto as str: text that is not ASCII is a
+    CryptoError (the callback's 4xx), never hmac's TypeError or base64's bare ValueError."""
+    ours = MessageCrypto(MSG_TOKEN, AES_KEY, COMP)
+    with pytest.raises(CryptoError, match="msg_signature"):
+        ours.verify("é" * 40, "1700000000", "1", "abcd")
+    with pytest.raises(CryptoError, match="not base64"):
+        ours.decrypt("é" * 44)
+    with pytest.raises(CryptoError, match="not base64"):
+        MessageCrypto(MSG_TOKEN, "é" * 43, COMP)
