@@ -107,7 +107,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
     import json
     import os
 
-    from wxtoken.component.store import PLATFORM_FILE, TICKET_LIFE, component_dir
+    from wxtoken.component.store import PLATFORM_FILE, component_dir, ticket_problem
     directory = component_dir(config.state_dir, comp.name)
 
     def one(appid: str, role: str) -> dict[str, Any]:
@@ -134,12 +134,15 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
         platform = {}
     token = one(comp.component_appid, "component")
     problems = []
+    # the newest ticket's first receipt (its age), and the last push (the same one again, or
+    # a new one): WeChat pushes every 10 minutes, often the same ticket
     ticket_at = platform.get("ticket_received_at")
-    if not isinstance(ticket_at, (int, float)):
-        problems.append("no component_verify_ticket received yet")
-    elif now - ticket_at >= TICKET_LIFE:
-        problems.append(f"no component_verify_ticket for {human_delta(now - ticket_at)} (WeChat "
-                        "pushes one every 10 minutes: is it reaching callback_listen?)")
+    ticket_at = ticket_at if isinstance(ticket_at, (int, float)) else None
+    pushed_at = platform.get("ticket_pushed_at")
+    pushed_at = max(pushed_at, ticket_at or 0) if isinstance(pushed_at, (int, float)) \
+        else ticket_at
+    if (ticket := ticket_problem(ticket_at, pushed_at, now)) is not None:
+        problems.append(ticket)
     try:
         names = sorted(n[:-5] for n in os.listdir(directory)
                        if n.endswith(".json") and not n.endswith(".status.json")
@@ -158,7 +161,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
         problems.append(f"{len(failing)} authorizer(s) unhealthy: {', '.join(failing[:5])}"
                         + ("…" if len(failing) > 5 else ""))
     return {"component": comp.name, "component_appid": comp.component_appid,
-            "ticket_received_at": ticket_at if isinstance(ticket_at, (int, float)) else None,
+            "ticket_received_at": ticket_at, "ticket_pushed_at": pushed_at,
             "last_reconcile": platform.get("last_reconcile"),
             "needs_reauthorization": needs, "token": token, "authorizers": authorizers,
             "healthy": not problems, "problems": problems}

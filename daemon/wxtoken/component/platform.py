@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wxtoken.component.crypto import MessageCrypto
-from wxtoken.component.store import ComponentFiles
+from wxtoken.component.store import ComponentFiles, ticket_problem
 from wxtoken.config import Api, AppConfig, ComponentConfig, Config
 from wxtoken.errcodes import TICKET_ERRCODES, ErrorClass
 from wxtoken.errors import StoreError, TokenUnavailable, UpstreamError, WxtokenError
@@ -368,7 +368,7 @@ class Platform:
         """Create the directories, register the component's refresher and one per known
         authorizer, and plan the reconcile (now when the last is more than a day old)."""
         self.files.ensure()
-        for done in clean_state_dir(self.files.dir):
+        for done in clean_state_dir(self.files.dir) + self.files.clean_private():
             self.log.info("state_dir.cleaned", action=done)
         doc = self.files.platform()
         self._needs_reauth = dict(doc.get("needs_reauth") or {})
@@ -944,10 +944,9 @@ class Platform:
 
     # -- health -----------------------------------------------------------------------------------
     def ticket_problem(self, now: float) -> str | None:
-        at = self.files.newest_ticket_at()
-        if at is None:
-            return "no component_verify_ticket received yet"
-        if now - at >= self.files.ticket_life:
-            return (f"no component_verify_ticket for {int((now - at) // 3600)} h (it comes every "
-                    "10 minutes): is WeChat reaching callback_listen?")
-        return None
+        """The newest ticket's age counts from its first receipt; the last push (the same
+        ticket again, or a new one) says whether pushes still come."""
+        pushed = self.files.platform().get("ticket_pushed_at")
+        return ticket_problem(self.files.newest_ticket_at(),
+                              pushed if isinstance(pushed, (int, float)) else None, now,
+                              self.files.ticket_life)

@@ -22,11 +22,13 @@ import os
 import threading
 from typing import Any
 
+from wxtoken.clock import human_delta
 from wxtoken.record import APP_NAME_RE
 from wxtoken.store import atomic_write
 
 COMPONENTS_DIR = "components"
 TICKET_LIFE = 12 * 3600.0  # WeChat: a component_verify_ticket is good for 12 hours
+PUSH_GAP = 1800.0  # no push for this long (three missed): pushes have stopped
 PRIVATE = ".private"
 PLATFORM_FILE = ".platform.json"
 
@@ -100,16 +102,20 @@ class ComponentFiles:
             return {}
 
     def store_ticket(self, ticket: str, now: float) -> bool:
-        """Keep a pushed ticket (durably) as the newest; False when it is the one already kept.
-        The last one that yielded a token stays, as the fallback."""
+        """Keep a pushed ticket (durably) as the newest; False when it is the one already kept
+        (WeChat pushes the same one again: only the push is noted, for health). The last one
+        that yielded a token stays, as the fallback."""
         with self._lock:
             doc = self.tickets()
             latest = doc.get("latest") or {}
-            if latest.get("ticket") == ticket:
-                return False
-            doc["latest"] = {"ticket": ticket, "received_at": now}
-            atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
-        self.note(ticket_received_at=now)
+            known = latest.get("ticket") == ticket
+            if not known:
+                doc["latest"] = {"ticket": ticket, "received_at": now}
+                atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
+        if known:  # pushed again: its age still counts from its first receipt
+            self.note(ticket_pushed_at=now)
+            return False
+        self.note(ticket_received_at=now, ticket_pushed_at=now)
         return True
 
     def ticket_worked(self, ticket: str, now: float) -> None:
@@ -139,8 +145,10 @@ class ComponentFiles:
             if slot == "good":
                 doc[slot]["worked_at"] = received_at
             atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
-        if slot == "latest":
-            self.note(ticket_received_at=received_at)
+        if slot == "latest":  # pushed to another host then
+            pushed = as_number(self.platform().get("ticket_pushed_at"))
+            self.note(ticket_received_at=received_at,
+                      ticket_pushed_at=max(pushed, received_at))
         return True
 
     def received_at(self, ticket: str) -> float | None:
@@ -310,6 +318,26 @@ class ComponentFiles:
         return sorted(n[:-5] for n in names if n.endswith(".json")
                       and APP_NAME_RE.match(n[:-5]))
 
+    def clean_private(self) -> list[str]:
+        """At start: remove the temp files a killed writer left in ``.private/`` and
+        ``.private/refresh/`` (``.<file>.*.tmp``: a ticket or a refresh token cut short), as
+        ``store.clean_state_dir`` does in the token directories. Returns what was done."""
+        done: list[str] = []
+        for directory in (self.private, self.refresh_dir):
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.startswith(".") and entry.name.endswith(".tmp") \
+                        and entry.is_file(follow_symlinks=False):
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        continue
+                    done.append(f"removed {entry.path}")
+        return done
+
     def remove_authorizer(self, appid: str) -> list[str]:
         """Delete an authorizer's files (it cancelled the authorization); what was removed."""
         removed = []
@@ -339,3 +367,28 @@ class ComponentFiles:
                     doc[key] = value
             atomic_write(self.platform_path, json.dumps(doc, sort_keys=True).encode() + b"\n",
                          0o640, durable=durable)
+
+
+def ticket_problem(received_at: float | None, pushed_at: float | None, now: float,
+                   life: float = TICKET_LIFE) -> str | None:
+    """What health says of a component's ticket (None: nothing wrong). ``received_at``: when
+    the newest ticket first came; its age counts from then (whether WeChat's pushing the same
+    one again earns it a fresh 12 h is undocumented), and past ``life`` it is no longer used.
+    ``pushed_at``: when a push last came (that ticket again, or a new one): while pushes keep
+    coming, status says the ticket is old, not that none has come."""
+    if received_at is None:
+        return "no component_verify_ticket received yet"
+    age = now - received_at
+    if age < life:
+        return None
+    last = max(received_at, pushed_at or 0.0)
+    hours = f"{life / 3600:g} h"
+    if now - last < PUSH_GAP:
+        return (f"the component_verify_ticket WeChat pushes has not changed for "
+                f"{human_delta(age)} (pushed again {human_delta(now - last)} ago): older than "
+                f"{hours} since its first receipt, it is no longer used")
+    problem = (f"no component_verify_ticket for {human_delta(now - last)} (WeChat pushes one "
+               "every 10 minutes: is it reaching callback_listen?)")
+    if last > received_at:
+        problem += f"; the last one pushed had not changed for {human_delta(age)}"
+    return problem
