@@ -1,6 +1,7 @@
-"""What an Open Platform takes in and keeps: a ticket WeChat pushes again unchanged keeps its
-age but counts as a push, and the temp files a kill leaves in `.private/` go at the next start;
-through real daemons, the real callback, and the emulator."""
+"""What an Open Platform takes in and keeps: `wxtoken component import` refuses what it must
+not store, a ticket WeChat pushes again unchanged keeps its age but counts as a push, and the
+temp files a kill leaves in `.private/` go at the next start; through real daemons, the real
+control socket and callback, and the emulator."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from test_component import COMP, Platform, auth, wait_component
 from wxtoken.component.store import ticket_problem
@@ -20,6 +22,7 @@ from wxtoken.emulator import Emulator
 from helpers import DaemonProcess, read_json, run_cli, wait_until
 
 RT = "refreshtoken@@@s3cr3t-intake"
+AT = "accesstoken@@@s3cr3t-intake"
 
 
 @pytest.fixture
@@ -27,6 +30,120 @@ def platform(tmp_path: Path, emulator: Emulator, sock_dir: Path) -> Iterator[Pla
     emulator.state.settings.token_ttl = 60
     yield Platform(tmp_path, emulator, sock_dir, push_every=2, refresh_interval=600,
                    renew_before=10)
+
+
+def listed_refresh_token(emulator: Emulator, appid: str) -> str:
+    with emulator.state.lock:
+        return emulator.platforms.components[COMP].authorizers[appid].latest
+
+
+def issued(emulator: Emulator, p: Platform, appid: str) -> tuple[str, str]:
+    """What the old system holds after its last refresh: (refresh token, access token)."""
+    got = requests.post(f"{emulator.url}/cgi-bin/component/api_authorizer_token",
+                        params={"component_access_token": p.token(COMP)}, timeout=5,
+                        json={"component_appid": COMP, "authorizer_appid": appid,
+                              "authorizer_refresh_token": listed_refresh_token(emulator, appid)}
+                        ).json()
+    return str(got["authorizer_refresh_token"]), str(got["authorizer_access_token"])
+
+
+def import_file(p: Platform, name: str, lines: list[Any]) -> Any:
+    """`wxtoken component import` of these lines (objects, or a line's text as it is)."""
+    path = p.config.parent / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                            for line in lines))
+    return run_cli("component", "import", "plat", str(path), "--config", str(p.config))
+
+
+# -- import --------------------------------------------------------------------------------------
+BAD_LINES: dict[str, tuple[Callable[[float], Any], str]] = {
+    # it overwrote the component token's file and forced a component refresh
+    "the component's own appid": (
+        lambda now: {"authorizer_appid": COMP, "refresh_token": RT, "access_token": AT,
+                     "expires_at": int(now) + 50},
+        f"authorizer_appid {COMP} is the component's own appid"),
+    "a line over 4 KiB": (
+        lambda now: {"authorizer_appid": auth(2), "refresh_token": RT + "x" * 4096},
+        "longer than 4096 bytes"),
+    "a control character in refresh_token": (
+        lambda now: {"authorizer_appid": auth(2), "refresh_token": RT + "\x1b[2J"},
+        "refresh_token holds a character no token has"),
+    "a control character in access_token": (
+        lambda now: {"authorizer_appid": auth(2), "refresh_token": RT,
+                     "access_token": AT + "\r\nX: y", "expires_at": int(now) + 50},
+        "access_token holds a character no token has"),
+    "expires_at 10^20": (
+        lambda now: {"authorizer_appid": auth(2), "refresh_token": RT, "access_token": AT,
+                     "expires_at": 10**20},
+        "expires_at lies more than"),
+    "expires_at two days ahead": (
+        lambda now: {"authorizer_appid": auth(2), "refresh_token": RT, "access_token": AT,
+                     "expires_at": int(now) + 2 * 86400},
+        "expires_at lies more than"),
+    "JSON nested too deep": (
+        lambda now: "[" * 2000 + "]" * 2000,  # past the interpreter's recursion limit
+        "not a JSON object (nested too deep)"),
+    "refreshed_at a day ahead": (
+        lambda now: {"authorizer_appid": auth(2), "refresh_token": RT, "access_token": AT,
+                     "expires_at": int(now) + 50, "refreshed_at": int(now) + 86400},
+        "refreshed_at lies ahead"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_import_refuses_the_whole_file_for_a_line_it_must_not_store(
+        case: str, platform: Platform, emulator: Emulator,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A bad second line refuses the whole file with one line naming it and why: nothing of
+    the first (good) line is stored, the component token's file is left alone and the component
+    token is not refreshed; the good line alone is then taken."""
+    emulator.platforms.authorize(COMP, auth(1), push=False)
+    d = daemons(platform.config)
+    wait_component(d, platform)
+    component_file = platform.dir / f"{COMP}.json"
+    before = component_file.read_bytes()
+    calls = emulator.calls(api="component_token")
+    good = {"authorizer_appid": auth(1),
+            "refresh_token": listed_refresh_token(emulator, auth(1))}
+    make, reason = BAD_LINES[case]
+    refused = import_file(platform, "bad.jsonl", [good, make(time.time())])
+    assert refused.returncode == 1, refused.stdout
+    assert f"line 2: {reason}" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (platform.dir / ".private" / "refresh" / f"{auth(1)}.json").exists()
+    assert not (platform.dir / ".private" / "refresh" / f"{COMP}.json").exists()
+    assert component_file.read_bytes() == before
+    assert emulator.calls(api="component_token") == calls
+    done = import_file(platform, "good.jsonl", [good])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("imported 1 authorizers (0 with a valid token")
+    wait_until(lambda: (platform.dir / f"{auth(1)}.json").exists(), timeout=15)
+    assert d.stop() == 0
+
+
+def test_import_takes_an_expiry_within_a_tokens_life_and_a_past_one_as_no_token(
+        platform: Platform, emulator: Emulator,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """The limits refuse only the absurd: a token said to expire in 2 hours (WeChat's
+    expires_in) is used until it is due; one that expired is no valid token (its refresh token
+    is taken, the token fetched)."""
+    for i in (1, 2):
+        emulator.platforms.authorize(COMP, auth(i), push=False)
+    d = daemons(platform.config)
+    wait_component(d, platform)
+    refresh_token, access_token = issued(emulator, platform, auth(1))
+    now = int(time.time())
+    lines = [{"authorizer_appid": auth(1), "refresh_token": refresh_token,
+              "access_token": access_token, "expires_at": now + 7200, "refreshed_at": now - 5},
+             {"authorizer_appid": auth(2), "refresh_token": listed_refresh_token(emulator, auth(2)),
+              "access_token": AT + "-2", "expires_at": now - 60}]
+    done = import_file(platform, "import.jsonl", lines)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("imported 2 authorizers (1 with a valid token")
+    assert read_json(platform.dir / f"{auth(1)}.json")["access_token"] == access_token
+    wait_until(lambda: (platform.dir / f"{auth(2)}.json").exists(), timeout=15)
+    assert read_json(platform.dir / f"{auth(2)}.json")["access_token"] != AT + "-2"
+    assert d.stop() == 0
 
 
 # -- the ticket ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,8 @@ from wxtoken.config import Api, AppConfig, ComponentConfig, Config
 from wxtoken.errcodes import TICKET_ERRCODES, ErrorClass
 from wxtoken.errors import StoreError, TokenUnavailable, UpstreamError, WxtokenError
 from wxtoken.logs import get_logger, mask
-from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
+from wxtoken.record import APP_NAME_RE, MAX_TOKEN_LEN, TokenRecord, load_record, token_path
+from wxtoken.schedule import FUTURE_TOLERANCE
 from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore, clean_state_dir
 from wxtoken.upstream import Fetched, WeChatClient
@@ -47,7 +49,11 @@ if TYPE_CHECKING:
 RECONCILE_EVERY = 86400.0
 GONE, OLDER = -1, -2  # wxtoken.fleet.platform's: the fleet removed it, has another chain
 LIST_PAGE = 500  # api_get_authorizer_list's largest page
-MAX_IMPORT_LINE = 4096
+MAX_IMPORT_LINE = 4096  # bytes: a line of an import (an export's line is a few hundred)
+# an imported access_token's expires_at: WeChat's tokens live 2 hours (expires_in 7200), and
+# the old system's clock may run a few minutes ahead of this host's
+IMPORT_AHEAD = 7200 + 600
+TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # a token: visible ASCII, no space or control
 
 
 class Host(Protocol):
@@ -845,6 +851,61 @@ class Platform:
         self.host.later(self.reconcile, RECONCILE_EVERY, f"reconcile:{self.comp.name}")
 
     # -- import ----------------------------------------------------------------------------------
+    def _import_line(self, raw: bytes, now: float) -> tuple[str, str, TokenRecord | None]:
+        """One line of an import: (authorizer_appid, refresh token, the token record when a
+        still valid access token came with it); ValueError says what is wrong (never with a
+        token in it)."""
+        if len(raw) > MAX_IMPORT_LINE:
+            raise ValueError(f"longer than {MAX_IMPORT_LINE} bytes")
+        try:
+            doc = json.loads(raw)
+        except RecursionError:  # nested deeper than the interpreter's recursion limit
+            raise ValueError("not a JSON object (nested too deep)") from None
+        except ValueError as exc:
+            raise ValueError(f"not a JSON object ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        appid, rt = doc.get("authorizer_appid"), doc.get("refresh_token")
+        if not isinstance(appid, str) or not APP_NAME_RE.match(appid):
+            raise ValueError("authorizer_appid is missing or not an appid")
+        if appid == self.comp.component_appid:
+            raise ValueError(f"authorizer_appid {appid} is the component's own appid, not an "
+                             "authorizer's")
+        if not isinstance(rt, str) or not rt.strip():
+            raise ValueError("refresh_token is missing")
+        rt = rt.strip()
+        if not TOKEN_CHARS.fullmatch(rt):
+            raise ValueError("refresh_token holds a character no token has (a control "
+                             "character, a space or a non-ASCII one)")
+        access, expires = doc.get("access_token"), doc.get("expires_at")
+        if access is None and expires is None:
+            return appid, rt, None
+        if not isinstance(access, str) or not access or isinstance(expires, bool) \
+                or not isinstance(expires, int):
+            raise ValueError("access_token needs expires_at (Unix seconds), and the other way "
+                             "round")
+        if not TOKEN_CHARS.fullmatch(access):
+            raise ValueError("access_token holds a character no token has (a control "
+                             "character, a space or a non-ASCII one)")
+        if len(access) > MAX_TOKEN_LEN:
+            raise ValueError(f"access_token is longer than {MAX_TOKEN_LEN} characters")
+        if expires > now + IMPORT_AHEAD:
+            raise ValueError(f"expires_at lies more than {int(IMPORT_AHEAD // 60)} minutes "
+                             "ahead: an access_token lives 2 hours (Unix seconds, this "
+                             "host's clock)")
+        if expires <= now + 1:  # expired: no valid token, the refresh token fetches one
+            return appid, rt, None
+        refreshed = doc.get("refreshed_at")
+        if not isinstance(refreshed, int) or isinstance(refreshed, bool):
+            # unknown: counted from now, so it is replaced by its expiry (less renew_before),
+            # not at once
+            refreshed = int(now)
+        elif refreshed > now + FUTURE_TOLERANCE or refreshed > expires:
+            raise ValueError("refreshed_at lies ahead of this host's clock or after "
+                             "expires_at")
+        return appid, rt, TokenRecord(app=appid, appid=appid, access_token=access,
+                                      expires_at=expires, refreshed_at=max(1, refreshed))
+
     def import_lines(self, lines: list[bytes]) -> dict[str, Any]:
         """Seed authorizers from another system: JSON lines of authorizer_appid, refresh_token
         and optionally access_token + expires_at (+ refreshed_at). A valid imported token is
@@ -860,36 +921,9 @@ class Platform:
             if not raw.strip():
                 continue
             try:
-                doc = json.loads(raw)
-                if not isinstance(doc, dict):
-                    raise ValueError("not a JSON object")
+                entries.append(self._import_line(raw, now))
             except ValueError as exc:
-                problems.append(f"line {number}: not a JSON object ({exc})")
-                continue
-            appid, rt = doc.get("authorizer_appid"), doc.get("refresh_token")
-            if not isinstance(appid, str) or not APP_NAME_RE.match(appid):
-                problems.append(f"line {number}: authorizer_appid is missing or not an appid")
-                continue
-            if not isinstance(rt, str) or not rt.strip():
-                problems.append(f"line {number}: refresh_token is missing")
-                continue
-            access, expires = doc.get("access_token"), doc.get("expires_at")
-            record = None
-            if access is not None or expires is not None:
-                if not isinstance(access, str) or not access or isinstance(expires, bool) \
-                        or not isinstance(expires, int):
-                    problems.append(f"line {number}: access_token needs expires_at (Unix "
-                                    "seconds), and the other way round")
-                    continue
-                if expires > now + 1:  # still valid: used until it is due
-                    refreshed = doc.get("refreshed_at")
-                    if not isinstance(refreshed, int) or isinstance(refreshed, bool):
-                        # unknown: counted from now, so it is replaced by its expiry (less
-                        # renew_before), not at once
-                        refreshed = int(now)
-                    record = TokenRecord(app=appid, appid=appid, access_token=access,
-                                         expires_at=expires, refreshed_at=max(1, refreshed))
-            entries.append((appid, rt.strip(), record))
+                problems.append(f"line {number}: {exc}")
         if problems:
             raise WxtokenError("; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)"
                                                            if len(problems) > 5 else ""))
