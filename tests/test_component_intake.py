@@ -72,6 +72,10 @@ BAD_LINES: dict[str, tuple[Callable[[float], Any], str]] = {
         lambda now: {"authorizer_appid": auth(2), "refresh_token": RT,
                      "access_token": AT + "\r\nX: y", "expires_at": int(now) + 50},
         "access_token holds a character no token has"),
+    "an access_token longer than a token file takes": (  # the file it made was unreadable
+        lambda now: {"authorizer_appid": auth(2), "refresh_token": RT,
+                     "access_token": AT + "x" * 2100, "expires_at": int(now) + 50},
+        "access_token is longer than 2048 characters"),
     "expires_at 10^20": (
         lambda now: {"authorizer_appid": auth(2), "refresh_token": RT, "access_token": AT,
                      "expires_at": 10**20},
