@@ -77,6 +77,13 @@ BROKEN = [
      + 'encoding_aes_key = "' + "a" * 43 + '"\n', "components.p.msg_token_*: exactly one"),
     ("bad callback_listen", 'callback_listen = "8089"\n' + GOOD_APP,
      'callback_listen: must be "host:port"'),
+    # '²'.isdigit() is true and int('²') raises: one line, no traceback
+    ("callback_listen with a superscript port", 'callback_listen = "127.0.0.1:²"\n' + GOOD_APP,
+     'callback_listen: must be "host:port"'),
+    ("redis db a superscript", '[redis]\nurl = "redis://127.0.0.1:6390/²"\n' + GOOD_APP,
+     "redis.url: "),
+    ("redis sentinel port a superscript", '[redis]\nurl = "redis://127.0.0.1/0"\n'
+     'sentinels = ["127.0.0.1:²"]\nservice_name = "m"\n' + GOOD_APP, "redis.sentinels: "),
     ("quota_watch twice", GOOD_APP + 'quota_watch = ["/cgi-bin/token", "/cgi-bin/token"]\n',
      "apps.main.quota_watch: lists a path twice"),
     ("quota_watch for WeCom", f'[apps.w]\napi = "wecom"\ncorpid = "{CORPID}"\nagentid = 1\n'

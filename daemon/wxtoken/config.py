@@ -20,6 +20,7 @@ from wxtoken.configcheck import (
     check_metrics_path,
     check_socket_path,
     check_url,
+    digits,
     id_problem,
     resolve_secret,
     socket_dir_problem,
@@ -268,7 +269,7 @@ def _listen(ck: Checker, value: Any) -> tuple[str, int] | None:
         return None
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not digits(port) or not 0 < int(port) < 65536:
         ck.bad("callback_listen", f'must be "host:port" with a port from 1 to 65535, not '
                f"{value!r}")
         return None

@@ -110,13 +110,18 @@ def check_url(value: str) -> str | None:
     return check_port(parts.netloc)
 
 
+def digits(text: str) -> bool:
+    """Only ASCII digits: str.isdigit() is true for '²' and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def check_port(netloc: str) -> str | None:
     """A problem with the port in ``netloc`` (None when there is none, or it is fine)."""
     try:
         port = urlsplit(f"//{netloc}").port
     except ValueError:
         raw = netloc.rsplit(":", 1)[-1]
-        return (f"port {raw} is out of range" if raw.isdigit() else
+        return (f"port {raw} is out of range" if digits(raw) else
                 f"port {raw!r} is not a number")
     if port == 0:
         return "port 0 is out of range"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from wxtoken.configcheck import Checker, check_port, inline_secret_problem, resolve_secret
+from wxtoken.configcheck import Checker, check_port, digits, inline_secret_problem, resolve_secret
 
 MIRRORS = ("wechatpy", "wxjava", "silenceper")
 # each SDK's own default prefix (see fleet/mirror.py for where each comes from)
@@ -51,7 +51,7 @@ def lease_for(renew_before: float, deadline: float) -> float:
 
 def _check_sentinel(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not digits(port) or not 0 < int(port) < 65536:
         return f"must be \"host:port\", not {value!r}"
     return None
 
@@ -72,13 +72,13 @@ def _url_problem(parts: Any, sentinels: bool) -> str | None:
         if not parts.path:
             return "a unix:// URL needs the socket's path"
         query = parse_qs(parts.query, keep_blank_values=True)
-        if set(query) - {"db"} or any(not v.isdigit() for v in query.get("db", ["0"])):
+        if set(query) - {"db"} or any(not digits(v) for v in query.get("db", ["0"])):
             return "a unix:// URL takes only ?db=<number>"
         return None
     if parts.query or parts.fragment:
         # redis-py would take any query argument as a connection option (TLS checks, timeouts)
         return "takes no query options (the db is the path: redis://host:6379/0)"
-    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+    if parts.path.strip("/") and not digits(parts.path.strip("/")):
         return f"the db must be a number, not {parts.path.strip('/')!r}"
     if not sentinels and not parts.hostname:
         return "needs a host (or sentinels, which name the master)"
