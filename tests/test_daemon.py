@@ -30,6 +30,7 @@ from helpers import (
     DaemonProcess,
     read_json,
     socket_of,
+    write_config,
 )
 
 CONTRACT_KEYS = {"app", "appid", "access_token", "expires_at", "refreshed_at"}
@@ -482,3 +483,21 @@ def test_sigterm_right_after_ready_always_stops_the_daemon(
             started = time.monotonic()
             assert d.stop(timeout=10) == 0
             assert time.monotonic() - started < 5
+
+
+def test_a_state_dir_the_daemon_creates_is_0750_whatever_the_umask(
+        emulator: Emulator, tmp_path: Path, sock_dir: Path) -> None:
+    """`wxtoken run` by hand or in a container under umask 077: the state dir it creates is
+    0750, so the readers' group can reach the token files (the unit's UMask=0027 hid this)."""
+    state = tmp_path / "new-state"
+    config = write_config(tmp_path / "config.toml", {
+        "state_dir": str(state), "api_base": emulator.url, "log_format": "json",
+        "control_socket": str(sock_dir / "control.sock")},
+        {"main": {"appid": APPID, "secret": SECRET}})
+    d = DaemonProcess(config, prefix=["sh", "-c", 'umask 077 && exec "$0" "$@"'])
+    try:
+        d.wait_for("daemon.ready")
+    finally:
+        assert d.stop() == 0
+    assert stat.S_IMODE(state.stat().st_mode) == 0o750
+    assert stat.S_IMODE((state / "main.json").stat().st_mode) == 0o640

@@ -55,7 +55,10 @@ def _check_state_dir(config: Config, allow_other_owner: bool) -> None:
     the service cannot read."""
     state_dir = config.state_dir
     try:
+        created = not os.path.lexists(state_dir)
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        if created:  # makedirs' mode is masked by the umask (077 by hand or in a container)
+            os.chmod(state_dir, 0o750)
         st = os.stat(state_dir)
     except FileExistsError:
         raise ConfigError([f"{config.path}: state_dir: {state_dir} is not a directory"]) from None
