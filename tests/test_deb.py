@@ -178,6 +178,14 @@ def test_install_sh_refuses_while_the_package_is_installed(box: Container) -> No
     assert box.run("test", "-e", "/opt/wxtoken", check=False).returncode != 0
     assert box.run("test", "-e", "/etc/systemd/system/wxtoken.service",
                    check=False).returncode != 0
+    # its --uninstall removes only what install.sh installed: never the package's files
+    box.run("/src/repo/deploy/systemd/install.sh", "--uninstall")
+    for path in ("/usr/lib/sysusers.d/wxtoken.conf", "/usr/bin/wxtoken",
+                 "/lib/systemd/system/wxtoken.service"):
+        assert box.run("test", "-e", path, check=False).returncode == 0, path
+    changed = box.run("dpkg", "--verify", "wxtoken", check=False).stdout.splitlines()
+    assert [line for line in changed if " c /etc/" not in line] == []  # the config is edited
+    assert active(box) == "active"
 
 
 def test_an_upgrade_whose_version_refuses_the_config_keeps_the_running_service(
