@@ -58,7 +58,7 @@ def _check_state_dir(config: Config, allow_other_owner: bool) -> None:
         created = not os.path.lexists(state_dir)
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         if created:  # makedirs' mode is masked by the umask (077 by hand or in a container)
-            os.chmod(state_dir, 0o750)
+            os.chmod(state_dir, 0o750)  # noqa: S103 - the readers' group traverses it
         st = os.stat(state_dir)
     except FileExistsError:
         raise ConfigError([f"{config.path}: state_dir: {state_dir} is not a directory"]) from None
