@@ -181,6 +181,12 @@ class Refresher:
     def _is_due(self, record: TokenRecord, status: AppStatus, now: float) -> bool:
         if schedule.from_the_future(record.refreshed_at, now):
             return True
+        unpublished = getattr(self.client, "unpublished", None)
+        if unpublished is not None and unpublished(self.app.appid):
+            # an authorizer's token whose refresh token could not be written yet: the fetch
+            # writes it, then hands the token over without a call (WeChat retires the
+            # file's token soon)
+            return True
         if self.app.api == "token" and status.refused_token == fingerprint(record.access_token):
             # a reader reported it and the forced refresh could not replace it then (a plain
             # call replaces it; stable_token and WeCom would hand back the same token)

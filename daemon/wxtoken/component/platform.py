@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wxtoken.component.crypto import MessageCrypto
@@ -128,22 +129,45 @@ class ComponentFetcher:
         pass
 
 
+@dataclass(frozen=True)
+class _Unwritten:
+    """A token WeChat handed out whose rotated refresh token could not be written: both are
+    kept (in memory) until the refresh token can be made durable, then the token is
+    published, unless the file was written by another writer since."""
+
+    refresh_token: str  # the one WeChat returned (or the one used, when it returned none)
+    used: str
+    refused: tuple[str, ...]
+    fetched: Fetched
+    at: float  # when WeChat answered (the platform's clock)
+    replaces: str | None  # the token in the file when the call was made
+
+
 class AuthorizerFetcher:
     """An authorizer's "client": api_authorizer_token with its refresh token, persisting the
-    one WeChat returns before the token is published."""
+    one WeChat returns before the token is published. A refresh token that cannot be written
+    is a store failure (StoreError: the refresher backs off): it is kept with its token and
+    written first at the next attempt, and no call is made while the refresh directory cannot
+    be written."""
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
+        self._unwritten: dict[str, _Unwritten] = {}  # appid -> kept until it can be written
+        self._lock = threading.Lock()
 
     def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
         p = self.platform
         appid = app.appid
+        if (late := self._write_unwritten(appid)) is not None:
+            return late  # no call: WeChat handed it out at the last attempt
         token = p.component_token()
         if token is None:
             raise UpstreamError(ErrorClass.TRANSIENT, "no valid component_access_token yet "
                                 "(is the component_verify_ticket arriving?)", called=False)
         if p.fleet is not None:  # another host may have refreshed it last (and rotated)
             p.fleet.pull_refresh(appid, p.files)
+        # no call while the refresh token it returns could not be made durable
+        p.files.check_refresh_writable(appid)
         tried: list[str] = []
         for source, refresh_token in p.files.refresh_candidates(appid):
             fetched = self._try(appid, token, refresh_token, tuple(tried))
@@ -199,14 +223,83 @@ class AuthorizerFetcher:
                 return None                       # authorizer list tells which
             raise
         # durable before the new access token is published (the refresher writes it after)
-        stored = p.store_refresh(appid, rotated or refresh_token, p.clock(),
-                                 previous=refresh_token, after=(refresh_token, *refused))
+        now = p.clock()
+        try:
+            stored = p.store_refresh(appid, rotated or refresh_token, now,
+                                     previous=refresh_token, after=(refresh_token, *refused))
+        except StoreError as exc:
+            current = p.record(appid)
+            with self._lock:
+                self._unwritten[appid] = _Unwritten(
+                    rotated or refresh_token, refresh_token, refused, fetched, now,
+                    current.access_token if current is not None else None)
+            raise StoreError(f"{exc}: the refresh token WeChat returned is kept in memory and "
+                             "written, then its token published, when the disk allows (no "
+                             "call meanwhile)") from None
+        self._stored(appid, stored)
+        return fetched
+
+    def _stored(self, appid: str, stored: int) -> None:
+        p = self.platform
         if stored == GONE:  # another host removed it (unauthorized) meanwhile
             p.later_remove(appid)
             raise UpstreamError(ErrorClass.PERMANENT, f"{appid} was removed from the fleet "
                                 "(unauthorized) during its refresh", called=True)
         p.authorizer_ok(appid)
-        return fetched
+
+    def unpublished(self, appid: str) -> bool:
+        """A token WeChat handed out is kept, its refresh token not yet written: the
+        refresher runs (backing off) until it is, whether or not the file's token is due."""
+        with self._lock:
+            return appid in self._unwritten
+
+    def _write_unwritten(self, appid: str) -> Fetched | None:
+        """The refresh token of the last attempt that could not be written, written now
+        (StoreError when it still cannot be: no call); then the token that came with it, for
+        the refresher to publish, when the file still holds the token it replaces and it has
+        life left. None: nothing kept, or its token is not to be published (the next refresh
+        token is used)."""
+        p = self.platform
+        with self._lock:
+            kept = self._unwritten.get(appid)
+        if kept is None:
+            return None
+        try:
+            now_stored = (p.files.refresh(appid) or {}).get("refresh_token")
+        except ValueError:
+            now_stored = None
+        if now_stored not in (kept.used, kept.refresh_token, *kept.refused):
+            # written by another since (an authorization, an import, the fleet; or removed):
+            # that chain is the newer one
+            with self._lock:
+                self._unwritten.pop(appid, None)
+            p.log.info("authorizer.unwritten_dropped", app=appid,
+                       token=mask(kept.fetched.access_token),
+                       reason="its refresh token was replaced by another writer meanwhile")
+            return None
+        try:
+            stored = p.store_refresh(appid, kept.refresh_token, kept.at, previous=kept.used,
+                                     after=(kept.used, *kept.refused))
+        except StoreError as exc:
+            raise StoreError(f"{exc}: the refresh token WeChat returned at the last attempt "
+                             "is kept in memory until it can be written (no call "
+                             "meanwhile)") from None
+        with self._lock:
+            self._unwritten.pop(appid, None)
+        self._stored(appid, stored)
+        current = p.record(appid)
+        left = kept.at + kept.fetched.expires_in - p.clock()
+        if stored == OLDER or (current.access_token if current else None) != kept.replaces \
+                or left <= p.host.config.renew_before:
+            p.log.info("authorizer.unwritten_dropped", app=appid,
+                       token=mask(kept.fetched.access_token),
+                       reason="the refresh token is written; its token is not published: "
+                       + ("it is due already" if left <= p.host.config.renew_before else
+                          "the token was written by another writer since"))
+            return None
+        p.log.info("authorizer.refresh_token_written", app=appid, late_write=True,
+                   token=mask(kept.fetched.access_token))
+        return Fetched(kept.fetched.access_token, int(left), kept.fetched.took_ms)
 
     def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
         return self.platform.host.client.fetch_ticket(app, access_token, kind)
@@ -830,20 +923,28 @@ class Platform:
         now = self.clock()
         known = set(self.files.authorizers())
         added = 0
-        for appid, refresh_token in listed.items():
-            if appid not in known:
-                # removed lately (an unauthorized event; the list may lag): not brought back
-                stored = self.store_refresh(appid, refresh_token, now)
-                if stored == GONE:
-                    self.files.remove_authorizer(appid)
-                    continue
-                if stored == OLDER and self.fleet is not None:  # the fleet knows it already
-                    self.fleet.pull_refresh(appid, self.files)
+        try:
+            for appid, refresh_token in listed.items():
+                if appid not in known:
+                    # removed lately (an unauthorized event; the list may lag): not brought
+                    # back
+                    stored = self.store_refresh(appid, refresh_token, now)
+                    if stored == GONE:
+                        self.files.remove_authorizer(appid)
+                        continue
+                    if stored == OLDER and self.fleet is not None:  # the fleet knows it
+                        self.fleet.pull_refresh(appid, self.files)
+                        self.files.note_listed(appid, refresh_token, now)
+                    self._add(appid)
+                    added += 1
+                else:
                     self.files.note_listed(appid, refresh_token, now)
-                self._add(appid)
-                added += 1
-            else:
-                self.files.note_listed(appid, refresh_token, now)
+        except StoreError as exc:  # the refresh directory refuses writes: again in 10 min
+            self.log.error("authorizers.reconcile_failed", error=str(exc), next_in=600)
+            if self.fleet is not None:
+                self.fleet.release_reconcile()
+            self.host.later(self.reconcile, 600, f"reconcile:{self.comp.name}")
+            return
         unlisted = sorted(known - set(listed))
         self.files.note(last_reconcile=now, listed=len(listed))
         self.log.info("authorizers.reconciled", listed=len(listed), added=added,

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
 from typing import Any
 
 from wxtoken.clock import human_delta
+from wxtoken.errors import StoreError
 from wxtoken.record import APP_NAME_RE
-from wxtoken.store import atomic_write
+from wxtoken.store import atomic_write, store_error
 
 COMPONENTS_DIR = "components"
 TICKET_LIFE = 12 * 3600.0  # WeChat: a component_verify_ticket is good for 12 hours
@@ -206,6 +208,39 @@ class ComponentFiles:
                 out.append((key, value))
         return out
 
+    def _write_refresh(self, appid: str, doc: dict[str, Any], durable: bool = True) -> None:
+        """Write an authorizer's refresh-token file; StoreError when the disk refuses (the
+        refreshers back off on it, as for a token file)."""
+        path = self.refresh_path(appid)
+        try:
+            atomic_write(path, json.dumps(doc).encode() + b"\n", 0o600, durable=durable)
+        except OSError as exc:
+            raise store_error("write", path, exc) from None
+
+    def check_refresh_writable(self, appid: str) -> None:
+        """Before a call that rotates the authorizer's refresh token: StoreError unless a
+        file the size of its refresh-token file can be written durably in the refresh
+        directory now (a refresh token WeChat returns that cannot be kept must not be asked
+        for: every call retires the token readers hold)."""
+        path = self.refresh_path(appid)
+        try:
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                size = 0
+            fd, tmp = tempfile.mkstemp(dir=self.refresh_dir, prefix=f".{appid}.json.probe.",
+                                       suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(b"\0" * (2 * size + 1024))  # the new one may hold one token more
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        except OSError as exc:
+            raise store_error("write", path, exc) from None
+
     @property
     def refresh_lock(self) -> threading.RLock:
         """Held around a read-modify-write of the refresh-token files (re-entrant)."""
@@ -217,7 +252,7 @@ class ComponentFiles:
         """Persist the authorizer's refresh token, durably, before the token it came with is
         published. An empty or missing one never overwrites a stored one. ``authorized_at``:
         the time of the authorization (or import) it came from; kept through rotations.
-        Returns what was stored."""
+        Returns what was stored; StoreError when it could not be written."""
         if not refresh_token:
             raise ValueError("an empty refresh token is never stored")
         with self._refresh_lock:
@@ -240,7 +275,7 @@ class ComponentFiles:
             base = doc.get("fleet")  # the fleet mode: its current when last in step with it
             if isinstance(base, str) and base and authorized_at is None:
                 new["fleet"] = base
-            atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
+            self._write_refresh(appid, new)
             return new
 
     def in_step(self, appid: str, fleets: str) -> None:
@@ -254,9 +289,10 @@ class ComponentFiles:
             if doc is None or doc.get("fleet") == fleets:
                 return
             doc["fleet"] = fleets
-            # not durable: a lost one only makes the next push or take less exact
-            atomic_write(self.refresh_path(appid), json.dumps(doc).encode() + b"\n", 0o600,
-                         durable=False)
+            # not durable, and not written on a disk that refuses it: a lost one only makes
+            # the next push or take less exact
+            with contextlib.suppress(StoreError):
+                self._write_refresh(appid, doc, durable=False)
 
     def adopt_refresh(self, appid: str, theirs: dict[str, Any]) -> bool:
         """Take the fleet's refresh tokens for ``appid`` unless this host's are the same, or
@@ -289,7 +325,7 @@ class ComponentFiles:
             at = theirs.get("authorized_at")
             if isinstance(at, (int, float)):
                 new["authorized_at"] = at
-            atomic_write(self.refresh_path(appid), json.dumps(new).encode() + b"\n", 0o600)
+            self._write_refresh(appid, new)
             return True
 
     def note_listed(self, appid: str, listed: str, now: float) -> bool:
@@ -306,7 +342,7 @@ class ComponentFiles:
                 self.store_refresh(appid, listed, now)
                 return True
             doc["listed"] = listed
-            atomic_write(self.refresh_path(appid), json.dumps(doc).encode() + b"\n", 0o600)
+            self._write_refresh(appid, doc)
             return True
 
     def authorizers(self) -> list[str]:
