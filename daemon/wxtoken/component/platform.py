@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wxtoken.component.crypto import MessageCrypto
@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 RECONCILE_EVERY = 86400.0
 GONE, OLDER = -1, -2  # wxtoken.fleet.platform's: the fleet removed it, has another chain
 LIST_PAGE = 500  # api_get_authorizer_list's largest page
+# one read of the authorizer list (every page) serves every 61023 repair for this long; the
+# next starts no sooner, however many authorizers need one (a failed read waits as long too)
+LIST_WINDOW = 20.0
 MAX_IMPORT_LINE = 4096  # bytes: a line of an import (an export's line is a few hundred)
 # an imported access_token's expires_at: WeChat's tokens live 2 hours (expires_in 7200), and
 # the old system's clock may run a few minutes ahead of this host's
@@ -143,6 +146,15 @@ class _Unwritten:
     replaces: str | None  # the token in the file when the call was made
 
 
+@dataclass
+class _ListRead:
+    """One read of the authorizer list (every page): appid -> its current refresh token."""
+
+    started: float  # time.monotonic() when the read began
+    entries: dict[str, str] = field(default_factory=dict)
+    error: UpstreamError | None = None  # the read failed: no other until LIST_WINDOW passes
+
+
 class AuthorizerFetcher:
     """An authorizer's "client": api_authorizer_token with its refresh token, persisting the
     one WeChat returns before the token is published. A refresh token that cannot be written
@@ -153,6 +165,9 @@ class AuthorizerFetcher:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self._unwritten: dict[str, _Unwritten] = {}  # appid -> kept until it can be written
+        # appid -> when (monotonic) the authorizer list last failed to repair it: a list read
+        # started before then cannot tell that it needs a new authorization or has cancelled
+        self._unhelped: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
@@ -169,9 +184,12 @@ class AuthorizerFetcher:
         # no call while the refresh token it returns could not be made durable
         p.files.check_refresh_writable(appid)
         tried: list[str] = []
+        started = time.monotonic()  # a list read started since then knows what refused these
         for source, refresh_token in p.files.refresh_candidates(appid):
             fetched = self._try(appid, token, refresh_token, tuple(tried))
             if fetched is not None:
+                with self._lock:  # it works again (a new authorization, the list's)
+                    self._unhelped.pop(appid, None)
                 if source == "listed":
                     p.log.warning("authorizer.repaired", app=appid, reason="the stored refresh "
                                   "token was refused; the one api_get_authorizer_list gave works")
@@ -182,24 +200,45 @@ class AuthorizerFetcher:
                 return fetched
             tried.append(refresh_token)
         # every stored refresh token is refused: WeChat's list has the authorizer's current one
-        try:
-            listed = p.listed_refresh_token(appid, token)
-        except UpstreamError as exc:
-            raise UpstreamError(ErrorClass.TRANSIENT, f"the stored authorizer_refresh_token of "
-                                f"{appid} is refused (61023), and the authorizer list could "
-                                f"not be read to repair it: {exc}") from None
+        # (one read serves every repair for LIST_WINDOW s: a read this fetch may predate what
+        # refused it, so only a read started since decides that the list cannot help)
+        since = self._unhelped.get(appid)
+        for _ in range(2):
+            try:
+                read = p.authorizer_list(token, newer_than=since)
+            except UpstreamError as exc:
+                raise UpstreamError(ErrorClass.TRANSIENT, f"the stored authorizer_refresh_token "
+                                    f"of {appid} is refused (61023), and the authorizer list "
+                                    f"could not be read to repair it: {exc}") from None
+            if read is None:  # the last read predates the refusal; the next is not due yet
+                raise UpstreamError(ErrorClass.TRANSIENT, f"the stored authorizer_refresh_token "
+                                    f"of {appid} is refused (61023), also the one the last read "
+                                    "of the authorizer list gave: it is repaired after the next "
+                                    f"read (one per {LIST_WINDOW:.0f} s at most)")
+            listed = read.entries.get(appid)
+            if listed is not None and listed not in tried:
+                p.files.note_listed(appid, listed, p.clock())
+                fetched = self._try(appid, token, listed, tuple(tried))
+                if fetched is not None:
+                    with self._lock:
+                        self._unhelped.pop(appid, None)
+                    p.log.warning("authorizer.repaired", app=appid,
+                                  reason="refresh token recovered from api_get_authorizer_list")
+                    return fetched
+                tried.append(listed)
+            if since is not None and read.started >= since:
+                break  # read since the list last failed to help: it decides
+            with self._lock:
+                since = self._unhelped.setdefault(appid, started)
+            if read.started >= since:
+                break
+        with self._lock:
+            self._unhelped.pop(appid, None)
         if listed is None:
             p.gone(appid, "not in api_get_authorizer_list: the authorization was cancelled")
             raise UpstreamError(ErrorClass.NEEDS_HUMAN, f"{appid} no longer authorizes the "
                                 "platform (61023, and it is not in the authorizer list): its "
                                 "files are removed", errcode=61023)
-        if listed not in tried:
-            p.files.note_listed(appid, listed, p.clock())
-            fetched = self._try(appid, token, listed, tuple(tried))
-            if fetched is not None:
-                p.log.warning("authorizer.repaired", app=appid,
-                              reason="refresh token recovered from api_get_authorizer_list")
-                return fetched
         reason = ("every authorizer_refresh_token is refused (61023), also the one "
                   "api_get_authorizer_list gives: the authorizer must authorize the platform "
                   "again")
@@ -339,6 +378,8 @@ class Platform:
         self._publishing: set[str] = set()  # authorizers whose token _publish is writing
         self._needs_reauth: dict[str, str] = {}
         self._reconcile_waiting = False
+        self._list_lock = threading.Lock()  # one authorizer-list read at a time
+        self._list_read: _ListRead | None = None  # the last, for the 61023 repairs
 
     # -- names ------------------------------------------------------------------------------------
     def key(self, appid: str) -> str:
@@ -891,9 +932,29 @@ class Platform:
             if not items or not isinstance(total, int) or offset >= total:
                 return listed
 
-    def listed_refresh_token(self, appid: str, token: str) -> str | None:
-        """The authorizer's refresh token from the authorizer list; None when it is not in it."""
-        return self._list(token).get(appid)
+    def authorizer_list(self, token: str, newer_than: float | None = None) -> _ListRead | None:
+        """The authorizer list for 61023 repairs: one read (every page) serves every repair
+        for LIST_WINDOW s, and repairs that come while it is being read wait for it. None when
+        the last read started before ``newer_than`` (monotonic) and the next is not due yet;
+        UpstreamError when the read fails (or failed within the window: no new call)."""
+        with self._list_lock:  # single flight: one read at a time, the others wait for it
+            now = time.monotonic()
+            last = self._list_read
+            if last is not None and now - last.started < LIST_WINDOW:
+                if last.error is not None:
+                    raise last.error
+                if newer_than is None or last.started >= newer_than:
+                    return last
+                return None
+            read = _ListRead(started=now)
+            try:
+                read.entries = self._list(token)
+            except UpstreamError as exc:
+                read.error = exc
+                self._list_read = read
+                raise
+            self._list_read = read
+            return read
 
     def reconcile(self) -> None:
         """Learn every authorizer from WeChat's list: new ones start, known ones keep the
