@@ -4,13 +4,10 @@ daemons, the real callback endpoint over HTTP, the emulator, real files and user
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import socket
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,15 @@ from wxtoken.component.crypto import CryptoError, MessageCrypto, signature
 from wxtoken.emulator import Emulator
 from wxtoken.emulator.component import Component
 
-from helpers import NOBODY, DaemonProcess, run_as, stdlib_reader_copy, wait_until
+from helpers import (
+    NOBODY,
+    DaemonProcess,
+    fill,
+    run_as,
+    small_tmpfs,
+    stdlib_reader_copy,
+    wait_until,
+)
 
 COMP = "wx0c0c0000000000c1"
 SECRET = "comp-s3cr3t-0123456789"
@@ -110,33 +115,6 @@ def test_strangers_malformed_requests_are_4xx_warnings_not_crashes(
     assert "Traceback" not in d.log_path.read_text()
 
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Fill the file system ``directory`` is on, to ENOSPC."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
-
-
 def test_a_ticket_the_disk_cannot_take_is_503_with_one_error_line_then_recovers(
         tmp_path: Path, emulator: Emulator, sock_dir: Path,
         daemons: Callable[..., DaemonProcess]) -> None:
@@ -146,7 +124,7 @@ def test_a_ticket_the_disk_cannot_take_is_503_with_one_error_line_then_recovers(
     an info line says the callback stores again."""
     port = free_port()
     comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
-    with small_tmpfs(tmp_path / "small") as state:
+    with small_tmpfs(tmp_path / "small", "256k") as state:
         config = platform_config(tmp_path / "config.toml", state, emulator, sock_dir, port)
         d = daemons(config)
         d.wait_for("daemon.ready", timeout=15)

@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 
 from test_component import COMP, Platform, auth, has_ticket, wait_component
-from test_faults import fill
 from wxtoken.emulator import Emulator
 
-from helpers import DaemonProcess, run_cli, wait_until
+from helpers import DaemonProcess, fill, run_cli, wait_until
 
 # a read-only bind mount and a tmpfs: real OS failures (CI runs as root)
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from wxtoken.errors import ConfigError, UpstreamError
 from wxtoken.refresher import Refresher
 from wxtoken.upstream import WeChatClient
 
-from helpers import APPID, SECRET, DaemonProcess, run_cli
+from helpers import APPID, SECRET, DaemonProcess, fill, run_cli, small_tmpfs
 
 
 @pytest.mark.parametrize(("fault", "errcode", "hint"), [
@@ -77,33 +75,6 @@ def test_daily_budget_stops_calls_across_a_restart(
     app = json.loads(status.stdout)["apps"][0]
     assert status.returncode == 1 and app["calls_today"] == 3
     assert "daily budget of 3 calls reached" in app["problems"]
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
-    if os.geteuid() != 0:
-        print("SKIP: mounting a tmpfs needs root (CI runs as root)")
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_disk_full_keeps_the_old_token_and_recovers(
