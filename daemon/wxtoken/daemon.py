@@ -75,6 +75,7 @@ class Daemon:
             from wxtoken.fleet.node import FleetNode  # redis only in the fleet mode
             self.node = FleetNode(config, self._requested,
                                   lambda: self._wake_all("the fleet's Redis is back"))
+            self.node.fleet.on_fenced = self.wake
             clock = self.node.clock  # the fleet's time: every record's times are in it
             stores = dict(self.node.stores)
         deadline = schedule.call_deadline(config.renew_before)

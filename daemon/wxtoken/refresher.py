@@ -181,6 +181,9 @@ class Refresher:
     def _is_due(self, record: TokenRecord, status: AppStatus, now: float) -> bool:
         if schedule.from_the_future(record.refreshed_at, now):
             return True
+        if self.store.retired(record):
+            # another host's late fetch may have retired it: a lease holder fetches once more
+            return True
         unpublished = getattr(self.client, "unpublished", None)
         if unpublished is not None and unpublished(self.app.appid):
             # an authorizer's token whose refresh token could not be written yet: the fetch
@@ -330,14 +333,27 @@ class Refresher:
                              "this host refreshes on its own")
         self._still_holding()
         try:
-            fetched = self.client.fetch(
-                self.app, force_refresh=forced and self.app.api == "stable_token")
+            fetched = self._fetch(forced and self.app.api == "stable_token")
         except UpstreamError as exc:
             status.calls_today -= len(self.app.tickets)  # counted, never asked for
             if not exc.called:
                 status.calls_today -= 1  # nothing reached WeChat
             return self._failed(exc, status, record, now)
         return self._store_fetched(fetched, record, status, now, forced)
+
+    def _fetch(self, force_refresh: bool) -> Fetched:
+        """The token call; the store hears of every call WeChat may have answered (a fleet
+        whose lease ran out meanwhile marks its record: this call may have retired it)."""
+        # stable_token's normal mode and WeCom hand back the current token: nothing retired
+        retires = self.app.api == "token" or force_refresh
+        try:
+            fetched = self.client.fetch(self.app, force_refresh=force_refresh)
+        except UpstreamError as exc:
+            if exc.called:
+                self.store.fetched(retires)
+            raise
+        self.store.fetched(retires)
+        return fetched
 
     def _store_fetched(self, fetched: Fetched, record: TokenRecord | None, status: AppStatus,
                        now: float, forced: bool) -> Outcome:
@@ -552,7 +568,7 @@ class Refresher:
                              "reader bug, or another process fetching tokens for this appid")
         self._still_holding()
         try:
-            fetched = self.client.fetch(self.app, force_refresh=self.app.api == "stable_token")
+            fetched = self._fetch(self.app.api == "stable_token")
         except UpstreamError as exc:
             status.calls_today -= len(self.app.tickets)
             if not exc.called:  # nothing reached WeChat: neither the budget nor its 20 a day

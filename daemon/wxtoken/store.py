@@ -60,6 +60,14 @@ class TokenStore(Protocol):
     def read(self) -> TokenRecord | None:
         """The current record; None when there is none; TokenCorrupt when it is unusable."""
 
+    def retired(self, record: TokenRecord) -> bool:
+        """Whether ``record`` (as last read) may have been retired by a fetch made elsewhere
+        after its lease ran out: the caller replaces it."""
+
+    def fetched(self, retires: bool) -> None:
+        """Right after a token call WeChat may have answered (``retires``: one that issues a
+        new token, retiring the last one after WeChat's overlap)."""
+
     def write(self, record: TokenRecord) -> None:
         """Replace the record (caller holds the lock); StoreError leaves the old one."""
 
@@ -174,6 +182,12 @@ class FileStore:
 
     def holding(self) -> bool:
         return True  # a file lock does not run out
+
+    def retired(self, record: TokenRecord) -> bool:
+        return False  # one host: a fetch is always made under the lock, then written
+
+    def fetched(self, retires: bool) -> None:
+        pass
 
     def __init__(self, state_dir: str, app: str, file_mode: int = 0o640,
                  file_group: str | None = None) -> None:

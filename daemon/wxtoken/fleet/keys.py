@@ -6,6 +6,8 @@ in braces), so they live in one slot; no key name ever holds a secret.
     <prefix>:{<identity>}:gen      the generation counter (fencing), taken with the lease
     <prefix>:{<identity>}:status   fleet-wide counts: calls today, forced refreshes, spacing
     <prefix>:{<identity>}:meta     what the hosts agree the identity is (api, appid, tickets)
+    <prefix>:{<identity>}:fenced   the generation of a record a late fetch may have retired
+                                   (a fenced host's, or one made while Redis was away)
     <prefix>:version               incremented on every record write (the followers' poll)
     <prefix>:events                pub/sub channel: "<identity> <version>" after a change
     <prefix>:requests:<identity>   pub/sub channel: a follower's passive refresh, heard by the
@@ -29,6 +31,7 @@ class Keys:
         self.gen = f"{base}:gen"
         self.status = f"{base}:status"
         self.meta = f"{base}:meta"
+        self.fenced = f"{base}:fenced"
 
 
 def version_key(prefix: str) -> str:

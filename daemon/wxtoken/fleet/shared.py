@@ -43,7 +43,8 @@ return gen
 """
 # A record is written only if no record of a higher generation is there (fencing on the
 # generation alone, never on host clocks); the counter is kept at least at the written
-# generation (a flush during the refresh reset it).
+# generation (a flush during the refresh reset it); a fenced-fetch mark (KEYS[3]: the
+# generation of a record a late fetch retired) is cleared by any newer record.
 WRITE_RECORD = """
 local current = redis.call('get', KEYS[1])
 if current then
@@ -57,29 +58,61 @@ redis.call('set', KEYS[1], ARGV[1])
 if tonumber(redis.call('get', KEYS[2]) or '0') < tonumber(ARGV[2]) then
   redis.call('set', KEYS[2], ARGV[2])
 end
+local fenced = tonumber(redis.call('get', KEYS[3]) or '')
+if fenced and fenced < tonumber(ARGV[2]) then
+  redis.call('del', KEYS[3])
+end
 return {1, tonumber(ARGV[2])}
 """
-# Re-seeding an empty (restarted, flushed) or older Redis from a host's valid file: written
-# only if Redis has no record expiring later; the generation never goes back (ARGV[3] is the
-# highest this host has seen).
+# Re-seeding Redis from a host's valid file, as generation ARGV[2] (the generation the file's
+# token was written under, or one past the highest the host had seen for a token it fetched
+# while Redis was away): written only if Redis holds no record of that generation or higher
+# (tokens are ordered by generation, never by expiries written in different clocks); the
+# counter never goes below it nor below ARGV[3] (the highest the host has seen).
 SEED_RECORD = """
 local current = redis.call('get', KEYS[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)
-  local expires = ok and type(doc) == 'table' and tonumber(doc.expires_at)
-  if expires and expires >= tonumber(ARGV[2]) then
+  local theirs = ok and type(doc) == 'table' and tonumber(doc.gen)
+  if theirs and theirs >= tonumber(ARGV[2]) then
     return 0
   end
 end
-local gen = tonumber(redis.call('get', KEYS[2]) or '0')
-if gen < tonumber(ARGV[3]) then
-  gen = tonumber(ARGV[3])
-  redis.call('set', KEYS[2], gen)
+local gen = tonumber(ARGV[2])
+local counter = tonumber(redis.call('get', KEYS[2]) or '0')
+local floor = math.max(gen, tonumber(ARGV[3]))
+if counter < floor then
+  redis.call('set', KEYS[2], floor)
 end
 local doc = cjson.decode(ARGV[1])
 doc.gen = gen
 redis.call('set', KEYS[1], cjson.encode(doc))
+local fenced = tonumber(redis.call('get', KEYS[3]) or '')
+if fenced and fenced < gen then
+  redis.call('del', KEYS[3])
+end
 return 1
+"""
+# A fetch WeChat may have answered after its host's lease ran out (a paused holder, a fetch
+# made while Redis was away) may have retired the record's token: mark the record's
+# generation; the next lease holder that reads the mark fetches once more (WRITE_RECORD
+# clears it). Returns the generation marked, or false when there is no record.
+MARK_FENCED = """
+local current = redis.call('get', KEYS[1])
+if not current then
+  return false
+end
+local ok, doc = pcall(cjson.decode, current)
+local gen = ok and type(doc) == 'table' and tonumber(doc.gen)
+if not gen then
+  return false
+end
+local marked = tonumber(redis.call('get', KEYS[2]) or '0')
+if marked < gen then
+  marked = gen
+end
+redis.call('set', KEYS[2], marked, 'EX', ARGV[1])
+return marked
 """
 # After a record changed: the fleet's version moves on and every host hears "<identity>
 # <version>"; a host that finds the version ahead of what it heard knows it missed a message.
@@ -143,6 +176,7 @@ class Fleet:
         self.take_generation = self.client.register_script(TAKE_GENERATION)
         self.write_record = self.client.register_script(WRITE_RECORD)
         self.seed_record = self.client.register_script(SEED_RECORD)
+        self.mark_fenced = self.client.register_script(MARK_FENCED)
         self.announce_record = self.client.register_script(ANNOUNCE)
         self.count_resets = self.client.register_script(COUNT_RESETS)
         self.offset = 0.0  # Redis TIME minus this host's clock
@@ -158,6 +192,8 @@ class Fleet:
         self.mirror_prefixes = {sdk: cfg.mirror_prefix(sdk) for sdk in MIRRORS}
         self.on_change: Callable[[], None] = lambda: None  # Redis went up or down
         self.on_back: Callable[[], None] = lambda: None  # Redis is back after being down
+        # a record was marked fenced (a late fetch may have retired its token): the app's key
+        self.on_fenced: Callable[[str], None] = lambda key: None
 
     # -- the fleet's clock and Redis's health ---------------------------------------------------
     def clock(self) -> float:
@@ -184,6 +220,14 @@ class Fleet:
     def mark_up(self) -> None:
         with self._state:
             was, self._up = self._up, True
+        if was is not True:
+            # the offset is measured on every (re)connection, before anything is written or
+            # seeded in the fleet's time (a host that started while Redis was away has none)
+            try:
+                self.measure_clock()
+            except REDIS_ERRORS as exc:
+                self.mark_down(exc)
+                return
         if was is False:
             self.log.warning("redis.back", reason="coordination resumes; re-seeding what it lost")
             self.on_back()
@@ -223,8 +267,7 @@ class Fleet:
         takes commands from anyone. Redis unreachable is not an error: the files keep serving."""
         try:
             self.client.ping()
-            self.mark_up()
-            self.measure_clock()
+            self.mark_up()  # measures the clock
             self.check_identities(apps)
         except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
             # before REDIS_ERRORS: redis-py's AuthenticationError is a ConnectionError

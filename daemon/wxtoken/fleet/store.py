@@ -5,14 +5,23 @@ the local file every host keeps (the contract readers rely on).
   token, ``thread_local=False`` so a heartbeat can extend it while a call is in flight), then a
   generation taken atomically with it (fencing). ``holding()`` says, just before the upstream
   call, whether the lease is still this host's.
-- ``read()``: the Redis record; when Redis has none (restarted empty, flushed) or an older one
-  than this host's valid file, the file re-seeds it first (no upstream call).
+- ``read()``: the Redis record. Tokens are ordered by generation alone, never by host clocks
+  or expiries: this host remembers, in a private file beside its lock (``.locks/<app>.gen``),
+  the generation its file's token was written under and the highest it has seen, across
+  restarts. Its file re-seeds Redis (no upstream call) only when Redis has no record, when
+  Redis's generation is lower than the file's (a Redis restored from an old snapshot, a
+  lagging replica promoted), or with a token this host fetched itself while Redis was away and
+  nobody wrote since. Otherwise the record wins and the file follows it.
 - ``write()``: a compare-and-set that refuses a lower generation than the record's, so a holder
   that lost its lease (paused, SIGSTOPped, a hung call) never overwrites a newer token; then the
   local file.
+- ``fetched()``: after a token call WeChat may have answered, a lease found lost means that
+  call may have retired the record's token: the record's generation is marked fenced
+  (``retired()`` then says so to every host's refresher, and the next lease holder fetches
+  once more; the next record clears the mark). A token fetched while Redis was away that
+  cannot re-seed Redis (another host wrote since) marks it too.
 - ``sync()``: the local file follows the record (followers, and candidates after another host's
-  refresh), but is never replaced by a token that expires earlier than its own: a token this
-  host fetched alone while Redis was away goes to Redis instead.
+  refresh), by the same rules as ``read()``.
 - the day's calls, forced refreshes and their spacing are counted in Redis, fleet-wide; the
   rest of the bookkeeping (last result, backoff) is this host's own, in its status file.
 - While Redis is unreachable (``degraded``) all of it falls back to the local files; one command
@@ -24,9 +33,12 @@ Times in records are the fleet's (Redis TIME); local files are written in this h
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.exceptions import LockError, LockNotOwnedError
@@ -39,8 +51,8 @@ from wxtoken.fleet.keys import Keys
 from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
 from wxtoken.logs import get_logger, mask
 from wxtoken.record import TokenRecord
-from wxtoken.status import AppStatus
-from wxtoken.store import FileStore
+from wxtoken.status import AppStatus, fingerprint
+from wxtoken.store import FileStore, atomic_write
 
 LEASE_ERRORS: tuple[type[Exception], ...] = (LockError, *REDIS_ERRORS)
 STATUS_TTL = 3 * 86400  # the fleet's counts outlive a WeChat day, and no more
@@ -48,6 +60,31 @@ FLEET_FIELDS = {"calls_day": str, "calls_today": int, "forced_today": int,
                 "last_forced_at": float, "forced_streak": int, "ticket_replaced_at": float,
                 "refreshed_at_exact": float,  # the record's refreshed_at with its fraction
                 "refused_token": str}  # a reported token a forced refresh could not replace
+FENCED_TTL = 86400  # a fenced-fetch mark outlives any record it can concern
+
+
+@dataclass
+class Memory:
+    """What this host remembers of its file's token, on disk across restarts: the generation it
+    was written under (for a token fetched while Redis was away: the highest generation seen
+    then), a fingerprint of the token (a file changed behind the memory's back is of unknown
+    generation), whether this host fetched it alone, and the highest generation seen."""
+
+    seen: int = 0
+    gen: int = 0
+    token: str = ""
+    alone: bool = False
+
+    @classmethod
+    def load(cls, path: str) -> Memory:
+        try:
+            with open(path, "rb") as fh:
+                doc = json.loads(fh.read(4096))
+            memory = cls(int(doc["seen"]), int(doc["gen"]), str(doc["token"]),
+                         bool(doc["alone"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            return cls()
+        return memory if memory.seen >= 0 and memory.gen >= 0 else cls()
 
 
 class _Heartbeat(threading.Thread):
@@ -98,7 +135,13 @@ class FleetStore:
         # a lease whose holder died frees itself this late: waiting for it is not a stall
         self.extra_wait = fleet.lease_timeout + 1
         self.gen = 0  # the generation taken with the lease now held
-        self.seen_gen = 0  # the highest generation this host has seen (a floor after a flush)
+        self.memory_path = os.path.join(os.path.dirname(self.local.lock_path),
+                                        f"{self.local.app}.gen")
+        self.memory = Memory.load(self.memory_path)
+        # the highest generation this host has seen (a floor after a flush), across restarts
+        self.seen_gen = self.memory.seen
+        self._last: tuple[str, int] = ("", 0)  # the record last read: its token, generation
+        self._fenced = 0  # the fenced-fetch mark read with it (0: none)
         self.by = ""  # who wrote the record last seen
         self._local = threading.Lock()  # orders this host's writes of its local file
         self._lease: Lock | None = None
@@ -201,29 +244,67 @@ class FleetStore:
             return None
 
     def _fetch(self) -> tuple[TokenRecord | None, int]:
-        """The Redis record and its generation (None, 0 when there is none usable)."""
-        raw = self.fleet.client.get(self.keys.record)
+        """The Redis record and its generation (None, 0 when there is none usable), and the
+        fenced-fetch mark beside it (one round trip)."""
+        raw, fenced = self.fleet.client.mget([self.keys.record, self.keys.fenced])
         self._ok()
+        try:
+            self._fenced = int(fenced) if fenced is not None else 0
+        except ValueError:
+            self._fenced = 0
         if raw is None:
+            self._last = ("", 0)
             return None, 0
         try:
             record, gen, self.by = parse_record_json(raw, self.app.name)
         except (ValueError, TokenCorrupt) as exc:
             self.log.warning("fleet.record_unusable", reason=str(exc))
+            self._last = ("", 0)
             return None, 0
         self.seen_gen = max(self.seen_gen, gen)
+        self._last = (record.access_token, gen)
         return record, gen
 
-    def _newer_here(self, record: TokenRecord | None) -> TokenRecord | None:
-        """This host's file when it holds a valid token the fleet's record lacks and that
-        expires later (fetched while Redis was away), or Redis has none (restarted empty)."""
-        local = self._local_record()
-        if local is None or local.expires_at <= self.fleet.clock():
+    def retired(self, record: TokenRecord) -> bool:
+        """Whether a fetch made after its host's lease ran out may have retired ``record``'s
+        token (the record last read is marked fenced): the next lease holder replaces it."""
+        token, gen = self._last
+        return self.fleet.up and self._fenced > 0 and token == record.access_token and \
+            0 < gen <= self._fenced
+
+    def _known_gen(self, local: TokenRecord) -> int | None:
+        """The generation this host's file's token was written under; None when unknown (the
+        file changed behind the memory's back, or an older version wrote it)."""
+        if self.memory.token != fingerprint(local.access_token):
             return None
-        if record is None or (local.access_token != record.access_token
-                              and local.expires_at > record.expires_at):
-            return local
-        return None
+        return self.memory.gen
+
+    def _settle(self, record: TokenRecord | None, gen: int) -> tuple[TokenRecord | None, int]:
+        """Decide between the Redis record (generation ``gen``) and this host's valid file by
+        generation, and re-seed Redis from the file when the file is the newer; returns the
+        record the fleet holds afterwards. Raises Redis's errors."""
+        local = self._local_record()
+        if local is None or local.expires_at <= self.fleet.clock() or (
+                record is not None and local.access_token == record.access_token):
+            return record, gen
+        known = self._known_gen(local)
+        seed_gen: int | None = None
+        if record is None:
+            # Redis restarted empty or was flushed: the file's generation orders the seeds
+            seed_gen = (known + 1 if self.memory.alone else known) if known is not None else 0
+        elif known is not None and self.memory.alone and gen <= known:
+            seed_gen = known + 1  # fetched while Redis was away, and nobody wrote since
+        elif known is not None and not self.memory.alone and gen < known:
+            seed_gen = known  # Redis went back (an old snapshot, a lagging replica promoted)
+        if seed_gen is not None and self.seed(local, seed_gen):
+            return self._fetch()
+        if known is not None and self.memory.alone and record is not None:
+            # a token this host fetched alone lost to a record written since: which WeChat
+            # issued last is unknown, so the record's token may be retired: one more fetch
+            self._mark_fenced("this host fetched a token while Redis was away, and another "
+                              "host wrote one since")
+            self.memory = Memory(self.seen_gen)
+        return record, gen
 
     def read(self) -> TokenRecord | None:
         if not self.fleet.may_try():
@@ -231,28 +312,52 @@ class FleetStore:
         try:
             if self.unannounced is not None:  # Redis failed right after a write: tell now
                 self._announce(self.unannounced)
-            record, _ = self._fetch()
-            if (newer := self._newer_here(record)) is not None:
-                self.seed(newer)  # no upstream call: the newest valid file re-seeds Redis
-                record, _ = self._fetch()
+            record, gen = self._settle(*self._fetch())
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
             return self._local_record()
         if record is not None:
-            self._write_local(record)
+            self._write_local(record, gen)
         return record
 
-    def seed(self, record: TokenRecord) -> bool:
-        """Put this host's valid record into Redis unless Redis has one expiring later."""
+    def seed(self, record: TokenRecord, gen: int) -> bool:
+        """Put this host's valid record into Redis as generation ``gen``, unless Redis holds
+        one of that generation or higher."""
         done = bool(self.fleet.seed_record(
-            keys=[self.keys.record, self.keys.gen],
-            args=[record_json(record, 0, self.fleet.host), record.expires_at, self.seen_gen]))
+            keys=[self.keys.record, self.keys.gen, self.keys.fenced],
+            args=[record_json(record, 0, self.fleet.host), gen, self.seen_gen]))
         if done:
-            self.log.warning("fleet.reseeded", token=mask(record.access_token),
+            self.log.warning("fleet.reseeded", token=mask(record.access_token), generation=gen,
                              expires_in=int(record.expires_at - self.fleet.clock()),
                              reason="Redis had no record this new")
+            self.seen_gen = max(self.seen_gen, gen)
+            self._remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
             self._announce(record)
         return done
+
+    def _mark_fenced(self, why: str) -> None:
+        marked = self.fleet.mark_fenced(keys=[self.keys.record, self.keys.fenced],
+                                        args=[FENCED_TTL])
+        if marked:
+            self.log.warning("fleet.fetch_fenced", generation=int(marked), reason=why +
+                             ": the fleet's token may be retired; the next lease holder "
+                             "fetches once more")
+            self.fleet.on_fenced(self.key)  # this host's refresher looks again now
+
+    def fetched(self, retires: bool) -> None:
+        """Right after a token call WeChat may have answered (``retires``: a call that issues a
+        new token): a lease lost meanwhile means another host may have fetched and written
+        since, and this call may have retired that token (WeChat is the resource, and has no
+        fencing): mark the record so the next lease holder fetches once more."""
+        lease, beat = self._lease, self._beat
+        if not retires or lease is None or beat is None:
+            return  # Redis was down when the lock was taken: the memory says "alone"
+        try:
+            if not beat.lost and lease.owned():
+                return  # held throughout: no other host can have fetched meanwhile
+            self._mark_fenced("this host's call was answered after its lease ran out")
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
 
     def _announce(self, record: TokenRecord) -> None:
         # an Open Platform's tokens are not written into the SDKs' layouts
@@ -261,17 +366,17 @@ class FleetStore:
 
     def write(self, record: TokenRecord) -> None:
         if self._lease is None:  # Redis was down when the lock was taken: this host alone
-            self._write_local(record)
+            self._write_alone(record, self.seen_gen)
             return
         try:
             written, theirs = self.fleet.write_record(
-                keys=[self.keys.record, self.keys.gen],
+                keys=[self.keys.record, self.keys.gen, self.keys.fenced],
                 args=[record_json(record, self.gen, self.fleet.host), self.gen])
         except REDIS_ERRORS as exc:
             # the token is the newest WeChat handed out: keep it here; when Redis is back, this
-            # host's file re-seeds it
+            # host's file re-seeds it (unless a host wrote a newer generation meanwhile)
             self.fleet.mark_down(exc)
-            self._write_local(record)
+            self._write_alone(record, self.gen - 1)
             return
         self._ok()
         if not written:
@@ -282,36 +387,55 @@ class FleetStore:
             raise Superseded(f"generation {self.gen} refused: the fleet's record is "
                              f"generation {theirs}")
         self.by = self.fleet.host
-        self._write_local(record)
+        self._last = (record.access_token, self.gen)
+        self._write_local(record, self.gen)
         self._announce(record)
 
-    def _write_local(self, record: TokenRecord) -> None:
-        """This host's file, unless it holds a valid token expiring later than ``record``'s
-        (a newer token never gives way to an older one; the sync thread and the refresher both
-        write it)."""
+    def _remember(self, memory: Memory) -> None:
+        """Keep what this host knows of its file's token (best effort: a memory lost or stale
+        only makes the file's generation unknown, and Redis's record wins)."""
+        self.memory = memory
+        data = json.dumps(asdict(memory), separators=(",", ":")).encode()
+        with contextlib.suppress(OSError):
+            atomic_write(self.memory_path, data, 0o600, durable=False)
+
+    def _write_alone(self, record: TokenRecord, base: int) -> None:
+        """A token fetched while Redis could not be written: this host's file, remembered as
+        fetched alone after generation ``base``."""
+        with self._local:
+            self.local.write(self._to_local(record))
+            self._remember(Memory(self.seen_gen, max(0, base), fingerprint(record.access_token),
+                                  alone=True))
+
+    def _write_local(self, record: TokenRecord, gen: int) -> None:
+        """This host's file follows the fleet's record of generation ``gen``, unless the file's
+        token is known to be newer by generation (the sync thread and the refresher both write
+        it: a record read before another's write must not put an older token back)."""
         with self._local:
             local = self._local_record()
             if local is not None and local.access_token == record.access_token and \
                     local.expires_at == record.expires_at and local.tickets == record.tickets:
+                if self.memory.gen != gen or self.memory.alone or self.memory.seen < \
+                        self.seen_gen or self._known_gen(local) is None:
+                    self._remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
                 return
             if local is not None and local.access_token != record.access_token and \
-                    local.expires_at > record.expires_at and \
-                    local.expires_at > self.fleet.clock():
+                    local.expires_at > self.fleet.clock() and \
+                    (known := self._known_gen(local)) is not None and \
+                    (known >= gen if self.memory.alone else known > gen):
                 return
             self.local.write(self._to_local(record))
+            self._remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
 
     def sync(self) -> bool:
         """Bring the local file up to the fleet's record (a follower's whole job; candidates
         too, when another host refreshed); a newer local token re-seeds Redis instead. True
         when the file was rewritten. Raises Redis's errors (the caller marks the fleet down)."""
-        record, _ = self._fetch()
-        if (newer := self._newer_here(record)) is not None:
-            self.seed(newer)
-            return False
+        record, gen = self._settle(*self._fetch())
         if record is None:
             return False
         before = self.local_token()
-        self._write_local(record)
+        self._write_local(record, gen)
         return self.local_token() != before
 
     def local_token(self) -> str | None:

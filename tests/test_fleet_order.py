@@ -1,0 +1,202 @@
+"""The fleet's token order (#16 items 1 and 2): which token is the newer is decided by the
+fleet's generation, never by host clocks or expiries; a fetch WeChat answered after its host's
+lease ran out is followed by one more fetch, so every host ends on a token WeChat accepts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wxtoken.emulator import Emulator
+
+from helpers import APPID, SECRET, DaemonProcess, read_json, run_cli, wait_until
+from redis_server import RedisServer
+
+MAIN = {"main": {"appid": APPID, "secret": SECRET}}
+FOLLOW = {"main": {"appid": APPID}}
+RECORD = f"wxtoken:{{{APPID}:token}}:record"
+
+
+def state_of(config: Path) -> Path:
+    return config.parent / "state"
+
+
+def token_of(config: Path) -> str | None:
+    try:
+        return str(read_json(state_of(config) / "main.json")["access_token"])
+    except FileNotFoundError:
+        return None
+
+
+def record_of(redis_server: RedisServer) -> dict[str, Any]:
+    raw = redis_server.client().get(RECORD)
+    assert raw is not None, "the fleet has no record"
+    doc = json.loads(raw)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def serial(token: str) -> int:
+    """The emulator numbers the tokens it issues from 00: "07_…" is the eighth."""
+    return int(token.split("_", 1)[0])
+
+
+def faketime(tmp_path: Path, offset: str) -> dict[str, str]:
+    from test_daemon import FAKETIME
+    if not FAKETIME:
+        pytest.skip("libfaketime is not installed (./dev.sh test installs the faketime package)")
+    path = tmp_path / f"faketime{offset}"
+    path.write_text(f"{offset}\n")
+    # the monotonic clock is shifted too: libfaketime 0.9.10 fails time.sleep() (EINVAL) when
+    # it is left alone, and redis-py sleeps between retries; only its differences count
+    return {"LD_PRELOAD": FAKETIME[0], "FAKETIME_TIMESTAMP_FILE": str(path)}
+
+
+def test_a_follower_whose_clock_ran_ahead_never_puts_its_old_token_back(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        tmp_path: Path, daemons: Callable[..., DaemonProcess]) -> None:
+    """A follower wrote its file while its clock ran 300 s ahead, was stopped; the fleet
+    refreshed; back with a correct clock, its file (which looks 300 s fresher) follows the
+    fleet's newer record instead of re-seeding Redis with the token WeChat retired."""
+    candidate = hosts(MAIN, refresh_interval=3600)
+    follower = hosts(FOLLOW, refresh_interval=3600)
+    lead = daemons(candidate)
+    lead.wait_for("daemon.ready", timeout=15)
+    first = token_of(candidate)
+    ahead = daemons(follower, env=faketime(tmp_path, "+300"))
+    ahead.wait_for("daemon.ready", timeout=15)
+    wait_until(lambda: token_of(follower) == first, timeout=5)
+    assert ahead.stop() == 0
+    result = run_cli("refresh", "main", "--config", str(candidate))
+    assert result.returncode == 0, result.stderr
+    second = record_of(redis_server)["access_token"]
+    assert second != first and serial(second) > serial(first)
+    back = daemons(follower)
+    back.wait_for("daemon.ready", timeout=15)
+    wait_until(lambda: token_of(follower) == second, timeout=5)
+    time.sleep(1.5)  # a re-seed came within 3 s in the review: give it the chance to happen
+    assert record_of(redis_server)["access_token"] == second
+    assert token_of(candidate) == token_of(follower) == second
+    assert not [e for e in back.events() if e["event"] == "fleet.reseeded"]
+    assert emulator.calls(APPID, "token") == 2
+    assert back.stop() == 0 and lead.stop() == 0
+
+
+def test_a_host_that_started_while_redis_was_away_never_overwrites_newer_tokens(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        tmp_path: Path, daemons: Callable[..., DaemonProcess]) -> None:
+    """Host B, its clock 300 s ahead, starts while Redis is unreachable and fetches a token
+    alone. When Redis answers again, B measures its clock before writing anything: no record is
+    stamped in its fast time, the fleet's record only ever moves to newer tokens (by WeChat's
+    issue order), and every file ends on the record's token, which WeChat accepts."""
+    a = hosts(MAIN, refresh_interval=4, renew_before=12)
+    b = hosts(MAIN, refresh_interval=4, renew_before=12)
+    host_a = daemons(a)
+    host_a.wait_for("daemon.ready", timeout=15)
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        host_b = daemons(b, env=faketime(tmp_path, "+300"))
+        host_b.wait_for("daemon.ready", timeout=20)
+        assert any(e["event"] == "refresh.uncoordinated" for e in host_b.events())
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    client = redis_server.client()
+    seen: list[str] = []
+    stamps: list[float] = []
+    deadline = time.monotonic() + 16
+    while time.monotonic() < deadline:
+        raw = client.get(RECORD)
+        now = float(client.time()[0])
+        if raw is not None:
+            doc = json.loads(raw)
+            if not seen or seen[-1] != doc["access_token"]:
+                seen.append(doc["access_token"])
+                stamps.append(doc["expires_at"] - now)
+        time.sleep(0.05)
+    assert len(seen) >= 3, seen  # refreshes went on (every 4 s)
+    serials = [serial(t) for t in seen]
+    assert serials == sorted(serials), f"the record went back to an older token: {serials}"
+    assert max(stamps) <= 7200 + 5, f"a record stamped in a fast clock: {stamps}"
+    final = record_of(redis_server)["access_token"]
+    wait_until(lambda: token_of(a) == token_of(b) == record_of(redis_server)["access_token"],
+               timeout=5)
+    assert emulator.token_status(record_of(redis_server)["access_token"]) == 0
+    assert final
+    assert host_a.stop() == 0 and host_b.stop() == 0
+
+
+def test_a_fetch_answered_after_the_lease_ran_out_is_followed_by_one_more(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Leader A's call is held on the way for 12 s while A is stopped; B takes the lease over
+    and writes token 1; A's call then reaches WeChat and is issued token 2, which retires 1. A is
+    fenced out (or its call timed out), so it marks the record; the next lease holder fetches
+    once more, and before WeChat's overlap ends every host serves a token WeChat accepts. One
+    extra call, no more."""
+    s = emulator.state.settings
+    s.overlap = 3.0
+    a = hosts(MAIN, refresh_interval=3600, renew_before=12)  # lease 6 s
+    b = hosts(MAIN, refresh_interval=3600, renew_before=12)
+    s.latency = 12.0  # A's first call: held on the way
+    host_a = daemons(a)
+    wait_until(lambda: emulator.state.inflight == 1, timeout=10)
+    s.latency = 0.0
+    assert host_a.proc.pid
+    os.kill(host_a.proc.pid, signal.SIGSTOP)
+    try:
+        host_b = daemons(b)
+        taken = host_b.wait_for("token.refreshed", timeout=20)
+        # A's held call reaches WeChat now: WeChat issues the second token, retiring B's
+        wait_until(lambda: emulator.calls(APPID, "token") == 2, timeout=15)
+    finally:
+        os.kill(host_a.proc.pid, signal.SIGCONT)
+    assert serial(taken["token"]) == 0
+    wait_until(lambda: emulator.calls(APPID, "token") == 3, timeout=10)
+    assert host_a.wait_for("fleet.fetch_fenced")["level"] == "warning"
+    final = record_of(redis_server)["access_token"]
+    assert serial(final) == 2
+    wait_until(lambda: token_of(a) == token_of(b) == final, timeout=5)
+    time.sleep(s.overlap + 0.5)  # past WeChat's overlap: only the newest token is accepted
+    assert emulator.token_status(final) == 0
+    assert token_of(a) == token_of(b) == record_of(redis_server)["access_token"] == final
+    assert emulator.calls(APPID, "token") == 3
+    assert host_a.stop() == 0 and host_b.stop() == 0
+
+
+def test_a_redis_whose_generation_went_back_is_reseeded_from_the_newer_file(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Redis comes back with an older record of a lower generation (a snapshot restored, a
+    lagging replica promoted): the host that saw the higher generation re-seeds its newer token
+    with no upstream call; a host's file never follows the older record."""
+    candidate = hosts(MAIN, refresh_interval=3600)
+    lead = daemons(candidate)
+    lead.wait_for("daemon.ready", timeout=15)
+    client = redis_server.client()
+    old = client.get(RECORD)
+    old_gen = client.get(f"wxtoken:{{{APPID}:token}}:gen")
+    assert old is not None and old_gen is not None
+    result = run_cli("refresh", "main", "--config", str(candidate))
+    assert result.returncode == 0, result.stderr
+    newer = record_of(redis_server)
+    assert newer["gen"] > json.loads(old)["gen"]
+    calls = emulator.calls()
+    # the snapshot: Redis restarts with the older record and counter (no version: resync)
+    redis_server.restart()
+    client = redis_server.client()
+    client.set(RECORD, old)
+    client.set(f"wxtoken:{{{APPID}:token}}:gen", old_gen)
+    wait_until(lambda: record_of(redis_server)["access_token"] == newer["access_token"],
+               timeout=10)
+    assert record_of(redis_server)["gen"] >= newer["gen"]
+    assert token_of(candidate) == newer["access_token"]
+    assert emulator.calls() == calls
+    assert lead.stop() == 0
