@@ -4,9 +4,14 @@ daemons, the real callback endpoint over HTTP, the emulator, real files and user
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
 import socket
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,3 +221,159 @@ def test_the_message_crypto_refuses_non_ascii_input_with_its_own_error() -> None
         ours.decrypt("é" * 44)
     with pytest.raises(CryptoError, match="not base64"):
         MessageCrypto(MSG_TOKEN, "é" * 43, COMP)
+
+
+# -- slow clients (#16 item 8) -------------------------------------------------------------------
+class SlowHeaders:
+    """``count`` connections to 127.0.0.1:``port``, each sending a request line and a Host
+    header, then one byte of a header every ``every`` seconds (a slowloris), from one thread
+    (non-blocking sockets). Connections are opened one every ``spacing`` seconds: a burst of
+    150 connects overflows the old listen backlog of 5 and most never reach the server (the
+    client believes them open). One the server closes or answers is opened again at the next
+    round: the attacker refills. Stops by itself after ``lasting`` seconds."""
+
+    HEAD = b"POST /components/plat/callback HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+    def __init__(self, port: int, count: int = 150, every: float = 2.0,
+                 spacing: float = 0.005, lasting: float = 30.0) -> None:
+        self.port, self.count, self.every, self.lasting = port, count, every, lasting
+        self.spacing = spacing
+        self.rounds = 0  # dribble rounds done
+        self.held = 0  # connections open now, their head sent
+        self.opened = 0
+        self.answers: Counter[str] = Counter()  # how the server ended connections
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SlowHeaders:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _connect(self, sel: selectors.BaseSelector) -> None:
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", self.port))
+        sel.register(s, selectors.EVENT_WRITE, "connecting")
+
+    def _ended(self, sel: selectors.BaseSelector, s: socket.socket, how: str) -> None:
+        self.answers[how] += 1
+        sel.unregister(s)
+        s.close()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        end = time.monotonic() + self.lasting
+        next_round = next_open = time.monotonic()
+        try:
+            while not self._stop.is_set() and (now := time.monotonic()) < end:
+                missing = self.count - len(sel.get_map())
+                if missing and now >= next_open:
+                    self._connect(sel)
+                    next_open = now + self.spacing
+                    missing -= 1
+                wait = min(next_round, next_open) if missing else next_round
+                for key, _ in sel.select(max(0.0, min(wait - now, 0.2))):
+                    s = key.fileobj
+                    assert isinstance(s, socket.socket)
+                    if key.data == "connecting":
+                        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                            self._ended(sel, s, "connect failed")
+                            continue
+                        s.send(self.HEAD)
+                        sel.modify(s, selectors.EVENT_READ, "held")
+                        self.opened += 1
+                        continue
+                    try:
+                        data = s.recv(4096)
+                    except OSError as exc:
+                        data = type(exc).__name__.encode()
+                    self._ended(sel, s, data.split(b"\r\n", 1)[0].decode("latin-1") or "EOF")
+                self.held = sum(1 for k in sel.get_map().values() if k.data == "held")
+                if time.monotonic() >= next_round and self.opened >= self.count:
+                    next_round = time.monotonic() + self.every
+                    for key in list(sel.get_map().values()):
+                        if key.data == "held":
+                            with contextlib.suppress(OSError):
+                                key.fileobj.send(b"X")  # type: ignore[union-attr]
+                    self.rounds += 1
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()  # type: ignore[union-attr]
+            sel.close()
+
+
+def timed_push(port: int, emulator: Emulator, comp: Component) -> tuple[str, float]:
+    """A signed ticket push: (its answer, or the error, and the seconds it took)."""
+    query, body = ticket_push(emulator, comp)
+    start = time.monotonic()
+    try:
+        answer = requests.post(callback_url(port), params=query, data=body, timeout=5)
+        outcome = f"{answer.status_code} {answer.text}"
+    except requests.RequestException as exc:
+        outcome = type(exc).__name__
+    return outcome, time.monotonic() - start
+
+
+def test_150_slow_header_connections_do_not_keep_a_signed_push_out(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """150 local connections sending a request line and a Host header, then a byte every 2 s
+    (and opened again whenever closed) hold no handler: a signed ticket push is answered
+    `success` within 1 s while they are held, and again after the deadline has cut them and
+    they have been refilled. The operator is told by one warning line, not one per
+    connection."""
+    port = free_port()
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             port)
+    comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)  # no pusher: pushed here
+    d = daemons(config)
+    d.wait_for("callback.listening", timeout=15)
+    with SlowHeaders(port) as attack:
+        wait_until(lambda: attack.rounds >= 1, timeout=10)  # all open, a byte sent on each
+        pushes = [timed_push(port, emulator, comp)]
+        # every connection closed by the server once and opened again (here: at the deadline)
+        wait_until(lambda: attack.opened >= 2 * attack.count, timeout=15)
+        pushes.append(timed_push(port, emulator, comp))
+        seen = (attack.rounds, attack.held, attack.opened, dict(attack.answers))
+    assert all(outcome == "200 success" and took < 1.0 for outcome, took in pushes), \
+        (pushes, seen)
+    assert d.stop() == 0
+    told = [e for e in d.events() if e["level"] in ("warning", "error", "critical")]
+    assert [(e["event"], e["level"]) for e in told] == [("callback.slow_clients", "warning")]
+
+
+def test_a_request_dribbling_its_headers_is_closed_at_the_whole_request_deadline(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A header byte every 0.5 s restarts no timer: the request line, headers and body must
+    all arrive within 5 s of the connection, or it is answered 408 and closed."""
+    port = free_port()
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             port)
+    emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
+    d = daemons(config)
+    d.wait_for("callback.listening", timeout=15)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        start = time.monotonic()
+        s.sendall(SlowHeaders.HEAD)
+        s.settimeout(0.5)
+        answer, closed_after = b"", None
+        for _ in range(24):  # 12 s at most
+            try:
+                answer = s.recv(4096)
+            except TimeoutError:
+                with contextlib.suppress(OSError):
+                    s.send(b"X")
+                    continue
+            closed_after = time.monotonic() - start
+            break
+    assert closed_after is not None, "still open after 12 s"
+    assert 4.5 <= closed_after <= 6.5, closed_after
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    note = d.wait_for("callback.slow_clients")
+    assert (note["level"], note["timed_out"], note["dropped"]) == ("warning", 1, 0)
+    assert d.stop() == 0

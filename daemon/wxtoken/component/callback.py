@@ -18,16 +18,33 @@ a replay). The same message again (WeChat's retry, or a replay inside the window
 A message this host cannot store (the component's directory cannot be written: disk full,
 read-only) is answered 503, so that WeChat pushes it again; one error line says so when it
 starts, an info line when a push is handled again, nothing per push in between.
+
+Slow clients hold no thread. One thread takes every request in as its bytes arrive and hands
+it to a handler thread only once it is whole (request line, headers, and the body its
+Content-Length announces): a slowloris costs a socket and a few bytes, never one of the
+MAX_HANDLING handlers (503 when all are busy). The whole request must arrive within
+REQUEST_DEADLINE seconds of the connection, however it trickles (408 and closed after; no read
+restarts the clock), its head within MAX_HEAD bytes (431). At most MAX_ARRIVING connections,
+MAX_BUFFERED bytes in all, wait for their request; past that the one waiting longest is closed
+(503), so a flood of slow connections cannot keep out a push that arrives whole at once, as
+nginx sends it. One warning line at most every 10 minutes tells of connections so closed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import http.client
+import io
+import re
+import selectors
 import socket
+import socketserver
 import threading
 import time
 from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.etree import ElementTree
@@ -42,10 +59,17 @@ if TYPE_CHECKING:
     from wxtoken.component.platform import Platform
 
 MAX_BODY = 65536
-READ_TIMEOUT = 5.0
+MAX_HEAD = 16384  # the request line and headers together (431 beyond)
+REQUEST_DEADLINE = 5.0  # seconds from the connection for the whole request (WeChat waits 5 s)
+WRITE_TIMEOUT = 5.0  # for an answer (a few hundred bytes: the socket buffer takes it at once)
+MAX_HANDLING = 64  # whole requests handled at once, a thread each (503 beyond)
+MAX_ARRIVING = 256  # connections whose request is still arriving (no thread each)...
+MAX_BUFFERED = 8 << 20  # ...and their bytes, all together
+BACKLOG = 1024  # connections the kernel queues until accepted (the intake accepts at once)
+SLOW_NOTE_EVERY = 600.0  # seconds between callback.slow_clients lines
 MAX_SKEW = 600.0  # seconds a message's timestamp may be away from this host's clock
-MAX_CONNECTIONS = 64
 SEEN = 4096  # signatures remembered (duplicates inside the window are answered, not handled)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")  # the blank line after the headers
 
 
 class _Refused(Exception):
@@ -75,47 +99,290 @@ def parse_xml(raw: bytes) -> dict[str, str]:
     return {child.tag: (child.text or "").strip() for child in root}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Arriving:
+    """A connection whose request is still arriving: no thread, only its bytes so far."""
+
+    __slots__ = ("data", "deadline", "peer", "scanned", "size", "sock")
+
+    def __init__(self, sock: socket.socket, peer: Any, deadline: float) -> None:
+        self.sock, self.peer, self.deadline = sock, peer, deadline
+        self.data = bytearray()
+        self.scanned = 0  # where the search for the end of the head goes on
+        self.size: int | None = None  # head and body, once the head is in
+
+
+def request_size(head: bytes) -> tuple[int, bool]:
+    """The length of a request (its ``head``, blank line included, and the body it announces)
+    and whether the client waits for ``100 Continue`` before sending the body. A body the
+    handler refuses anyway (not a POST; no, several or a bad Content-Length; chunked; over
+    MAX_BODY) is not waited for."""
+    line, _, fields = head.partition(b"\n")
+    if not line.startswith(b"POST "):
+        return len(head), False
+    try:
+        headers = http.client.parse_headers(io.BytesIO(fields))
+    except http.client.HTTPException:
+        return len(head), False
+    lengths = headers.get_all("Content-Length") or []
+    raw = lengths[0].strip() if len(lengths) == 1 else ""
+    if headers.get("Transfer-Encoding") is not None or not (raw.isascii() and raw.isdigit()) \
+            or int(raw) > MAX_BODY:
+        return len(head), False
+    return len(head) + int(raw), headers.get("Expect", "").lower() == "100-continue"
+
+
+def _refusal(status: int, text: str) -> bytes:
+    body = text.encode()
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+def _close(sock: socket.socket, answer: bytes = b"") -> None:
+    """Answer (best effort: never blocks) and close, FIN first, as socketserver does."""
+    with contextlib.suppress(OSError):
+        if answer:
+            sock.send(answer)
+        sock.shutdown(socket.SHUT_WR)
+    sock.close()
+
+
+def _listener(listen: tuple[str, int]) -> socket.socket:
+    """The listening socket for ``callback_listen``. OSError (the daemon's ConfigError) when it
+    cannot be had."""
+    host, port = listen
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Server(socketserver.BaseServer):
+    """The listener and the one thread that takes requests in (the module's docstring says
+    how); what the handlers share. Its loop is serve(), not socketserver's."""
+
     platforms: dict[str, Platform]
-    slots: threading.BoundedSemaphore
     seen: OrderedDict[str, float]
     seen_lock: threading.Lock
     unstored: dict[str, int]  # component -> pushes answered 503 since its store failed
 
-    def __init__(self, listen: tuple[str, int]) -> None:
-        if ":" in listen[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(listen, _Handler)
+    def __init__(self, listen: tuple[str, int], platforms: dict[str, Platform]) -> None:
+        self.listener = _listener(listen)
+        super().__init__(self.listener.getsockname(), _Handler)
+        self.listener.setblocking(False)
+        self.platforms = platforms
+        self.seen = OrderedDict()
+        self.seen_lock = threading.Lock()
+        self.unstored = {}
+        self.log = get_logger()
+        self._slots = threading.BoundedSemaphore(MAX_HANDLING)
+        self._arriving: OrderedDict[socket.socket, _Arriving] = OrderedDict()  # oldest first
+        self._buffered = 0  # bytes held for arriving requests
+        self._handlers: set[threading.Thread] = set()
+        self._handlers_lock = threading.Lock()
+        self._wake, self._waker = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        self._selector.register(self._wake, selectors.EVENT_READ)
+        self._stopping = False
+        self._late = self._dropped = 0  # connections closed unfinished, since the last note
+        self._noted = -SLOW_NOTE_EVERY
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
-            self.shutdown_request(request)
+    # -- the intake thread ------------------------------------------------------------------
+    def serve(self) -> None:
+        """Take requests in until stop(): sleeps in select() until a connection or its bytes
+        come, or the oldest arriving request's deadline passes (no polling)."""
+        while not self._stopping:
+            timeout = None
+            if self._arriving:
+                oldest = next(iter(self._arriving.values()))
+                timeout = max(0.0, oldest.deadline - time.monotonic())
+            for key, _ in self._selector.select(timeout):
+                try:
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    elif isinstance(key.data, _Arriving):
+                        self._read(key.data)
+                except Exception as exc:  # a bug: one error line, and the endpoint goes on
+                    self.log.error("callback.crashed", error=str(exc) or type(exc).__name__)
+                    if isinstance(key.data, _Arriving) \
+                            and self._arriving.get(key.data.sock) is key.data:
+                        self._forget(key.data)
+                        _close(key.data.sock)
+            self._expire(time.monotonic())
+            self._note_slow()
+
+    def _accept(self) -> None:
+        for _ in range(64):  # then the arriving requests' bytes get their turn
+            try:
+                sock, peer = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    continue  # e.g. ECONNABORTED: that client is gone, the next one
+                if not self._arriving:
+                    time.sleep(0.05)  # out of descriptors, none of ours to give back: no spin
+                    return
+                self._drop(next(iter(self._arriving.values())))
+                continue
+            sock.setblocking(False)
+            if len(self._arriving) >= MAX_ARRIVING:
+                self._drop(next(iter(self._arriving.values())))
+            arriving = _Arriving(sock, peer, time.monotonic() + REQUEST_DEADLINE)
+            self._arriving[sock] = arriving
+            self._selector.register(sock, selectors.EVENT_READ, arriving)
+
+    def _read(self, a: _Arriving) -> None:
+        if self._arriving.get(a.sock) is not a:
+            return  # closed earlier in this round (a newer connection needed its place)
+        try:
+            chunk = a.sock.recv(65536)
+        except BlockingIOError:
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+        except OSError:
+            chunk = b""
+        if not chunk:  # the client gave up
+            self._forget(a)
+            _close(a.sock)
+            return
+        a.data += chunk
+        self._buffered += len(chunk)
+        if a.size is None:
+            end = _HEAD_END.search(a.data, a.scanned)
+            if end is None and len(a.data) <= MAX_HEAD:
+                a.scanned = max(0, len(a.data) - 3)
+                return
+            if end is None or end.end() > MAX_HEAD:
+                self._forget(a)
+                _close(a.sock, _refusal(431, f"the request line and headers may be at most "
+                                             f"{MAX_HEAD} bytes"))
+                return
+            a.size, expects = request_size(bytes(a.data[:end.end()]))
+            if expects and len(a.data) < a.size:
+                with contextlib.suppress(OSError):
+                    a.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if len(a.data) >= a.size:
+            self._hand_over(a)
+        while self._buffered > MAX_BUFFERED:
+            self._drop(next(iter(self._arriving.values())))
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _hand_over(self, a: _Arriving) -> None:
+        """The request is whole: a handler thread answers it (503 while MAX_HANDLING are)."""
+        self._forget(a)
+        if not self._slots.acquire(blocking=False):
+            _close(a.sock, _refusal(503, "busy; retry shortly"))
+            return
+        thread = threading.Thread(target=self._handle, args=(a.sock, a.peer, bytes(a.data)),
+                                  name="callback-request", daemon=True)
+        with self._handlers_lock:
+            self._handlers.add(thread)
         try:
-            super().process_request_thread(request, client_address)
+            thread.start()
+        except RuntimeError:  # no thread to be had now
+            with self._handlers_lock:
+                self._handlers.discard(thread)
+            self._slots.release()
+            _close(a.sock, _refusal(503, "busy; retry shortly"))
+
+    def _forget(self, a: _Arriving) -> None:
+        self._selector.unregister(a.sock)
+        del self._arriving[a.sock]
+        self._buffered -= len(a.data)
+
+    def _drop(self, a: _Arriving) -> None:
+        """Close an arriving request unfinished, to make room (the oldest goes)."""
+        self._forget(a)
+        _close(a.sock, _refusal(503, "too many requests arriving; retry shortly"))
+        self._dropped += 1
+
+    def _expire(self, now: float) -> None:
+        while self._arriving:  # oldest first: deadlines come in accept order
+            a = next(iter(self._arriving.values()))
+            if a.deadline > now:
+                return
+            self._forget(a)
+            _close(a.sock, _refusal(408, f"the request did not arrive whole within "
+                                         f"{REQUEST_DEADLINE:g} s"))
+            self._late += 1
+
+    def _note_slow(self) -> None:
+        """At most one line every SLOW_NOTE_EVERY seconds about connections closed before
+        their request arrived (slow or stalled clients, or a flood of them), never one each."""
+        if not (self._late or self._dropped):
+            return
+        now = time.monotonic()
+        if now - self._noted < SLOW_NOTE_EVERY:
+            return
+        self.log.warning("callback.slow_clients", timed_out=self._late, dropped=self._dropped,
+                         reason="connections closed before their request arrived whole "
+                         f"(within {REQUEST_DEADLINE:g} s of connecting; slow or stalled "
+                         "clients, or a flood of them); requests that arrive whole are still "
+                         f"answered; at most one such line every {SLOW_NOTE_EVERY:g} s")
+        self._late = self._dropped = 0
+        self._noted = now
+
+    # -- a handler thread -------------------------------------------------------------------
+    def _handle(self, sock: socket.socket, peer: Any, data: bytes) -> None:
+        try:
+            sock.settimeout(WRITE_TIMEOUT)
+            _Handler(sock, peer, self, data)
+        except Exception:  # noqa: S110 - a client that went away; the handler logs the rest
+            pass
         finally:
-            self.slots.release()
+            _close(sock)
+            self._slots.release()
+            with self._handlers_lock:
+                self._handlers.discard(threading.current_thread())
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that went away; handler errors are answered and logged below
+    # -- from the daemon's thread -----------------------------------------------------------
+    def stop(self) -> None:
+        """Ends serve() (it wakes at once)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._waker.send(b"x")
+
+    def close(self, wait: float) -> None:
+        """After serve() has ended: close every connection and the listener, and give requests
+        being handled ``wait`` seconds."""
+        for a in list(self._arriving.values()):
+            self._forget(a)
+            _close(a.sock)
+        self._selector.close()
+        self.listener.close()
+        self._wake.close()
+        self._waker.close()
+        end = time.monotonic() + wait
+        with self._handlers_lock:
+            handlers = list(self._handlers)
+        for thread in handlers:
+            thread.join(max(0.0, end - time.monotonic()))
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """Answers one request that has arrived whole (``data``); only the answer goes to the
+    socket."""
+
     server: _Server
     protocol_version = "HTTP/1.1"
-    timeout = READ_TIMEOUT
+
+    def __init__(self, request: socket.socket, client_address: Any, server: _Server,
+                 data: bytes = b"") -> None:
+        self._data = data
+        super().__init__(request, client_address, server)
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = io.BytesIO(self._data)
+        self.wfile = self.connection.makefile("wb")  # flushed by finish()
+
+    def handle_expect_100(self) -> bool:
+        return True  # the intake said 100 Continue before the body came (if it had to)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the query carries signatures; events are logged by what they do
@@ -141,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         try:
-            return read_body(self.headers, self.rfile, MAX_BODY, deadline=READ_TIMEOUT)
+            return read_body(self.headers, self.rfile, MAX_BODY)  # arrived whole (or short)
         except BodyError as exc:
             raise _Refused(exc.status, exc.message) from None
 
@@ -246,33 +513,27 @@ class CallbackServer:
     def __init__(self, listen: tuple[str, int], platforms: dict[str, Platform]) -> None:
         self.listen = listen
         self.log = get_logger()
-        self.server = _Server(listen)
-        self.server.platforms = platforms
-        self.server.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.server.seen = OrderedDict()
-        self.server.seen_lock = threading.Lock()
-        self.server.unstored = {}
-        self._thread = threading.Thread(target=self.server.serve_forever, name="callback",
-                                        kwargs={"poll_interval": None}, daemon=True)
+        self.server = _Server(listen, platforms)
+        self._thread = threading.Thread(target=self.server.serve, name="callback", daemon=True)
 
     @property
     def port(self) -> int:
-        return int(self.server.server_address[1])
+        return int(self.server.listener.getsockname()[1])
+
+    @property
+    def address(self) -> str:
+        host = self.listen[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def start(self) -> None:
         self._thread.start()
-        self.log.info("callback.listening", address=f"{self.listen[0]}:{self.port}",
+        self.log.info("callback.listening", address=self.address,
                       components=sorted(self.server.platforms))
 
     def stop(self) -> None:
+        """Stop taking requests; requests being handled get a few seconds to finish (a ticket
+        being stored is not cut short)."""
         if self._thread.is_alive():
-            stopper = threading.Thread(target=self.server.shutdown, daemon=True)
-            stopper.start()
-            deadline = time.monotonic() + 10
-            while stopper.is_alive() and time.monotonic() < deadline:
-                with socket.socket(self.server.address_family, socket.SOCK_STREAM) as poke, \
-                        contextlib.suppress(OSError):
-                    poke.settimeout(0.5)
-                    poke.connect(self.server.server_address[:2])
-                stopper.join(0.05)
-        self.server.server_close()
+            self.server.stop()
+            self._thread.join(10)
+        self.server.close(wait=5.0)
