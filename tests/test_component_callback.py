@@ -5,16 +5,19 @@ daemons, the real callback endpoint over HTTP, the emulator, real files and user
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -28,6 +31,7 @@ from helpers import (
     DaemonProcess,
     fill,
     run_as,
+    run_cli,
     small_tmpfs,
     stdlib_reader_copy,
     wait_until,
@@ -47,10 +51,10 @@ def free_port() -> int:
 
 
 def platform_config(path: Path, state: Path, emulator: Emulator, sock_dir: Path,
-                    port: int) -> Path:
+                    port: int, listen: str | None = None) -> Path:
     settings = {"state_dir": str(state), "api_base": emulator.url, "log_format": "json",
                 "control_socket": str(sock_dir / "control.sock"),
-                "callback_listen": f"127.0.0.1:{port}", "refresh_interval": 600,
+                "callback_listen": listen or f"127.0.0.1:{port}", "refresh_interval": 600,
                 "renew_before": 10}
     lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     lines += ["[components.plat]", f'component_appid = "{COMP}"', f'secret = "{SECRET}"',
@@ -377,3 +381,154 @@ def test_a_request_dribbling_its_headers_is_closed_at_the_whole_request_deadline
     note = d.wait_for("callback.slow_clients")
     assert (note["level"], note["timed_out"], note["dropped"]) == ("warning", 1, 0)
     assert d.stop() == 0
+
+
+# -- callback_listen = "unix:/path" (#16 item 8) -------------------------------------------------
+def unix_push(path: str, emulator: Emulator, comp: Component) -> bytes:
+    """The raw HTTP bytes of a signed ticket push to the callback on a Unix socket."""
+    query, body = ticket_push(emulator, comp)
+    return (f"POST /components/plat/callback?{urlencode(query)} HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def push_as(user: int, groups: list[int], path: str, request: bytes, lib: Path) -> str:
+    """Send ``request`` over the Unix socket at ``path`` as another user: the answer's status
+    line and body, or the error's name."""
+    code = ("import socket\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.settimeout(5)\n"
+            "try:\n"
+            f"    s.connect({path!r})\n"
+            "except OSError as exc:\n"
+            "    print(type(exc).__name__)\n"
+            "    raise SystemExit\n"
+            f"s.sendall({request!r})\n"
+            "out = b''\n"
+            "while chunk := s.recv(65536):\n"
+            "    out += chunk\n"
+            "head, _, body = out.partition(b'\\r\\n\\r\\n')\n"
+            "print(head.split(b'\\r\\n')[0].decode(), body.decode())\n")
+    result = run_as(user, groups, code, lib)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_unix_socket_callback_only_its_directorys_group_can_open(
+        emulator: Emulator, sock_dir: Path, daemons: Callable[..., DaemonProcess]) -> None:
+    """callback_listen = "unix:PATH" in a setgid directory of another group (nginx's, 2750):
+    the socket left there by a crash is replaced, the new one is mode 0660 with the directory's
+    group; a member of that group pushes a signed ticket through it (the component token
+    follows), a user outside it cannot even connect; check-config says who may open it; a
+    reload that changes callback_listen is refused and the socket keeps serving; it is removed
+    at stop."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to another user needs root (CI runs as root)")
+    nginx = next(g.gr_gid for g in grp.getgrall() if g.gr_gid not in (0, NOBODY))
+    where = sock_dir / "cb"
+    where.mkdir()
+    os.chown(where, -1, nginx)
+    where.chmod(0o2750)
+    path = str(where / "callback.sock")
+    with socket.socket(socket.AF_UNIX) as crashed:  # bound, never unlinked: a crash's leftover
+        crashed.bind(path)
+    config = platform_config(sock_dir / "config.toml", sock_dir / "state", emulator, sock_dir,
+                             0, f"unix:{path}")
+    comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
+    d = daemons(config)
+    assert d.wait_for("callback.listening", timeout=15)["address"] == f"unix:{path}"
+    st = os.stat(path)
+    assert (stat.S_ISSOCK(st.st_mode), st.st_mode & 0o777, st.st_gid) == (True, 0o660, nginx)
+    lib = stdlib_reader_copy(sock_dir / "lib")
+    assert push_as(NOBODY, [nginx], path, unix_push(path, emulator, comp), lib) \
+        == "HTTP/1.1 200 OK success"
+    assert push_as(NOBODY, [], path, unix_push(path, emulator, comp), lib) == "PermissionError"
+    wait_until(lambda: (sock_dir / "state" / "components" / "plat" / f"{COMP}.json").exists(),
+               timeout=15)
+    checked = run_cli("check-config", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert f'callback_listen = "unix:{path}"\n# the socket: mode 0660, group ' \
+        f"{grp.getgrgid(nginx).gr_name} ({where} is setgid)" in checked.stdout
+    text = config.read_text()
+    config.write_text(text.replace(f'"unix:{path}"', '"127.0.0.1:8089"'))
+    reload = run_cli("reload", "--config", str(config))
+    assert reload.returncode == 78
+    assert "callback_listen: changed, which takes a restart" in reload.stderr
+    assert push_as(NOBODY, [nginx], path, unix_push(path, emulator, comp), lib) \
+        == "HTTP/1.1 200 OK success"
+    assert d.stop() == 0
+    assert not os.path.lexists(path)
+    assert [e["event"] for e in d.events() if e["level"] in ("warning", "error")] \
+        == ["config.reload_refused"]
+
+
+@pytest.mark.parametrize("taken", ["a file", "a live socket"])
+def test_a_unix_socket_path_that_is_taken_is_one_exit_78_line(
+        taken: str, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A regular file, or a socket another process serves, at the callback's path: the daemon
+    exits 78 with one line naming callback_listen and why, and leaves the path alone."""
+    path = sock_dir / "callback.sock"
+    config = platform_config(sock_dir / "config.toml", sock_dir / "state", emulator, sock_dir,
+                             0, f"unix:{path}")
+    emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
+    with contextlib.ExitStack() as stack:
+        if taken == "a file":
+            path.write_text("keep me")
+            why = "a file that is not a socket is in the way"
+        else:
+            other = stack.enter_context(socket.socket(socket.AF_UNIX))
+            other.bind(str(path))
+            other.listen()
+            why = "another running process serves that socket"
+        d = daemons(config)
+        assert d.proc.wait(20) == 78
+        d.stop()
+        lines = [e["line"] for e in d.events() if e["event"] == "unparsed"]
+        assert len(lines) == 1 and f"callback_listen: cannot listen on unix:{path}" in lines[0] \
+            and lines[0].endswith(why), lines
+        assert "Traceback" not in d.log_path.read_text()
+        if taken == "a file":
+            assert path.read_text() == "keep me"
+        else:
+            assert stat.S_ISSOCK(path.lstat().st_mode)
+
+
+@pytest.mark.parametrize(("listen", "problem"), [
+    ("unix:", 'callback_listen: must name the socket after "unix:"'),
+    ("unix:callback.sock",
+     "callback_listen: the socket's path must be an absolute path, not 'callback.sock'"),
+    ("unix:/run/" + "x" * 120 + ".sock",
+     "callback_listen: the socket's path is too long for a Unix socket (at most 107 bytes)"),
+    ("unix:/run/wxtoken/", "callback_listen: must name the socket, not the directory"),
+    ("/run/wxtoken/callback.sock",
+     'callback_listen: must be "host:port" (like "127.0.0.1:8089") or "unix:/path"'),
+])
+def test_a_bad_callback_listen_is_one_exit_78_line(
+        listen: str, problem: str, tmp_path: Path, emulator: Emulator, sock_dir: Path) -> None:
+    """A malformed callback_listen is refused by check-config: exit 78, one line naming the
+    key and the problem, no traceback."""
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             0, listen)
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 78, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0], lines
+
+
+def test_a_unix_socket_in_a_missing_directory_is_warned_about(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path) -> None:
+    """The daemon makes the socket, not its directory: check-config warns when the directory
+    does not exist (it is an error at start), and says the socket takes the daemon's group
+    where the directory is not setgid."""
+    missing = sock_dir / "nope" / "callback.sock"
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             0, f"unix:{missing}")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"callback_listen: the directory {missing.parent} does not exist" in result.stderr
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             0, f"unix:{sock_dir / 'callback.sock'}")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert f"# the socket: mode 0660, the daemon's group ({sock_dir} is not setgid" \
+        in result.stdout

@@ -461,7 +461,23 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             print(f"quota_watch = {json.dumps(list(app.quota_watch))}")
     if config.callback_listen is not None:
         host, port = config.callback_listen
-        print(f"\ncallback_listen = \"{host}:{port}\"")
+        if port == 0:  # "unix:/path", mode 0660: its group is its directory's when setgid
+            directory = os.path.dirname(host[len("unix:"):]) or "/"
+            try:
+                st = os.stat(directory)
+                gid = st.st_gid if st.st_mode & stat.S_ISGID else None
+            except OSError:
+                gid = None
+            try:
+                group = f"group {grp.getgrgid(gid).gr_name}" if gid is not None else ""
+            except KeyError:
+                group = f"gid {gid}"
+            print(f"\ncallback_listen = {json.dumps(host)}\n# the socket: mode 0660, "
+                  + (f"{group} ({directory} is setgid)" if group else "the daemon's group ("
+                     f"{directory} is not setgid: the README says how nginx's group alone can "
+                     "open it)"))
+        else:
+            print(f"\ncallback_listen = \"{f'[{host}]' if ':' in host else host}:{port}\"")
     for comp in config.components:
         print(f"\n[components.{comp.name}]")
         print(f"component_appid = {json.dumps(comp.component_appid)}")

@@ -138,7 +138,8 @@ class Config:
     control_socket: str = DEFAULT_SOCKET
     metrics_file: str | None = None
     redis: RedisConfig | None = None
-    callback_listen: tuple[str, int] | None = None  # the Open Platform's callback endpoint
+    # the Open Platform's callback endpoint: (host, port), or ("unix:/path", 0)
+    callback_listen: tuple[str, int] | None = None
     components: tuple[ComponentConfig, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -261,16 +262,31 @@ def _parse_app(ck: Checker, name: str, app: Any, config_mode: int,
 
 
 def _listen(ck: Checker, value: Any) -> tuple[str, int] | None:
-    """callback_listen = "127.0.0.1:8089" (or "[::1]:8089")."""
+    """callback_listen = "127.0.0.1:8089" (or "[::1]:8089"), or a Unix socket
+    "unix:/run/wxtoken-callback/callback.sock", given as ("unix:/run/…/callback.sock", 0)."""
+    shapes = '"host:port" (like "127.0.0.1:8089") or "unix:/path" (a Unix socket)'
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        ck.bad("callback_listen", 'must be "host:port", like "127.0.0.1:8089"')
+        ck.bad("callback_listen", f"must be {shapes}")
         return None
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if (problem := check_socket_path(path)) is not None:
+            ck.bad("callback_listen", f"the socket's path {problem}" if path else
+                   'must name the socket after "unix:", like "unix:/run/wxtoken-callback/'
+                   'callback.sock"')
+            return None
+        if path.endswith("/"):
+            ck.bad("callback_listen", f"must name the socket, not the directory {path!r}")
+            return None
+        if problem := socket_dir_problem(path):
+            ck.warn("callback_listen", problem)
+        return value, 0
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not digits(port) or not 0 < int(port) < 65536:
-        ck.bad("callback_listen", f'must be "host:port" with a port from 1 to 65535, not '
+        ck.bad("callback_listen", f"must be {shapes}, with a port from 1 to 65535, not "
                f"{value!r}")
         return None
     return host, int(port)

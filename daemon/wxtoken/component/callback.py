@@ -1,6 +1,7 @@
 """The Open Platform's callback endpoint: ``POST /components/<NAME>/callback`` on
 ``callback_listen``, the URL a platform registers with WeChat as its authorization event URL
-(授权事件接收URL), meant to sit behind the platform's nginx.
+(授权事件接收URL), meant to sit behind the platform's nginx: on loopback (``"127.0.0.1:8089"``)
+or on a Unix socket (``"unix:/run/wxtoken-callback/callback.sock"``).
 
 WeChat sends ``?timestamp=&nonce=&encrypt_type=aes&msg_signature=`` and
 ``<xml><AppId>…</AppId><Encrypt>…</Encrypt></xml>``. The signature is verified, the message
@@ -28,6 +29,12 @@ restarts the clock), its head within MAX_HEAD bytes (431). At most MAX_ARRIVING 
 MAX_BUFFERED bytes in all, wait for their request; past that the one waiting longest is closed
 (503), so a flood of slow connections cannot keep out a push that arrives whole at once, as
 nginx sends it. One warning line at most every 10 minutes tells of connections so closed.
+
+A Unix socket (``unix:PATH``) is made with mode 0660 in an existing directory: its group is
+the daemon's, or the directory's when that directory is setgid (``2750 wxtoken www-data``, so
+that nginx's group alone reaches it; the daemon need not be in that group, and under the
+unit's PrivateUsers=yes could not chown to it). A socket a crash left there is replaced, a live
+one or another file refused; the socket is removed at stop.
 """
 
 from __future__ import annotations
@@ -36,10 +43,12 @@ import contextlib
 import errno
 import http.client
 import io
+import os
 import re
 import selectors
 import socket
 import socketserver
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +67,8 @@ from wxtoken.store import store_error
 if TYPE_CHECKING:
     from wxtoken.component.platform import Platform
 
+UNIX = "unix:"  # callback_listen = "unix:/path": config.py gives it as ("unix:/path", 0)
+SOCKET_MODE = 0o660
 MAX_BODY = 65536
 MAX_HEAD = 16384  # the request line and headers together (431 beyond)
 REQUEST_DEADLINE = 5.0  # seconds from the connection for the whole request (WeChat waits 5 s)
@@ -147,10 +158,27 @@ def _close(sock: socket.socket, answer: bytes = b"") -> None:
     sock.close()
 
 
-def _listener(listen: tuple[str, int]) -> socket.socket:
-    """The listening socket for ``callback_listen``. OSError (the daemon's ConfigError) when it
-    cannot be had."""
+def _listener(listen: tuple[str, int]) -> tuple[socket.socket, str | None]:
+    """The listening socket for ``callback_listen``, and the Unix socket's path (None for
+    TCP). OSError (the daemon's ConfigError) when it cannot be had."""
     host, port = listen
+    if port == 0 and host.startswith(UNIX):
+        path = host[len(UNIX):]
+        _take_over_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            try:
+                # nobody can connect before listen(): the mode is right before anyone can
+                os.chmod(path, SOCKET_MODE)
+                sock.listen(BACKLOG)
+            except BaseException:
+                os.unlink(path)
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        return sock, path
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -159,7 +187,28 @@ def _listener(listen: tuple[str, int]) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, None
+
+
+def _take_over_stale_socket(path: str) -> None:
+    """A socket a crash left at ``path`` is removed; a live one, or another file, is an
+    OSError (nothing is removed; the daemon's message names the path)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError("a file that is not a socket is in the way")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:  # nobody listens: left by a crash
+            os.unlink(path)
+            return
+        except OSError as exc:
+            raise OSError(f"a socket is there that cannot be tried ({exc.strerror or exc})") \
+                from None
+    raise OSError("another running process serves that socket")
 
 
 class _Server(socketserver.BaseServer):
@@ -172,8 +221,11 @@ class _Server(socketserver.BaseServer):
     unstored: dict[str, int]  # component -> pushes answered 503 since its store failed
 
     def __init__(self, listen: tuple[str, int], platforms: dict[str, Platform]) -> None:
-        self.listener = _listener(listen)
+        self.listener, self.path = _listener(listen)
         super().__init__(self.listener.getsockname(), _Handler)
+        if self.path is not None:
+            st = os.stat(self.path)
+            self._inode: tuple[int, int] = (st.st_dev, st.st_ino)
         self.listener.setblocking(False)
         self.platforms = platforms
         self.seen = OrderedDict()
@@ -348,8 +400,8 @@ class _Server(socketserver.BaseServer):
             self._waker.send(b"x")
 
     def close(self, wait: float) -> None:
-        """After serve() has ended: close every connection and the listener, and give requests
-        being handled ``wait`` seconds."""
+        """After serve() has ended: close every connection and the listener, remove the Unix
+        socket (if it is still ours), and give requests being handled ``wait`` seconds."""
         for a in list(self._arriving.values()):
             self._forget(a)
             _close(a.sock)
@@ -357,6 +409,11 @@ class _Server(socketserver.BaseServer):
         self.listener.close()
         self._wake.close()
         self._waker.close()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.path)
         end = time.monotonic() + wait
         with self._handlers_lock:
             handlers = list(self._handlers)
@@ -518,10 +575,13 @@ class CallbackServer:
 
     @property
     def port(self) -> int:
-        return int(self.server.listener.getsockname()[1])
+        """The TCP port (0 on a Unix socket)."""
+        return 0 if self.server.path is not None else int(self.server.listener.getsockname()[1])
 
     @property
     def address(self) -> str:
+        if self.server.path is not None:
+            return UNIX + self.server.path
         host = self.listen[0]
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
