@@ -4,9 +4,12 @@ lease ran out is followed by one more fetch, so every host ends on a token WeCha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +73,7 @@ def test_a_follower_whose_clock_ran_ahead_never_puts_its_old_token_back(
     lead = daemons(candidate)
     lead.wait_for("daemon.ready", timeout=15)
     first = token_of(candidate)
+    assert first is not None
     ahead = daemons(follower, env=faketime(tmp_path, "+300"))
     ahead.wait_for("daemon.ready", timeout=15)
     wait_until(lambda: token_of(follower) == first, timeout=5)
@@ -200,3 +204,106 @@ def test_a_redis_whose_generation_went_back_is_reseeded_from_the_newer_file(
     assert token_of(candidate) == newer["access_token"]
     assert emulator.calls() == calls
     assert lead.stop() == 0
+
+
+class Cut:
+    """A TCP forwarder on loopback in front of Redis, for one host: ``cut()`` drops its
+    connections and refuses new ones (that host alone loses Redis), ``mend()`` lets them in."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self.conns: list[Any] = []
+        self.stopped = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stopped:
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self) -> None:
+        self.open = False
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def mend(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.stopped = True
+        self.cut()
+        self.listener.close()
+
+
+def test_a_candidate_cut_off_from_redis_never_retires_the_fleets_token(
+        emulator: Emulator, hosts: Callable[..., Path], redis_server: RedisServer,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Host P loses Redis while host A keeps it and refreshes. At P's own renew_before window
+    P asks WeChat about its token first (getcallbackip, none of the token quota): refused, so
+    another host holds a newer one: P fetches nothing (it would retire the fleet's token),
+    logs fleet.partitioned and `wxtoken status` says so. When Redis is back, P's file follows
+    the fleet's record and the problem clears."""
+    s = emulator.state.settings
+    s.token_ttl, s.overlap = 30, 3.0
+    cut = Cut(redis_server.port)
+    try:
+        a = hosts(MAIN, refresh_interval=8, renew_before=12)
+        p = hosts(MAIN, refresh_interval=8, renew_before=12,
+                  redis={"url": f"redis://127.0.0.1:{cut.port}/0"})
+        host_a = daemons(a)
+        host_a.wait_for("daemon.ready", timeout=15)
+        host_p = daemons(p)
+        host_p.wait_for("daemon.ready", timeout=15)
+        assert token_of(p) == token_of(a)
+        cut.cut()
+        host_p.wait_for("redis.down", timeout=15)
+        partitioned = host_p.wait_for("fleet.partitioned", timeout=40)
+        assert partitioned["level"] == "error"
+        events = [e["event"] for e in host_p.events()]
+        assert "token.refreshed" not in events and "refresh.uncoordinated" not in events
+        # the fleet's token was never retired by P: the record's token is accepted
+        assert emulator.token_status(record_of(redis_server)["access_token"]) == 0
+        status = run_cli("status", "--json", "--config", str(p))
+        app = json.loads(status.stdout)["apps"][0]
+        assert app["partitioned"] is True and status.returncode != 0
+        assert any(problem.startswith("partitioned: ") for problem in app["problems"])
+        cut.mend()
+        wait_until(lambda: token_of(p) == record_of(redis_server)["access_token"], timeout=15)
+        wait_until(lambda: not json.loads(run_cli("status", "--json", "--config", str(p))
+                                          .stdout)["apps"][0].get("partitioned"), timeout=15)
+        assert host_a.stop() == 0 and host_p.stop() == 0
+    finally:
+        cut.close()

@@ -60,6 +60,11 @@ def app_health(config: Config, app: AppConfig, record: TokenRecord | None, statu
     # refresher decides it: the next refresh would not fit
     if calls + 1 + len(app.tickets) > config.daily_budget:
         problems.append(f"daily budget of {config.daily_budget} calls reached")
+    if status.partitioned_at:
+        info["partitioned"] = True
+        problems.append("partitioned: Redis is unreachable and WeChat refuses this host's token "
+                        "(another host holds a newer one); no fetch here, which would retire "
+                        "it; readers on this host get the refused token until Redis is back")
     if problem:
         problems.append(problem)
     info["healthy"] = not problems

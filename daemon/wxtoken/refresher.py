@@ -41,6 +41,7 @@ TRANSIENT_BASE = 1.0
 TRANSIENT_CAP = 300.0
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
+PARTITION_RECHECK = 300.0  # a partitioned host asks WeChat about its token again this often
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,9 @@ class Refresher:
         record = self._read()
         status = self.store.read_status()
         self.record, self.status = record, status
+        if status.partitioned_at and not self.store.degraded:
+            status.partitioned_at = 0.0  # Redis is back: the record is the fleet's again
+            self.store.write_status(status)
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return written
         if record is not None and schedule.from_the_future(record.refreshed_at, now):
@@ -266,6 +270,8 @@ class Refresher:
             # getticket refused the token: WeChat dropped it early; replace it now
         if (waiting := self._waiting(record, status, now, first)) is not None:
             return waiting
+        if (partitioned := self._partitioned(record, status, now)) is not None:
+            return partitioned
         if not self._spend(status, now, 1 + len(self.app.tickets)):
             return Outcome(State.BUDGET, status.retry_at, record.expires_at if record else None)
         return self._call(record, status, now, forced=False)
@@ -307,6 +313,34 @@ class Refresher:
             return None  # a hard error may have been fixed by the operator before this restart
         state = State.BUDGET if status.last_result is LastResult.BUDGET else State.WAITING
         return Outcome(state, retry_at, record.expires_at if record else None)
+
+    def _partitioned(self, record: TokenRecord | None, status: AppStatus,
+                     now: float) -> Outcome | None:
+        """Redis unreachable, a `token` app about to fetch on its own: first ask WeChat whether
+        this host's token is still accepted (a business API, none of the token quota). A
+        refused token means another host, which still reaches Redis, holds a newer one: a
+        fetch here would retire it for the whole fleet, so none is made, and this host says it
+        is partitioned. None when the fetch may go ahead. (Inside WeChat's ~5-minute overlap a
+        probe proves nothing: see the README.)"""
+        if not self.store.degraded or self.app.api != "token" or record is None or \
+                record.expires_at <= now or not isinstance(self.client, WeChatClient):
+            return None
+        try:
+            accepted = self.client.token_accepted(self.app, record.access_token)
+        except UpstreamError as exc:
+            self.log.warning("refresh.probe_failed", error=str(exc),
+                             reason="cannot tell whether another host refreshed: fetching")
+            return None
+        if accepted:
+            return None
+        if not status.partitioned_at:
+            status.partitioned_at = now
+            self.store.write_status(status)
+            self.log.error("fleet.partitioned", token=mask(record.access_token),
+                           reason="Redis is unreachable and WeChat refuses this host's token: "
+                           "another host holds a newer one; no fetch here (it would retire "
+                           "that one); readers here get the refused token until Redis is back")
+        return Outcome(State.WAITING, now + PARTITION_RECHECK, record.expires_at)
 
     def _spend(self, status: AppStatus, now: float, calls: int) -> bool:
         """Count upstream calls against the daily budget *before* making them (a crash cannot

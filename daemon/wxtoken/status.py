@@ -48,6 +48,9 @@ class AppStatus:
     # fingerprint of the file's token when a reader reported it invalid and it could not be
     # replaced then (the forced refresh failed or was refused): the next run replaces it
     refused_token: str = ""
+    # fleet mode, Redis unreachable: when WeChat refused this host's token before it would
+    # have fetched on its own (another host holds a newer one); 0 when not partitioned
+    partitioned_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -357,6 +357,25 @@ class WeChatClient:
                             errmsg=str(answer.get("errmsg", ""))[:200],
                             rid=rid_of(answer.get("errmsg")))
 
+    def token_accepted(self, app: AppConfig, access_token: str) -> bool:
+        """Whether WeChat still accepts ``access_token``: one GET of cgi-bin/getcallbackip, a
+        business API with its own daily quota (10,000 calls for an Official Account), which costs
+        none of cgi-bin/token's. False for 40001/42001/40014 (refused, or retired by a newer
+        fetch); UpstreamError for any other answer (nothing is known then)."""
+        path = "/cgi-bin/getcallbackip"
+        answer = self._request("GET", self._base(app) + path, path,
+                               {"params": {"access_token": access_token}})
+        if not isinstance(answer, dict):
+            raise UpstreamError(ErrorClass.TRANSIENT, f"unexpected response from {path}")
+        code = answer.get("errcode", 0)
+        if code in (0, None) and not isinstance(code, bool):
+            return True
+        if isinstance(code, int) and not isinstance(code, bool) and business_token_invalid(code):
+            return False
+        raise UpstreamError(ErrorClass.TRANSIENT, f"{path} returned errcode {code}",
+                            errcode=code if isinstance(code, int) else None,
+                            errmsg=str(answer.get("errmsg", ""))[:200])
+
     def _post_json(self, url: str, path: str, params: dict[str, str], body: dict[str, Any]
                    ) -> tuple[dict[str, Any], int | None]:
         """POST a JSON body: the answer object and its errcode (None for success); a transient

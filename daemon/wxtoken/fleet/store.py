@@ -298,9 +298,11 @@ class FleetStore:
             seed_gen = known  # Redis went back (an old snapshot, a lagging replica promoted)
         if seed_gen is not None and self.seed(local, seed_gen):
             return self._fetch()
-        if known is not None and self.memory.alone and record is not None:
+        if known is not None and self.memory.alone and record is not None and \
+                self.app.api == "token":
             # a token this host fetched alone lost to a record written since: which WeChat
             # issued last is unknown, so the record's token may be retired: one more fetch
+            # (stable_token's and WeCom's calls made alone retire nothing)
             self._mark_fenced("this host fetched a token while Redis was away, and another "
                               "host wrote one since")
             self.memory = Memory(self.seen_gen)
