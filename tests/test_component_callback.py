@@ -532,3 +532,15 @@ def test_a_unix_socket_in_a_missing_directory_is_warned_about(
     assert result.returncode == 0 and not result.stderr, result.stderr
     assert f"# the socket: mode 0660, the daemon's group ({sock_dir} is not setgid" \
         in result.stdout
+
+
+def test_a_callback_socket_on_the_control_sockets_path_is_refused(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path) -> None:
+    """callback_listen naming the control socket's path: one exit-78 line (one of the two
+    would replace the other at start)."""
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             0, f"unix:{sock_dir / 'control.sock'}")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 78, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "callback_listen: is the control socket's path" in lines[0], lines

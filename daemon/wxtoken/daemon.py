@@ -167,8 +167,9 @@ class Daemon:
                 try:
                     self.callback = CallbackServer(self.config.callback_listen, self.platforms)
                 except OSError as exc:
+                    where = host if port == 0 else f"{host}:{port}"  # port 0: a Unix socket
                     raise ConfigError([f"{self.config.path}: callback_listen: cannot listen on "
-                                       f"{host}:{port}: {exc.strerror or exc}"]) from None
+                                       f"{where}: {exc.strerror or exc}"]) from None
         try:
             from wxtoken.control import ControlServer
             self.control = ControlServer(self.config.control_socket, lambda: self.config,
