@@ -77,6 +77,10 @@ def test_a_follower_whose_clock_ran_ahead_never_puts_its_old_token_back(
     ahead = daemons(follower, env=faketime(tmp_path, "+300"))
     ahead.wait_for("daemon.ready", timeout=15)
     wait_until(lambda: token_of(follower) == first, timeout=5)
+    memory = state_of(follower) / ".locks" / "main.gen"  # the generation of its file's token
+    wait_until(memory.exists, timeout=5)
+    assert memory.stat().st_mode & 0o777 == 0o600
+    assert json.loads(memory.read_text())["gen"] == record_of(redis_server)["gen"]
     assert ahead.stop() == 0
     result = run_cli("refresh", "main", "--config", str(candidate))
     assert result.returncode == 0, result.stderr

@@ -398,8 +398,14 @@ class FleetStore:
         only makes the file's generation unknown, and Redis's record wins)."""
         self.memory = memory
         data = json.dumps(asdict(memory), separators=(",", ":")).encode()
-        with contextlib.suppress(OSError):
+        try:
             atomic_write(self.memory_path, data, 0o600, durable=False)
+        except FileNotFoundError:  # a follower takes no lock: the private directory may not be
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.dirname(self.memory_path), 0o700, exist_ok=True)
+                atomic_write(self.memory_path, data, 0o600, durable=False)
+        except OSError:
+            pass
 
     def _write_alone(self, record: TokenRecord, base: int) -> None:
         """A token fetched while Redis could not be written: this host's file, remembered as
