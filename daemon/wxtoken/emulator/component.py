@@ -11,6 +11,12 @@
 - ``POST /cgi-bin/component/api_get_authorizer_list?component_access_token=`` {component_appid,
   offset, count (at most 500)}: every authorizer with its current refresh token.
 
+Faults: ``api`` ``component_token`` (the component's appid), ``query_auth`` (the authorizer's
+appid, when the code is known), ``authorizer_token`` (the authorizer's), ``authorizer_list``
+(the component's). ``lost`` carries the request out (the code is used, the authorization
+stored; the refresh token rotated) and then resets the connection: WeChat did it, the answer
+never arrived. Every other mode acts before anything is done.
+
 A component is registered with ``POST /_emu/components`` (or :meth:`Platforms.add`), with its
 callback URL: a pusher thread POSTs an encrypted ``component_verify_ticket`` there every
 ``push_every`` seconds, and ``authorized`` / ``unauthorized`` events when
@@ -29,7 +35,9 @@ import requests
 
 from wxtoken.component.crypto import MessageCrypto
 from wxtoken.emulator.state import (
+    Fault,
     Issued,
+    Reply,
     State,
     apply_fault,
     check_token,
@@ -40,6 +48,22 @@ from wxtoken.emulator.state import (
 )
 
 MAX_LIST = 500
+
+
+def _before(state: State, fault: Fault | None) -> Fault | None:
+    """A fault that acts before the request is carried out acts now; a ``lost`` one is
+    returned, for ``_after``."""
+    if fault is not None and fault.mode != "lost":
+        apply_fault(state, fault)
+    return fault
+
+
+def _after(fault: Fault | None, answer: dict[str, Any]) -> dict[str, Any]:
+    """The answer of a request carried out, unless a ``lost`` fault drops it (the connection
+    is reset instead)."""
+    if fault is not None and fault.mode == "lost":
+        raise Reply(action="reset")
+    return answer
 
 
 @dataclass
@@ -154,9 +178,13 @@ class Platforms:
             auth.listed = _new_refresh_token()
 
     # -- pushing --------------------------------------------------------------------------------
-    def message(self, comp: Component, fields: dict[str, str]) -> str:
+    def message(self, comp: Component, fields: dict[str, str],
+                created: int | str | None = None) -> str:
+        """The XML of an event; ``created``: its CreateTime (now unless given: a late push, or
+        one that is not a time)."""
         inner = "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in fields.items())
-        return (f"<xml><AppId><![CDATA[{comp.appid}]]></AppId><CreateTime>{int(time.time())}"
+        when = int(time.time()) if created is None else created
+        return (f"<xml><AppId><![CDATA[{comp.appid}]]></AppId><CreateTime>{when}"
                 f"</CreateTime>{inner}</xml>")
 
     def sealed(self, comp: Component, xml: str) -> tuple[dict[str, str], bytes]:
@@ -169,8 +197,11 @@ class Platforms:
         return {"timestamp": timestamp, "nonce": nonce, "encrypt_type": "aes",
                 "msg_signature": signature}, body
 
-    def push(self, comp: Component, fields: dict[str, str]) -> bool:
-        query, body = self.sealed(comp, self.message(comp, fields))
+    def push(self, comp: Component, fields: dict[str, str],
+             created: int | str | None = None) -> bool:
+        """POST an event to the component's callback (``created``: its CreateTime, as for
+        ``message``); whether it was answered ``success``."""
+        query, body = self.sealed(comp, self.message(comp, fields, created))
         try:
             resp = self.session.post(comp.callback, params=query, data=body, timeout=5,
                                      allow_redirects=False)
@@ -219,8 +250,7 @@ class Platforms:
         state = self.state
         with state.lock:
             count_call(state, comp.appid, "component_token")
-            if fault := take_fault(state, comp.appid, "component_token"):
-                apply_fault(state, fault)
+            fault = _before(state, take_fault(state, comp.appid, "component_token"))
             if body.get("component_appsecret") != comp.secret:
                 raise err(40125, "invalid appsecret")
             ticket = body.get("component_verify_ticket")
@@ -235,8 +265,8 @@ class Platforms:
             if previous is not None:
                 previous.expires_at = min(previous.expires_at, now + state.settings.overlap)
             issued = state.latest[key] = issue(state, key, comp.appid, now)
-            return {"component_access_token": issued.token,
-                    "expires_in": state.settings.token_ttl}
+            return _after(fault, {"component_access_token": issued.token,
+                                  "expires_in": state.settings.token_ttl})
 
     def _authorizer_token(self, comp: Component, appid: str, now: float) -> Issued:
         key = ("authorizer", appid)
@@ -253,7 +283,11 @@ class Platforms:
         state = self.state
         with state.lock:
             count_call(state, comp.appid, "query_auth")
-            found = comp.codes.pop(str(body.get("authorization_code") or ""), None)
+            code = str(body.get("authorization_code") or "")
+            known = comp.codes.get(code)
+            fault = _before(state, take_fault(state, known[0] if known else comp.appid,
+                                              "query_auth"))
+            found = comp.codes.pop(code, None)
             now = state.clock()
             if found is None or found[1] < now:
                 raise err(61009, "code is invalid")
@@ -262,10 +296,10 @@ class Platforms:
                 raise err(61003, "component is not authorized by this account")
             issued = self._authorizer_token(comp, auth.appid, now)
             # the current refresh token (a new authorization keeps the rotation going)
-            return {"authorization_info": {
+            return _after(fault, {"authorization_info": {
                 "authorizer_appid": auth.appid, "authorizer_access_token": issued.token,
                 "expires_in": state.settings.token_ttl, "authorizer_refresh_token": auth.latest,
-                "func_info": [{"funcscope_category": {"id": 1}}]}}
+                "func_info": [{"funcscope_category": {"id": 1}}]}})
 
     def authorizer_token(self, query: dict[str, str], body: Any) -> dict[str, Any]:
         body = body if isinstance(body, dict) else {}
@@ -275,8 +309,7 @@ class Platforms:
         appid = str(body.get("authorizer_appid") or "")
         with state.lock:
             count_call(state, appid, "authorizer_token")
-            if fault := take_fault(state, appid, "authorizer_token"):
-                apply_fault(state, fault)
+            fault = _before(state, take_fault(state, appid, "authorizer_token"))
             auth = comp.authorizers.get(appid)
             if auth is None:
                 raise err(61003, "component is not authorized by this account")
@@ -288,9 +321,9 @@ class Platforms:
             auth.older, auth.latest = given, _new_refresh_token()
             now = state.clock()
             issued = self._authorizer_token(comp, appid, now)
-            return {"authorizer_access_token": issued.token,
-                    "expires_in": state.settings.token_ttl,
-                    "authorizer_refresh_token": auth.latest}
+            return _after(fault, {"authorizer_access_token": issued.token,
+                                  "expires_in": state.settings.token_ttl,
+                                  "authorizer_refresh_token": auth.latest})
 
     def authorizer_list(self, query: dict[str, str], body: Any) -> dict[str, Any]:
         body = body if isinstance(body, dict) else {}
@@ -302,13 +335,12 @@ class Platforms:
             raise err(40097, "invalid args")
         with self.state.lock:
             count_call(self.state, comp.appid, "authorizer_list")
-            if fault := take_fault(self.state, comp.appid, "authorizer_list"):
-                apply_fault(self.state, fault)
+            fault = _before(self.state, take_fault(self.state, comp.appid, "authorizer_list"))
             items = sorted(comp.authorizers.values(), key=lambda a: a.appid)
             page = items[offset:offset + count]
-            return {"total_count": len(items), "list": [
+            return _after(fault, {"total_count": len(items), "list": [
                 {"authorizer_appid": a.appid, "refresh_token": a.listed or a.latest,
-                 "auth_time": a.auth_time} for a in page]}
+                 "auth_time": a.auth_time} for a in page]})
 
     def stats(self) -> dict[str, Any]:
         with self.state.lock:

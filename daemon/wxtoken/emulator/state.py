@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FAULT_MODES = ("busy", "minute_quota", "quota", "ip", "5xx", "garbage", "reset", "hang",
-               "drip", "redirect", "empty_token")
+               "drip", "redirect", "empty_token", "lost")
+# "lost": the request is carried out (a component endpoint's: the code used, the authorization
+# stored, the refresh token rotated), then the connection is reset, so its answer never arrives;
+# elsewhere it is "reset" (nothing is carried out)
 FAULT_ERRCODES = {
     "busy": (-1, "system error"),
     "minute_quota": (45011, "api minute-quota reach limit"),
@@ -159,6 +162,8 @@ def apply_fault(state: State, fault: Fault) -> None:
         raise Reply({"access_token": "", "expires_in": state.settings.token_ttl})
     if mode == "redirect":
         raise Reply(status=307, raw=b"", action="redirect:" + fault.location)
+    if mode == "lost":  # an endpoint that does not carry the request out first
+        raise Reply(action="reset")
     raise Reply(action=mode)  # reset / hang / drip
 
 
