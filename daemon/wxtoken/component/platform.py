@@ -13,12 +13,24 @@ passive refresh, the files' contract); what differs is how a token is fetched:
   authorization (error line, status, metric).
 
 Authorizers are discovered: from ``authorized`` events (the code is exchanged with
-``api_query_auth``), from the authorizer list (daily, and at start when the last look is more
-than a day old), and from ``wxtoken component import``.
+``api_query_auth``; when its answer is lost after WeChat may have used the code, the
+authorization is taken from the authorizer list within a minute), from the authorizer list
+(daily, and at start when the last look is more than a day old), and from ``wxtoken component
+import``.
+
+An ``unauthorized`` event is ordered against the authorization held by WeChat's clock alone (the
+events' CreateTime, kept with the refresh token as ``wechat_at``): sent before it, it is ignored
+(a late or replayed push); sent after it, the authorizer's files go; a tie, or no WeChat time on
+either side (an authorization from an import or the authorizer list), is asked of WeChat: an
+authorizer still in the authorizer list (read after the event) is kept. On a fleet Redis
+decides that, against the fleet's authorization, and a host removes its files only when Redis
+removed the authorizer. A cancellation not yet decided is kept in ``.platform.json``
+(``cancelling``), so a restart does not lose it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -58,6 +70,20 @@ MAX_IMPORT_LINE = 4096  # bytes: a line of an import (an export's line is a few 
 # the old system's clock may run a few minutes ahead of this host's
 IMPORT_AHEAD = 7200 + 600
 TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # a token: visible ASCII, no space or control
+# .platform.json's tables of work a restart must not lose (appid -> {"at": WeChat's time})
+CANCELLING = "cancelling"  # unauthorized events not decided yet
+ADOPTING = "adopting"  # authorizations whose api_query_auth answer was lost
+CODE_SPENT = frozenset({61009, 61010})  # the authorization code was used, or has expired
+# reads of the authorizer list (a window apart) that look for an authorization whose
+# api_query_auth answer was lost, before the daily reconcile is left to find it
+ADOPT_TRIES = 4
+CANCEL_BACKOFF = 600.0  # the longest wait between tries to decide a cancellation
+
+
+def _number(value: Any) -> float | None:
+    """A time from JSON (a number, not a bool), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
 
 
 class Host(Protocol):
@@ -380,6 +406,15 @@ class Platform:
         self._reconcile_waiting = False
         self._list_lock = threading.Lock()  # one authorizer-list read at a time
         self._list_read: _ListRead | None = None  # the last, for the 61023 repairs
+        # appid -> time.monotonic() of its last unauthorized event: WeChat is asked about it
+        # only with a read of the authorizer list started since
+        self._cancel_since: dict[str, float] = {}
+        # appid -> {"at": its CreateTime or None, "received": this host's time}: the
+        # cancellations not decided yet (kept in .platform.json too, for a restart)
+        self._cancels: dict[str, dict[str, Any]] = {}
+        # appid -> (its authorization's WeChat time, time.monotonic() before the exchange whose
+        # answer was lost): taken from a read of the authorizer list started since
+        self._adopting: dict[str, tuple[float | None, float]] = {}
 
     # -- names ------------------------------------------------------------------------------------
     def key(self, appid: str) -> str:
@@ -465,18 +500,18 @@ class Platform:
 
     def store_refresh(self, appid: str, refresh_token: str, now: float,
                       previous: str | None = None, authorized_at: float | None = None,
-                      after: tuple[str, ...] = ()) -> int:
+                      after: tuple[str, ...] = (), wechat_at: float | None = None) -> int:
         """Persist an authorizer's refresh token: durably here, then (the fleet mode) in
         Redis, before the token it came with is published. ``after``: the refresh tokens it
         replaces (used, or found refused): the fleet takes it only if its current one is among
         them (a holder paused past its lease cannot replace a newer chain). ``authorized_at``:
         it comes from an authorization (made then) or an import, which starts a new chain and
-        may bring back an authorizer removed before that. Returns the fleet's answer (STORED
-        without a fleet)."""
+        may bring back an authorizer removed before that; ``wechat_at``: that authorization's
+        CreateTime (None: unknown). Returns the fleet's answer (STORED without a fleet)."""
         from wxtoken.fleet.platform import FAILED, OLDER, STORED
         authorized = authorized_at is not None
         doc = self.files.store_refresh(appid, refresh_token, now, previous=previous,
-                                       authorized_at=authorized_at)
+                                       authorized_at=authorized_at, wechat_at=wechat_at)
         if authorized and appid in self._tombstones():
             self._forget_tombstone(appid)  # authorized again since it was removed here
         if self.fleet is None:
@@ -512,6 +547,7 @@ class Platform:
             self.log.info("state_dir.cleaned", action=done)
         doc = self.files.platform()
         self._needs_reauth = dict(doc.get("needs_reauth") or {})
+        self._resume()
         if self.fleet is not None and self.node is not None:
             self.fleet.warn_without_persistence()
             self.node.sync.hooks[self.fleet.members_name] = self.resync_members
@@ -531,6 +567,23 @@ class Platform:
         if self.fleet is not None and (wait := self.fleet.reconcile_wait()) is not None:
             due = wait  # the fleet's: one host reconciles a day
         self.host.later(self.reconcile, due, f"reconcile:{self.comp.name}")
+
+    def _resume(self) -> None:
+        """At start: the cancellations and the lost authorizations the last run had not
+        decided (kept in .platform.json) are taken up again."""
+        now = time.monotonic()
+        for appid, entry in self.files.entries(CANCELLING).items():
+            with self._lock:
+                self._cancels[appid] = entry if isinstance(entry, dict) else {"at": None}
+                self._cancel_since.setdefault(appid, now)
+            self._cancel_later(appid, 0.0)
+        if self.following:
+            return
+        for appid, entry in self.files.entries(ADOPTING).items():
+            at = entry.get("at") if isinstance(entry, dict) else None
+            with self._lock:
+                self._adopting[appid] = (_number(at), now)
+            self._adopt_later(appid, 0.0, 0)
 
     # -- the fleet mode ------------------------------------------------------------------------
     def _start_following(self) -> None:
@@ -604,6 +657,10 @@ class Platform:
         for appid, at in sorted(self._tombstones().items()):
             if self.fleet.remove(appid, at) is not None:  # told (or authorized again since)
                 self._forget_tombstone(appid)
+        with self._lock:  # a follower's wait for Redis
+            waiting = sorted(self._cancels)
+        for appid in waiting:
+            self._cancel_later(appid, 0.0)
         self._ticket_news()
         # authorizations and rotations made here while Redis was away go there first, so
         # that the set's news below does not remove them
@@ -674,15 +731,29 @@ class Platform:
         assert self.fleet is not None
         try:
             doc = json.loads(data)
+            if isinstance(doc, dict) and "unauthorized" in doc:
+                self._cancel_handed_over(doc)
+                return
             appid, code = doc["authorized"], doc["code"]
         except (ValueError, KeyError, TypeError):
             return
-        at = doc.get("at")
-        when = float(at) if isinstance(at, (int, float)) else None
+        when = _number(doc.get("at"))
         if isinstance(appid, str) and APP_NAME_RE.match(appid) and isinstance(code, str) \
                 and code and self.fleet.claim(code):
             self.host.later(lambda: self.on_authorized(appid, code, at=when), 0,
                             f"authorize:{self.comp.name}/{appid}")
+
+    def _cancel_handed_over(self, doc: dict[str, Any]) -> None:
+        """An unauthorized event that reached a follower, for WeChat to be asked: one
+        candidate takes it (and keeps it, as if pushed to it)."""
+        assert self.fleet is not None
+        appid, ident = doc.get("unauthorized"), doc.get("id")
+        if not isinstance(appid, str) or not APP_NAME_RE.match(appid) \
+                or not isinstance(ident, str) or not ident \
+                or not self.fleet.claim(f"unauthorized:{ident}"):
+            return
+        self._note_cancel(appid, _number(doc.get("at")), must_keep=False)
+        self._cancel_later(appid, 0.0)
 
     def component_token(self) -> str | None:
         """The component token in its file, when valid for a second more."""
@@ -768,16 +839,35 @@ class Platform:
             return dict(self._needs_reauth)
 
     def gone(self, appid: str, reason: str, at: float | None = None) -> None:
-        """The authorizer no longer authorizes the platform (since ``at``): its refresher
-        stops (after the run in progress) and its files go."""
+        """The authorizer no longer authorizes the platform (since ``at``; WeChat said so: it
+        is not in the authorizer list): its refresher stops (after the run in progress) and
+        its files go, unless the fleet holds a later authorization."""
         self.log.warning("authorizer.unauthorized", app=appid, reason=reason)
         now = at if at is not None else self.clock()
-        if self.fleet is not None and self.fleet.remove(appid, now) is None:
-            with self._lock:  # every host removes it once Redis is told (at the next resync)
-                self.files.note(durable=True, removed={**self._tombstones(), appid: now})
-        self.host.later(lambda: self._remove(appid), 0, f"remove:{self.comp.name}/{appid}")
+        seen = self.files.authorization(appid)
+        if self.fleet is not None:
+            done = self.fleet.remove(appid, now)
+            if done is False:
+                self.log.info("authorizer.kept", app=appid, reason="the fleet holds an "
+                              "authorization made after that: its files stay")
+                return
+            if done:  # the fleet's word: every host removes its files
+                self.later_remove(appid)
+                return
+            self._tombstone(appid, max(now, seen[0] if seen else 0.0))
+        self.host.later(lambda: self._remove(appid, seen, check=True), 0,
+                        f"remove:{self.comp.name}/{appid}")
 
-    def _remove(self, appid: str) -> None:
+    def _tombstone(self, appid: str, at: float) -> None:
+        """Redis could not be told of a removal: kept durably, told at the next resync."""
+        with self._lock:  # every host removes it once Redis is told (at the next resync)
+            self.files.note(durable=True, removed={**self._tombstones(), appid: at})
+
+    def _remove(self, appid: str, seen: tuple[float, float | None] | None = None,
+                check: bool = False) -> None:
+        """Stop the authorizer's refresher and delete its files. ``check``: only while the
+        authorization this host holds is still ``seen`` (the one the removal was decided
+        against; None: none), else it is kept (authorized again meanwhile)."""
         key = self.key(appid)
         with self._tokens:
             self.host.remove_refresher(key)
@@ -789,24 +879,226 @@ class Platform:
             self.log.warning("authorizer.remove_waited", app=appid,
                              reason="a refresh still runs after 30 s: its files may come back "
                              "until its next run removes them")
+        with self.files.refresh_lock:  # no authorization is stored in between
+            if check and self.files.authorization(appid) != seen:
+                removed = None
+            else:
+                removed = self.files.remove_authorizer(appid)
+        if removed is None:
+            self.log.info("authorizer.kept", app=appid, reason="authorized again while its "
+                          "removal was decided: its files stay")
+            self._add(appid)
+            return
         with self._lock:
             self.keys.discard(key)
             self._needs_reauth.pop(appid, None)
             pending = dict(self._needs_reauth)
-        removed = self.files.remove_authorizer(appid)
         self.files.note(needs_reauth=pending or None)
         self.log.info("authorizer.removed", app=appid, files=len(removed))
 
+    # -- unauthorized events -------------------------------------------------------------------
+    def on_unauthorized(self, appid: str, at: float | None = None) -> None:
+        """An ``unauthorized`` event sent at ``at`` (its CreateTime; None: it has none): kept
+        durably (OSError when it cannot be: the push is answered 503 and WeChat pushes it
+        again), then decided off the callback's thread."""
+        self._note_cancel(appid, at)
+        self._cancel_later(appid, 0.0)
+
+    def _note_cancel(self, appid: str, at: float | None, must_keep: bool = True) -> None:
+        """Keep a cancellation to decide; with one pending already, the later WeChat time
+        stands for both (either one after the authorization removes it). OSError when it
+        cannot be kept durably (unless not ``must_keep``: then it is kept in memory only)."""
+        with self._lock:
+            before = _number((self._cancels.get(appid) or {}).get("at"))
+            if before is not None and (at is None or before > at):
+                at = before
+            entry = {"at": at, "received": time.time()}
+            try:
+                self.files.note_entry(CANCELLING, appid, entry)
+            except OSError as exc:
+                if must_keep:
+                    raise
+                self.log.error("authorizer.unauthorized_unstored", app=appid, error=str(exc),
+                               reason="the unauthorized event could not be kept durably: it "
+                               "is decided now, but not after a restart")
+            self._cancels[appid] = entry
+            self._cancel_since[appid] = time.monotonic()
+
+    def _forget_cancel(self, appid: str, entry: dict[str, Any]) -> None:
+        """The cancellation ``entry`` is decided; one that came meanwhile is decided next (its
+        run was skipped while this one ran: one run per job at a time)."""
+        with self._lock:
+            if self._cancels.get(appid) is not entry:
+                self._cancel_later(appid, 1.0)
+                return
+            self._cancels.pop(appid, None)
+            self._cancel_since.pop(appid, None)
+            try:
+                self.files.note_entry(CANCELLING, appid, None)
+            except OSError as exc:  # decided again after a restart: the same verdict
+                self.log.warning("authorizer.unauthorized_unstored", app=appid,
+                                 error=str(exc))
+
+    def _cancel_later(self, appid: str, delay: float, attempt: int = 0) -> None:
+        self.host.later(lambda: self._cancel(appid, attempt), delay,
+                        f"unauthorized:{self.comp.name}/{appid}")
+
+    def _cancel(self, appid: str, attempt: int = 0) -> None:
+        """Decide a pending cancellation: on the fleet by Redis (a follower hands what WeChat
+        must be asked to a candidate); on one host, or while Redis is unreachable, against
+        this host's own authorization (a follower, which holds none, waits for Redis)."""
+        with self._lock:
+            entry = self._cancels.get(appid)
+        if entry is None:
+            return  # decided meanwhile
+        at = _number(entry.get("at"))
+        if self.fleet is not None:
+            if self._cancel_on_fleet(appid, at, entry, attempt):
+                return
+            if self.following:
+                self.log.warning("authorizer.unauthorized_deferred", app=appid,
+                                 reason="Redis is unreachable, and this host follows the "
+                                 "platform (it holds no authorization to compare with and "
+                                 "calls no WeChat API): decided when Redis is back; its files "
+                                 "stay meanwhile")
+                return
+        seen = self.files.authorization(appid)
+        wechat = seen[1] if seen is not None else None
+        if seen is not None and at is not None and wechat is not None and at != wechat:
+            if at < wechat:
+                self._cancel_stale(appid, at, wechat, entry)
+                return
+        elif seen is not None:  # a tie, or a time missing: WeChat says
+            listed = self._confirm(appid, attempt)
+            if listed is None:
+                return
+            if listed:
+                self._cancel_refuted(appid, entry)
+                return
+        self.log.warning("authorizer.unauthorized", app=appid, reason="an unauthorized event",
+                         sent_at=at, authorized_at=wechat)
+        if self.fleet is not None:  # Redis is unreachable: told at the next resync
+            self._tombstone(appid, max(at if at is not None else self.clock(),
+                                       seen[0] if seen is not None else 0.0))
+        self._forget_cancel(appid, entry)
+        self.host.later(lambda: self._remove(appid, seen, check=True), 0,
+                        f"remove:{self.comp.name}/{appid}")
+
+    def _cancel_on_fleet(self, appid: str, at: float | None, entry: dict[str, Any],
+                         attempt: int) -> bool:
+        """Redis decides against the fleet's authorization; WeChat is asked on a tie or a
+        missing time. False when Redis is unreachable (nothing was done)."""
+        from wxtoken.fleet.platform import CONFIRM, REFUSED
+        assert self.fleet is not None
+        got = self.fleet.cancel(appid, at)
+        if got is None:
+            return False
+        verdict, seen = got
+        if verdict == REFUSED:
+            self._cancel_stale(appid, at, None, entry)
+            return True
+        if verdict == CONFIRM:
+            if self.following:
+                if self.fleet.hand_over_cancel(appid, at):
+                    self._forget_cancel(appid, entry)  # a candidate keeps and decides it
+                    self.log.info("authorizer.unauthorized_handed_over", app=appid,
+                                  reason="WeChat is asked whether it still authorizes the "
+                                  "platform, by a host with the component's secret")
+                else:
+                    (self.log.error if attempt == 0 else self.log.debug)(
+                        "authorizer.not_handed_over", app=appid, next_in=60,
+                        reason="no host with the component's secret is listening: the "
+                        "unauthorized event waits (its files stay)")
+                    self._cancel_later(appid, 60.0, attempt + 1)
+                return True
+            listed = self._confirm(appid, attempt)
+            if listed is None:
+                return True
+            if listed:
+                self._cancel_refuted(appid, entry)
+                return True
+            done = self.fleet.remove(appid, at, seen)
+            if done is None:
+                return False
+            if not done:
+                self._forget_cancel(appid, entry)
+                self.log.info("authorizer.kept", app=appid, reason="authorized again while "
+                              "the unauthorized event was decided: its files stay")
+                return True
+        self._forget_cancel(appid, entry)
+        self.log.warning("authorizer.unauthorized", app=appid, reason="an unauthorized event",
+                         sent_at=at)
+        self.later_remove(appid)  # every host does, on the set's news
+        return True
+
+    def _cancel_stale(self, appid: str, at: float | None, wechat: float | None,
+                      entry: dict[str, Any]) -> None:
+        self._forget_cancel(appid, entry)
+        self.log.warning("authorizer.unauthorized_ignored", app=appid, sent_at=at,
+                         authorized_at=wechat,
+                         reason="the unauthorized event was sent (CreateTime) before the "
+                         "authorization held: a late or replayed push; its files stay")
+
+    def _cancel_refuted(self, appid: str, entry: dict[str, Any]) -> None:
+        self._forget_cancel(appid, entry)
+        self.log.warning("authorizer.unauthorized_ignored", app=appid,
+                         reason="WeChat still lists the authorizer (api_get_authorizer_list, "
+                         "read after the unauthorized event, which could not be ordered "
+                         "against the authorization by CreateTime): its files stay")
+
+    def _confirm(self, appid: str, attempt: int) -> bool | None:
+        """Whether WeChat still lists the authorizer, on a read of the authorizer list started
+        after its last unauthorized event (the read the 61023 repairs share); None when that
+        cannot be known now: the cancellation is tried again later."""
+        token = self.component_token()
+        if token is None:
+            self._cancel_later(appid, 60.0, attempt + 1)
+            return None
+        with self._lock:
+            since = self._cancel_since.get(appid)
+        try:
+            read = self.authorizer_list(token, newer_than=since)
+        except UpstreamError as exc:
+            wait = max(self._list_due(), min(CANCEL_BACKOFF, LIST_WINDOW * 2.0 ** attempt))
+            self.log.warning("authorizer.unauthorized_unconfirmed", app=appid,
+                             error=str(exc), errcode=exc.errcode, next_in=round(wait),
+                             reason="the authorizer list could not be read to confirm the "
+                             "unauthorized event: its files stay meanwhile")
+            self._cancel_later(appid, wait, attempt + 1)
+            return None
+        if read is None:  # the last read predates the event: the next one decides
+            self._cancel_later(appid, self._list_due(), attempt)
+            return None
+        return appid in read.entries
+
+    def _list_due(self) -> float:
+        """Seconds until the next read of the authorizer list may start (at least one: a job
+        that plans itself again must have ended by then, or its next run is skipped)."""
+        last = self._list_read
+        if last is None:
+            return 1.0
+        return max(0.0, LIST_WINDOW - (time.monotonic() - last.started)) + 1.0
+
     def on_authorized(self, appid: str, code: str, attempt: int = 0,
-                      at: float | None = None) -> None:
-        """An authorization (new or updated): exchange the code, store the refresh token, write
-        the token, start refreshing. Retried while no component token is there yet."""
+                      at: float | None = None, reached: bool = False) -> None:
+        """An authorization (new or updated; sent at ``at``, its CreateTime): exchange the
+        code, store the refresh token, write the token, start refreshing. Retried while no
+        component token is there yet. When WeChat may have used the code but its answer was
+        lost (no answer came, or the code is spent after an earlier try ``reached`` WeChat),
+        the authorization is taken from the authorizer list instead."""
         token = self.component_token()
         asked = self.clock()
+        started = time.monotonic()  # a list read started since may show what this call did
+        lost = False
         try:
             if token is None:
                 raise UpstreamError(ErrorClass.TRANSIENT, "no valid component_access_token yet")
-            info = self.host.client.query_auth(self.comp.component_appid, token, code)
+            try:
+                info = self.host.client.query_auth(self.comp.component_appid, token, code)
+            except UpstreamError as exc:
+                lost = exc.called and exc.errcode is None  # sent, and no answer came back
+                reached = reached or exc.called
+                raise
             got = str(info.get("authorizer_appid") or "")
             if got != appid or not APP_NAME_RE.match(got):
                 raise UpstreamError(ErrorClass.PERMANENT, f"api_query_auth answered for "
@@ -821,24 +1113,121 @@ class Platform:
                                     "the tokens")
         except UpstreamError as exc:
             retry = exc.kind is ErrorClass.TRANSIENT and attempt < 8
+            # WeChat may hold the authorization (and the code is used): its refresh token is
+            # in the authorizer list
+            adopt = lost or (exc.errcode in CODE_SPENT and attempt > 0 and reached)
             self.log.warning("authorizer.authorization_failed", app=appid, error=str(exc),
-                             errcode=exc.errcode, retry=retry)
+                             errcode=exc.errcode, retry=retry,
+                             from_list=True if adopt else None)
+            if adopt:
+                self._adopt_soon(appid, at, started)
             if retry:
-                self.host.later(lambda: self.on_authorized(appid, code, attempt + 1, at),
+                self.host.later(lambda: self.on_authorized(appid, code, attempt + 1, at,
+                                                           reached),
                                 min(60.0, 2.0 ** attempt), f"authorize:{self.comp.name}/{appid}")
             return
+        self._adopted(appid)  # the exchange answered after all: nothing to take from the list
         now = self.clock()
         record = TokenRecord(app=appid, appid=appid, access_token=access,
                              expires_at=int(now) + expires_in, refreshed_at=int(now))
         if self._publish(appid, record, refresh_token=refresh_token,
-                         authorized_at=at if at is not None else asked, since=asked):
+                         authorized_at=at if at is not None else asked, since=asked,
+                         wechat_at=at):
             self.authorizer_ok(appid)
             self.log.info("authorizer.authorized", app=appid, token=mask(access),
                           expires_in=expires_in)
 
+    # -- an authorization whose api_query_auth answer was lost ------------------------------------
+    def _adopt_soon(self, appid: str, at: float | None, since: float) -> None:
+        """Take the authorization from a read of the authorizer list started after ``since``
+        (kept in .platform.json: a restart takes it up again)."""
+        with self._lock:
+            before = self._adopting.get(appid)
+            self._adopting[appid] = (at, min(since, before[1]) if before else since)
+        try:
+            self.files.note_entry(ADOPTING, appid, {"at": at})
+        except OSError as exc:
+            self.log.warning("authorizer.adoption_unstored", app=appid, error=str(exc))
+        self._adopt_later(appid, 0.0, 0)
+
+    def _adopt_later(self, appid: str, delay: float, attempt: int) -> None:
+        self.host.later(lambda: self._adopt(appid, attempt), delay,
+                        f"adopt:{self.comp.name}/{appid}")
+
+    def _adopted(self, appid: str) -> None:
+        """Nothing (more) to take from the list for ``appid``."""
+        with self._lock:
+            if self._adopting.pop(appid, None) is None:
+                return
+        with contextlib.suppress(OSError):
+            self.files.note_entry(ADOPTING, appid, None)
+
+    def _adopt(self, appid: str, attempt: int) -> None:
+        """One look for the authorization in the authorizer list (the read the 61023 repairs
+        share): its refresh token is stored as a new authorization's and the authorizer
+        refreshed with it. Not listed (yet), or the list unreadable: looked for again, a read
+        later, ADOPT_TRIES times in all."""
+        with self._lock:
+            pending = self._adopting.get(appid)
+        if pending is None:
+            return  # the exchange answered after all, or a newer authorization came
+        at, since = pending
+        token = self.component_token()
+        read: _ListRead | None = None
+        problem = "no valid component_access_token"
+        if token is not None:
+            try:
+                read = self.authorizer_list(token, newer_than=since)
+            except UpstreamError as exc:
+                problem = f"the authorizer list could not be read: {exc}"
+            else:
+                if read is None:  # the last read predates the exchange: the next one tells
+                    self._adopt_later(appid, self._list_due(), attempt)
+                    return
+        listed = read.entries.get(appid) if read is not None else None
+        if read is not None and listed is None:
+            problem = "not in api_get_authorizer_list (yet)"
+            with self._lock:  # the next look needs a new read
+                if self._adopting.get(appid) == pending:
+                    self._adopting[appid] = (at, read.started + 1e-6)
+        if listed is None:
+            if attempt + 1 < ADOPT_TRIES:
+                self._adopt_later(appid, max(self._list_due(), 5.0), attempt + 1)
+                return
+            self._adopted(appid)
+            self.log.warning("authorizer.adoption_failed", app=appid, error=problem,
+                             reason="the answer of api_query_auth was lost and the "
+                             "authorization is not in the authorizer list: the daily reconcile "
+                             "(or the next authorization) finds it")
+            return
+        with self._lock:
+            current = self._adopting.get(appid)
+        if current is None:
+            return  # the exchange answered meanwhile
+        at = current[0]  # a later lost authorization's, if one came meanwhile
+        known = [rt for _, rt in self.files.refresh_candidates(appid)]
+        if listed not in known:
+            now = self.clock()
+            try:
+                self.store_refresh(appid, listed, now,
+                                   authorized_at=at if at is not None else now, wechat_at=at)
+            except StoreError as exc:
+                self.log.error("authorizer.store_failed", app=appid, error=str(exc), next_in=60)
+                self._adopt_later(appid, 60.0, attempt)
+                return
+        self._adopted(appid)
+        self.log.warning("authorizer.adopted", app=appid, reason="the answer of "
+                         "api_query_auth was lost (WeChat used the code): the authorization "
+                         "is taken from api_get_authorizer_list")
+        refresher = self._add(appid)  # a new one fetches its token at once
+        if refresher is not None:  # known already: it fetches now if a failure held it
+            refresher.end_wait(lambda s: s.error_class is not None,
+                               "a new authorization (from the authorizer list)")
+            self.host.wake(self.key(appid))
+
     def _publish(self, appid: str, record: TokenRecord, status: AppStatus | None = None,
                  refresh_token: str | None = None, authorized_at: float | None = None,
-                 since: float | None = None) -> bool:
+                 since: float | None = None, wechat_at: float | None = None) -> bool:
         """Write an authorizer's token obtained outside its refresher (an authorization, an
         import) and make sure a refresher keeps it fresh. ``refresh_token`` is stored first,
         under the token's lock (the fleet's lease): no host refreshes the authorizer between
@@ -864,7 +1253,7 @@ class Platform:
                 else:
                     if refresh_token is not None:
                         self.store_refresh(appid, refresh_token, self.clock(),
-                                           authorized_at=authorized_at)
+                                           authorized_at=authorized_at, wechat_at=wechat_at)
                         stored = True
                     refresher.store.write(record)
                     written = True
@@ -879,7 +1268,7 @@ class Platform:
             self.log.error("authorizer.store_failed", app=appid, error=str(exc))
             if refresh_token is not None and not stored:  # never lose a refresh token
                 self.store_refresh(appid, refresh_token, self.clock(),
-                                   authorized_at=authorized_at)
+                                   authorized_at=authorized_at, wechat_at=wechat_at)
         finally:
             with self._tokens:
                 self._publishing.discard(appid)
@@ -892,11 +1281,7 @@ class Platform:
             self.host.wake(key)  # decides again from the new file (no call: it is fresh)
         return written
 
-    def on_unauthorized(self, appid: str, at: float | None = None) -> None:
-        self.host.later(lambda: self.gone(appid, "an unauthorized event", at), 0,
-                        f"unauthorized:{self.comp.name}/{appid}")
-
-    def _authorization(self, appid: str, code: str, at: float) -> None:
+    def _authorization(self, appid: str, code: str, at: float | None) -> None:
         """An authorization event: exchanged here, or (the fleet mode) by one candidate."""
         if self.fleet is not None:
             if self.following:
@@ -1103,16 +1488,15 @@ class Platform:
         return {"imported": len(entries), "with_token": tokens}
 
     # -- events -----------------------------------------------------------------------------------
-    def _event_time(self, fields: dict[str, str]) -> float:
-        """When WeChat sent the event (its CreateTime, when plausible; else now): an
-        authorization and a cancellation handled on different hosts, or late, are ordered by
-        it."""
-        now = self.clock()
-        try:
-            at = float(int(fields.get("CreateTime", "")))
-        except ValueError:
-            return now
-        return at if abs(at - now) < 86400 else now
+    def _event_time(self, fields: dict[str, str]) -> float | None:
+        """When WeChat sent the event (its CreateTime, whole seconds on WeChat's clock), when
+        plausible (within a day of this host's clock); None otherwise: an authorization and a
+        cancellation are ordered by it, and without it WeChat is asked."""
+        raw = fields.get("CreateTime", "").strip()
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+            return None
+        at = float(int(raw))
+        return at if abs(at - self.clock()) < 86400 else None
 
     def on_event(self, fields: dict[str, str]) -> str:
         """One decrypted callback message; what was done (for the log)."""

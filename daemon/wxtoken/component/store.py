@@ -5,10 +5,14 @@
     <appid>.status.json           the refreshers' bookkeeping, as for apps
     .locks/                       the writers' locks (the daemon's alone), as for apps
     .platform.json                what `wxtoken status` shows: when the last ticket came, the last
-                                  reconcile, authorizers that need re-authorization (no secret)
+                                  reconcile, authorizers that need re-authorization; and work
+                                  that must survive a restart: cancellations not yet decided,
+                                  authorizations to take from the authorizer list (no secret)
     .private/                     0700, the daemon's alone:
         ticket.json               the newest ticket and the last one that yielded a token
-        refresh/<appid>.json      each authorizer's refresh token(s): durable state, never logged
+        refresh/<appid>.json      each authorizer's refresh token(s): durable state, never logged;
+                                  with the authorization's times (``authorized_at``, and
+                                  ``wechat_at``: its event's CreateTime)
 
 Every write is atomic (temp file, fsync, rename); the refresh tokens and the ticket are written
 durably before anything that depends on them is published.
@@ -248,11 +252,16 @@ class ComponentFiles:
 
     def store_refresh(self, appid: str, refresh_token: str, now: float,
                       previous: str | None = None, listed: str | None = None,
-                      authorized_at: float | None = None) -> dict[str, Any]:
+                      authorized_at: float | None = None,
+                      wechat_at: float | None = None) -> dict[str, Any]:
         """Persist the authorizer's refresh token, durably, before the token it came with is
         published. An empty or missing one never overwrites a stored one. ``authorized_at``:
         the time of the authorization (or import) it came from; kept through rotations.
-        Returns what was stored; StoreError when it could not be written."""
+        ``wechat_at``: that authorization's time on WeChat's clock (its event's CreateTime),
+        only with ``authorized_at``; an authorization without one (an import, the authorizer
+        list) has none. Kept through rotations, like ``authorized_at``: an ``unauthorized``
+        event is compared with it. Returns what was stored; StoreError when it could not be
+        written."""
         if not refresh_token:
             raise ValueError("an empty refresh token is never stored")
         with self._refresh_lock:
@@ -272,6 +281,9 @@ class ComponentFiles:
             at = authorized_at if authorized_at is not None else doc.get("authorized_at")
             if isinstance(at, (int, float)):
                 new["authorized_at"] = at
+            wechat = wechat_at if authorized_at is not None else doc.get("wechat_at")
+            if isinstance(wechat, (int, float)) and not isinstance(wechat, bool):
+                new["wechat_at"] = wechat
             base = doc.get("fleet")  # the fleet mode: its current when last in step with it
             if isinstance(base, str) and base and authorized_at is None:
                 new["fleet"] = base
@@ -322,11 +334,28 @@ class ComponentFiles:
             listed = mine.get("listed")
             if isinstance(listed, str) and listed not in (current, previous, spare):
                 new["listed"] = listed
-            at = theirs.get("authorized_at")
-            if isinstance(at, (int, float)):
-                new["authorized_at"] = at
+            for key in ("authorized_at", "wechat_at"):  # the fleet's chain's authorization
+                at = theirs.get(key)
+                if isinstance(at, (int, float)) and not isinstance(at, bool):
+                    new[key] = at
             self._write_refresh(appid, new)
             return True
+
+    def authorization(self, appid: str) -> tuple[float, float | None] | None:
+        """The authorization this host holds for ``appid``: (when it was made, on whatever
+        clock stamped it; its time on WeChat's clock, None when unknown: an import, the
+        authorizer list, an authorization from before this was kept). None when no refresh
+        token is stored (a damaged file counts as none)."""
+        try:
+            doc = self.refresh(appid)
+        except ValueError:
+            return None
+        if doc is None:
+            return None
+        wechat = doc.get("wechat_at")
+        return (as_number(doc.get("authorized_at")),
+                float(wechat) if isinstance(wechat, (int, float))
+                and not isinstance(wechat, bool) else None)
 
     def note_listed(self, appid: str, listed: str, now: float) -> bool:
         """Remember the refresh token the authorizer list gave, as a fallback; True when it is
@@ -401,8 +430,37 @@ class ComponentFiles:
                     doc.pop(key, None)
                 else:
                     doc[key] = value
-            atomic_write(self.platform_path, json.dumps(doc, sort_keys=True).encode() + b"\n",
-                         0o640, durable=durable)
+            self._write_platform(doc, durable)
+
+    def note_entry(self, key: str, appid: str, value: Any) -> None:
+        """Set (``value`` None: drop) one authorizer's entry of a table in .platform.json,
+        durably: work that must survive a restart (a cancellation to decide, an authorization
+        to take from the authorizer list). OSError when it cannot be written."""
+        with self._lock:
+            doc = self.platform()
+            found = doc.get(key)
+            entries = dict(found) if isinstance(found, dict) else {}
+            if value is None:
+                if appid not in entries:
+                    return
+                entries.pop(appid)
+            else:
+                entries[appid] = value
+            if entries:
+                doc[key] = entries
+            else:
+                doc.pop(key, None)
+            self._write_platform(doc, True)
+
+    def entries(self, key: str) -> dict[str, Any]:
+        """A table of .platform.json (``note_entry``'s), by authorizer."""
+        found = self.platform().get(key)
+        return {k: v for k, v in found.items() if APP_NAME_RE.match(k)} \
+            if isinstance(found, dict) else {}
+
+    def _write_platform(self, doc: dict[str, Any], durable: bool) -> None:
+        atomic_write(self.platform_path, json.dumps(doc, sort_keys=True).encode() + b"\n",
+                     0o640, durable=durable)
 
 
 def ticket_problem(received_at: float | None, pushed_at: float | None, now: float,

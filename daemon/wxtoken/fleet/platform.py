@@ -7,7 +7,8 @@ one slot; no key name holds a secret:
     <prefix>:{<cid>:component}:ticket      hash: latest, latest_at, good, good_at (the last
                                            component_verify_ticket pushed, the last that worked)
     <prefix>:{<cid>:component}:refresh     hash: authorizer appid -> {"refresh_token",
-                                           "previous", "updated_at"} (durable state)
+                                           "previous", "updated_at", "authorized_at",
+                                           "wechat_at"} (durable state)
     <prefix>:{<cid>:component}:authorizers set of the authorizers' appids
     <prefix>:{<cid>:component}:gone:<appid>  an authorizer removed (unauthorized): 7 days, so a
                                            host that still has its files removes them instead of
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -95,6 +97,10 @@ if current and not authorized then
     end
     if theirauth > newauth then
       new.authorized_at = theirauth
+      new.wechat_at = doc.wechat_at
+      ARGV[2] = cjson.encode(new)
+    elseif theirauth == newauth and new.wechat_at == nil and doc.wechat_at ~= nil then
+      new.wechat_at = doc.wechat_at
       ARGV[2] = cjson.encode(new)
     end
   end
@@ -103,24 +109,58 @@ redis.call('hset', KEYS[1], ARGV[1], ARGV[2])
 redis.call('del', KEYS[3])
 return redis.call('sadd', KEYS[2], ARGV[1])
 """
-# An authorizer is gone (unauthorized at ARGV[3]): out of the set, its refresh tokens deleted, a
-# tombstone left for the hosts that still have its files (its record, in another slot, goes
-# apart) - unless it authorized again after that moment (a removal told late). 1: removed.
+# An authorizer is gone: out of the set, its refresh tokens deleted, a tombstone left for the
+# hosts that still have its files (its record, in another slot, goes apart). The tombstone holds
+# the latest of the cancellation's time, the removed authorization's and an earlier tombstone's,
+# so no refresh of that authorization puts it back. ARGV: appid, the tombstone's life, the
+# cancellation's time (ARGV[3]; '' when unknown), the fleet's time now (ARGV[4]), the mode
+# (ARGV[5]):
+# - 'told': a removal decided already (by the list, or on a host while Redis was away): refused
+#   when the fleet's authorization was made after ARGV[3] (a removal told late);
+# - 'decide': an unauthorized event, against the authorization of the fleet's chain on WeChat's
+#   clock (wechat_at, its event's CreateTime): sent before it, refused (a late or replayed push);
+#   sent after it, removed; a tie, or a time missing on either side: {2, authorized_at,
+#   wechat_at}: WeChat is asked, and the removal comes back as
+# - 'confirmed': removed unless the fleet's authorization is no longer the one seen (ARGV[6],
+#   ARGV[7]: what 'decide' returned).
+# An authorizer the fleet does not hold is removed (the tombstone keeps a lagging list out).
+# Returns {1} removed, {0} refused.
 REMOVE = """
+local at = tonumber(ARGV[3])
+local auth, wechat = 0, nil
 local current = redis.call('hget', KEYS[1], ARGV[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' and (tonumber(doc.authorized_at) or 0) > tonumber(ARGV[3]) then
-    return 0
+  if ok and type(doc) == 'table' then
+    auth = tonumber(doc.authorized_at) or 0
+    wechat = tonumber(doc.wechat_at)
+  end
+  local mode = ARGV[5]
+  if mode == 'told' then
+    if auth > (at or 0) then
+      return {0}
+    end
+  elseif mode == 'decide' then
+    if at and wechat and at < wechat then
+      return {0}
+    end
+    if not (at and wechat and at > wechat) then
+      return {2, tostring(auth), tostring(wechat or '')}
+    end
+  elseif tostring(auth) ~= ARGV[6] or tostring(wechat or '') ~= ARGV[7] then
+    return {0}
   end
 end
+local stone = math.max(at or tonumber(ARGV[4]), auth,
+                       tonumber(redis.call('get', KEYS[3]) or '0') or 0)
 redis.call('srem', KEYS[2], ARGV[1])
 redis.call('hdel', KEYS[1], ARGV[1])
-redis.call('set', KEYS[3], ARGV[3], 'EX', ARGV[2])
-return 1
+redis.call('set', KEYS[3], tostring(stone), 'EX', ARGV[2])
+return {1}
 """
 STORED, GONE, OLDER, FAILED = 0, -1, -2, -3
-ENTRY_KEYS = ("refresh_token", "previous", "updated_at", "authorized_at")
+REFUSED, REMOVED, CONFIRM = 0, 1, 2  # an unauthorized event, against the fleet's authorization
+ENTRY_KEYS = ("refresh_token", "previous", "updated_at", "authorized_at", "wechat_at")
 MAX_AFTER = 8  # predecessors sent with a push (the used one, refused ones, the fleet's base)
 
 
@@ -353,25 +393,53 @@ class PlatformFleet:
                     out[appid] = 0.0
         return out
 
-    def remove(self, appid: str, at: float) -> bool | None:
-        """Remove an authorizer from the fleet (every host removes its files), as cancelled at
-        ``at`` (the fleet's time): True; False when it authorized again after that (a removal
-        told late); None when Redis could not be told (the caller keeps a tombstone and tells
-        it later)."""
+    def _removal(self, appid: str, at: float | None, mode: str,
+                 seen: tuple[str, str] = ("", "")) -> list[Any] | None:
+        """Run REMOVE; its answer, None when Redis could not be told."""
         if not self._ok():
             return None
         try:
-            done = bool(self._remove(
+            answer = self._remove(
                 keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
-                args=[appid, GONE_FOR, at]))
+                args=[appid, GONE_FOR, "" if at is None else at, self.fleet.clock(), mode,
+                      *seen])
+            done = int(answer[0]) == REMOVED
             if done:
                 self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).record)
         except ERRORS as exc:
             self._trouble(exc)
             return None
+        self.fleet.mark_up()
         if done:
             self._announce(self.members_name)
-        return done
+        return list(answer)
+
+    def remove(self, appid: str, at: float | None,
+               seen: tuple[str, str] | None = None) -> bool | None:
+        """Remove an authorizer from the fleet (every host removes its files), as cancelled at
+        ``at``: True; False when it authorized again after that (a removal told late), or,
+        with ``seen`` (what ``cancel`` returned; WeChat confirmed the cancellation since; ``at``
+        may be None), when the fleet's authorization is no longer the one ``cancel`` saw; None
+        when Redis could not be told (the caller keeps a tombstone and tells it later)."""
+        answer = self._removal(appid, at, "told" if seen is None else "confirmed",
+                               seen or ("", ""))
+        return None if answer is None else int(answer[0]) == REMOVED
+
+    def cancel(self, appid: str, at: float | None
+               ) -> tuple[int, tuple[str, str]] | None:
+        """An ``unauthorized`` event sent at ``at`` (its CreateTime; None when it has none)
+        against the fleet's authorization of ``appid``, on WeChat's clock: (REFUSED, …) when
+        it was sent before that authorization (a late or replayed push: nothing is removed),
+        (REMOVED, …) when after it (or the fleet holds no authorization: every host removes
+        its files), (CONFIRM, seen) when the times tie or one is missing: WeChat must be asked,
+        then ``remove(appid, at, seen)``. None while Redis is unreachable."""
+        answer = self._removal(appid, at, "decide")
+        if answer is None:
+            return None
+        verdict = int(answer[0])
+        if verdict == CONFIRM:
+            return verdict, (text(answer[1]), text(answer[2]))
+        return verdict, ("", "")
 
     def claim(self, code: str) -> bool:
         """Whether this host handles an authorization code (one host of the fleet does; a
@@ -387,12 +455,21 @@ class PlatformFleet:
             self._trouble(exc)
             return True
 
-    def hand_over(self, appid: str, code: str, at: float) -> int:
-        """An authorization (made at ``at``) that reached a follower: to the candidates (how
-        many heard it)."""
+    def hand_over(self, appid: str, code: str, at: float | None) -> int:
+        """An authorization (made at ``at``, WeChat's time; None: unknown) that reached a
+        follower: to the candidates (how many heard it)."""
+        return self._request({"authorized": appid, "code": code, "at": at})
+
+    def hand_over_cancel(self, appid: str, at: float | None) -> int:
+        """An ``unauthorized`` event (sent at ``at``) that reached a follower and needs WeChat
+        asked (a follower calls nothing): to the candidates (how many heard it); one of them
+        takes it (``claim`` of its id)."""
+        return self._request({"unauthorized": appid, "at": at,
+                              "id": hashlib.sha256(os.urandom(16)).hexdigest()[:24]})
+
+    def _request(self, doc: dict[str, Any]) -> int:
         try:
-            return int(self.fleet.client.publish(
-                self.requests, json.dumps({"authorized": appid, "code": code, "at": at})))
+            return int(self.fleet.client.publish(self.requests, json.dumps(doc)))
         except ERRORS as exc:
             self._trouble(exc)
             return 0
