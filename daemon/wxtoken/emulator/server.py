@@ -18,7 +18,8 @@ It follows the documented behaviour that matters for token sharing:
   every error answer's errmsg ends in `` rid: <id>``, which rid/get looks up.
 - daily quotas (45009), and fault injection: busy (-1), minute_quota (45011), quota (45009),
   ip (40164), errcode:N, 5xx, garbage, reset, hang, drip (the answer one byte at a time, each
-  within any read timeout), redirect (307 to ``location``), empty_token; a fault may target one
+  within any read timeout), redirect (307 to ``location``), empty_token, lost (a component API
+  carries the request out, then resets the connection; elsewhere as reset); a fault may target one
   app (``appid``) and one endpoint (``api``: token, stable_token, wecom, ticket_jsapi, …).
 
 Time comes from ``clock`` (``time.time`` unless a test drives a simulated day).
