@@ -544,3 +544,58 @@ def test_a_callback_socket_on_the_control_sockets_path_is_refused(
     assert result.returncode == 78, result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "callback_listen: is the control socket's path" in lines[0], lines
+
+
+def test_a_low_descriptor_limit_leaves_descriptors_for_the_token_files(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """Run by hand under `ulimit -n 96`, the daemon lets no more connections wait for their
+    request than a quarter of its descriptors: 150 slow connections neither keep a signed push
+    out nor take the descriptors the component token's files need."""
+    port = free_port()
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             port)
+    comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
+    d = daemons(config, prefix=["prlimit", "--nofile=96:96", "--"])
+    d.wait_for("callback.listening", timeout=15)
+    with SlowHeaders(port) as attack:
+        wait_until(lambda: attack.rounds >= 1, timeout=10)
+        outcome, took = timed_push(port, emulator, comp)
+        d.wait_for("token.refreshed", timeout=10)  # the ticket bought the component token
+        seen = (attack.held, attack.opened, dict(attack.answers))
+    assert outcome == "200 success" and took < 1.0, (outcome, took, seen)
+    assert d.stop() == 0
+    log = d.log_path.read_text()
+    assert "Too many open files" not in log
+
+
+def test_a_callback_socket_whose_holder_does_not_accept_is_one_exit_78_line(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path) -> None:
+    """A process listening on the socket's path without accepting (frozen, its backlog full)
+    does not hold the daemon's start: one exit-78 line within seconds."""
+    path = sock_dir / "callback.sock"
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             0, f"unix:{path}")
+    emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as frozen:
+        frozen.bind(str(path))
+        frozen.listen(0)
+        fillers = []
+        for _ in range(4):  # fill its backlog: the next connect() would wait
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(str(path))
+            fillers.append(c)
+        try:
+            start = time.monotonic()
+            result = run_cli("run", "--config", str(config), timeout=20)
+            took = time.monotonic() - start
+        finally:
+            for c in fillers:
+                c.close()
+    assert result.returncode == 78, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "callback_listen" in line]
+    assert len(lines) == 1 and "does not accept" in lines[0], result.stderr
+    assert took < 10, took
+    assert path.is_socket()  # nothing removed

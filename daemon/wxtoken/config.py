@@ -361,7 +361,8 @@ def parse_config(doc: dict[str, Any], path: str, config_mode: int = 0o600,
         redis = parse_redis(ck, doc["redis"], config_mode, renew_before,
                             call_deadline(renew_before), resolve_secrets)
     callback_listen = _listen(ck, doc.get("callback_listen"))
-    if callback_listen and control_socket and callback_listen[0] == "unix:" + control_socket:
+    if callback_listen and control_socket and callback_listen[0].startswith("unix:") and \
+            os.path.normpath(callback_listen[0][5:]) == os.path.normpath(control_socket):
         ck.bad("callback_listen", "is the control socket's path (control_socket): give each "
                "its own")
     components: list[ComponentConfig] = []

@@ -625,11 +625,19 @@ class ControlServer:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{self.path} exists and is not a socket")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)  # a listener that does not accept must not hold the start
             try:
                 probe.connect(self.path)
-            except OSError:
+            except ConnectionRefusedError:
                 os.unlink(self.path)  # left by a crash: nobody listens
                 return
+            except FileNotFoundError:
+                return  # removed meanwhile
+            except (TimeoutError, BlockingIOError):
+                raise OSError(f"{self.path} is held by another process (it does not "
+                              "accept)") from None
+            except OSError as exc:
+                raise OSError(f"{self.path} cannot be tried: {exc.strerror or exc}") from None
         raise OSError(f"{self.path} is served by another running daemon")
 
     def start(self) -> None:

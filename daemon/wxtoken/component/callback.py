@@ -45,6 +45,7 @@ import http.client
 import io
 import os
 import re
+import resource
 import selectors
 import socket
 import socketserver
@@ -122,6 +123,16 @@ class _Arriving:
         self.size: int | None = None  # head and body, once the head is in
 
 
+def arriving_cap() -> int:
+    """MAX_ARRIVING, or a quarter of this process's descriptors when that is less (run by hand
+    under a low `ulimit -n`): a flood of connections must not take the descriptors the token
+    files and the rest of the daemon need."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_ARRIVING
+    return max(8, min(MAX_ARRIVING, soft // 4))
+
+
 def request_size(head: bytes) -> tuple[int, bool]:
     """The length of a request (its ``head``, blank line included, and the body it announces)
     and whether the client waits for ``100 Continue`` before sending the body. A body the
@@ -139,7 +150,10 @@ def request_size(head: bytes) -> tuple[int, bool]:
     if headers.get("Transfer-Encoding") is not None or not (raw.isascii() and raw.isdigit()) \
             or int(raw) > MAX_BODY:
         return len(head), False
-    return len(head) + int(raw), headers.get("Expect", "").lower() == "100-continue"
+    # an HTTP/1.0 client's Expect is ignored (RFC 9110 10.1.1): it sends its body anyway
+    expects = headers.get("Expect", "").lower() == "100-continue" and \
+        not line.rstrip().endswith(b"HTTP/1.0")
+    return len(head) + int(raw), expects
 
 
 def _refusal(status: int, text: str) -> bytes:
@@ -200,11 +214,17 @@ def _take_over_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError("a file that is not a socket is in the way")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # bounded: a process that listens but does not accept (a frozen instance, its backlog
+        # full) would otherwise hold the start for good
+        probe.settimeout(1.0)
         try:
             probe.connect(path)
         except ConnectionRefusedError:  # nobody listens: left by a crash
             os.unlink(path)
             return
+        except (TimeoutError, BlockingIOError):
+            raise OSError("another process listens on that socket (it does not accept)") \
+                from None
         except OSError as exc:
             raise OSError(f"a socket is there that cannot be tried ({exc.strerror or exc})") \
                 from None
@@ -234,6 +254,7 @@ class _Server(socketserver.BaseServer):
         self.log = get_logger()
         self._slots = threading.BoundedSemaphore(MAX_HANDLING)
         self._arriving: OrderedDict[socket.socket, _Arriving] = OrderedDict()  # oldest first
+        self.max_arriving = arriving_cap()
         self._buffered = 0  # bytes held for arriving requests
         self._handlers: set[threading.Thread] = set()
         self._handlers_lock = threading.Lock()
@@ -284,7 +305,7 @@ class _Server(socketserver.BaseServer):
                 self._drop(next(iter(self._arriving.values())))
                 continue
             sock.setblocking(False)
-            if len(self._arriving) >= MAX_ARRIVING:
+            if len(self._arriving) >= self.max_arriving:
                 self._drop(next(iter(self._arriving.values())))
             arriving = _Arriving(sock, peer, time.monotonic() + REQUEST_DEADLINE)
             self._arriving[sock] = arriving
