@@ -3,17 +3,25 @@ persistence, in a directory of the test's own; Sentinel too."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 
 REDIS_SERVER = shutil.which("redis-server")
+# Sentinel demotes an old master that comes back only once it has been back for 8 s or more
+# (and then kills its clients); with the commands it would send renamed away, that window
+# stays open for as long as a test needs it.
+UNDEMOTABLE = ("--rename-command", "SLAVEOF", "slaveof-renamed-by-the-test",
+               "--rename-command", "REPLICAOF", "replicaof-renamed-by-the-test")
 
 
 def free_port() -> int:
@@ -85,11 +93,14 @@ class RedisServer:
 class Sentinels:
     """A master, a replica and three sentinels watching them, all on loopback."""
 
-    def __init__(self, workdir: Path, name: str = "mymaster") -> None:
+    def __init__(self, workdir: Path, name: str = "mymaster", *,
+                 master_args: tuple[str, ...] = (), replica_args: tuple[str, ...] = ()
+                 ) -> None:
+        """``master_args``, ``replica_args``: more redis-server options for each."""
         self.name = name
-        self.master = RedisServer(workdir / "master")
+        self.master = RedisServer(workdir / "master", None, *master_args)
         self.replica = RedisServer(workdir / "replica", None, "--replicaof", "127.0.0.1",
-                                   str(self.master.port))
+                                   str(self.master.port), *replica_args)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
         for i in range(3):
@@ -143,6 +154,28 @@ class Sentinels:
         self.master.proc.kill()
         self.master.proc.wait()
         self._wait(lambda: self.master_port() == self.replica.port)
+
+    @contextlib.contextmanager
+    def paused(self, server: RedisServer) -> Iterator[None]:
+        """``server`` stopped (SIGSTOP) for the block, SIGCONT after it: its connections stay
+        open, as through a long GC or VM pause, or a partition that heals."""
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+
+    def states(self) -> list[dict[str, Any]]:
+        """What each sentinel reports of the master (SENTINEL MASTER: port, flags, …)."""
+        states: list[Any] = [self._sentinel(p).sentinel_master(self.name) for p in self.ports]
+        return states
+
+    def wait_promoted(self) -> None:
+        """Wait until every sentinel names the replica as the master, its failover over."""
+        self._wait(lambda: all(s["port"] == self.replica.port
+                               and "failover_in_progress" not in s["flags"]
+                               for s in self.states()))
 
     def stop(self) -> None:
         for proc in self.procs:
