@@ -304,6 +304,9 @@ def test_a_candidate_cut_off_from_redis_never_retires_the_fleets_token(
         app = json.loads(status.stdout)["apps"][0]
         assert app["partitioned"] is True and status.returncode != 0
         assert any(problem.startswith("partitioned: ") for problem in app["problems"])
+        refused = run_cli("refresh", "main", "--config", str(p))
+        assert refused.returncode != 0 and "Redis is unreachable" in refused.stderr, \
+            refused.stderr
         cut.mend()
         wait_until(lambda: token_of(p) == record_of(redis_server)["access_token"], timeout=15)
         wait_until(lambda: not json.loads(run_cli("status", "--json", "--config", str(p))

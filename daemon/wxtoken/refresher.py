@@ -571,7 +571,9 @@ class Refresher:
             self.log.warning("refresh.refused", state=ForcedState.WAITING,
                              reason="the fleet's Redis is unreachable: no forced refresh (the "
                              "day's counts live there)")
-            return Forced(ForcedState.WAITING, record, retry_after=10.0)
+            return Forced(ForcedState.WAITING, record, retry_after=10.0,
+                          reason="the fleet's Redis is unreachable: no forced refresh (the "
+                          "day's counts live there)")
         # WeChat refused the file's token: if it cannot be replaced now (the call fails, or a
         # quota or hard-error wait holds it back), the next run replaces it. Not for a report
         # the spacing or the budget refuses: those limits hold back readers that report
