@@ -599,3 +599,31 @@ def test_a_callback_socket_whose_holder_does_not_accept_is_one_exit_78_line(
     assert len(lines) == 1 and "does not accept" in lines[0], result.stderr
     assert took < 10, took
     assert path.is_socket()  # nothing removed
+
+
+def test_a_flood_of_refused_requests_logs_20_lines_a_minute_and_their_count(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """60 badly signed requests in a few seconds: each answered 403, but only 20
+    `callback.refused` lines, then one `callback.refused_unlogged` with the 40 others (at
+    stop, as the minute is not over), so journald's rate limit never hides the daemon's other
+    lines behind a stranger's flood. A correct push still works."""
+    port = free_port()
+    config = platform_config(tmp_path / "config.toml", tmp_path / "state", emulator, sock_dir,
+                             port)
+    comp = emulator.platforms.add(COMP, SECRET, MSG_TOKEN, AES_KEY)
+    d = daemons(config)
+    d.wait_for("callback.listening", timeout=15)
+    query, body = ticket_push(emulator, comp)
+    with requests.Session() as session:
+        for _ in range(60):
+            answer = session.post(callback_url(port), params={**query, "msg_signature": "0" * 40},
+                                  data=body, timeout=5)
+            assert answer.status_code == 403
+        good = session.post(callback_url(port), params=query, data=body, timeout=5)
+    assert (good.status_code, good.text) == (200, "success")
+    assert d.stop() == 0
+    lines = callback_lines(d)
+    assert len([e for e in lines if e["event"] == "callback.refused"]) == 20
+    counted = [e for e in lines if e["event"] == "callback.refused_unlogged"]
+    assert [(e["count"], e["level"]) for e in counted] == [(40, "warning")]

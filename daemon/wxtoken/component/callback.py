@@ -79,6 +79,7 @@ MAX_ARRIVING = 256  # connections whose request is still arriving (no thread eac
 MAX_BUFFERED = 8 << 20  # ...and their bytes, all together
 BACKLOG = 1024  # connections the kernel queues until accepted (the intake accepts at once)
 SLOW_NOTE_EVERY = 600.0  # seconds between callback.slow_clients lines
+REFUSED_LINES = 20  # callback.refused lines a minute; more are counted
 MAX_SKEW = 600.0  # seconds a message's timestamp may be away from this host's clock
 SEEN = 4096  # signatures remembered (duplicates inside the window are answered, not handled)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")  # the blank line after the headers
@@ -251,6 +252,11 @@ class _Server(socketserver.BaseServer):
         self.seen = OrderedDict()
         self.seen_lock = threading.Lock()
         self.unstored = {}
+        # refusals logged one by one: REFUSED_LINES a minute, then counted (a flood of bad
+        # requests must not bury the daemon's other lines under journald's rate limit)
+        self._refused_window = 0.0
+        self._refused_lines = 0
+        self.refused_unlogged = 0
         self.log = get_logger()
         self._slots = threading.BoundedSemaphore(MAX_HANDLING)
         self._arriving: OrderedDict[socket.socket, _Arriving] = OrderedDict()  # oldest first
@@ -414,6 +420,28 @@ class _Server(socketserver.BaseServer):
                 self._handlers.discard(threading.current_thread())
 
     # -- from the daemon's thread -----------------------------------------------------------
+    def note_refused(self, log: Any, **fields: Any) -> None:
+        """One ``callback.refused`` warning, unless REFUSED_LINES were logged this minute:
+        then the refusal is counted, and ``callback.refused_unlogged`` says how many when the
+        minute is over (at the next refusal, or at stop)."""
+        now = time.monotonic()
+        with self.seen_lock:
+            if now - self._refused_window >= 60.0:
+                unlogged, self.refused_unlogged = self.refused_unlogged, 0
+                self._refused_window, self._refused_lines = now, 0
+            else:
+                unlogged = 0
+            self._refused_lines += 1
+            logged = self._refused_lines <= REFUSED_LINES
+            if not logged:
+                self.refused_unlogged += 1
+        if unlogged:
+            log.warning("callback.refused_unlogged", count=unlogged,
+                        reason=f"more than {REFUSED_LINES} requests a minute were refused; "
+                        "these were not logged one by one")
+        if logged:
+            log.warning("callback.refused", **fields)
+
     def stop(self) -> None:
         """Ends serve() (it wakes at once)."""
         self._stopping = True
@@ -503,8 +531,9 @@ class _Handler(BaseHTTPRequestHandler):
             done = self._handle(platform, parse_qs(parts.query))
         except _Refused as exc:
             if exc.warn:
-                log.warning("callback.refused", status=exc.status, reason=str(exc),
-                            peer=self.client_address[0] if self.client_address else None)
+                self.server.note_refused(
+                    log, status=exc.status, reason=str(exc),
+                    peer=self.client_address[0] if self.client_address else None)
             with contextlib.suppress(OSError):
                 self._answer(exc.status, str(exc))
             return
@@ -618,3 +647,7 @@ class CallbackServer:
             self.server.stop()
             self._thread.join(10)
         self.server.close(wait=5.0)
+        if self.server.refused_unlogged:
+            get_logger().warning("callback.refused_unlogged", count=self.server.refused_unlogged,
+                                 reason=f"more than {REFUSED_LINES} requests a minute were "
+                                 "refused; these were not logged one by one")
