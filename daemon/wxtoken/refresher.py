@@ -41,7 +41,10 @@ TRANSIENT_BASE = 1.0
 TRANSIENT_CAP = 300.0
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
-PARTITION_RECHECK = 300.0  # a partitioned host asks WeChat about its token again this often
+PARTITION_RECHECK = 300.0  # a partitioned host looks again this often (Redis back wakes it)
+# after a late fetch, the fleet's token is asked about at these multiples of WeChat's overlap
+# (300 s: at 5.5, 11, 22 and 44 minutes), so a request answered later still is caught too
+VERIFY_AFTER = (1.1, 2.2, 4.4, 8.8)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class Refresher:
                                (self.hard_base, self.hard_cap))
         self.pending: _Pending | None = None
         self.store_failures = 0
+        # when to ask WeChat about a token a late fetch may have retired
+        self.verify_times: list[float] = []
         self.told_waiting = False  # a wait for what comes by itself is said once per process
         self._due: tuple[str, float, float] | None = None  # (token, refreshed, jittered due)
         # what the last run saw (the daemon's health and metrics read these, not the files)
@@ -115,16 +120,56 @@ class Refresher:
         current token: the run is retried with backoff until the cause goes away.
         """
         if (idle := self.peek(first)) is not None:
-            return idle
+            return self._verifying(idle)
         try:
             with self.store.locked(self.lock_timeout):
                 outcome = self._run_locked(first)
         except Superseded:
-            return self._superseded()
+            return self._verifying(self._superseded())
         except StoreError as exc:
             return self._store_failed(exc)
         self.store_failures, self.problem = 0, None
+        return self._verifying(outcome)
+
+    def _verifying(self, outcome: Outcome) -> Outcome:
+        """A late fetch (this host's, answered after its lease ran out) may retire the fleet's
+        token even after the fleet fetched once more (a request held on the way, answered
+        later still): once WeChat's overlap is over, a retired token is refused, so this host
+        asks WeChat about the fleet's token then, and a refused one is replaced."""
+        if self.store.suspect:
+            self.store.suspect = False
+            overlap = self.config.redis.overlap if self.config.redis else 300.0
+            now = self.clock()
+            # a request held on the way lands at an unknown time: ask a few times, each past
+            # the overlap of a token issued since the last
+            self.verify_times = [now + overlap * k for k in VERIFY_AFTER]
+        if self.verify_times and self.verify_times[0] < outcome.next_at:
+            return Outcome(outcome.state, self.verify_times[0], outcome.expires_at)
         return outcome
+
+    def _verify(self, record: TokenRecord | None, status: AppStatus, now: float) -> None:
+        """The check `_verifying` scheduled, when it is due: a refused token is remembered as
+        refused (fleet-wide), so this run, or the lease holder's, replaces it."""
+        if not self.verify_times or self.verify_times[0] > now:
+            return
+        while self.verify_times and self.verify_times[0] <= now:
+            self.verify_times.pop(0)
+        if self.store.degraded or self.app.api != "token" or record is None or \
+                record.expires_at <= now or not isinstance(self.client, WeChatClient):
+            return
+        try:
+            accepted = self.client.token_accepted(self.app, record.access_token)
+        except UpstreamError as exc:
+            self.log.warning("fleet.verify_failed", error=str(exc))
+            return
+        if accepted:
+            self.log.info("fleet.verified", token=mask(record.access_token))
+            return
+        self.log.warning("fleet.token_retired", token=mask(record.access_token),
+                         reason="a late fetch retired the fleet's token after it was fetched "
+                         "once more: replacing it now")
+        status.refused_token = fingerprint(record.access_token)
+        self.store.write_status(status, durable=False)
 
     def force(self, invalid_token: str | None = None, privileged: bool = False) -> Forced:
         """Passive refresh: replace the token now, unless the reported one is already replaced.
@@ -224,7 +269,8 @@ class Refresher:
         """The run's outcome when a look without the lock shows nothing to do (a valid record,
         not due, tickets not due, nothing pending); None when the run must take the lock.
         Deciding *not* to act needs no exclusion, and a restart of 10,000 apps takes no lock."""
-        if self.pending is not None:
+        if self.pending is not None or (self.verify_times and
+                                         self.verify_times[0] <= self.clock()):
             return None
         now = self.clock()
         try:
@@ -232,6 +278,7 @@ class Refresher:
         except TokenCorrupt:
             return None
         status = self.store.read_status()
+        self._left_partition(status)
         if record is None or record.expires_at <= now or self._is_due(record, status, now) \
                 or self.tickets_due_at(record) <= now:
             return None
@@ -253,9 +300,8 @@ class Refresher:
         record = self._read()
         status = self.store.read_status()
         self.record, self.status = record, status
-        if status.partitioned_at and not self.store.degraded:
-            status.partitioned_at = 0.0  # Redis is back: the record is the fleet's again
-            self.store.write_status(status)
+        self._left_partition(status)
+        self._verify(record, status, now)
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return written
         if record is not None and schedule.from_the_future(record.refreshed_at, now):
@@ -314,6 +360,12 @@ class Refresher:
         state = State.BUDGET if status.last_result is LastResult.BUDGET else State.WAITING
         return Outcome(state, retry_at, record.expires_at if record else None)
 
+    def _left_partition(self, status: AppStatus) -> None:
+        if status.partitioned_at and not self.store.degraded:
+            status.partitioned_at = 0.0  # Redis is back: the record is the fleet's again
+            self.store.write_status(status)
+            self.log.info("fleet.partition_ended")
+
     def _partitioned(self, record: TokenRecord | None, status: AppStatus,
                      now: float) -> Outcome | None:
         """Redis unreachable, a `token` app about to fetch on its own: first ask WeChat whether
@@ -322,8 +374,15 @@ class Refresher:
         fetch here would retire it for the whole fleet, so none is made, and this host says it
         is partitioned. None when the fetch may go ahead. (Inside WeChat's ~5-minute overlap a
         probe proves nothing: see the README.)"""
-        if not self.store.degraded or self.app.api != "token" or record is None or \
-                record.expires_at <= now or not isinstance(self.client, WeChatClient):
+        if not self.store.degraded or self.app.api != "token" or \
+                not isinstance(self.client, WeChatClient):
+            return None
+        if status.partitioned_at:
+            # known to be cut off: no fetch, not even once the token has expired (an expired
+            # token cannot be asked about, and the fleet's is still live elsewhere)
+            return Outcome(State.WAITING, now + PARTITION_RECHECK,
+                           record.expires_at if record else None)
+        if record is None or record.expires_at <= now:
             return None
         try:
             accepted = self.client.token_accepted(self.app, record.access_token)

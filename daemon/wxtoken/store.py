@@ -42,6 +42,10 @@ class TokenStore(Protocol):
     """One app's token record, its bookkeeping and the writers' lock. Every decision to call
     WeChat is taken while holding the lock, from what ``read()`` returns."""
 
+    # a late fetch may have retired the shared token: the refresher checks it after WeChat's
+    # overlap (and resets the flag)
+    suspect: bool
+
     @property
     def extra_wait(self) -> float:
         """How much longer than one holder's work a wait for the lock may take."""
@@ -179,6 +183,7 @@ class FileStore:
 
     extra_wait = 0.0
     degraded = False
+    suspect = False
 
     def holding(self) -> bool:
         return True  # a file lock does not run out

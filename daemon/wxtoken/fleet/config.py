@@ -16,7 +16,7 @@ MIRROR_PREFIXES = {"wechatpy": "wechatpy", "wxjava": "wx",
 SCHEMES = ("redis", "rediss", "unix")
 REDIS_KEYS = frozenset({
     "url", "password_file", "password_env", "password_credential", "key_prefix",
-    "lease_timeout", "sentinels", "service_name", "sentinel_password_file",
+    "lease_timeout", "overlap", "sentinels", "service_name", "sentinel_password_file",
     "sentinel_password_env", "sentinel_password_credential", "mirror",
     *(f"{sdk}_prefix" for sdk in MIRRORS),
 })
@@ -32,6 +32,9 @@ class RedisConfig:
     username: str | None = None
     key_prefix: str = "wxtoken"
     lease_timeout: float | None = None  # None: derived from renew_before (see lease_for)
+    # how long WeChat keeps accepting a token after a newer one was issued (~5 minutes): a
+    # token a late fetch may have retired is checked again this long (+30 s) after
+    overlap: float = 300.0
     sentinels: tuple[tuple[str, int], ...] = ()
     service_name: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
@@ -145,6 +148,7 @@ def parse_redis(ck: Checker, table: Any, config_mode: int, renew_before: float,
                                               inline=False, required=False)
     prefix = ck.string(table, "key_prefix", p, "wxtoken", _check_prefix) or "wxtoken"
     lease: float | None = None
+    overlap = ck.number(table, "overlap", 300.0, 1.0, 3600.0, prefix=p)
     if "lease_timeout" in table:
         before = len(ck.problems)
         lease = ck.number(table, "lease_timeout", 0.0, 0.0, 86400.0, prefix=p)
@@ -165,6 +169,6 @@ def parse_redis(ck: Checker, table: Any, config_mode: int, renew_before: float,
     return RedisConfig(
         url=url, password=password if password is not None else url_password,
         password_source=source or ("url" if url_password else ""), username=username,
-        key_prefix=prefix, lease_timeout=lease, sentinels=tuple(sentinels),
+        key_prefix=prefix, lease_timeout=lease, overlap=overlap, sentinels=tuple(sentinels),
         service_name=service_name, sentinel_password=sentinel_password, mirror=mirror,
         mirror_prefixes=tuple(prefixes))

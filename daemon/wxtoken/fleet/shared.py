@@ -51,7 +51,7 @@ if current then
   local ok, doc = pcall(cjson.decode, current)
   local theirs = ok and type(doc) == 'table' and tonumber(doc.gen)
   if theirs and theirs > tonumber(ARGV[2]) then
-    return {0, theirs}
+    return {0, theirs, doc.seeded and 1 or 0}
   end
 end
 redis.call('set', KEYS[1], ARGV[1])
@@ -86,6 +86,7 @@ if counter < floor then
 end
 local doc = cjson.decode(ARGV[1])
 doc.gen = gen
+doc.seeded = 1
 redis.call('set', KEYS[1], cjson.encode(doc))
 local fenced = tonumber(redis.call('get', KEYS[3]) or '')
 if fenced and fenced < gen then
@@ -94,25 +95,27 @@ end
 return 1
 """
 # A fetch WeChat may have answered after its host's lease ran out (a paused holder, a fetch
-# made while Redis was away) may have retired the record's token: mark the record's
-# generation; the next lease holder that reads the mark fetches once more (WRITE_RECORD
-# clears it). Returns the generation marked, or false when there is no record.
+# made while Redis was away, a write refused after a call) may have retired the token of any
+# record written so far: mark the generation counter as it is now (KEYS[2]; the record's own
+# generation when the counter is behind it); the next lease holder that reads the mark fetches
+# once more, and only a record of a higher generation clears it (WRITE_RECORD, SEED_RECORD).
+# Returns the generation marked.
 MARK_FENCED = """
+local gen = tonumber(redis.call('get', KEYS[2]) or '0')
 local current = redis.call('get', KEYS[1])
-if not current then
-  return false
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  local theirs = ok and type(doc) == 'table' and tonumber(doc.gen)
+  if theirs and theirs > gen then
+    gen = theirs
+  end
 end
-local ok, doc = pcall(cjson.decode, current)
-local gen = ok and type(doc) == 'table' and tonumber(doc.gen)
-if not gen then
-  return false
+local marked = tonumber(redis.call('get', KEYS[3]) or '0')
+if marked > gen then
+  gen = marked
 end
-local marked = tonumber(redis.call('get', KEYS[2]) or '0')
-if marked < gen then
-  marked = gen
-end
-redis.call('set', KEYS[2], marked, 'EX', ARGV[1])
-return marked
+redis.call('set', KEYS[3], gen, 'EX', ARGV[1])
+return gen
 """
 # After a record changed: the fleet's version moves on and every host hears "<identity>
 # <version>"; a host that finds the version ahead of what it heard knows it missed a message.
@@ -139,6 +142,7 @@ def parse_record_json(raw: bytes | str, app: str) -> tuple[TokenRecord, int, str
     if not isinstance(doc, dict):
         raise ValueError("not an object")
     gen, by = doc.pop("gen", 0), str(doc.pop("by", ""))
+    doc.pop("seeded", None)  # re-seeded from a host's file (not fetched under a lease)
     if type(gen) is not int:
         raise ValueError("no generation")
     doc["app"] = app
@@ -218,16 +222,17 @@ class Fleet:
             return True
 
     def mark_up(self) -> None:
-        with self._state:
-            was, self._up = self._up, True
-        if was is not True:
-            # the offset is measured on every (re)connection, before anything is written or
-            # seeded in the fleet's time (a host that started while Redis was away has none)
+        if self._up is not True:
+            # the offset is measured on every (re)connection, before Redis counts as up (so
+            # before anything is written or seeded in the fleet's time: a host that started
+            # while Redis was away has none)
             try:
                 self.measure_clock()
             except REDIS_ERRORS as exc:
                 self.mark_down(exc)
                 return
+        with self._state:
+            was, self._up = self._up, True
         if was is False:
             self.log.warning("redis.back", reason="coordination resumes; re-seeding what it lost")
             self.on_back()

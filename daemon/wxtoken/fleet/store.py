@@ -142,6 +142,10 @@ class FleetStore:
         self.seen_gen = self.memory.seen
         self._last: tuple[str, int] = ("", 0)  # the record last read: its token, generation
         self._fenced = 0  # the fenced-fetch mark read with it (0: none)
+        self._retiring = False  # the last token call may have retired the previous token
+        # a late fetch may have retired the fleet's token: the refresher checks the token
+        # once WeChat's overlap is over (and takes the flag)
+        self.suspect = False
         self.by = ""  # who wrote the record last seen
         self._local = threading.Lock()  # orders this host's writes of its local file
         self._lease: Lock | None = None
@@ -209,6 +213,12 @@ class FleetStore:
             return True
         if beat.lost:
             return False
+        if self.gen <= self._last[1]:
+            # a record of this generation or higher was seeded after the lease was taken (a
+            # host back from a partition): a write would be refused, so no call
+            self.log.warning("lease.stale", generation=self.gen, theirs=self._last[1],
+                             reason="the record's generation passed the lease's: no call")
+            return False
         try:
             owned = lease.owned()
         except REDIS_ERRORS as exc:
@@ -270,7 +280,11 @@ class FleetStore:
         token (the record last read is marked fenced): the next lease holder replaces it."""
         token, gen = self._last
         return self.fleet.up and self._fenced > 0 and token == record.access_token and \
-            0 < gen <= self._fenced
+            gen <= self._fenced
+
+    def fenced_pending(self) -> bool:
+        """Whether the record last read is marked fenced (its token may be retired)."""
+        return self._fenced > 0 and bool(self._last[0]) and self._last[1] <= self._fenced
 
     def _known_gen(self, local: TokenRecord) -> int | None:
         """The generation this host's file's token was written under; None when unknown (the
@@ -305,7 +319,9 @@ class FleetStore:
             # (stable_token's and WeCom's calls made alone retire nothing)
             self._mark_fenced("this host fetched a token while Redis was away, and another "
                               "host wrote one since")
-            self.memory = Memory(self.seen_gen)
+            with self._local:
+                self.memory = Memory(self.seen_gen)
+            return self._fetch()
         return record, gen
 
     def read(self) -> TokenRecord | None:
@@ -338,13 +354,19 @@ class FleetStore:
         return done
 
     def _mark_fenced(self, why: str) -> None:
-        marked = self.fleet.mark_fenced(keys=[self.keys.record, self.keys.fenced],
-                                        args=[FENCED_TTL])
-        if marked:
-            self.log.warning("fleet.fetch_fenced", generation=int(marked), reason=why +
-                             ": the fleet's token may be retired; the next lease holder "
-                             "fetches once more")
-            self.fleet.on_fenced(self.key)  # this host's refresher looks again now
+        """Mark every record written so far as possibly retired (Redis's errors propagate);
+        every host hears of it, and the next lease holder fetches once more."""
+        marked = int(self.fleet.mark_fenced(keys=[self.keys.record, self.keys.gen,
+                                                  self.keys.fenced], args=[FENCED_TTL]))
+        self._fenced = max(self._fenced, marked)
+        self.log.warning("fleet.fetch_fenced", generation=marked, reason=why +
+                         ": the fleet's token may be retired; the next lease holder fetches "
+                         "once more")
+        self.suspect = True
+        # every host's sync thread hears it (a candidate there wakes its refresher)
+        self.fleet.announce_record(keys=[self.fleet.version_key],
+                                   args=[self.fleet.channel, self.keys.identity])
+        self.fleet.on_fenced(self.key)
 
     def fetched(self, retires: bool) -> None:
         """Right after a token call WeChat may have answered (``retires``: a call that issues a
@@ -352,6 +374,7 @@ class FleetStore:
         since, and this call may have retired that token (WeChat is the resource, and has no
         fencing): mark the record so the next lease holder fetches once more."""
         lease, beat = self._lease, self._beat
+        self._retiring = retires
         if not retires or lease is None or beat is None:
             return  # Redis was down when the lock was taken: the memory says "alone"
         try:
@@ -371,7 +394,7 @@ class FleetStore:
             self._write_alone(record, self.seen_gen)
             return
         try:
-            written, theirs = self.fleet.write_record(
+            written, theirs, *seeded = self.fleet.write_record(
                 keys=[self.keys.record, self.keys.gen, self.keys.fenced],
                 args=[record_json(record, self.gen, self.fleet.host), self.gen])
         except REDIS_ERRORS as exc:
@@ -381,11 +404,20 @@ class FleetStore:
             self._write_alone(record, self.gen - 1)
             return
         self._ok()
+        retiring, self._retiring = self._retiring, False
         if not written:
             self.log.warning("fleet.fenced", generation=self.gen, theirs=theirs,
                              token=mask(record.access_token),
                              reason="another host wrote a newer token after this one's lease "
                              "ran out: this one is not written")
+            if retiring and seeded and seeded[0]:
+                # re-seeded by a host that fetched alone while Redis was away: which of the
+                # two WeChat issued last is unknown (a record written under a later lease is
+                # newer: its lease began after this one's ended, after this answer, or the
+                # answer came late and fetched() has marked it already)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self._mark_fenced("this host's fetched token was refused by a record "
+                                      "re-seeded from another host's file")
             raise Superseded(f"generation {self.gen} refused: the fleet's record is "
                              f"generation {theirs}")
         self.by = self.fleet.host

@@ -184,8 +184,7 @@ class Sync:
         with contextlib.suppress(ValueError):
             self.heard = max(self.heard, int(version))
         for store in self.by_identity.get(identity, ()):
-            if store.sync():
-                self.on_change(store.key)
+            self._follow_store(store)
         if (hook := self.hooks.get(identity)) is not None:
             hook()
         self.fleet.last_sync = time.time()
@@ -220,6 +219,13 @@ class Sync:
             full()
         for stores in list(self.by_identity.values()):
             for store in stores:
-                if store.sync():
-                    self.on_change(store.key)
+                self._follow_store(store)
         self.fleet.last_sync = time.time()
+
+    def _follow_store(self, store: FleetStore) -> None:
+        if store.sync():
+            self.on_change(store.key)
+        if store.fenced_pending():
+            # another host's late fetch may have retired the record's token: this host's
+            # refresher (a candidate's) looks now, and takes the lease to fetch once more
+            self.fleet.on_fenced(store.key)
