@@ -464,3 +464,24 @@ def test_a_platform_waits_for_its_first_ticket_without_an_error(
     assert d.stop() == 0
     loud = [e for e in d.events() if e["level"] in ("warning", "error", "critical")]
     assert not loud, loud
+
+
+def test_a_reload_reaches_the_component_and_authorizer_refreshers(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """`wxtoken reload` with a lower daily_budget: the component's refresher follows it (it
+    kept the config it was built with, so a reloaded daily_budget, renew_before or
+    refresh_interval never reached a platform's tokens)."""
+    emulator.state.settings.token_ttl = 60
+    p = Platform(tmp_path, emulator, sock_dir, push_every=2, refresh_interval=600,
+                 renew_before=10, daily_budget=100)
+    d = daemons(p.config)
+    wait_component(d, p)
+    assert p.calls("component_token") == 1
+    p.config.write_text(p.config.read_text().replace("daily_budget = 100", "daily_budget = 1"))
+    reloaded = run_cli("reload", "--config", str(p.config))
+    assert reloaded.returncode == 0, reloaded.stderr
+    refused = run_cli("refresh", "--component", "plat", COMP, "--config", str(p.config))
+    assert refused.returncode != 0 and "budget" in refused.stderr, refused.stderr
+    assert p.calls("component_token") == 1
+    assert d.stop() == 0

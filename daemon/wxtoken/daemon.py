@@ -588,6 +588,10 @@ class Daemon:
         for name in (*change.removed, *change.added, *change.changed, *change.watch_changed):
             self._watch_quota(name)
         for refresher in list(self.refreshers.values()):
+            if refresher.config is not new:
+                # not rebuilt (an Open Platform's component and authorizers, unchanged apps):
+                # the new daily_budget, renew_before and refresh_interval hold for them too
+                refresher.reconfigure(new)
             if isinstance(refresher.client, WeChatClient) and refresher.client is not client:
                 # unchanged apps, when only the client changed (a platform's refreshers read
                 # the daemon's current client themselves)

@@ -86,21 +86,8 @@ class Refresher:
         self.clock = clock
         self.rng = rng or random.Random()
         self.log = log or get_logger(app=app.name, appid=app.appid, api=app.api)
-        deadline = schedule.call_deadline(config.renew_before)
-        # the longest a run holds the lock (its calls, each bounded, and its writes): others
-        # wait that long for it, and the daemon calls a run that takes twice as long stalled
-        self.hold_limit = deadline * (1 + len(app.tickets)) + STORE_SLACK
-        self.lock_timeout = self.hold_limit + self.store.extra_wait
-        # transient retries: while the file's token is valid, up to five minutes apart (like
-        # kubelet's and Vault Agent's backoff), never more than renew_before nor an eighth of
-        # the token's remaining life; without a valid token, up to renew_before / 4 (75 s)
-        self.transient_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before / 4))
-        self.valid_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before))
-        self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
-        self.hard_cap = max(self.hard_base, config.refresh_interval)
-        self.tickets = Tickets(app, client, self.log, self.rng,
-                               (TRANSIENT_BASE, self.transient_cap),
-                               (self.hard_base, self.hard_cap))
+        self.tickets = Tickets(app, client, self.log, self.rng, (0.0, 0.0), (0.0, 0.0))
+        self.reconfigure(config)
         self.pending: _Pending | None = None
         self.store_failures = 0
         # when to ask WeChat about a token a late fetch may have retired
@@ -111,6 +98,27 @@ class Refresher:
         self.record: TokenRecord | None = None
         self.status = AppStatus()
         self.problem: str | None = None  # the state could not be read or written
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the config's global settings (daily_budget, renew_before, refresh_interval):
+        at start, and at a reload for a refresher the reload does not rebuild (an Open
+        Platform's component and authorizers)."""
+        self.config = config
+        deadline = schedule.call_deadline(config.renew_before)
+        # the longest a run holds the lock (its calls, each bounded, and its writes): others
+        # wait that long for it, and the daemon calls a run that takes twice as long stalled
+        self.hold_limit = deadline * (1 + len(self.app.tickets)) + STORE_SLACK
+        self.lock_timeout = self.hold_limit + self.store.extra_wait
+        # transient retries: while the file's token is valid, up to five minutes apart (like
+        # kubelet's and Vault Agent's backoff), never more than renew_before nor an eighth of
+        # the token's remaining life; without a valid token, up to renew_before / 4 (75 s)
+        self.transient_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before / 4))
+        self.valid_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before))
+        self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
+        self.hard_cap = max(self.hard_base, config.refresh_interval)
+        self.tickets.transient = (TRANSIENT_BASE, self.transient_cap)
+        self.tickets.hard = (self.hard_base, self.hard_cap)
+        self._due = None  # drawn again under the new settings
 
     # -- entry points ---------------------------------------------------------------------------
     def run(self, first: bool = False) -> Outcome:
