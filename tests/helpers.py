@@ -270,3 +270,16 @@ def fill(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def state_of(config: Path) -> Path:
+    """A fleet host's state dir (the ``hosts`` fixture puts it beside the config)."""
+    return config.parent / "state"
+
+
+def token_of(config: Path, app: str = "main") -> str | None:
+    """The token in a host's file (None while it has none yet)."""
+    try:
+        return str(read_json(state_of(config) / f"{app}.json")["access_token"])
+    except FileNotFoundError:
+        return None

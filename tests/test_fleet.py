@@ -21,6 +21,8 @@ from helpers import (
     read_json,
     run_cli,
     samples,
+    state_of,
+    token_of,
     wait_until,
 )
 from redis_server import RedisServer, Sentinels
@@ -28,17 +30,6 @@ from redis_server import RedisServer, Sentinels
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
 FOLLOW = {"main": {"appid": APPID}}  # no secret: this host follows the app
 
-
-def state_of(config: Path) -> Path:
-    return config.parent / "state"
-
-
-def token_of(config: Path, app: str = "main") -> str | None:
-    """The token in a host's file (None while it has none yet)."""
-    try:
-        return str(read_json(state_of(config) / f"{app}.json")["access_token"])
-    except FileNotFoundError:
-        return None
 
 
 def test_three_hosts_make_one_call_per_refresh_and_every_file_follows(

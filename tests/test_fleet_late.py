@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from test_fleet_order import MAIN, Cut, record_of, token_of
+from test_fleet_order import MAIN, Cut, record_of
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, DaemonProcess, run_cli, wait_until
+from helpers import APPID, DaemonProcess, run_cli, token_of, wait_until
 from redis_server import RedisServer
 
 pytestmark = pytest.mark.slow  # each waits past WeChat's (scaled) overlap

@@ -19,23 +19,21 @@ import pytest
 
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, SECRET, DaemonProcess, read_json, run_cli, wait_until
+from helpers import (
+    APPID,
+    SECRET,
+    DaemonProcess,
+    run_cli,
+    state_of,
+    token_of,
+    wait_until,
+)
 from redis_server import RedisServer
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
 FOLLOW = {"main": {"appid": APPID}}
 RECORD = f"wxtoken:{{{APPID}:token}}:record"
 
-
-def state_of(config: Path) -> Path:
-    return config.parent / "state"
-
-
-def token_of(config: Path) -> str | None:
-    try:
-        return str(read_json(state_of(config) / "main.json")["access_token"])
-    except FileNotFoundError:
-        return None
 
 
 def record_of(redis_server: RedisServer) -> dict[str, Any]:

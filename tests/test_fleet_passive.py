@@ -14,21 +14,20 @@ import pytest
 
 from wxtoken.emulator import Emulator
 
-from helpers import APPID, NOBODY, SECRET, DaemonProcess, curl, read_json, socket_of, wait_until
+from helpers import (
+    APPID,
+    NOBODY,
+    SECRET,
+    DaemonProcess,
+    curl,
+    socket_of,
+    token_of,
+    wait_until,
+)
 
 MAIN = {"main": {"appid": APPID, "secret": SECRET}}
 FOLLOW = {"main": {"appid": APPID}}  # no secret: this host follows the app
 
-
-def state_of(config: Path) -> Path:
-    return config.parent / "state"
-
-
-def token_of(config: Path) -> str | None:
-    try:
-        return str(read_json(state_of(config) / "main.json")["access_token"])
-    except FileNotFoundError:
-        return None
 
 
 def reader_report(config: Path, token: str) -> tuple[int, dict[str, Any], float]:
