@@ -283,7 +283,11 @@ def test_redis_down_for_two_lifetimes_stable_token_hosts_stay_valid_and_coordina
     own (normal mode hands all the same token), no candidate's file ever holds an expired or
     refused token; when Redis is back the record is there again and one host refreshes."""
     s = emulator.state.settings
-    s.token_ttl, s.stable_window, s.overlap = 10, 4, 4
+    # the window is wider than the lead (4 s, fetched 2.4-3.2 s before the file's expiry): a
+    # token handed on in normal mode carries two whole-second truncations (int(now) + WeChat's
+    # int(expires_in)), so its file expires up to 2 s before WeChat's; a 4 s window made the
+    # early fetch a "token.unchanged" call now and then (in production: 2 s of a 300 s window)
+    s.token_ttl, s.stable_window, s.overlap = 10, 6, 4
     app = {"mini": {"appid": APPID, "secret": SECRET, "api": "stable_token"}}
     candidates = [hosts(app, refresh_interval=60, renew_before=4) for _ in range(2)]
     follower = hosts({"mini": {"appid": APPID, "api": "stable_token"}},
