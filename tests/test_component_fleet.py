@@ -299,9 +299,9 @@ def test_refresh_tokens_in_redis_follow_the_rotation_chain(
     chain; a host takes the fleet's unless its own follows from it, keeping its own as a
     spare; a removal keeps a late refresh from bringing the authorizer back, but not a later
     authorization, and a removal told late does not undo an authorization made since."""
+    from wxtoken.component.fleet import PlatformFleet, Pushed
     from wxtoken.component.store import ComponentFiles
     from wxtoken.config import load_config
-    from wxtoken.fleet.platform import GONE, OLDER, STORED, PlatformFleet
     from wxtoken.fleet.shared import Fleet
     host = Host(tmp_path / "h", emulator, redis_server.url, True, False)
     config = load_config(str(host.config))
@@ -325,11 +325,11 @@ def test_refresh_tokens_in_redis_follow_the_rotation_chain(
             doc["authorized_at"] = authorized_at
         return pf.push_refresh(aid, doc, authorized, after)
 
-    assert push("R0", authorized_at=100.0, authorized=True) == STORED
-    assert push("R1", "R0") == STORED  # B rotated R0 -> R1
-    assert push("R1b", "R0") == OLDER  # A, paused past its lease, also rotated R0
+    assert push("R0", authorized_at=100.0, authorized=True) == Pushed.STORED
+    assert push("R1", "R0") == Pushed.STORED  # B rotated R0 -> R1
+    assert push("R1b", "R0") == Pushed.OLDER  # A, paused past its lease, also rotated R0
     assert fleets() == "R1"
-    assert push("R2", "R1", "R1x") == STORED  # R1 used, R1x refused on the way
+    assert push("R2", "R1", "R1x") == Pushed.STORED  # R1 used, R1x refused on the way
     files = ComponentFiles(str(host.state), "plat", COMP)
     files.ensure()
     files.store_refresh(aid, "R1b", 5.0, previous="R0")
@@ -340,19 +340,19 @@ def test_refresh_tokens_in_redis_follow_the_rotation_chain(
     files.store_refresh(aid, "R3", 6.0, previous="R2")  # rotated here, Redis not told yet
     pf.pull_refresh(aid, files)  # this host's follows from the fleet's: kept
     assert (files.refresh(aid) or {})["refresh_token"] == "R3"
-    assert pf.push_refresh(aid, files.refresh(aid) or {}, after=("R2",)) == STORED
+    assert pf.push_refresh(aid, files.refresh(aid) or {}, after=("R2",)) == Pushed.STORED
     assert fleets() == "R3"
     assert pf.remove(aid, 1000.0) is True
     assert not r.hexists(pf.refresh_key, aid) and not r.sismember(pf.members_key, aid)
-    assert push("R4", "R3", authorized_at=100.0) == GONE  # a late refresh
-    assert push("N0", authorized_at=900.0) == GONE  # an authorization before the removal
-    assert push("N1", authorized_at=1100.0) == STORED  # one after it (told late)
+    assert push("R4", "R3", authorized_at=100.0) == Pushed.GONE  # a late refresh
+    assert push("N0", authorized_at=900.0) == Pushed.GONE  # an authorization before the removal
+    assert push("N1", authorized_at=1100.0) == Pushed.STORED  # one after it (told late)
     assert r.sismember(pf.members_key, aid) and not r.exists(f"{pf.base}:gone:{aid}")
     assert pf.remove(aid, 1050.0) is False  # a removal told late: the authorization stays
     assert fleets() == "N1"
     # an import: stored whatever the fleet has
-    assert push("N2", authorized_at=1200.0, authorized=True) == STORED
-    assert push("N3", "N2", authorized_at=5.0) == STORED  # authorized_at never goes back
+    assert push("N2", authorized_at=1200.0, authorized=True) == Pushed.STORED
+    assert push("N3", "N2", authorized_at=5.0) == Pushed.STORED  # authorized_at never goes back
     assert json.loads(r.hget(pf.refresh_key, aid) or b"{}")["authorized_at"] == 1200.0
     # rotated twice here while Redis was away: the fleet's is what this host last knew there
     files.store_refresh(aid, "N3", 7.0, previous="N2")
@@ -361,7 +361,7 @@ def test_refresh_tokens_in_redis_follow_the_rotation_chain(
     files.store_refresh(aid, "N5", 9.0, previous="N4")
     pf.pull_refresh(aid, files)
     assert (files.refresh(aid) or {})["refresh_token"] == "N5"  # not taken back to N3
-    assert pf.push_refresh(aid, files.refresh(aid) or {}, after=("N4",)) == STORED
+    assert pf.push_refresh(aid, files.refresh(aid) or {}, after=("N4",)) == Pushed.STORED
     assert fleets() == "N5"
     # authorized here (Redis away) after the fleet's chain began: this host's stays
     files.store_refresh(aid, "A0", 10.0, authorized_at=5000.0)
@@ -370,10 +370,10 @@ def test_refresh_tokens_in_redis_follow_the_rotation_chain(
     # Redis restarted empty: the entries put back give way to a later-updated one
     r.hdel(pf.refresh_key, aid)
     assert pf.push_refresh(aid, {"refresh_token": "S1", "updated_at": 10.0},
-                           seeded=True) == STORED
+                           seeded=True) == Pushed.STORED
     assert pf.push_refresh(aid, {"refresh_token": "S2", "updated_at": 20.0},
-                           seeded=True) == STORED
+                           seeded=True) == Pushed.STORED
     assert pf.push_refresh(aid, {"refresh_token": "S0", "updated_at": 15.0},
-                           seeded=True) == OLDER
+                           seeded=True) == Pushed.OLDER
     assert fleets() == "S2"
     fleet.client.close()

@@ -353,8 +353,8 @@ def test_redis_orders_an_unauthorized_by_wechats_time_and_confirms_the_rest(
     a missing time asks for WeChat's word, and the removal WeChat confirmed is refused when the
     authorizer authorized again meanwhile. A rotation keeps the authorization's WeChat time;
     an import has none."""
+    from wxtoken.component.fleet import PlatformFleet, Pushed, Verdict
     from wxtoken.config import load_config
-    from wxtoken.fleet.platform import CONFIRM, REFUSED, REMOVED, STORED, PlatformFleet
     from wxtoken.fleet.shared import Fleet
     host = Host(tmp_path / "h", emulator, redis_server.url, True, False)
     config = load_config(str(host.config))
@@ -368,32 +368,32 @@ def test_redis_orders_an_unauthorized_by_wechats_time_and_confirms_the_rest(
         doc: dict[str, object] = {"refresh_token": rt, "updated_at": at, "authorized_at": at}
         if wechat is not None:
             doc["wechat_at"] = wechat
-        assert pf.push_refresh(aid, doc, authorized=True) == STORED
+        assert pf.push_refresh(aid, doc, authorized=True) == Pushed.STORED
 
     def member() -> bool:
         return bool(r.sismember(pf.members_key, aid))
 
     authorize("R0", 1000.0, 1000.0)
-    assert pf.cancel(aid, 880.0) == (REFUSED, ("", ""))  # WeChat's retry of an earlier push
+    assert pf.cancel(aid, 880.0) == (Verdict.REFUSED, ("", ""))  # WeChat's retry of an earlier push
     assert member() and not r.exists(f"{pf.base}:gone:{aid}")
     # a rotation (its doc without the WeChat time) keeps the chain's
     assert pf.push_refresh(aid, {"refresh_token": "R1", "updated_at": 1001.0,
-                                 "authorized_at": 1000.0}, after=("R0",)) == STORED
-    assert pf.cancel(aid, 999.0) == (REFUSED, ("", ""))
+                                 "authorized_at": 1000.0}, after=("R0",)) == Pushed.STORED
+    assert pf.cancel(aid, 999.0) == (Verdict.REFUSED, ("", ""))
     tie = pf.cancel(aid, 1000.0)
-    assert tie is not None and tie[0] == CONFIRM and member()
+    assert tie is not None and tie[0] == Verdict.CONFIRM and member()
     assert pf.cancel(aid, None) == tie  # no time on the event: the same question
     authorize("N0", 1005.0, 1005.0)  # authorized again while WeChat was asked
     assert pf.remove(aid, 1000.0, tie[1]) is False and member()
     tie = pf.cancel(aid, 1005.0)
-    assert tie is not None and tie[0] == CONFIRM
+    assert tie is not None and tie[0] == Verdict.CONFIRM
     assert pf.remove(aid, 1005.0, tie[1]) is True and not member()
     assert float(r.get(f"{pf.base}:gone:{aid}") or 0) == 1005.0
     authorize("I0", 2000.0, None)  # an import: no WeChat time, whatever the event's
     verdict = pf.cancel(aid, 2500.0)
-    assert verdict is not None and verdict[0] == CONFIRM and member()
+    assert verdict is not None and verdict[0] == Verdict.CONFIRM and member()
     authorize("N1", 3000.0, 3000.0)
-    assert pf.cancel(aid, 3001.0) == (REMOVED, ("", "")) and not member()
-    assert pf.cancel(aid, 10.0) == (REMOVED, ("", ""))  # the fleet holds none: nothing kept
+    assert pf.cancel(aid, 3001.0) == (Verdict.REMOVED, ("", "")) and not member()
+    assert pf.cancel(aid, 10.0) == (Verdict.REMOVED, ("", ""))  # the fleet holds none: nothing kept
     assert float(r.get(f"{pf.base}:gone:{aid}") or 0) == 3001.0  # a late one keeps the time
     fleet.client.close()

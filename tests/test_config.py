@@ -246,7 +246,7 @@ def test_defaults_match_the_contract(tmp_path: Path) -> None:
 def test_example_config_documents_every_key_and_is_valid(tmp_path: Path) -> None:
     """config.example.toml parses (secrets from env) and mentions every key the parser knows."""
     from wxtoken.config import APP_KEYS, COMPONENT_KEYS, TOP_KEYS
-    from wxtoken.fleet.config import REDIS_KEYS
+    from wxtoken.redis_config import REDIS_KEYS
     text = (REPO / "config.example.toml").read_text()
     for key in TOP_KEYS | APP_KEYS | REDIS_KEYS:
         assert f"{key} =" in text or f"[{key}" in text, key

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from wxtoken.emulator import Emulator
-from wxtoken.fleet.config import RedisConfig
 from wxtoken.fleet.connect import REDIS_ERRORS, connect
 from wxtoken.fleet.keys import Keys, version_key
+from wxtoken.redis_config import RedisConfig
 
 from helpers import APPID, SECRET, DaemonProcess, read_json, run_cli, socket_of, wait_until
 from redis_server import REDIS_SERVER, UNDEMOTABLE, Sentinels

@@ -14,16 +14,20 @@ import stat
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from wxtoken import __version__
-from wxtoken.clock import human_delta
-from wxtoken.config import Config, default_config_path, load_config
+from wxtoken.clock import SHANGHAI, human_delta
+from wxtoken.config import UTF8_BOM, Config, default_config_path, load_config
 from wxtoken.errors import ConfigError, ControlError, StoreError, TokenUnavailable, WxtokenError
-from wxtoken.health import app_health_from_files
+from wxtoken.health import app_health_from_files, component_health_from_files
 from wxtoken.reader import read_token
-from wxtoken.record import DEFAULT_SOCKET, DEFAULT_STATE_DIR
+from wxtoken.record import APP_NAME_RE, DEFAULT_SOCKET, DEFAULT_STATE_DIR
+from wxtoken.runinfo import running
 
 EX_CONFIG = 78
 
@@ -38,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.warning("config.warning", problem=warning)
     _check_state_dir(config, args.allow_other_owner)
     _check_file_groups(config)
-    from wxtoken.daemon import run
+    from wxtoken.daemon import run  # the scheduler and the HTTP client: only for `run`
     return run(config)
 
 
@@ -132,6 +136,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
+    # http.client only for the commands that talk to the daemon (`wxtoken token` stays light)
     from wxtoken.control_client import refresh
     if args.socket:
         control_socket = args.socket
@@ -165,9 +170,7 @@ def _socket_of(args: argparse.Namespace) -> str:
 def _lenient(args: argparse.Namespace, key: str, default: str) -> str:
     """A top-level path from a config that may not pass (a reload or a restart would refuse
     it), else the default."""
-    import tomllib
 
-    from wxtoken.config import UTF8_BOM
     try:
         with open(args.config or default_config_path(), "rb") as fh:
             value = tomllib.loads(fh.read().removeprefix(UTF8_BOM).decode()).get(key)
@@ -177,6 +180,7 @@ def _lenient(args: argparse.Namespace, key: str, default: str) -> str:
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
+    # http.client only for the commands that talk to the daemon (`wxtoken token` stays light)
     from wxtoken.control_client import request
     try:
         answer = request("POST", "/v1/reload", {}, _socket_of(args), timeout=120)
@@ -196,8 +200,8 @@ def _op_request(method: str, path: str, args: argparse.Namespace,
                 timeout: float = 60.0) -> dict[str, Any]:
     """A quota tool's request to the daemon; its refusal as one line (with WeChat's errcode,
     errmsg and rid when WeChat refused)."""
+    # http.client only for the commands that talk to the daemon (`wxtoken token` stays light)
     from wxtoken.control_client import request
-    from wxtoken.record import APP_NAME_RE
     if not APP_NAME_RE.match(args.app):
         raise WxtokenError(f"{args.app!r} is not a valid app name")
     try:
@@ -216,7 +220,6 @@ def _op_request(method: str, path: str, args: argparse.Namespace,
 
 
 def _cmd_quota(args: argparse.Namespace) -> int:
-    from urllib.parse import quote
     answer = _op_request("GET", f"/v1/apps/{args.app}/quota?path={quote(args.path, safe='/')}",
                          args)
     if args.json:
@@ -233,17 +236,13 @@ def _cmd_quota(args: argparse.Namespace) -> int:
 
 
 def _cmd_rid(args: argparse.Namespace) -> int:
-    from urllib.parse import quote
     answer = _op_request("GET", f"/v1/apps/{args.app}/rid/{quote(args.rid, safe='')}", args)
     if args.json:
         print(json.dumps(answer, indent=2, ensure_ascii=False))
         return 0
-    request = answer.get("request") or {}
-    for key, value in request.items():
+    asked = answer.get("request") or {}
+    for key, value in asked.items():
         if key == "invoke_time" and isinstance(value, int):
-            from datetime import datetime
-
-            from wxtoken.clock import SHANGHAI
             value = f"{datetime.fromtimestamp(value, SHANGHAI):%Y-%m-%d %H:%M:%S} Asia/Shanghai"
         print(f"{key:<14}{value if value not in ('', None) else '(none)'}")
     return 0
@@ -279,8 +278,8 @@ def _cmd_clear_quota(args: argparse.Namespace) -> int:
 
 def _cmd_component(args: argparse.Namespace) -> int:
     """wxtoken component ticket NAME TICKET|- / wxtoken component import NAME FILE|-"""
-    from wxtoken.control_client import request
-    from wxtoken.record import APP_NAME_RE
+    # http.client only for the commands that talk to the daemon (`wxtoken token` stays light)
+    from wxtoken.control_client import request, request_raw
     if not APP_NAME_RE.match(args.name):
         raise WxtokenError(f"{args.name!r} is not a valid component name")
     if args.action == "ticket":
@@ -298,7 +297,6 @@ def _cmd_component(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise WxtokenError(f"component import: cannot read {args.value}: "
                                f"{exc.strerror}") from None
-    from wxtoken.control_client import request_raw
     answer = request_raw("POST", f"/v1/components/{args.name}/import", raw, _socket_of(args),
                          timeout=300)
     print(f"imported {answer['imported']} authorizers ({answer['with_token']} with a valid "
@@ -307,7 +305,6 @@ def _cmd_component(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from wxtoken.runinfo import running
     try:
         config = load_config(args.config, resolve_secrets=False)
     except ConfigError as exc:
@@ -333,7 +330,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     daemon = running(config.state_dir)
     upgrade = _upgrade_line(args, daemon.version) if daemon else None
     apps = [app_health_from_files(config, app, now, daemon is not None) for app in config.apps]
-    from wxtoken.health import component_health_from_files
     components = [component_health_from_files(config, comp, now, daemon is not None)
                   for comp in config.components]
     fleet = _fleet_status(config, now, daemon is not None) if config.redis else None
@@ -401,7 +397,7 @@ def _upgrade_line(args: argparse.Namespace, version: str) -> tuple[bool, str] | 
 
 def _fleet_status(config: Config, now: float, running: bool = True) -> dict[str, Any]:
     """What the daemon last wrote about the fleet (``<state_dir>/.fleet.json``)."""
-    from wxtoken.fleet.node import STATUS_FILE
+    from wxtoken.fleet.node import STATUS_FILE  # redis-py only when there is a fleet
     try:
         with open(os.path.join(config.state_dir, STATUS_FILE), "rb") as fh:
             doc = json.loads(fh.read(65536))
@@ -494,7 +490,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from wxtoken.demo import run_demo
+    from wxtoken.demo import run_demo  # the emulator and the daemon: only for the demo
     return run_demo(args.duration)
 
 

@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from wxtoken.configcheck import (
     Checker,
@@ -26,8 +26,8 @@ from wxtoken.configcheck import (
     socket_dir_problem,
     source_keys,
 )
+from wxtoken.credentials import Service
 from wxtoken.errors import ConfigError, WxtokenError
-from wxtoken.fleet.config import RedisConfig, parse_redis
 from wxtoken.record import (
     APP_NAME_RE,
     DEFAULT_CONFIG,
@@ -35,10 +35,8 @@ from wxtoken.record import (
     DEFAULT_STATE_DIR,
     TICKET_TYPES,
 )
+from wxtoken.redis_config import RedisConfig, parse_redis
 from wxtoken.schedule import STABLE_WINDOW, call_deadline
-
-if TYPE_CHECKING:
-    from wxtoken.credentials import Service
 
 UTF8_BOM = b"\xef\xbb\xbf"  # Notepad's UTF-8 starts with one; TOML does not allow it
 
@@ -445,6 +443,5 @@ def load_config(path: str | None = None, resolve_secrets: bool = True,
         raise ConfigError([f"{path}: the config is not UTF-8 text"]) from None
     installed = None
     if service and resolve_secrets:
-        from wxtoken.credentials import Service
         installed = Service()
     return parse_config(doc, path, mode, resolve_secrets, installed)

@@ -1,5 +1,5 @@
 """Reading a parsed TOML document: the problem collector, the value checks, and where secrets
-come from. Used by config.py (the core keys and apps) and fleet/config.py (``[redis]``)."""
+come from. Used by config.py (the core keys and apps) and redis_config.py (``[redis]``)."""
 
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ import socket
 import socketserver
 import stat
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -45,18 +46,18 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from wxtoken.config import Config
+from wxtoken.config import CGI_PATH_RE, Config
 from wxtoken.errors import TokenUnavailable, UpstreamError, WxtokenError
 from wxtoken.health import app_health_from_files
 from wxtoken.httpbody import BodyError, read_body
 from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
+from wxtoken.quota import Operations, OpError
 from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
 from wxtoken.refresher import Forced
 
 if TYPE_CHECKING:
     from wxtoken.component.platform import Platform
-    from wxtoken.quota import Operations
 
 SOCKET_MODE = 0o660
 MAX_BODY = 4096
@@ -188,7 +189,6 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         return body
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
         exc = sys.exc_info()[1]
         if not isinstance(exc, OSError):  # a client that hangs up is no news
             self.log.warning("control.error", error=type(exc).__name__)
@@ -444,8 +444,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _op(self, name: str, call: Callable[[Operations], dict[str, Any]], ask: bool = False,
             path: str | None = None) -> None:
         """Run one of the quota tools and answer with its result or its OpError."""
-        from wxtoken.config import CGI_PATH_RE
-        from wxtoken.quota import OpError
         ops = self.server.ops
         if ops is None:
             self._send(503, {"error": "the quota tools are not running", "error_class":

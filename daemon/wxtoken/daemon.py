@@ -30,12 +30,17 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from wxtoken import __version__, schedule, sdnotify
+import wxtoken
+from wxtoken import __version__, logs, schedule, sdnotify
+from wxtoken.component.platform import Platform
+from wxtoken.config import load_config
 from wxtoken.errors import ConfigError
 from wxtoken.health import app_health, summary
 from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
+from wxtoken.quota import Operations, watch_interval
 from wxtoken.refresher import Forced, Refresher
+from wxtoken.reload import plan
 from wxtoken.runinfo import remove_run_info, run_path, write_run_info
 from wxtoken.schedule import Outcome, State
 from wxtoken.status import AppStatus
@@ -44,7 +49,6 @@ from wxtoken.upstream import WeChatClient
 
 if TYPE_CHECKING:
     from wxtoken.component.callback import CallbackServer
-    from wxtoken.component.platform import Platform
     from wxtoken.config import Config
     from wxtoken.control import ControlServer
     from wxtoken.fleet.node import FleetNode
@@ -113,7 +117,6 @@ class Daemon:
             from wxtoken.metrics import Metrics  # prometheus_client only when metrics are on
             self.metrics = Metrics(config.metrics_file, self.health, len(config.apps),
                                    self.node.fleet.status if self.node else None)
-        from wxtoken.quota import Operations
         self.ops = Operations(lambda: self.config, lambda: self.client, self.force,
                               self.node.fleet if self.node else None, self._quota_cleared)
         if self.metrics is not None:
@@ -154,7 +157,6 @@ class Daemon:
         for app in self.config.apps:
             self._watch_quota(app.name)
         if self.config.components:
-            from wxtoken.component.platform import Platform
             for comp in self.config.components:
                 self.platforms[comp.name] = platform = Platform(self, comp, self.clock,
                                                                 self._rng, self.node)
@@ -162,6 +164,7 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.components = self._component_figures
             if self.config.callback_listen is not None:
+                # api layer: the daemon still builds its listeners (#17 moves that out)
                 from wxtoken.component.callback import CallbackServer
                 host, port = self.config.callback_listen
                 try:
@@ -171,6 +174,7 @@ class Daemon:
                     raise ConfigError([f"{self.config.path}: callback_listen: cannot listen on "
                                        f"{where}: {exc.strerror or exc}"]) from None
         try:
+            # api layer: the daemon still builds its listeners (#17 moves that out)
             from wxtoken.control import ControlServer
             self.control = ControlServer(self.config.control_socket, lambda: self.config,
                                          self.force, self.reload, self.ops, self.platforms)
@@ -349,7 +353,6 @@ class Daemon:
     # -- the quota tools ------------------------------------------------------------------------
     def _watch_quota(self, name: str) -> None:
         """(Re)schedule the app's quota_watch job: none when it watches nothing."""
-        from wxtoken.quota import watch_interval
         job = f"quota:{name}"
         with contextlib.suppress(JobLookupError):
             self.scheduler.remove_job(job)
@@ -541,9 +544,6 @@ class Daemon:
         return applied, lines
 
     def _reload(self) -> tuple[bool, list[str]]:
-        from wxtoken import logs
-        from wxtoken.config import load_config
-        from wxtoken.reload import plan
         try:
             new = load_config(self.config.path)
         except ConfigError as exc:
@@ -649,8 +649,6 @@ def preload() -> None:
     upgrade (apt, install.sh) replaces the files under the running daemon, which must never load
     a module of the new version beside the old ones (the reload code at the first SIGHUP, the
     Open Platform's at its first event, the quota tools at their first use)."""
-    import wxtoken
-
     def walk(path: list[str], prefix: str) -> None:
         for module in pkgutil.iter_modules(path, prefix):
             if module.name.split(".")[1] in NOT_PRELOADED:

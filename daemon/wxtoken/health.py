@@ -8,6 +8,8 @@ last saw (no file reads, which matters at 10,000 apps).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -109,9 +111,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
                                 now: float, running: bool = True) -> dict[str, Any]:
     """An Open Platform component's health from its files: its token, the last ticket, every
     authorizer's token, and the authorizers that need a new authorization."""
-    import json
-    import os
-
+    # filelock only for a component (`wxtoken status` of plain apps stays light)
     from wxtoken.component.store import PLATFORM_FILE, component_dir, ticket_problem
     directory = component_dir(config.state_dir, comp.name)
 

@@ -42,12 +42,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wxtoken.component.crypto import MessageCrypto
-from wxtoken.component.store import ComponentFiles, ticket_problem
+from wxtoken.component.fleet import PlatformFleet, Pushed, Verdict
+from wxtoken.component.store import ComponentFiles, as_number, ticket_problem
 from wxtoken.config import Api, AppConfig, ComponentConfig, Config
 from wxtoken.errcodes import TICKET_ERRCODES, ErrorClass
 from wxtoken.errors import StoreError, TokenUnavailable, UpstreamError, WxtokenError
+from wxtoken.fleet.connect import REDIS_ERRORS
+from wxtoken.fleet.store import FleetStore
 from wxtoken.logs import get_logger, mask
 from wxtoken.record import APP_NAME_RE, MAX_TOKEN_LEN, TokenRecord, load_record, token_path
+from wxtoken.refresher import Forced, Refresher
 from wxtoken.schedule import FUTURE_TOLERANCE
 from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore, clean_state_dir
@@ -55,12 +59,8 @@ from wxtoken.upstream import Fetched, WeChatClient
 
 if TYPE_CHECKING:
     from wxtoken.fleet.node import FleetNode
-    from wxtoken.fleet.platform import PlatformFleet
-    from wxtoken.fleet.store import FleetStore
-    from wxtoken.refresher import Forced, Refresher
 
 RECONCILE_EVERY = 86400.0
-GONE, OLDER = -1, -2  # wxtoken.fleet.platform's: the fleet removed it, has another chain
 LIST_PAGE = 500  # api_get_authorizer_list's largest page
 # one read of the authorizer list (every page) serves every 61023 repair for this long; the
 # next starts no sooner, however many authorizers need one (a failed read waits as long too)
@@ -306,7 +306,7 @@ class AuthorizerFetcher:
 
     def _stored(self, appid: str, stored: int) -> None:
         p = self.platform
-        if stored == GONE:  # another host removed it (unauthorized) meanwhile
+        if stored == Pushed.GONE:  # another host removed it (unauthorized) meanwhile
             p.later_remove(appid)
             raise UpstreamError(ErrorClass.PERMANENT, f"{appid} was removed from the fleet "
                                 "(unauthorized) during its refresh", called=True)
@@ -354,7 +354,7 @@ class AuthorizerFetcher:
         self._stored(appid, stored)
         current = p.record(appid)
         left = kept.at + kept.fetched.expires_in - p.clock()
-        if stored == OLDER or (current.access_token if current else None) != kept.replaces \
+        if stored == Pushed.OLDER or (current.access_token if current else None) != kept.replaces \
                 or left <= p.host.config.renew_before:
             p.log.info("authorizer.unwritten_dropped", app=appid,
                        token=mask(kept.fetched.access_token),
@@ -383,7 +383,6 @@ class Platform:
         self.files = ComponentFiles(host.config.state_dir, comp.name, comp.component_appid)
         self.fleet: PlatformFleet | None = None
         if node is not None:
-            from wxtoken.fleet.platform import PlatformFleet
             self.fleet = PlatformFleet(node.fleet, comp, self.files)
         # a follower (fleet mode, no secret) never calls WeChat: it mirrors the fleet's files
         self.following = node is not None and comp.follower
@@ -430,7 +429,6 @@ class Platform:
                          secret_source=f"component {self.comp.name}", tickets=tickets)
 
     def _refresher(self, appid: str) -> Refresher:
-        from wxtoken.refresher import Refresher
         component = appid == self.comp.component_appid
         app = self.app(appid, () if component else self.comp.tickets)
         fetcher = self.component_fetcher if component else self.authorizer_fetcher
@@ -447,7 +445,6 @@ class Platform:
     def _fleet_store(self, appid: str, local: FileStore) -> FleetStore:
         """The token's FleetStore (record, lease, generation in Redis), followed by the sync
         thread: another host's refresh rewrites this host's file."""
-        from wxtoken.fleet.store import FleetStore
         assert self.node is not None and self.fleet is not None
         store = FleetStore(self.node.fleet, self.app(appid), identity=self.fleet.identity(appid),
                            local=local, key=self.key(appid))
@@ -477,7 +474,6 @@ class Platform:
 
     def _follow(self, appid: str) -> None:
         """A follower's mirror of one token: its file follows the fleet's record."""
-        from wxtoken.fleet.connect import REDIS_ERRORS
         assert self.node is not None
         with self._tokens:
             if appid in self.stores:
@@ -507,21 +503,20 @@ class Platform:
         them (a holder paused past its lease cannot replace a newer chain). ``authorized_at``:
         it comes from an authorization (made then) or an import, which starts a new chain and
         may bring back an authorizer removed before that; ``wechat_at``: that authorization's
-        CreateTime (None: unknown). Returns the fleet's answer (STORED without a fleet)."""
-        from wxtoken.fleet.platform import FAILED, OLDER, STORED
+        CreateTime (None: unknown). Returns the fleet's answer (Pushed.STORED without a fleet)."""
         authorized = authorized_at is not None
         doc = self.files.store_refresh(appid, refresh_token, now, previous=previous,
                                        authorized_at=authorized_at, wechat_at=wechat_at)
         if authorized and appid in self._tombstones():
             self._forget_tombstone(appid)  # authorized again since it was removed here
         if self.fleet is None:
-            return STORED
+            return Pushed.STORED
         result = self.fleet.push_refresh(appid, doc, authorized, after)
-        if result == FAILED:
+        if result == Pushed.FAILED:
             self.log.warning("fleet.refresh_token_local_only", app=appid,
                              reason="Redis could not be written: the refresh token is on this "
                              "host only until a resync puts it there")
-        elif result == OLDER:
+        elif result == Pushed.OLDER:
             self.log.warning("fleet.refresh_token_fenced", app=appid,
                              reason="the fleet holds a refresh token this one does not follow "
                              "from (another host refreshed after this host's lease ran out): "
@@ -615,8 +610,6 @@ class Platform:
         host that refreshed last wins), where they follow from Redis's (rotated here while
         Redis could not be written), or where they come from a later authorization; an
         authorizer removed meanwhile goes here too."""
-        from wxtoken.component.store import as_number
-        from wxtoken.fleet.platform import GONE, STORED
         assert self.fleet is not None
         reseeded = 0
         for appid in self.files.authorizers():
@@ -639,10 +632,10 @@ class Platform:
             result = self.fleet.push_refresh(
                 appid, doc, after=(previous,) if isinstance(previous, str) else (),
                 seeded=seeded)
-            if result == GONE:
+            if result == Pushed.GONE:
                 self.log.info("authorizer.removed_elsewhere", app=appid)
                 self.later_remove(appid)
-            elif result == STORED:
+            elif result == Pushed.STORED:
                 reseeded += 1
         if reseeded:
             self.log.warning("fleet.refresh_tokens_reseeded", authorizers=reseeded,
@@ -712,7 +705,6 @@ class Platform:
                 self._add(appid)
 
     def _authorized_at(self, appid: str) -> float:
-        from wxtoken.component.store import as_number
         try:
             return as_number((self.files.refresh(appid) or {}).get("authorized_at"))
         except ValueError:
@@ -988,16 +980,15 @@ class Platform:
                          attempt: int) -> bool:
         """Redis decides against the fleet's authorization; WeChat is asked on a tie or a
         missing time. False when Redis is unreachable (nothing was done)."""
-        from wxtoken.fleet.platform import CONFIRM, REFUSED
         assert self.fleet is not None
         got = self.fleet.cancel(appid, at)
         if got is None:
             return False
         verdict, seen = got
-        if verdict == REFUSED:
+        if verdict == Verdict.REFUSED:
             self._cancel_stale(appid, at, None, entry)
             return True
-        if verdict == CONFIRM:
+        if verdict == Verdict.CONFIRM:
             if self.following:
                 if self.fleet.hand_over_cancel(appid, at):
                     self._forget_cancel(appid, entry)  # a candidate keeps and decides it
@@ -1375,10 +1366,10 @@ class Platform:
                     # removed lately (an unauthorized event; the list may lag): not brought
                     # back
                     stored = self.store_refresh(appid, refresh_token, now)
-                    if stored == GONE:
+                    if stored == Pushed.GONE:
                         self.files.remove_authorizer(appid)
                         continue
-                    if stored == OLDER and self.fleet is not None:  # the fleet knows it
+                    if stored == Pushed.OLDER and self.fleet is not None:  # the fleet knows it
                         self.fleet.pull_refresh(appid, self.files)
                         self.files.note_listed(appid, refresh_token, now)
                     self._add(appid)

@@ -16,7 +16,7 @@ from redis.connection import SSLConnection
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
-from wxtoken.fleet.config import RedisConfig
+from wxtoken.redis_config import RedisConfig
 
 COMMAND_TIMEOUT = 2.0  # seconds for one command (connect included)
 WATCH = 10.0  # seconds a connection found silent, slow or reconnected asks before each command

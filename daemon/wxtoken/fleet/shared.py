@@ -17,11 +17,11 @@ import redis
 from wxtoken.config import AppConfig, Config
 from wxtoken.errors import ConfigError
 from wxtoken.fleet import mirror
-from wxtoken.fleet.config import MIRRORS, RedisConfig, lease_for
 from wxtoken.fleet.connect import REDIS_ERRORS, accepts_anyone, clock_offset, connect, text
 from wxtoken.fleet.keys import Keys, channel, resets_key, version_key
 from wxtoken.logs import get_logger
-from wxtoken.record import TokenRecord
+from wxtoken.record import TokenRecord, parse_record
+from wxtoken.redis_config import MIRRORS, RedisConfig, lease_for
 from wxtoken.schedule import call_deadline
 
 SKEW_WARNING = 2.0  # seconds between this host's clock and Redis TIME worth a warning
@@ -137,7 +137,6 @@ def record_json(record: TokenRecord, gen: int, by: str) -> str:
 def parse_record_json(raw: bytes | str, app: str) -> tuple[TokenRecord, int, str]:
     """(record under the local app name, generation, writer) from the fleet's record; ValueError
     when it is not one."""
-    from wxtoken.record import parse_record
     doc = json.loads(raw)
     if not isinstance(doc, dict):
         raise ValueError("not an object")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
@@ -158,8 +159,24 @@ redis.call('hdel', KEYS[1], ARGV[1])
 redis.call('set', KEYS[3], tostring(stone), 'EX', ARGV[2])
 return {1}
 """
-STORED, GONE, OLDER, FAILED = 0, -1, -2, -3
-REFUSED, REMOVED, CONFIRM = 0, 1, 2  # an unauthorized event, against the fleet's authorization
+
+
+class Pushed(IntEnum):
+    """What became of a refresh token shared with the fleet (PUSH_REFRESH's answer)."""
+
+    STORED = 0
+    GONE = -1  # the authorizer was removed from the fleet
+    OLDER = -2  # the fleet's is another chain
+    FAILED = -3  # Redis could not be written
+
+
+class Verdict(IntEnum):
+    """An unauthorized event, against the fleet's authorization (REMOVE's first answer)."""
+
+    REFUSED = 0  # sent before it: nothing is removed
+    REMOVED = 1
+    CONFIRM = 2  # the times tie or one is missing: WeChat must be asked
+
 ENTRY_KEYS = ("refresh_token", "previous", "updated_at", "authorized_at", "wechat_at")
 MAX_AFTER = 8  # predecessors sent with a push (the used one, refused ones, the fleet's base)
 
@@ -281,16 +298,15 @@ class PlatformFleet:
 
     # -- refresh tokens and the authorizers -----------------------------------------------------
     def push_refresh(self, appid: str, doc: dict[str, Any], authorized: bool = False,
-                     after: tuple[str, ...] = (), seeded: bool = False) -> int:
+                     after: tuple[str, ...] = (), seeded: bool = False) -> Pushed:
         """Share an authorizer's refresh tokens (``doc``: this host's entry). ``after``: the
         refresh tokens this one replaces (the one used, those found refused): the fleet's
         current must be one of them. ``authorized``: a new authorization or an import, stored
-        whatever the fleet has. Returns STORED, GONE (removed from the fleet), OLDER (the
-        fleet's is another chain: it is taken here at the next refresh, this one kept as a
-        spare) or FAILED (Redis could not be written: the local file has it; a resync pushes
-        it)."""
+        whatever the fleet has. On OLDER the fleet's is another chain: it is taken here at the
+        next refresh, this one kept as a spare; on FAILED the local file has it and a resync
+        pushes it."""
         if not self._ok():
-            return FAILED
+            return Pushed.FAILED
         entry: dict[str, Any] = {k: doc[k] for k in ENTRY_KEYS if doc.get(k)}
         if seeded:
             entry["seeded"] = True
@@ -303,13 +319,13 @@ class PlatformFleet:
                       *chain]))
         except ERRORS as exc:
             self._trouble(exc)
-            return FAILED
+            return Pushed.FAILED
         self.fleet.mark_up()
         if result == 1:
             self._announce(self.members_name)
         if result >= 0:
             self._in_step(appid, str(entry["refresh_token"]))
-        return min(result, STORED) if result >= 0 else result
+        return Pushed(min(result, Pushed.STORED))  # 1: stored, and the authorizer is new
 
     def _in_step(self, appid: str, refresh_token: str) -> None:
         if self.files is not None:
@@ -403,7 +419,7 @@ class PlatformFleet:
                 keys=[self.refresh_key, self.members_key, self._gone_key(appid)],
                 args=[appid, GONE_FOR, "" if at is None else at, self.fleet.clock(), mode,
                       *seen])
-            done = int(answer[0]) == REMOVED
+            done = int(answer[0]) == Verdict.REMOVED
             if done:
                 self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).record)
         except ERRORS as exc:
@@ -423,21 +439,21 @@ class PlatformFleet:
         when Redis could not be told (the caller keeps a tombstone and tells it later)."""
         answer = self._removal(appid, at, "told" if seen is None else "confirmed",
                                seen or ("", ""))
-        return None if answer is None else int(answer[0]) == REMOVED
+        return None if answer is None else int(answer[0]) == Verdict.REMOVED
 
     def cancel(self, appid: str, at: float | None
-               ) -> tuple[int, tuple[str, str]] | None:
+               ) -> tuple[Verdict, tuple[str, str]] | None:
         """An ``unauthorized`` event sent at ``at`` (its CreateTime; None when it has none)
-        against the fleet's authorization of ``appid``, on WeChat's clock: (REFUSED, …) when
-        it was sent before that authorization (a late or replayed push: nothing is removed),
-        (REMOVED, …) when after it (or the fleet holds no authorization: every host removes
-        its files), (CONFIRM, seen) when the times tie or one is missing: WeChat must be asked,
-        then ``remove(appid, at, seen)``. None while Redis is unreachable."""
+        against the fleet's authorization of ``appid``, on WeChat's clock: REFUSED when it was
+        sent before that authorization (a late or replayed push: nothing is removed), REMOVED
+        when after it (or the fleet holds no authorization: every host removes its files),
+        CONFIRM with what the fleet saw when the times tie or one is missing: WeChat must be
+        asked, then ``remove(appid, at, seen)``. None while Redis is unreachable."""
         answer = self._removal(appid, at, "decide")
         if answer is None:
             return None
-        verdict = int(answer[0])
-        if verdict == CONFIRM:
+        verdict = Verdict(int(answer[0]))
+        if verdict == Verdict.CONFIRM:
             return verdict, (text(answer[1]), text(answer[2]))
         return verdict, ("", "")
 
