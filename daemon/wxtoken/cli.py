@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.warning("config.warning", problem=warning)
     _check_state_dir(config, args.allow_other_owner)
     _check_file_groups(config)
-    from wxtoken.daemon import run  # the scheduler and the HTTP client: only for `run`
+    from wxtoken.serve import run  # the scheduler and the HTTP client: only for `run`
     return run(config)
 
 

@@ -40,6 +40,7 @@ from wxtoken.emulator import Emulator
 from wxtoken.errcodes import business_token_invalid
 from wxtoken.errors import TokenMissing, TokenUnavailable, WxtokenError
 from wxtoken.reader import read_token, report_invalid
+from wxtoken.serve import start
 
 APPID = "wx000000000000de01"
 # every secret a test sees contains s3cr3t (the suite's leak checks look for it)
@@ -190,7 +191,7 @@ def _run(out: _Output, duration: float) -> int:
         reader = _Reader(emulator, state_dir, control_socket, log)
         interrupted = False
         try:
-            daemon.start()
+            start(daemon)
             daemon.ready.wait(10)
             _story(out, emulator, reader, log, duration,
                    f"http://127.0.0.1:{callback_port}/components/platform/callback")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wxtoken.clock import human_delta, wechat_day
 from wxtoken.config import Api, AppConfig, ComponentConfig, Config
@@ -19,6 +20,11 @@ from wxtoken.errors import TokenMissing, TokenUnavailable
 from wxtoken.record import TokenRecord, load_record, token_path
 from wxtoken.schedule import overdue_by
 from wxtoken.status import AppStatus, LastResult, read_status, status_path
+
+if TYPE_CHECKING:
+    from wxtoken.component.platform import Platform
+    from wxtoken.fleet.node import FleetNode
+    from wxtoken.refresher import Refresher
 
 
 def app_health(config: Config, app: AppConfig, record: TokenRecord | None, status: AppStatus,
@@ -170,3 +176,43 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
             "last_reconcile": platform.get("last_reconcile"),
             "needs_reauthorization": needs, "token": token, "authorizers": authorizers,
             "healthy": not problems, "problems": problems}
+
+
+def daemon_health(config: Config, refreshers: Mapping[str, Refresher], node: FleetNode | None,
+                  platforms: Mapping[str, Platform], now: float) -> list[dict[str, Any]]:
+    """Every token's health in a running daemon, from what its refresher last saw (no file
+    reads; an app or a component this host follows from its file). ``now``: the daemon's
+    clock (the fleet's, in the fleet mode)."""
+    out = []
+    for app in config.apps:
+        role = node.role(app.name) if node else None
+        refresher = refreshers.get(app.name)
+        if refresher is None:
+            assert node is not None
+            out.append(app_health(config, app, node.record(app.name), AppStatus(), time.time(),
+                                  role=role))
+        else:
+            out.append(app_health(config, app, refresher.record, refresher.status, now,
+                                  problem=refresher.problem, role=role))
+    for name, platform in platforms.items():
+        ticket_problem = platform.ticket_problem(time.time())
+        for key in sorted(platform.keys):
+            refresher = refreshers.get(key)
+            component = key == platform.component_key
+            if refresher is None:
+                if platform.following:  # a mirror: its health from its file
+                    appid = key.partition("/")[2]
+                    info = app_health(config, platform.app(appid), platform.record(appid),
+                                      AppStatus(), time.time(), role="follower")
+                    info.update(app=key, component=name)
+                    out.append(info)
+                continue
+            info = app_health(config, refresher.app, refresher.record, refresher.status, now,
+                              problem=refresher.problem,
+                              role="component" if component else "authorizer")
+            info.update(app=key, component=name)
+            if component and ticket_problem:
+                info["problems"].append(ticket_problem)
+                info["healthy"] = False
+            out.append(info)
+    return out

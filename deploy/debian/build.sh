@@ -68,7 +68,7 @@ unshare --mount --propagation private sh -eu -c '
     find /usr/lib/wxtoken -name "*.so" -type f -exec strip --strip-unneeded {} +
     find /usr/lib/wxtoken/lib -name "*.py" -type f -perm /111 -exec chmod a-x {} +
     ln -sfn ../../../bin/python3 /usr/lib/wxtoken/bin/python3
-    /usr/lib/wxtoken/bin/python -c "import wxtoken.daemon" || {
+    /usr/lib/wxtoken/bin/python -c "import wxtoken.serve" || {
         echo "build.sh: the venv does not run" >&2; exit 1; }
     find /usr/lib/wxtoken -name __pycache__ -type d -prune -exec rm -rf {} +
     mkdir -p "$root/usr/lib"

@@ -87,9 +87,10 @@ def _number(value: Any) -> float | None:
 
 
 class Host(Protocol):
-    """What a platform needs of the daemon."""
+    """What a platform needs of the daemon: its token registry (registry.TokenRegistry)."""
 
     config: Config
+    refreshers: dict[str, Refresher]
 
     @property
     def client(self) -> WeChatClient: ...
@@ -808,8 +809,7 @@ class Platform:
         self.host.later(run, 0, f"ticket-arrived:{self.comp.name}")
 
     def host_refresher(self, key: str) -> Refresher | None:
-        refreshers: dict[str, Refresher] = getattr(self.host, "refreshers", {})
-        return refreshers.get(key)
+        return self.host.refreshers.get(key)
 
     # -- authorizers ------------------------------------------------------------------------------
     def authorizer_ok(self, appid: str) -> None:
