@@ -19,7 +19,7 @@ from wxtoken.config import Api, AppConfig, ComponentConfig, Config
 from wxtoken.errors import TokenMissing, TokenUnavailable
 from wxtoken.record import TokenRecord, load_record, token_path
 from wxtoken.schedule import overdue_by
-from wxtoken.status import AppStatus, LastResult, read_status, status_path
+from wxtoken.status import FLEET_ROLES, AppStatus, LastResult, Role, read_status, status_path
 
 if TYPE_CHECKING:
     from wxtoken.component.platform import Platform
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 def app_health(config: Config, app: AppConfig, record: TokenRecord | None, status: AppStatus,
                now: float, unusable: str | None = None, problem: str | None = None,
-               role: str | None = None, running: bool = True) -> dict[str, Any]:
+               role: Role | None = None, running: bool = True) -> dict[str, Any]:
     """One app's health as `wxtoken status --json` reports it. ``unusable`` says why there is
     no record when the file is there but cannot be used; ``problem`` is one the daemon knows of
     (the state dir cannot be written, say); ``running`` whether a daemon runs on the state dir
@@ -37,7 +37,7 @@ def app_health(config: Config, app: AppConfig, record: TokenRecord | None, statu
     info: dict[str, Any] = {"app": app.name, "api": app.api, "appid": app.appid,
                             "daily_budget": config.daily_budget}
     if role is not None:
-        info["role"] = role  # fleet mode: leader, candidate or follower
+        info["role"] = role
     problems: list[str] = []
     if record is not None:
         info.update(refreshed_at=record.refreshed_at, expires_at=record.expires_at,
@@ -101,9 +101,9 @@ def summary(healths: Iterable[Mapping[str, Any]], next_runs: Mapping[str, float]
     healths = list(healths)
     failing = sorted(h["app"] for h in healths if not h["healthy"])
     text = f"{len(healths) - len(failing)}/{len(healths)} apps fresh"
-    fleet = [h for h in healths if h.get("role") in ("leader", "candidate", "follower")]
+    fleet = [h for h in healths if h.get("role") in FLEET_ROLES]
     if fleet:
-        leading = sum(1 for h in fleet if h.get("role") == "leader")
+        leading = sum(1 for h in fleet if h.get("role") == Role.LEADER)
         text += f"; leader for {leading}/{len(fleet)} apps"
     if failing:
         text += f"; failing: {', '.join(failing[:3])}" + ("…" if len(failing) > 3 else "")
@@ -121,7 +121,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
     from wxtoken.component.store import PLATFORM_FILE, component_dir, ticket_problem
     directory = component_dir(config.state_dir, comp.name)
 
-    def one(appid: str, role: str) -> dict[str, Any]:
+    def one(appid: str, role: Role) -> dict[str, Any]:
         app = AppConfig(name=appid, api=Api.TOKEN, appid=appid, secret="",
                         secret_source=comp.name)
         record: TokenRecord | None = None
@@ -143,7 +143,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
         assert isinstance(platform, dict)
     except (OSError, ValueError, AssertionError):
         platform = {}
-    token = one(comp.component_appid, "component")
+    token = one(comp.component_appid, Role.COMPONENT)
     problems = []
     # the newest ticket's first receipt (its age), and the last push (the same one again, or
     # a new one): WeChat pushes every 10 minutes, often the same ticket
@@ -160,7 +160,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
                        and not n.startswith(".") and n[:-5] != comp.component_appid)
     except OSError:
         names = []
-    authorizers = [one(appid, "authorizer") for appid in names]
+    authorizers = [one(appid, Role.AUTHORIZER) for appid in names]
     raw_needs = platform.get("needs_reauth")
     needs: dict[str, str] = raw_needs if isinstance(raw_needs, dict) else {}
     for appid, reason in sorted(needs.items()):
@@ -203,13 +203,13 @@ def daemon_health(config: Config, refreshers: Mapping[str, Refresher], node: Fle
                 if platform.following:  # a mirror: its health from its file
                     appid = key.partition("/")[2]
                     info = app_health(config, platform.app(appid), platform.record(appid),
-                                      AppStatus(), time.time(), role="follower")
+                                      AppStatus(), time.time(), role=Role.FOLLOWER)
                     info.update(app=key, component=name)
                     out.append(info)
                 continue
             info = app_health(config, refresher.app, refresher.record, refresher.status, now,
                               problem=refresher.problem,
-                              role="component" if component else "authorizer")
+                              role=Role.COMPONENT if component else Role.AUTHORIZER)
             info.update(app=key, component=name)
             if component and ticket_problem:
                 info["problems"].append(ticket_problem)

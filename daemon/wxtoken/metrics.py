@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from wxtoken import __version__
 from wxtoken.logs import get_logger
 from wxtoken.schedule import State
+from wxtoken.status import Role
 
 RESULTS = {State.REFRESHED: "ok", State.UNCHANGED: "unchanged", State.FAILED: "error",
            State.BUDGET: "budget"}
@@ -114,7 +115,7 @@ class Metrics:
                 success.add_metric([name], health["last_success_at"])
             calls.add_metric([name], health["calls_today"])
             if "role" in health:
-                leader.add_metric([name], 1 if health["role"] == "leader" else 0)
+                leader.add_metric([name], 1 if health["role"] == Role.LEADER else 0)
         with self._lock:
             for (app_name, result), count in sorted(self.results.items()):
                 total.add_metric([app_name, result], count)

@@ -24,6 +24,19 @@ class LastResult(enum.StrEnum):
     BUDGET = "budget"
 
 
+class Role(enum.StrEnum):
+    """What a token is to this host, as `wxtoken status` and the metrics show it."""
+
+    LEADER = "leader"  # a fleet's app: this host refreshes it now
+    CANDIDATE = "candidate"  # a fleet's app: this host has the secret and may take over
+    FOLLOWER = "follower"  # a fleet's app (or component) this host only reads
+    COMPONENT = "component"  # an Open Platform's component token
+    AUTHORIZER = "authorizer"  # an authorizer's token, refreshed with its refresh token
+
+
+FLEET_ROLES = (Role.LEADER, Role.CANDIDATE, Role.FOLLOWER)
+
+
 @dataclass
 class AppStatus:
     """One app's persisted bookkeeping. Unknown or damaged fields read as their defaults."""

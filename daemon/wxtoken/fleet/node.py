@@ -36,7 +36,7 @@ from wxtoken.record import TokenRecord
 from wxtoken.refresher import STORE_SLACK, Forced
 from wxtoken.reload import Plan
 from wxtoken.schedule import Outcome, State
-from wxtoken.status import AppStatus
+from wxtoken.status import AppStatus, Role
 from wxtoken.store import atomic_write
 
 STATUS_FILE = ".fleet.json"  # app names have no dots: never an app's file
@@ -171,10 +171,10 @@ class FleetNode:
         self.write_status()
 
     # -- roles and health -----------------------------------------------------------------------
-    def role(self, name: str) -> str:
+    def role(self, name: str) -> Role:
         if name in self.followers:
-            return "follower"
-        return "leader" if self.stores[name].leader else "candidate"
+            return Role.FOLLOWER
+        return Role.LEADER if self.stores[name].leader else Role.CANDIDATE
 
     def record(self, name: str) -> TokenRecord | None:
         """The app's local file (what this host's readers get)."""
