@@ -1,10 +1,9 @@
 """FleetStore: one app's record, bookkeeping and lock when Redis is the source of truth, beside
 the local file every host keeps (the contract readers rely on).
 
-- ``locked()``: the local writers' lock, then the fleet's lease (redis-py ``Lock``, owner
-  token, ``thread_local=False`` so a heartbeat can extend it while a call is in flight), then a
-  generation taken atomically with it (fencing). ``holding()`` says, just before the upstream
-  call, whether the lease is still this host's.
+- ``locked()``: the local writers' lock, then the fleet's lease and the generation taken with
+  it (lease.py). ``holding()`` says, just before the upstream call, whether the lease is still
+  this host's.
 - ``read()``: the Redis record. Tokens are ordered by generation alone, never by host clocks
   or expiries: this host remembers, in a private file beside its lock (``.locks/<app>.gen``),
   the generation its file's token was written under and the highest it has seen, across
@@ -36,25 +35,20 @@ import contextlib
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
-
-from redis.exceptions import LockError, LockNotOwnedError
-from redis.lock import Lock
 
 from wxtoken.config import AppConfig
-from wxtoken.errors import StoreError, Superseded, TokenCorrupt
+from wxtoken.errors import Superseded, TokenCorrupt
 from wxtoken.fleet.connect import REDIS_ERRORS, text
 from wxtoken.fleet.keys import Keys
+from wxtoken.fleet.lease import Lease
 from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
 from wxtoken.logs import get_logger, mask
 from wxtoken.record import TokenRecord
 from wxtoken.status import AppStatus, fingerprint
 from wxtoken.store import FileStore, atomic_write
 
-LEASE_ERRORS: tuple[type[Exception], ...] = (LockError, *REDIS_ERRORS)
 STATUS_TTL = 3 * 86400  # the fleet's counts outlive a WeChat day, and no more
 FLEET_FIELDS = {"calls_day": str, "calls_today": int, "forced_today": int,
                 "last_forced_at": float, "forced_streak": int, "ticket_replaced_at": float,
@@ -87,36 +81,6 @@ class Memory:
         return memory if memory.seen >= 0 and memory.gen >= 0 else cls()
 
 
-class _Heartbeat(threading.Thread):
-    """Extends a held lease every third of its timeout until stopped; a Redis hiccup is tried
-    again until the lease would have run out, another owner ends it at once."""
-
-    def __init__(self, lease: Lock, timeout: float, log: Any) -> None:
-        super().__init__(name="lease-heartbeat", daemon=True)
-        self.lease, self.timeout, self.log = lease, timeout, log
-        self.stopped = threading.Event()
-        self.lost = False
-
-    def run(self) -> None:
-        extended = time.monotonic()
-        while not self.stopped.wait(self.timeout / 3):
-            try:
-                self.lease.extend(self.timeout, replace_ttl=True)
-                extended = time.monotonic()
-            except LockNotOwnedError:
-                self._lose("another host holds the lease now")
-                return
-            except LEASE_ERRORS:
-                if time.monotonic() - extended >= self.timeout:
-                    self._lose("Redis did not answer before the lease ran out")
-                    return
-
-    def _lose(self, why: str) -> None:
-        self.lost = True
-        self.log.warning("lease.lost", reason=f"{why}; a write after another host's will be "
-                         "refused (fencing)")
-
-
 class FleetStore:
     """One app's state in the fleet's Redis, with this host's local file beside it."""
 
@@ -132,9 +96,9 @@ class FleetStore:
                                         app.file_group)
         self.keys = Keys(fleet.prefix, identity or app.identity)
         self.log = get_logger(app=self.key, appid=app.appid, api=app.api)
+        self.lease = Lease(fleet, self.keys, self.log)
         # a lease whose holder died frees itself this late: waiting for it is not a stall
-        self.extra_wait = fleet.lease_timeout + 1
-        self.gen = 0  # the generation taken with the lease now held
+        self.extra_wait = self.lease.extra_wait
         self.memory_path = os.path.join(os.path.dirname(self.local.lock_path),
                                         f"{self.local.app}.gen")
         self.memory = Memory.load(self.memory_path)
@@ -148,8 +112,6 @@ class FleetStore:
         self.suspect = False
         self.by = ""  # who wrote the record last seen
         self._local = threading.Lock()  # orders this host's writes of its local file
-        self._lease: Lock | None = None
-        self._beat: _Heartbeat | None = None
         self.unannounced: TokenRecord | None = None  # written, but the fleet not yet told
 
     @property
@@ -168,55 +130,24 @@ class FleetStore:
     # -- the lock -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self, timeout: float = 60.0) -> Iterator[None]:
-        with self.local.locked(timeout):
-            lease = self._take_lease() if self.fleet.may_try() else None
-            if lease is None:
-                yield  # Redis is down: this host decides alone, from its file
-                return
-            beat = _Heartbeat(lease, self.fleet.lease_timeout, self.log)
-            self._lease, self._beat = lease, beat
-            beat.start()
-            try:
-                yield
-            finally:
-                beat.stopped.set()
-                self._lease = self._beat = None
-                # expired (the heartbeat logged it) or Redis went away: it frees itself
-                with contextlib.suppress(*LEASE_ERRORS):
-                    lease.release()
-
-    def _take_lease(self) -> Lock | None:
-        lease = Lock(self.fleet.client, self.keys.lease, timeout=self.fleet.lease_timeout,
-                     blocking_timeout=self.extra_wait, thread_local=False)
-        try:
-            if not lease.acquire():
-                raise StoreError(f"the fleet's lease on {self.keys.identity} stayed taken for "
-                                 f"{self.extra_wait:.0f} s")
-            gen = self.fleet.take_generation(keys=[self.keys.lease, self.keys.gen],
-                                             args=[lease.local.token, self.seen_gen])
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
-            return None
-        self._ok()
-        if gen is None:
-            raise StoreError(f"the fleet's lease on {self.keys.identity} expired at once")
-        self.gen = int(gen)
-        self.seen_gen = max(self.seen_gen, self.gen)
-        return lease
+        with self.local.locked(timeout), self.lease.taken(self.seen_gen) as gen:
+            if gen is not None:  # None: Redis is down, this host decides alone, from its file
+                self.seen_gen = max(self.seen_gen, gen)
+            yield
 
     def holding(self) -> bool:
         """Just before an upstream call: whether this host still holds the lease (a holder
         paused past it must not fetch: its fetch would retire the new leader's token). True
         when Redis is down (the host decides alone then)."""
-        lease, beat = self._lease, self._beat
-        if lease is None or beat is None:
+        lease = self.lease
+        if not lease.held:
             return True
-        if beat.lost:
+        if lease.lost:
             return False
-        if self.gen <= self._last[1]:
+        if lease.gen <= self._last[1]:
             # a record of this generation or higher was seeded after the lease was taken (a
             # host back from a partition): a write would be refused, so no call
-            self.log.warning("lease.stale", generation=self.gen, theirs=self._last[1],
+            self.log.warning("lease.stale", generation=lease.gen, theirs=self._last[1],
                              reason="the record's generation passed the lease's: no call")
             return False
         try:
@@ -373,12 +304,11 @@ class FleetStore:
         new token): a lease lost meanwhile means another host may have fetched and written
         since, and this call may have retired that token (WeChat is the resource, and has no
         fencing): mark the record so the next lease holder fetches once more."""
-        lease, beat = self._lease, self._beat
         self._retiring = retires
-        if not retires or lease is None or beat is None:
+        if not retires or not self.lease.held:
             return  # Redis was down when the lock was taken: the memory says "alone"
         try:
-            if not beat.lost and lease.owned():
+            if not self.lease.lost and self.lease.owned():
                 return  # held throughout: no other host can have fetched meanwhile
             self._mark_fenced("this host's call was answered after its lease ran out")
         except REDIS_ERRORS as exc:
@@ -390,23 +320,24 @@ class FleetStore:
                                                        mirrored=not self.platform) else record
 
     def write(self, record: TokenRecord) -> None:
-        if self._lease is None:  # Redis was down when the lock was taken: this host alone
+        gen = self.lease.gen
+        if not self.lease.held:  # Redis was down when the lock was taken: this host alone
             self._write_alone(record, self.seen_gen)
             return
         try:
             written, theirs, *seeded = self.fleet.write_record(
                 keys=[self.keys.record, self.keys.gen, self.keys.fenced],
-                args=[record_json(record, self.gen, self.fleet.host), self.gen])
+                args=[record_json(record, gen, self.fleet.host), gen])
         except REDIS_ERRORS as exc:
             # the token is the newest WeChat handed out: keep it here; when Redis is back, this
             # host's file re-seeds it (unless a host wrote a newer generation meanwhile)
             self.fleet.mark_down(exc)
-            self._write_alone(record, self.gen - 1)
+            self._write_alone(record, gen - 1)
             return
         self._ok()
         retiring, self._retiring = self._retiring, False
         if not written:
-            self.log.warning("fleet.fenced", generation=self.gen, theirs=theirs,
+            self.log.warning("fleet.fenced", generation=gen, theirs=theirs,
                              token=mask(record.access_token),
                              reason="another host wrote a newer token after this one's lease "
                              "ran out: this one is not written")
@@ -418,11 +349,11 @@ class FleetStore:
                 with contextlib.suppress(*REDIS_ERRORS):
                     self._mark_fenced("this host's fetched token was refused by a record "
                                       "re-seeded from another host's file")
-            raise Superseded(f"generation {self.gen} refused: the fleet's record is "
+            raise Superseded(f"generation {gen} refused: the fleet's record is "
                              f"generation {theirs}")
         self.by = self.fleet.host
-        self._last = (record.access_token, self.gen)
-        self._write_local(record, self.gen)
+        self._last = (record.access_token, gen)
+        self._write_local(record, gen)
         self._announce(record)
 
     def _remember(self, memory: Memory) -> None:
