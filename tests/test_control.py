@@ -586,3 +586,29 @@ def test_a_missing_socket_directory_is_an_error_line_at_start(
     assert disabled["level"] == "error" and disabled["socket"].endswith("missing/control.sock")
     assert "passive refresh" in disabled["impact"]
     assert d.stop() == 0
+
+
+def test_a_socket_left_by_a_killed_daemon_is_taken_over_and_a_live_one_is_not(
+        emulator: Emulator, make_config: Callable[..., Path], sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """A control socket left behind by a SIGKILLed daemon is replaced at the next start;
+    a second daemon started on the socket of a running one serves none (an error line naming
+    the socket) and leaves the first one's socket serving."""
+    config = make_config(MAIN)
+    first = daemons(config)
+    first.wait_for("daemon.ready")
+    first.proc.kill()
+    first.proc.wait(10)
+    assert (sock_dir / "control.sock").is_socket()  # left behind
+    again = daemons(config)
+    again.wait_for("control.listening")
+    sock = str(sock_dir / "control.sock")
+    assert json.loads(curl(sock, "http://localhost/v1/apps/main").stdout)["app"] == "main"
+    second = daemons(config)  # the same config: the same socket
+    disabled = second.wait_for("control.disabled")
+    assert disabled["socket"] == sock
+    assert "another running" in disabled["reason"], disabled
+    assert second.stop() == 0
+    # still the first one's: the second neither took it nor removed it at its stop
+    assert json.loads(curl(sock, "http://localhost/v1/apps/main").stdout)["app"] == "main"
+    assert again.stop() == 0

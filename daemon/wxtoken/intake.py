@@ -120,7 +120,7 @@ def _listener(listen: tuple[str, int]) -> tuple[socket.socket, str | None]:
     host, port = listen
     if port == 0 and host.startswith(UNIX):
         path = host[len(UNIX):]
-        _take_over_stale_socket(path)
+        take_over_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
@@ -146,9 +146,10 @@ def _listener(listen: tuple[str, int]) -> tuple[socket.socket, str | None]:
     return sock, None
 
 
-def _take_over_stale_socket(path: str) -> None:
+def take_over_stale_socket(path: str) -> None:
     """A socket a crash left at ``path`` is removed; a live one, or another file, is an
-    OSError (nothing is removed; the daemon's message names the path)."""
+    OSError (nothing is removed; the caller's message names the path). The control socket's
+    and the callback's."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
