@@ -103,11 +103,7 @@ class TokenRegistry:
             if outcome is not None:
                 self.outcomes[key] = outcome
                 self._awaiting.discard(key)
-        self.scheduler.add_job(
-            # the job sets its own next run; the interval is only a safety net
-            self._tick, IntervalTrigger(seconds=self.safety_net), args=[key], id=key,
-            name=f"refresh {key}", replace_existing=True,
-            next_run_time=_utc(self.wall(outcome.next_at) if outcome else time.time()))
+        self._add_job(key, self.wall(outcome.next_at) if outcome else time.time())
 
     def add_refresher(self, key: str, refresher: Refresher) -> None:
         """Start keeping one more token fresh (a component's or an authorizer's)."""
@@ -124,9 +120,14 @@ class TokenRegistry:
         try:
             self.scheduler.modify_job(key, next_run_time=_utc(time.time()))
         except JobLookupError:
-            self.scheduler.add_job(
-                self._tick, IntervalTrigger(seconds=self.safety_net), args=[key], id=key,
-                name=f"refresh {key}", next_run_time=_utc(time.time()))
+            self._add_job(key, time.time())
+
+    def _add_job(self, key: str, at: float) -> None:
+        """The token's job, first at ``at`` (this host's time): it sets its own next run, its
+        interval is only a safety net."""
+        self.scheduler.add_job(self._tick, IntervalTrigger(seconds=self.safety_net), args=[key],
+                               id=key, name=f"refresh {key}", replace_existing=True,
+                               next_run_time=_utc(at))
 
     def remove_refresher(self, key: str) -> None:
         with contextlib.suppress(JobLookupError, SchedulerNotRunningError):
