@@ -53,7 +53,7 @@ class Host(Protocol):
     def population(self) -> int: ...
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Parts:
     """One component's shared parts (built once by Platform, never replaced)."""
 
