@@ -41,10 +41,6 @@ TRANSIENT_BASE = 1.0
 TRANSIENT_CAP = 300.0
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
-PARTITION_RECHECK = 300.0  # a partitioned host looks again this often (Redis back wakes it)
-# after a late fetch, the fleet's token is asked about at these multiples of WeChat's overlap
-# (300 s: at 5.5, 11, 22 and 44 minutes), so a request answered later still is caught too
-VERIFY_AFTER = (1.1, 2.2, 4.4, 8.8)
 
 
 @dataclass(frozen=True)
@@ -90,8 +86,6 @@ class Refresher:
         self.reconfigure(config)
         self.pending: _Pending | None = None
         self.store_failures = 0
-        # when to ask WeChat about a token a late fetch may have retired
-        self.verify_times: list[float] = []
         self.told_waiting = False  # a wait for what comes by itself is said once per process
         self._due: tuple[str, float, float] | None = None  # (token, refreshed, jittered due)
         # what the last run saw (the daemon's health and metrics read these, not the files)
@@ -128,56 +122,21 @@ class Refresher:
         current token: the run is retried with backoff until the cause goes away.
         """
         if (idle := self.peek(first)) is not None:
-            return self._verifying(idle)
+            return self._checked(idle)
         try:
             with self.store.locked(self.lock_timeout):
                 outcome = self._run_locked(first)
         except Superseded:
-            return self._verifying(self._superseded())
+            return self._checked(self._superseded())
         except StoreError as exc:
             return self._store_failed(exc)
         self.store_failures, self.problem = 0, None
-        return self._verifying(outcome)
+        return self._checked(outcome)
 
-    def _verifying(self, outcome: Outcome) -> Outcome:
-        """A late fetch (this host's, answered after its lease ran out) may retire the fleet's
-        token even after the fleet fetched once more (a request held on the way, answered
-        later still): once WeChat's overlap is over, a retired token is refused, so this host
-        asks WeChat about the fleet's token then, and a refused one is replaced."""
-        if self.store.suspect:
-            self.store.suspect = False
-            overlap = self.config.redis.overlap if self.config.redis else 300.0
-            now = self.clock()
-            # a request held on the way lands at an unknown time: ask a few times, each past
-            # the overlap of a token issued since the last
-            self.verify_times = [now + overlap * k for k in VERIFY_AFTER]
-        if self.verify_times and self.verify_times[0] < outcome.next_at:
-            return Outcome(outcome.state, self.verify_times[0], outcome.expires_at)
-        return outcome
-
-    def _verify(self, record: TokenRecord | None, status: AppStatus, now: float) -> None:
-        """The check `_verifying` scheduled, when it is due: a refused token is remembered as
-        refused (fleet-wide), so this run, or the lease holder's, replaces it."""
-        if not self.verify_times or self.verify_times[0] > now:
-            return
-        while self.verify_times and self.verify_times[0] <= now:
-            self.verify_times.pop(0)
-        if self.store.degraded or self.app.api != "token" or record is None or \
-                record.expires_at <= now or not isinstance(self.client, WeChatClient):
-            return
-        try:
-            accepted = self.client.token_accepted(self.app, record.access_token)
-        except UpstreamError as exc:
-            self.log.warning("fleet.verify_failed", error=str(exc))
-            return
-        if accepted:
-            self.log.info("fleet.verified", token=mask(record.access_token))
-            return
-        self.log.warning("fleet.token_retired", token=mask(record.access_token),
-                         reason="a late fetch retired the fleet's token after it was fetched "
-                         "once more: replacing it now")
-        status.refused_token = fingerprint(record.access_token)
-        self.store.write_status(status, durable=False)
+    def _checked(self, outcome: Outcome) -> Outcome:
+        """The outcome, rescheduled earlier when the store's checks (the fleet's) are due."""
+        checks = self.store.checks
+        return outcome if checks is None else checks.reschedule(outcome, self.clock())
 
     def force(self, invalid_token: str | None = None, privileged: bool = False) -> Forced:
         """Passive refresh: replace the token now, unless the reported one is already replaced.
@@ -256,10 +215,11 @@ class Refresher:
         return self.due_at(record, status) <= now
 
     def degraded_due_at(self, record: TokenRecord) -> float:
-        ahead = schedule.lead(record, self.app.api, self.config.renew_before)
+        """schedule.degraded_due_at, drawn once per record."""
         key = (record.access_token, -float(record.refreshed_at))  # apart from due_at's draws
         if self._due is None or self._due[:2] != key:
-            self._due = (*key, record.expires_at - ahead * self.rng.uniform(0.5, 1.0))
+            self._due = (*key, schedule.degraded_due_at(record, self.app.api,
+                                                        self.config.renew_before, self.rng))
         return self._due[2]
 
     def tickets_due_at(self, record: TokenRecord) -> float:
@@ -277,8 +237,8 @@ class Refresher:
         """The run's outcome when a look without the lock shows nothing to do (a valid record,
         not due, tickets not due, nothing pending); None when the run must take the lock.
         Deciding *not* to act needs no exclusion, and a restart of 10,000 apps takes no lock."""
-        if self.pending is not None or (self.verify_times and
-                                         self.verify_times[0] <= self.clock()):
+        checks = self.store.checks
+        if self.pending is not None or (checks is not None and checks.due(self.clock())):
             return None
         now = self.clock()
         try:
@@ -286,7 +246,8 @@ class Refresher:
         except TokenCorrupt:
             return None
         status = self.store.read_status()
-        self._left_partition(status)
+        if checks is not None:
+            checks.settle(status)
         if record is None or record.expires_at <= now or self._is_due(record, status, now) \
                 or self.tickets_due_at(record) <= now:
             return None
@@ -308,8 +269,10 @@ class Refresher:
         record = self._read()
         status = self.store.read_status()
         self.record, self.status = record, status
-        self._left_partition(status)
-        self._verify(record, status, now)
+        checks = self.store.checks
+        if checks is not None:
+            checks.settle(status)
+            checks.verify(self.app, self.client, record, status, now)
         if self.pending is not None and (written := self._write_pending(record, status, now)):
             return written
         if record is not None and schedule.from_the_future(record.refreshed_at, now):
@@ -324,8 +287,9 @@ class Refresher:
             # getticket refused the token: WeChat dropped it early; replace it now
         if (waiting := self._waiting(record, status, now, first)) is not None:
             return waiting
-        if (partitioned := self._partitioned(record, status, now)) is not None:
-            return partitioned
+        if checks is not None and (
+                held := checks.before_fetch(self.app, self.client, record, status, now)):
+            return held
         if not self._spend(status, now, 1 + len(self.app.tickets)):
             return Outcome(State.BUDGET, status.retry_at, record.expires_at if record else None)
         return self._call(record, status, now, forced=False)
@@ -367,47 +331,6 @@ class Refresher:
             return None  # a hard error may have been fixed by the operator before this restart
         state = State.BUDGET if status.last_result is LastResult.BUDGET else State.WAITING
         return Outcome(state, retry_at, record.expires_at if record else None)
-
-    def _left_partition(self, status: AppStatus) -> None:
-        if status.partitioned_at and not self.store.degraded:
-            status.partitioned_at = 0.0  # Redis is back: the record is the fleet's again
-            self.store.write_status(status)
-            self.log.info("fleet.partition_ended")
-
-    def _partitioned(self, record: TokenRecord | None, status: AppStatus,
-                     now: float) -> Outcome | None:
-        """Redis unreachable, a `token` app about to fetch on its own: first ask WeChat whether
-        this host's token is still accepted (a business API, none of the token quota). A
-        refused token means another host, which still reaches Redis, holds a newer one: a
-        fetch here would retire it for the whole fleet, so none is made, and this host says it
-        is partitioned. None when the fetch may go ahead. (Inside WeChat's ~5-minute overlap a
-        probe proves nothing: see the README.)"""
-        if not self.store.degraded or self.app.api != "token" or \
-                not isinstance(self.client, WeChatClient):
-            return None
-        if status.partitioned_at:
-            # known to be cut off: no fetch, not even once the token has expired (an expired
-            # token cannot be asked about, and the fleet's is still live elsewhere)
-            return Outcome(State.WAITING, now + PARTITION_RECHECK,
-                           record.expires_at if record else None)
-        if record is None or record.expires_at <= now:
-            return None
-        try:
-            accepted = self.client.token_accepted(self.app, record.access_token)
-        except UpstreamError as exc:
-            self.log.warning("refresh.probe_failed", error=str(exc),
-                             reason="cannot tell whether another host refreshed: fetching")
-            return None
-        if accepted:
-            return None
-        if not status.partitioned_at:
-            status.partitioned_at = now
-            self.store.write_status(status)
-            self.log.error("fleet.partitioned", token=mask(record.access_token),
-                           reason="Redis is unreachable and WeChat refuses this host's token: "
-                           "another host holds a newer one; no fetch here (it would retire "
-                           "that one); readers here get the refused token until Redis is back")
-        return Outcome(State.WAITING, now + PARTITION_RECHECK, record.expires_at)
 
     def _spend(self, status: AppStatus, now: float, calls: int) -> bool:
         """Count upstream calls against the daily budget *before* making them (a crash cannot

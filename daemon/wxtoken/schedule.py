@@ -73,6 +73,14 @@ def due_at(record: TokenRecord, api: str, refresh_interval: float, renew_before:
     return min(start + refresh_interval, record.expires_at - ahead)
 
 
+def degraded_due_at(record: TokenRecord, api: str, renew_before: float,
+                    rng: random.Random) -> float:
+    """When a shared store's coordination is down (the fleet's Redis): candidates that
+    refreshed on their own would retire each other's tokens, so each waits for the token's last
+    lead, then makes one attempt, jittered over its second half."""
+    return record.expires_at - lead(record, api, renew_before) * rng.uniform(0.5, 1.0)
+
+
 def jittered_due_at(record: TokenRecord, api: str, refresh_interval: float,
                     renew_before: float, apps: int, rng: random.Random,
                     refreshed_at: float | None = None) -> float:

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import filelock
 
@@ -34,17 +34,42 @@ from wxtoken.errors import StoreError, TokenMissing
 from wxtoken.record import TokenRecord, load_record, token_path
 from wxtoken.status import AppStatus, read_status, status_path
 
+if TYPE_CHECKING:
+    from wxtoken.config import AppConfig
+    from wxtoken.schedule import Outcome
+
 LOCK_MODE = 0o600
 LOCKS_DIR = ".locks"
+
+
+class Checks(Protocol):
+    """What a shared store adds to the refresh decision (the fleet's: fleet/checks.py)."""
+
+    def due(self, now: float) -> bool:
+        """Whether a check is due: the run must then take the lock."""
+
+    def reschedule(self, outcome: Outcome, now: float) -> Outcome:
+        """The run's outcome, its next time moved earlier when a check comes first."""
+
+    def settle(self, status: AppStatus) -> None:
+        """Under the lock, first: what the store's state makes obsolete is cleared."""
+
+    def verify(self, app: AppConfig, client: object, record: TokenRecord | None,
+               status: AppStatus, now: float) -> None:
+        """Under the lock, when due(): a check of the record (it may mark it refused)."""
+
+    def before_fetch(self, app: AppConfig, client: object, record: TokenRecord | None,
+                     status: AppStatus, now: float) -> Outcome | None:
+        """Just before a scheduled fetch: an Outcome instead of it, or None to go ahead."""
 
 
 class TokenStore(Protocol):
     """One app's token record, its bookkeeping and the writers' lock. Every decision to call
     WeChat is taken while holding the lock, from what ``read()`` returns."""
 
-    # a late fetch may have retired the shared token: the refresher checks it after WeChat's
-    # overlap (and resets the flag)
-    suspect: bool
+    @property
+    def checks(self) -> Checks | None:
+        """What the store adds to the refresh decision (None: nothing)."""
 
     @property
     def extra_wait(self) -> float:
@@ -183,7 +208,7 @@ class FileStore:
 
     extra_wait = 0.0
     degraded = False
-    suspect = False
+    checks = None
 
     def holding(self) -> bool:
         return True  # a file lock does not run out

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 
 from wxtoken.config import AppConfig
 from wxtoken.errors import Superseded, TokenCorrupt
+from wxtoken.fleet.checks import FleetChecks
 from wxtoken.fleet.connect import REDIS_ERRORS, text
 from wxtoken.fleet.keys import Keys
 from wxtoken.fleet.lease import Lease
@@ -110,6 +111,7 @@ class FleetStore:
         # a late fetch may have retired the fleet's token: the refresher checks the token
         # once WeChat's overlap is over (and takes the flag)
         self.suspect = False
+        self.checks: FleetChecks = FleetChecks(self)
         self.by = ""  # who wrote the record last seen
         self._local = threading.Lock()  # orders this host's writes of its local file
         self.unannounced: TokenRecord | None = None  # written, but the fleet not yet told
