@@ -13,23 +13,26 @@ from urllib.parse import quote
 
 from wxtoken.cli.run import EX_CONFIG
 from wxtoken.clock import SHANGHAI
-from wxtoken.config import UTF8_BOM, default_config_path, load_config
+from wxtoken.config import UTF8_BOM, Config, default_config_path, load_config
 from wxtoken.errors import ControlError, WxtokenError
 from wxtoken.record import APP_NAME_RE, DEFAULT_SOCKET
+
+
+def configured(args: argparse.Namespace) -> Config:
+    """The config (secrets not read), checked to name ``args.app`` (or ``--component``): a
+    clear error for one that is not configured."""
+    config = load_config(args.config, resolve_secrets=False)
+    if args.component:
+        config.component(args.component)
+    else:
+        config.app(args.app)
+    return config
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     # http.client only for the commands that talk to the daemon (`wxtoken token` stays light)
     from wxtoken.control_client import refresh
-    if args.socket:
-        control_socket = args.socket
-    else:
-        config = load_config(args.config, resolve_secrets=False)
-        if args.component:
-            config.component(args.component)
-        else:
-            config.app(args.app)
-        control_socket = config.control_socket
+    control_socket = args.socket or configured(args).control_socket
     try:
         answer = refresh(args.app, args.invalid, control_socket, component=args.component)
     except ControlError as exc:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from wxtoken import __version__
-from wxtoken.cli.ops import lenient
+from wxtoken.cli.ops import configured, lenient
 from wxtoken.clock import human_delta
 from wxtoken.config import Config, load_config
 from wxtoken.errors import ConfigError, TokenUnavailable
@@ -23,15 +23,7 @@ from wxtoken.runinfo import running
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    if args.state_dir:
-        state_dir = args.state_dir
-    else:
-        config = load_config(args.config, resolve_secrets=False)
-        if args.component:
-            config.component(args.component)
-        else:
-            config.app(args.app)  # a clear error for an app that is not configured
-        state_dir = config.state_dir
+    state_dir = args.state_dir or configured(args).state_dir
     token = read_token(args.app, state_dir, args.component)
     if args.ticket:
         tickets = token.record.tickets

@@ -14,7 +14,7 @@ import threading
 import time
 
 from wxtoken.component.fleet import Pushed
-from wxtoken.component.parts import Parts
+from wxtoken.component.parts import Part, Parts
 from wxtoken.component.sources import AuthorizerFetcher, ComponentFetcher
 from wxtoken.errors import StoreError, TokenUnavailable
 from wxtoken.fleet.connect import REDIS_ERRORS
@@ -26,15 +26,12 @@ from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore
 
 
-class Authorizers:
+class Authorizers(Part):
     """The tokens one platform registered with the daemon, and its authorizers' bookkeeping."""
 
     def __init__(self, parts: Parts, rng: random.Random, component_fetcher: ComponentFetcher,
                  authorizer_fetcher: AuthorizerFetcher) -> None:
-        self.parts = parts
-        self.host, self.comp, self.files, self.fleet = parts.host, parts.comp, parts.files, \
-            parts.fleet
-        self.clock, self.log, self._lock = parts.clock, parts.log, parts.lock
+        super().__init__(parts)
         self.rng = rng
         self.component_fetcher = component_fetcher
         self.authorizer_fetcher = authorizer_fetcher

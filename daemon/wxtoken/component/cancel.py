@@ -17,7 +17,7 @@ from typing import Any
 from wxtoken.component.authorizer_list import LIST_WINDOW, AuthorizerList
 from wxtoken.component.authorizers import Authorizers
 from wxtoken.component.fleet import Verdict
-from wxtoken.component.parts import Parts, number
+from wxtoken.component.parts import Part, Parts, number
 from wxtoken.errors import UpstreamError
 from wxtoken.record import APP_NAME_RE
 
@@ -26,14 +26,11 @@ CANCELLING = "cancelling"
 CANCEL_BACKOFF = 600.0  # the longest wait between tries to decide a cancellation
 
 
-class Cancellations:
+class Cancellations(Part):
     """One platform's cancellations to decide, and the removal of an authorizer that is gone."""
 
     def __init__(self, parts: Parts, authorizers: Authorizers, lists: AuthorizerList) -> None:
-        self.parts = parts
-        self.host, self.comp, self.files, self.fleet = parts.host, parts.comp, parts.files, \
-            parts.fleet
-        self.clock, self.log, self._lock = parts.clock, parts.log, parts.lock
+        super().__init__(parts)
         self.authorizers = authorizers
         self.lists = lists
         # appid -> time.monotonic() of its last unauthorized event: WeChat is asked about it

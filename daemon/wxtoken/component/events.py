@@ -16,7 +16,7 @@ from collections.abc import Callable
 from wxtoken.component.authorizer_list import AuthorizerList, ListRead
 from wxtoken.component.authorizers import Authorizers
 from wxtoken.component.cancel import Cancellations
-from wxtoken.component.parts import Parts, number
+from wxtoken.component.parts import Part, Parts, number
 from wxtoken.errcodes import ErrorClass
 from wxtoken.errors import StoreError, UpstreamError, WxtokenError
 from wxtoken.logs import mask
@@ -31,15 +31,12 @@ CODE_SPENT = frozenset({61009, 61010})  # the authorization code was used, or ha
 ADOPT_TRIES = 4
 
 
-class Authorizations:
+class Authorizations(Part):
     """One platform's events and the authorizations they bring."""
 
     def __init__(self, parts: Parts, authorizers: Authorizers, lists: AuthorizerList,
                  cancels: Cancellations, on_ticket: Callable[[str, str], bool]) -> None:
-        self.parts = parts
-        self.host, self.comp, self.files, self.fleet = parts.host, parts.comp, parts.files, \
-            parts.fleet
-        self.clock, self.log, self._lock = parts.clock, parts.log, parts.lock
+        super().__init__(parts)
         self.authorizers = authorizers
         self.lists = lists
         self.cancels = cancels

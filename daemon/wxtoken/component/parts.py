@@ -108,3 +108,14 @@ class Parts:
             return load_record(token_path(self.files.dir, appid), appid)[0]
         except TokenUnavailable:
             return None
+
+
+class Part:
+    """A part of one platform (its authorizers, events, cancellations, reconcile): the shared
+    parts as attributes of its own."""
+
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+        self.host, self.comp, self.files, self.fleet = parts.host, parts.comp, parts.files, \
+            parts.fleet
+        self.clock, self.log, self._lock = parts.clock, parts.log, parts.lock

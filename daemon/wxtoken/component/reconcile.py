@@ -14,7 +14,7 @@ from typing import Any
 from wxtoken.component.authorizer_list import AuthorizerList
 from wxtoken.component.authorizers import Authorizers
 from wxtoken.component.fleet import Pushed
-from wxtoken.component.parts import Parts
+from wxtoken.component.parts import Part, Parts
 from wxtoken.errors import StoreError, UpstreamError, WxtokenError
 from wxtoken.record import APP_NAME_RE, MAX_TOKEN_LEN, TokenRecord
 from wxtoken.schedule import FUTURE_TOLERANCE
@@ -27,14 +27,11 @@ IMPORT_AHEAD = 7200 + 600
 TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # a token: visible ASCII, no space or control
 
 
-class Reconciler:
+class Reconciler(Part):
     """The daily reconcile (and its wait for a component token), and the import."""
 
     def __init__(self, parts: Parts, authorizers: Authorizers, lists: AuthorizerList) -> None:
-        self.parts = parts
-        self.host, self.comp, self.files, self.fleet = parts.host, parts.comp, parts.files, \
-            parts.fleet
-        self.clock, self.log = parts.clock, parts.log
+        super().__init__(parts)
         self.authorizers = authorizers
         self.lists = lists
         self._waiting = False  # a reconcile waits for a component token
