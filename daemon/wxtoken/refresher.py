@@ -35,7 +35,7 @@ from wxtoken.schedule import Outcome, State
 from wxtoken.status import AppStatus, LastResult, fingerprint
 from wxtoken.store import FileStore, TokenStore
 from wxtoken.tickets import Tickets
-from wxtoken.upstream import Fetched, WeChatClient
+from wxtoken.upstream import Fetched, TokenSource
 
 TRANSIENT_BASE = 1.0
 TRANSIENT_CAP = 300.0
@@ -67,7 +67,7 @@ class _Pending:
 class Refresher:
     """Keeps one app's token (and its tickets) fresh."""
 
-    def __init__(self, config: Config, app: AppConfig, client: WeChatClient,
+    def __init__(self, config: Config, app: AppConfig, client: TokenSource,
                  store: TokenStore | None = None, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, log: Any = None,
                  population: Callable[[], int] | None = None) -> None:
@@ -197,8 +197,7 @@ class Refresher:
         if self.store.retired(record):
             # another host's late fetch may have retired it: a lease holder fetches once more
             return True
-        unpublished = getattr(self.client, "unpublished", None)
-        if unpublished is not None and unpublished(self.app.appid):
+        if self.client.unpublished(self.app.appid):
             # an authorizer's token whose refresh token could not be written yet: the fetch
             # writes it, then hands the token over without a call (WeChat retires the
             # file's token soon)

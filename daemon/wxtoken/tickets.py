@@ -16,7 +16,7 @@ from wxtoken.config import AppConfig
 from wxtoken.errcodes import ErrorClass
 from wxtoken.errors import UpstreamError
 from wxtoken.record import TokenRecord
-from wxtoken.upstream import WeChatClient
+from wxtoken.upstream import TokenSource
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Fetched:
 class Tickets:
     """One app's tickets: when they are due, and fetching them (with their own backoff)."""
 
-    def __init__(self, app: AppConfig, client: WeChatClient, log: Any, rng: random.Random,
+    def __init__(self, app: AppConfig, client: TokenSource, log: Any, rng: random.Random,
                  transient: tuple[float, float], hard: tuple[float, float]) -> None:
         self.app = app
         self.client = client

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 import urllib3
@@ -197,6 +197,23 @@ def _deadline(seconds: float) -> Iterator[_Call]:
         call.close()
 
 
+class TokenSource(Protocol):
+    """Where a refresher gets its token and tickets: the WeChat client (an app's), an Open
+    Platform's component or authorizer source (component/sources.py). Each is given what it
+    needs when built; a test can script one in-process."""
+
+    def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
+        """A token; UpstreamError (``called``: whether WeChat may have answered)."""
+
+    def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
+        """A jsapi or wx_card ticket with ``access_token``; UpstreamError."""
+
+    def unpublished(self, appid: str) -> bool:
+        """Whether a token WeChat handed out waits here, its durable credential (an
+        authorizer's rotated refresh token) not saved yet: the refresher runs (backing off)
+        until it is, due or not, and the fetch hands it over without a call."""
+
+
 # -- the client --------------------------------------------------------------------------------
 class WeChatClient:
     """Fetches tokens over one pooled, TLS-verifying HTTP session."""
@@ -227,6 +244,9 @@ class WeChatClient:
         if self.api_base:
             return self.api_base
         return WECOM_BASE if app.api == "wecom" else WECHAT_BASE
+
+    def unpublished(self, appid: str) -> bool:
+        return False  # an app's token carries no credential to save
 
     def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
         """Ask WeChat for the app's token; raise UpstreamError (classified) on any failure."""

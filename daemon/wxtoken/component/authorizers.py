@@ -54,7 +54,7 @@ class Authorizers(Part):
             store = self._fleet_store(appid, local)
         log = get_logger(component=self.comp.name, app=appid,
                          role="component" if component else "authorizer")
-        return Refresher(self.host.config, app, fetcher, store=store,  # type: ignore[arg-type]
+        return Refresher(self.host.config, app, fetcher, store=store,
                          clock=self.clock, rng=self.rng, log=log,
                          population=self.host.population)
 

@@ -63,6 +63,9 @@ class ComponentFetcher:
         self.parts = parts
         self.side = side
 
+    def unpublished(self, appid: str) -> bool:
+        return False  # the component token carries no credential to save
+
     def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
         p = self.parts
         if p.fleet is not None:  # a ticket another host received
