@@ -381,10 +381,7 @@ class Refresher:
     def _store_fetched(self, fetched: Fetched, record: TokenRecord | None, status: AppStatus,
                        now: float, forced: bool) -> Outcome:
         done = self.clock()
-        status.failures, status.retry_at = 0, 0.0
-        status.error_class = status.errcode = status.errmsg = status.error = status.rid = None
-        status.refused_token = ""
-        status.last_success_at = done
+        status.succeeded(done)
         if record is not None and fetched.access_token == record.access_token:
             return self._unchanged(fetched, record, status, now, done)
         # a token this process just fetched under the lock always wins: nothing else can have

@@ -66,6 +66,14 @@ class AppStatus:
     partitioned_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def succeeded(self, at: float) -> None:
+        """A token was had at ``at``: the failures, waits and errors before it are over (the
+        one place a success is recorded: a refresh, an authorization, an import)."""
+        self.failures, self.retry_at = 0, 0.0
+        self.error_class = self.errcode = self.errmsg = self.error = self.rid = None
+        self.refused_token = ""
+        self.last_success_at = at
+
     @classmethod
     def from_json(cls, raw: bytes) -> AppStatus:
         data = json.loads(raw)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 from wxtoken.component.fleet import Pushed
 from wxtoken.component.parts import Part, Parts
@@ -171,11 +170,9 @@ class Authorizers(Part):
                     refresher.store.write(record)
                     written = True
                     fresh = status or refresher.store.read_status()
+                    fresh.succeeded(self.clock())
                     fresh.last_result = LastResult.OK
-                    fresh.last_success_at = time.time()
                     fresh.refreshed_at_exact = float(record.refreshed_at)
-                    fresh.failures, fresh.retry_at = 0, 0.0
-                    fresh.error_class = fresh.errcode = fresh.errmsg = fresh.error = None
                     refresher.store.write_status(fresh)
         except (StoreError, TokenUnavailable) as exc:
             self.log.error("authorizer.store_failed", app=appid, error=str(exc))
