@@ -23,6 +23,8 @@ from wxtoken import __version__, logs, schedule, sdnotify
 from wxtoken.component.platform import Platform
 from wxtoken.config import load_config
 from wxtoken.errors import ConfigError
+from wxtoken.fleet.events import Fenced, RedisBack, RefreshRequested
+from wxtoken.fleet.node import FleetNode
 from wxtoken.health import daemon_health, summary
 from wxtoken.logs import get_logger
 from wxtoken.passive import ForcedState
@@ -36,7 +38,6 @@ from wxtoken.upstream import WeChatClient
 
 if TYPE_CHECKING:
     from wxtoken.config import Config
-    from wxtoken.fleet.node import FleetNode
     from wxtoken.metrics import Metrics
 
 CLOCK_STEP = 2.0  # a change of wall minus monotonic time larger than this is a clock step
@@ -61,10 +62,13 @@ class Daemon:
         self.node: FleetNode | None = None
         stores: dict[str, TokenStore] = {}
         if config.redis is not None:
-            from wxtoken.fleet.node import FleetNode  # redis only in the fleet mode
-            self.node = FleetNode(config, self._requested,
-                                  lambda: self.registry.wake_all("the fleet's Redis is back"))
-            self.node.fleet.on_fenced = lambda key: self.registry.wake(key)
+            self.node = FleetNode(config)
+            events = self.node.fleet.events
+            events.subscribe(RefreshRequested, self._requested)
+            # the schedules made while Redis was down (token apps wait for renew_before)
+            events.subscribe(RedisBack,
+                             lambda _: self.registry.wake_all("the fleet's Redis is back"))
+            events.subscribe(Fenced, lambda e: self.registry.wake(e.key))
             clock = self.node.clock  # the fleet's time: every record's times are in it
             stores = dict(self.node.stores)
         deadline = schedule.call_deadline(config.renew_before)
@@ -178,12 +182,12 @@ class Daemon:
                       retry_after=30.0, reason=f"this host only follows component {comp} (no "
                       "secret): report the token on a host of the fleet that has its secret")
 
-    def _requested(self, name: str, invalid_token: str | None, privileged: bool) -> None:
+    def _requested(self, request: RefreshRequested) -> None:
         """A follower elsewhere in the fleet asked for a passive refresh of an app this host
         has the secret of (for an operator or a token reader there)."""
-        forced = self.force(name, invalid_token, privileged)
+        forced = self.force(request.name, request.invalid_token, request.privileged)
         if forced is not None:
-            self.log.info("fleet.request_served", app=name, state=forced.state)
+            self.log.info("fleet.request_served", app=request.name, state=forced.state)
 
     # -- the quota tools ------------------------------------------------------------------------
     def _watch_quota(self, name: str) -> None:

@@ -93,6 +93,7 @@ from wxtoken.component.store import ticket_problem
 from wxtoken.config import AppConfig, ComponentConfig
 from wxtoken.errcodes import ErrorClass
 from wxtoken.errors import WxtokenError
+from wxtoken.fleet.events import Announced, Heard, Resyncing
 from wxtoken.logs import mask
 from wxtoken.record import TokenRecord
 from wxtoken.refresher import Refresher
@@ -168,13 +169,20 @@ class Platform:
         self._resume()
         if self.fleet is not None and self.node is not None:
             self.fleet.warn_without_persistence()
-            self.node.sync.hooks[self.fleet.members_name] = self.resync.members
-            self.node.sync.hooks[self.fleet.ticket_name] = self.resync.ticket_news
-            self.node.sync.resyncs.append(self.resync.full_resync)
+            events, sync = self.node.fleet.events, self.node.sync
+            news = {self.fleet.members_name: self.resync.members,
+                    self.fleet.ticket_name: self.resync.ticket_news}
+            for name in news:
+                sync.announce(name)
+            events.subscribe(Announced, lambda e: news[e.name]() if e.name in news else None)
+            events.subscribe(Resyncing, lambda _: self.resync.full_resync())
             if self.following:
                 self.resync.start_following()
                 return
-            self.node.sync.listen(self.fleet.requests, self.events.handed_over)
+            requests = self.fleet.requests
+            sync.listen(requests)
+            events.subscribe(Heard, lambda e: self.events.handed_over(e.data)
+                             if e.channel == requests else None)
             self.resync.full_resync()  # what changed while this host was down, both ways
         self.authorizers.add(self.comp.component_appid)
         for appid in self.files.authorizers():

@@ -26,6 +26,7 @@ from wxtoken.config import AppConfig, Config
 from wxtoken.errcodes import HARD_ERRORS, ErrorClass
 from wxtoken.errors import TokenCorrupt
 from wxtoken.fleet.connect import REDIS_ERRORS, text
+from wxtoken.fleet.events import FileFollowed, RedisChanged, RefreshAsked, RefreshRequested
 from wxtoken.fleet.keys import request_channel
 from wxtoken.fleet.shared import Fleet
 from wxtoken.fleet.store import FleetStore
@@ -109,23 +110,24 @@ class NodeStore(FleetStore):
 class FleetNode:
     """The fleet side of one daemon."""
 
-    def __init__(self, config: Config, on_request: Callable[[str, str | None, bool], None],
-                 on_back: Callable[[], None]) -> None:
+    def __init__(self, config: Config) -> None:
+        """Its events (``self.fleet.events``, fleet/events.py) tell the daemon what to do:
+        RefreshRequested (a follower's passive refresh, to run here), RedisBack, Fenced."""
         assert config.redis is not None
         self.config = config
         self.fleet = Fleet(config, config.redis)
         self.stores: dict[str, NodeStore] = {app.name: NodeStore(self.fleet, app)
                                              for app in config.apps}
         self.followers = {app.name for app in config.apps if app.follower}
-        self.on_request = on_request  # a candidate runs a passive refresh a follower asked for
         self.log = get_logger(component="fleet")
-        self.sync = Sync(self.fleet, list(self.stores.values()), self._changed, self._requested,
+        self.sync = Sync(self.fleet, list(self.stores.values()),
                          {app.identity for app in config.apps if not app.follower})
         self._changes = threading.Condition()
         self._leading: dict[str, bool] = {}
-        self.fleet.on_change = self.write_status
-        # the schedules made while Redis was down (token apps wait for renew_before) are redone
-        self.fleet.on_back = on_back
+        events = self.fleet.events
+        events.subscribe(RedisChanged, lambda _: self.write_status())
+        events.subscribe(FileFollowed, lambda e: self._changed(e.key))
+        events.subscribe(RefreshAsked, self._requested)
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -210,13 +212,14 @@ class FleetNode:
                          json.dumps(doc).encode() + b"\n", 0o640, durable=False)
 
     # -- passive refresh across hosts -----------------------------------------------------------
-    def _requested(self, identity: str, invalid: str | None, privileged: bool) -> None:
+    def _requested(self, asked: RefreshAsked) -> None:
         """A follower somewhere asked for a passive refresh: each candidate app of this host
         with that identity runs one (compare-and-refresh under the lease: one call in all),
         as the follower's peer would have (operator or token reader)."""
         for name, store in self.stores.items():
-            if store.app.identity == identity and name not in self.followers:
-                threading.Thread(target=self.on_request, args=(name, invalid, privileged),
+            if store.app.identity == asked.identity and name not in self.followers:
+                event = RefreshRequested(name, asked.invalid_token, asked.privileged)
+                threading.Thread(target=self.fleet.events.publish, args=(event,),
                                  daemon=True, name="fleet-request").start()
 
     def ask(self, app: AppConfig, invalid: str | None, privileged: bool,

@@ -9,7 +9,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -18,6 +17,7 @@ from wxtoken.config import AppConfig, Config
 from wxtoken.errors import ConfigError
 from wxtoken.fleet import mirror
 from wxtoken.fleet.connect import REDIS_ERRORS, accepts_anyone, clock_offset, connect, text
+from wxtoken.fleet.events import Broker, RedisBack, RedisChanged
 from wxtoken.fleet.keys import Keys, channel, resets_key, version_key
 from wxtoken.logs import get_logger
 from wxtoken.record import TokenRecord, parse_record
@@ -193,10 +193,7 @@ class Fleet:
         self.downs = 0  # how many times Redis was found unreachable (a resync follows each)
         self._state = threading.Lock()
         self.mirror_prefixes = {sdk: cfg.mirror_prefix(sdk) for sdk in MIRRORS}
-        self.on_change: Callable[[], None] = lambda: None  # Redis went up or down
-        self.on_back: Callable[[], None] = lambda: None  # Redis is back after being down
-        # a record was marked fenced (a late fetch may have retired its token): the app's key
-        self.on_fenced: Callable[[str], None] = lambda key: None
+        self.events = Broker()  # what the fleet's parts tell each other (fleet/events.py)
 
     # -- the fleet's clock and Redis's health ---------------------------------------------------
     def clock(self) -> float:
@@ -234,9 +231,9 @@ class Fleet:
             was, self._up = self._up, True
         if was is False:
             self.log.warning("redis.back", reason="coordination resumes; re-seeding what it lost")
-            self.on_back()
+            self.events.publish(RedisBack())
         if was is not True:
-            self.on_change()
+            self.events.publish(RedisChanged())
 
     def mark_down(self, exc: BaseException) -> None:
         with self._state:
@@ -251,7 +248,7 @@ class Fleet:
             self.log.warning("redis.down", error=type(exc).__name__,
                              reason="files keep serving; stable_token candidates refresh on "
                              "their own, token candidates wait until renew_before")
-            self.on_change()
+            self.events.publish(RedisChanged())
 
     def measure_clock(self) -> float:
         """Measure the offset to Redis TIME; warn when this host's clock is off by more than

@@ -42,6 +42,7 @@ from wxtoken.config import AppConfig
 from wxtoken.errors import Superseded, TokenCorrupt
 from wxtoken.fleet.checks import FleetChecks
 from wxtoken.fleet.connect import REDIS_ERRORS, text
+from wxtoken.fleet.events import Fenced
 from wxtoken.fleet.keys import Keys
 from wxtoken.fleet.lease import Lease
 from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
@@ -299,7 +300,7 @@ class FleetStore:
         # every host's sync thread hears it (a candidate there wakes its refresher)
         self.fleet.announce_record(keys=[self.fleet.version_key],
                                    args=[self.fleet.channel, self.keys.identity])
-        self.fleet.on_fenced(self.key)
+        self.fleet.events.publish(Fenced(self.key))
 
     def fetched(self, retires: bool) -> None:
         """Right after a token call WeChat may have answered (``retires``: a call that issues a

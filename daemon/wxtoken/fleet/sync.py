@@ -14,10 +14,10 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from wxtoken.fleet.connect import REDIS_ERRORS, text
+from wxtoken.fleet.events import Announced, Fenced, FileFollowed, Heard, RefreshAsked, Resyncing
 from wxtoken.fleet.keys import request_channel
 from wxtoken.fleet.shared import Fleet
 from wxtoken.fleet.store import FleetStore
@@ -29,26 +29,20 @@ DOWN_RESYNC_EVERY = 60.0  # at most this often, a resync after an outage the sub
 RECONNECT_MAX = 5.0  # the longest wait between reconnects: back within 10 s of Redis's return
 WAKE = "__wxtoken_wake__ 0"
 
-# on_request(identity, invalid_token, privileged)
-OnRequest = Callable[[str, str | None, bool], None]
-
-
 class Sync:
     """One thread per daemon that follows the fleet's records for every app of this host."""
 
-    def __init__(self, fleet: Fleet, stores: list[FleetStore],
-                 on_change: Callable[[str], None], on_request: OnRequest,
-                 candidates: set[str]) -> None:
+    def __init__(self, fleet: Fleet, stores: list[FleetStore], candidates: set[str]) -> None:
+        """Tells what it hears on ``fleet.events`` (fleet/events.py): FileFollowed,
+        RefreshAsked, Announced, Heard, Resyncing, Fenced."""
         self.fleet = fleet
-        self.on_change = on_change  # called with the app name after its file was rewritten
-        self.on_request = on_request  # a follower's passive refresh, for an app we refresh
+        self.events = fleet.events
         self.by_identity: dict[str, list[FleetStore]] = {}
         self.requests: dict[str, str] = {}
-        # an Open Platform's: names announced on the events channel that are not records (its
-        # authorizers, its ticket), request channels of its own, and what a resync runs first
-        self.hooks: dict[str, Callable[[], None]] = {}
-        self.handlers: dict[str, Callable[[str], None]] = {}
-        self.resyncs: list[Callable[[], None]] = []  # run first on every resync
+        # the names announced on the events channel that are records of no store here (an
+        # Open Platform's authorizer set and ticket): Announced; other channels: Heard
+        self.announced: frozenset[str] = frozenset()
+        self.channels: frozenset[str] = frozenset()
         self._stores = threading.Lock()  # add/remove from several threads
         self._downs = 0  # the fleet's count of outages at the last resync
         self._down_resync = -DOWN_RESYNC_EVERY  # monotonic time of the last one for an outage
@@ -99,9 +93,13 @@ class Sync:
                 by_identity.pop(store.keys.identity, None)
             self.by_identity = by_identity
 
-    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
-        """Hand every message on ``channel`` to ``handler`` (subscribed anew at once)."""
-        self.handlers = {**self.handlers, channel: handler}
+    def announce(self, name: str) -> None:
+        """Tell ``name``'s news on the events channel as Announced (not a record's)."""
+        self.announced = self.announced | {name}
+
+    def listen(self, channel: str) -> None:
+        """Tell every message on ``channel`` as Heard (subscribed anew at once)."""
+        self.channels = self.channels | {channel}
         if self._thread.is_alive():
             self._resubscribe = True
             with contextlib.suppress(*REDIS_ERRORS):
@@ -122,7 +120,7 @@ class Sync:
             pubsub = self.fleet.client.pubsub(  # type: ignore[no-untyped-call, unused-ignore]
                 ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self.fleet.channel, *self.requests, *self.handlers)
+                pubsub.subscribe(self.fleet.channel, *self.requests, *self.channels)
                 # redis-py reconnects a subscription by itself (a quick Redis restart goes
                 # unseen otherwise): every reconnect must catch up, and maybe re-seed
                 assert pubsub.connection is not None  # subscribe() connected it
@@ -160,8 +158,8 @@ class Sync:
                 channel, data = text(message["channel"]), text(message["data"])
                 if channel in self.requests:
                     self.requested(self.requests[channel], data)
-                elif channel in self.handlers:
-                    self.handlers[channel](data)
+                elif channel in self.channels:
+                    self.events.publish(Heard(channel, data))
                 else:
                     self.changed(data)
             if self.fleet.downs != self._downs and self.fleet.up and \
@@ -185,8 +183,8 @@ class Sync:
             self.heard = max(self.heard, int(version))
         for store in self.by_identity.get(identity, ()):
             self._follow_store(store)
-        if (hook := self.hooks.get(identity)) is not None:
-            hook()
+        if identity in self.announced:
+            self.events.publish(Announced(identity))
         self.fleet.last_sync = time.time()
 
     def requested(self, identity: str, data: str) -> None:
@@ -196,7 +194,7 @@ class Sync:
         except (ValueError, AttributeError):
             return
         if (invalid is None or isinstance(invalid, str)) and isinstance(privileged, bool):
-            self.on_request(identity, invalid or None, privileged)
+            self.events.publish(RefreshAsked(identity, invalid or None, privileged))
 
     def poll(self) -> None:
         """The fleet's version: ahead of what this host heard (a message lost) or gone (Redis
@@ -215,8 +213,7 @@ class Sync:
         self.heard = int(version) if version is not None else 0
         # an Open Platform's first: authorizers removed meanwhile go before their stores
         # would re-seed Redis with their records
-        for full in list(self.resyncs):
-            full()
+        self.events.publish(Resyncing())
         for stores in list(self.by_identity.values()):
             for store in stores:
                 self._follow_store(store)
@@ -224,8 +221,8 @@ class Sync:
 
     def _follow_store(self, store: FleetStore) -> None:
         if store.sync():
-            self.on_change(store.key)
+            self.events.publish(FileFollowed(store.key))
         if store.fenced_pending():
             # another host's late fetch may have retired the record's token: this host's
             # refresher (a candidate's) looks now, and takes the lease to fetch once more
-            self.fleet.on_fenced(store.key)
+            self.events.publish(Fenced(store.key))
