@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "wxtoken.schedule", "wxtoken.status", "wxtoken.store", "wxtoken.refresher",
              "wxtoken.tickets", "wxtoken.upstream", "wxtoken.netcause", "wxtoken.passive",
              "wxtoken.logs", "wxtoken.httpbody", "wxtoken.journal", "wxtoken.sdnotify",
-             "wxtoken.runinfo", "wxtoken.reload", "wxtoken.redis_config"),
+             "wxtoken.runinfo", "wxtoken.reload", "wxtoken.redis_config", "wxtoken.source"),
     "fleet": ("wxtoken.fleet",),
     "component": ("wxtoken.component",),
     # the running daemon (and the emulator, a WeChat of its own)

@@ -32,10 +32,11 @@ from wxtoken.logs import get_logger, mask
 from wxtoken.passive import ForcedState
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import Outcome, State
+from wxtoken.source import TokenSource
 from wxtoken.status import AppStatus, LastResult, fingerprint
 from wxtoken.store import FileStore, TokenStore
 from wxtoken.tickets import Tickets
-from wxtoken.upstream import Fetched, TokenSource
+from wxtoken.upstream import Fetched
 
 TRANSIENT_BASE = 1.0
 TRANSIENT_CAP = 300.0

@@ -16,7 +16,7 @@ from wxtoken.config import AppConfig
 from wxtoken.errcodes import ErrorClass
 from wxtoken.errors import UpstreamError
 from wxtoken.record import TokenRecord
-from wxtoken.upstream import TokenSource
+from wxtoken.source import TokenSource
 
 
 @dataclass(frozen=True)

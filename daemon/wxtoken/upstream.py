@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import requests
 import urllib3
@@ -195,23 +195,6 @@ def _deadline(seconds: float) -> Iterator[_Call]:
         timer.cancel()
         _current.call = None
         call.close()
-
-
-class TokenSource(Protocol):
-    """Where a refresher gets its token and tickets: the WeChat client (an app's), an Open
-    Platform's component or authorizer source (component/sources.py). Each is given what it
-    needs when built; a test can script one in-process."""
-
-    def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
-        """A token; UpstreamError (``called``: whether WeChat may have answered)."""
-
-    def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
-        """A jsapi or wx_card ticket with ``access_token``; UpstreamError."""
-
-    def unpublished(self, appid: str) -> bool:
-        """Whether a token WeChat handed out waits here, its durable credential (an
-        authorizer's rotated refresh token) not saved yet: the refresher runs (backing off)
-        until it is, due or not, and the fetch hands it over without a call."""
 
 
 # -- the client --------------------------------------------------------------------------------

@@ -1,0 +1,26 @@
+"""Where a refresher gets its token: the one narrow interface every token family implements."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from wxtoken.config import AppConfig
+    from wxtoken.upstream import Fetched
+
+
+class TokenSource(Protocol):
+    """Where a refresher gets its token and tickets: the WeChat client (an app's), an Open
+    Platform's component or authorizer source (component/sources.py). Each is given what it
+    needs when built; a test can script one in-process."""
+
+    def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
+        """A token; UpstreamError (``called``: whether WeChat may have answered)."""
+
+    def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
+        """A jsapi or wx_card ticket with ``access_token``; UpstreamError."""
+
+    def unpublished(self, appid: str) -> bool:
+        """Whether a token WeChat handed out waits here, its durable credential (an
+        authorizer's rotated refresh token) not saved yet: the refresher runs (backing off)
+        until it is, due or not, and the fetch hands it over without a call."""
