@@ -5,9 +5,13 @@ from __future__ import annotations
 import grp
 import os
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +87,61 @@ def test_start_removes_every_apps_temp_files_in_one_scan(tmp_path: Path) -> None
     assert sorted(removed) == [f"removed {tmp_path}/{n}" for n in (
         ".main.abc123.tmp", ".main.zz.tmp", ".other.abc.tmp")]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "main.json", "main.json.bak"]
+
+
+WRITER = """
+import os, sys
+from wxtoken.store import held_temp_file
+fd, tmp = held_temp_file(sys.argv[1], ".main.json.")
+os.write(fd, b"new")
+print(tmp, flush=True)
+sys.stdin.readline()          # the test runs a start's clean-up meanwhile
+os.replace(tmp, os.path.join(sys.argv[1], "main.json"))
+print("replaced", flush=True)
+"""
+
+
+def test_a_start_leaves_the_temp_file_of_a_live_writer_alone(tmp_path: Path) -> None:
+    """Daemons may share a state dir: one starting while another is between its temp file and
+    the rename must not remove that file (seen as store.failed "cannot write main.json: No such
+    file or directory" and a wasted call); a dead writer's temp file still goes."""
+    (tmp_path / "main.json").write_text("old")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdin is not None
+        tmp = writer.stdout.readline().strip()
+        assert tmp.endswith(".tmp") and os.path.exists(tmp)
+        (tmp_path / ".main.json.dead.tmp").write_text("x")  # a killed writer's
+        assert clean_state_dir(str(tmp_path)) == [f"removed {tmp_path}/.main.json.dead.tmp"]
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == "replaced"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert (tmp_path / "main.json").read_text() == "new"
+
+
+def test_a_temp_file_removed_before_its_writer_held_it_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clean-up can win the race between mkstemp() and the writer's flock(): the writer
+    sees its file unlinked and makes another, so its write still lands. (mkstemp is wrapped
+    only to put the clean-up exactly in that window, which no real timing hits on demand.)"""
+    real_mkstemp = tempfile.mkstemp
+    raced: list[str] = []
+
+    def mkstemp_then_clean(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, tmp = real_mkstemp(*args, **kwargs)
+        if not raced:  # a start's clean-up runs right here, once
+            raced.extend(clean_state_dir(str(tmp_path)))
+        return fd, tmp
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_clean)
+    atomic_write(str(tmp_path / "main.json"), b"new", 0o640)
+    assert len(raced) == 1 and raced[0].startswith(f"removed {tmp_path}/.main.json.")
+    assert (tmp_path / "main.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "main.json"]
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["two-stores", "one-store"])

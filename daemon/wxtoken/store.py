@@ -9,7 +9,8 @@ Layout of ``state_dir`` (app names contain no dots, so these never collide):
 - ``.locks/<app>.lock``  taken by writers only, in a directory only the daemon's user can
                          enter (a reader that could open a lock file could flock() it and stop
                          every refresh); readers never lock;
-- ``.<app>.*.tmp``       a write in progress (or a crash's leftover, removed at start).
+- ``.<app>.*.tmp``       a write in progress, flock()ed by its writer (or a crash's leftover,
+                         removed at start once no writer holds it).
 
 Earlier versions kept ``<app>.lock`` (mode 0640) beside the token file; the daemon removes those
 at start, so a descriptor a reader opened on one before the upgrade locks nothing.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import os
 import stat
@@ -116,16 +118,57 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def held_temp_file(directory: str, prefix: str) -> tuple[int, str]:
+    """A new temp file for a write, flock()ed until its writer closes it: a start's clean-up
+    removes only temp files nobody holds (daemons may share a state dir, and one starting must
+    not pull the file from under another's rename). The clean-up can win the race between
+    mkstemp() and flock(): the file is then unlinked, and another is made."""
+    for _ in range(8):
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return fd, tmp
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+    raise OSError(errno.EAGAIN, f"temp files in {directory} keep being removed")
+
+
+def remove_if_unheld(path: str) -> bool:
+    """Remove a temp file no writer holds (its writer died); False when one still does, or
+    when it is gone already."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer's, between its write and its rename
+        os.unlink(path)  # unlinked while held: a writer that flock()s it later sees nlink 0
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, data: bytes, mode: int, gid: int | None = None,
                  tmp_prefix: str | None = None, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never a part.
 
-    temp file in the same directory → write → fsync → chmod/chown → os.replace → fsync directory.
-    On any failure the temp file is removed and ``path`` is untouched.
+    temp file in the same directory (held: see held_temp_file) → write → fsync → chmod/chown →
+    os.replace → close → fsync directory. On any failure the temp file is removed and ``path``
+    is untouched.
     """
     directory = os.path.dirname(path) or "."
     prefix = tmp_prefix or f".{os.path.basename(path)}."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    fd, tmp = held_temp_file(directory, prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -135,7 +178,7 @@ def atomic_write(path: str, data: bytes, mode: int, gid: int | None = None,
             os.fchmod(fh.fileno(), mode)  # explicit: the umask must not decide who reads tokens
             if gid is not None:
                 os.fchown(fh.fileno(), -1, gid)
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still held: the clean-up cannot take it meanwhile
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -181,8 +224,9 @@ def locks_dir(state_dir: str) -> tuple[str, list[str]]:
 
 def clean_state_dir(state_dir: str) -> list[str]:
     """At start, in one scan of the directory: remove the temp files crashed writers left
-    (``.<app>.*.tmp``) and the lock files of earlier versions (``<app>.lock``, 0640), and make
-    the lock directory this user's alone. Returns what was done."""
+    (``.<app>.*.tmp`` no live writer holds: another daemon may share the directory) and the
+    lock files of earlier versions (``<app>.lock``, 0640), and make the lock directory this
+    user's alone. Returns what was done."""
     done: list[str] = []
     try:
         entries = list(os.scandir(state_dir))
@@ -192,8 +236,8 @@ def clean_state_dir(state_dir: str) -> list[str]:
     for entry in entries:
         name = entry.name
         try:
-            if name.startswith(".") and name.endswith(".tmp") and entry.is_file():
-                os.unlink(entry.path)
+            if name.startswith(".") and name.endswith(".tmp") and entry.is_file(
+                    follow_symlinks=False) and remove_if_unheld(entry.path):
                 done.append(f"removed {entry.path}")
             elif name.endswith(".lock") and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)

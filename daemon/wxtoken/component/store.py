@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import threading
 from typing import Any
 
 from wxtoken.clock import human_delta
 from wxtoken.errors import StoreError
 from wxtoken.record import APP_NAME_RE
-from wxtoken.store import atomic_write, store_error
+from wxtoken.store import atomic_write, held_temp_file, remove_if_unheld, store_error
 
 COMPONENTS_DIR = "components"
 TICKET_LIFE = 12 * 3600.0  # WeChat: a component_verify_ticket is good for 12 hours
@@ -232,8 +231,7 @@ class ComponentFiles:
                 size = os.stat(path).st_size
             except FileNotFoundError:
                 size = 0
-            fd, tmp = tempfile.mkstemp(dir=self.refresh_dir, prefix=f".{appid}.json.probe.",
-                                       suffix=".tmp")
+            fd, tmp = held_temp_file(self.refresh_dir, f".{appid}.json.probe.")
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(b"\0" * (2 * size + 1024))  # the new one may hold one token more
@@ -395,11 +393,8 @@ class ComponentFiles:
                 continue
             for entry in entries:
                 if entry.name.startswith(".") and entry.name.endswith(".tmp") \
-                        and entry.is_file(follow_symlinks=False):
-                    try:
-                        os.unlink(entry.path)
-                    except OSError:
-                        continue
+                        and entry.is_file(follow_symlinks=False) \
+                        and remove_if_unheld(entry.path):
                     done.append(f"removed {entry.path}")
         return done
 
