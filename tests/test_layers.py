@@ -18,7 +18,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # one host's token: config, WeChat, schedule, the file store and the refresher
     "core": ("wxtoken.clock", "wxtoken.config", "wxtoken.configcheck", "wxtoken.credentials",
              "wxtoken.schedule", "wxtoken.status", "wxtoken.store", "wxtoken.refresher",
-             "wxtoken.tickets", "wxtoken.upstream", "wxtoken.netcause", "wxtoken.passive",
+             "wxtoken.tickets", "wxtoken.timing", "wxtoken.failures", "wxtoken.forced",
+             "wxtoken.upstream", "wxtoken.netcause", "wxtoken.passive",
              "wxtoken.logs", "wxtoken.httpbody", "wxtoken.journal", "wxtoken.sdnotify",
              "wxtoken.runinfo", "wxtoken.reload", "wxtoken.redis_config", "wxtoken.source"),
     "fleet": ("wxtoken.fleet",),

@@ -18,10 +18,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from wxtoken.config import CGI_PATH_RE
 from wxtoken.errors import TokenUnavailable, UpstreamError, WxtokenError
 from wxtoken.httpbody import BodyError, read_body
-from wxtoken.passive import ForcedState
+from wxtoken.passive import Forced, ForcedState
 from wxtoken.quota import Operations, OpError
 from wxtoken.record import APP_NAME_RE, TokenRecord, load_record, token_path
-from wxtoken.refresher import Forced
 
 if TYPE_CHECKING:
     from wxtoken.component.platform import Platform

@@ -27,9 +27,9 @@ from wxtoken.fleet.events import Fenced, RedisBack, RefreshRequested
 from wxtoken.fleet.node import FleetNode
 from wxtoken.health import daemon_health, summary
 from wxtoken.logs import get_logger
-from wxtoken.passive import ForcedState
+from wxtoken.passive import Forced, ForcedState
 from wxtoken.quota import Operations, watch_interval
-from wxtoken.refresher import Forced, Refresher
+from wxtoken.refresher import Refresher
 from wxtoken.registry import TokenRegistry
 from wxtoken.reload import plan
 from wxtoken.schedule import Outcome

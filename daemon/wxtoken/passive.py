@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from wxtoken import schedule
 from wxtoken.clock import next_wechat_midnight, wechat_day
 from wxtoken.errcodes import HARD_ERRORS, ErrorClass
+from wxtoken.errors import WxtokenError
+from wxtoken.record import TokenRecord
+from wxtoken.schedule import Outcome
 from wxtoken.status import AppStatus
 
 STABLE_FORCE_PER_DAY = 20  # WeChat's limit on stable_token force_refresh
@@ -110,3 +113,15 @@ def count_forced(status: AppStatus, now: float, calls: int, refreshed_at: float 
     status.last_forced_at = now
     status.calls_today += calls
     status.last_attempt_at = now
+
+
+@dataclass(frozen=True)
+class Forced:
+    """What a passive refresh did; ``outcome`` (when set) reschedules the app's job."""
+
+    state: ForcedState
+    record: TokenRecord | None
+    outcome: Outcome | None = None
+    error: WxtokenError | None = None
+    retry_after: float = 0.0
+    reason: str = ""  # for an answer no error or state explains by itself

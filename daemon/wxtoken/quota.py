@@ -40,7 +40,7 @@ from wxtoken.store import atomic_write
 
 if TYPE_CHECKING:
     from wxtoken.fleet.shared import Fleet
-    from wxtoken.refresher import Forced
+    from wxtoken.passive import Forced
     from wxtoken.upstream import WeChatClient
 
 RESETS_PER_MONTH = 10  # clear_quota and clear_quota/v2 together, per account (WeChat's rule)

@@ -13,6 +13,9 @@ A scheduled run (:meth:`Refresher.run`), in order:
 A passive refresh (:meth:`Refresher.force`) takes the same lock and the same path, behind its
 own limits: the spacing between forced refreshes, stable_token's 20 a day, a reserve of the
 budget for scheduled refreshes, and the quota and hard-error waits.
+
+Its collaborators: timing.py (when the token is due), failures.py (the backoff after a failure
+and how long a wait holds), forced.py (the passive refresh's path), tickets.py.
 """
 
 from __future__ import annotations
@@ -27,33 +30,22 @@ from wxtoken import passive, schedule
 from wxtoken.clock import next_wechat_midnight
 from wxtoken.config import AppConfig, Config
 from wxtoken.errcodes import HARD_ERRORS, ErrorClass
-from wxtoken.errors import StoreError, Superseded, TokenCorrupt, UpstreamError, WxtokenError
+from wxtoken.errors import StoreError, Superseded, TokenCorrupt, UpstreamError
+from wxtoken.failures import TRANSIENT_BASE, Failures
+from wxtoken.forced import forced_refresh
 from wxtoken.logs import get_logger, mask
-from wxtoken.passive import ForcedState
+from wxtoken.passive import Forced, ForcedState
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import Outcome, State
 from wxtoken.source import TokenSource
-from wxtoken.status import AppStatus, LastResult, fingerprint
+from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore, TokenStore
 from wxtoken.tickets import Tickets
+from wxtoken.timing import Timing
 from wxtoken.upstream import Fetched
 
-TRANSIENT_BASE = 1.0
-TRANSIENT_CAP = 300.0
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
-
-
-@dataclass(frozen=True)
-class Forced:
-    """What a passive refresh did; ``outcome`` (when set) reschedules the app's job."""
-
-    state: ForcedState
-    record: TokenRecord | None
-    outcome: Outcome | None = None
-    error: WxtokenError | None = None
-    retry_after: float = 0.0
-    reason: str = ""  # for an answer no error or state explains by itself
 
 
 @dataclass(frozen=True)
@@ -84,15 +76,19 @@ class Refresher:
         self.rng = rng or random.Random()
         self.log = log or get_logger(app=app.name, appid=app.appid, api=app.api)
         self.tickets = Tickets(app, client, self.log, self.rng, (0.0, 0.0), (0.0, 0.0))
+        self.failures = Failures(self.log, self.rng)
+        self.timing = Timing(app, config, self.store, client, self.tickets, self.rng, clock,
+                             self.population)
         self.reconfigure(config)
         self.pending: _Pending | None = None
-        self.store_failures = 0
-        self.told_waiting = False  # a wait for what comes by itself is said once per process
-        self._due: tuple[str, float, float] | None = None  # (token, refreshed, jittered due)
         # what the last run saw (the daemon's health and metrics read these, not the files)
         self.record: TokenRecord | None = None
         self.status = AppStatus()
-        self.problem: str | None = None  # the state could not be read or written
+
+    @property
+    def problem(self) -> str | None:
+        """The state could not be read or written (the daemon's health shows it)."""
+        return self.failures.problem
 
     def reconfigure(self, config: Config) -> None:
         """Take the config's global settings (daily_budget, renew_before, refresh_interval):
@@ -104,16 +100,10 @@ class Refresher:
         # wait that long for it, and the daemon calls a run that takes twice as long stalled
         self.hold_limit = deadline * (1 + len(self.app.tickets)) + STORE_SLACK
         self.lock_timeout = self.hold_limit + self.store.extra_wait
-        # transient retries: while the file's token is valid, up to five minutes apart (like
-        # kubelet's and Vault Agent's backoff), never more than renew_before nor an eighth of
-        # the token's remaining life; without a valid token, up to renew_before / 4 (75 s)
-        self.transient_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before / 4))
-        self.valid_cap = min(TRANSIENT_CAP, max(TRANSIENT_BASE, config.renew_before))
-        self.hard_base = min(600.0, max(1.0, config.refresh_interval / 6))
-        self.hard_cap = max(self.hard_base, config.refresh_interval)
-        self.tickets.transient = (TRANSIENT_BASE, self.transient_cap)
-        self.tickets.hard = (self.hard_base, self.hard_cap)
-        self._due = None  # drawn again under the new settings
+        self.failures.configure(config)  # the backoff's bounds (failures.py)
+        self.tickets.transient = (TRANSIENT_BASE, self.failures.transient_cap)
+        self.tickets.hard = (self.failures.hard_base, self.failures.hard_cap)
+        self.timing.configure(config)  # due times drawn again under the new settings
 
     # -- entry points ---------------------------------------------------------------------------
     def run(self, first: bool = False) -> Outcome:
@@ -131,7 +121,7 @@ class Refresher:
             return self._checked(self._superseded())
         except StoreError as exc:
             return self._store_failed(exc)
-        self.store_failures, self.problem = 0, None
+        self.failures.cleared()
         return self._checked(outcome)
 
     def _checked(self, outcome: Outcome) -> Outcome:
@@ -149,12 +139,12 @@ class Refresher:
         """
         try:
             with self.store.locked(self.lock_timeout):
-                forced = self._force_locked(invalid_token, privileged)
+                forced = forced_refresh(self, invalid_token, privileged)
         except Superseded as exc:
             return Forced(ForcedState.FAILED, None, self._superseded(), error=exc)
         except StoreError as exc:
             return Forced(ForcedState.STORE_FAILED, None, self._store_failed(exc), error=exc)
-        self.store_failures, self.problem = 0, None
+        self.failures.cleared()
         return forced
 
     def quota_cleared(self) -> bool:
@@ -179,58 +169,9 @@ class Refresher:
         self.log.info("refresh.wait_ended", reason=reason)
         return True
 
-    # -- the schedule -------------------------------------------------------------------------
+    # -- the schedule (timing.py) ----------------------------------------------------------------
     def due_at(self, record: TokenRecord, status: AppStatus) -> float:
-        """When this record should be replaced, jitter included (drawn once per record)."""
-        exact = status.refreshed_at_exact if int(
-            status.refreshed_at_exact) == record.refreshed_at else None
-        key = (record.access_token, float(record.refreshed_at))
-        if self._due is None or self._due[:2] != key:
-            due = schedule.jittered_due_at(record, self.app.api, self.config.refresh_interval,
-                                           self.config.renew_before, self.population(),
-                                           self.rng, exact)
-            self._due = (*key, due)
-        return self._due[2]
-
-    def _is_due(self, record: TokenRecord, status: AppStatus, now: float) -> bool:
-        if schedule.from_the_future(record.refreshed_at, now):
-            return True
-        if self.store.retired(record):
-            # another host's late fetch may have retired it: a lease holder fetches once more
-            return True
-        if self.client.unpublished(self.app.appid):
-            # an authorizer's token whose refresh token could not be written yet: the fetch
-            # writes it, then hands the token over without a call (WeChat retires the
-            # file's token soon)
-            return True
-        if self.app.api == "token" and status.refused_token == fingerprint(record.access_token):
-            # a reader reported it and the forced refresh could not replace it then (a plain
-            # call replaces it; stable_token and WeCom would hand back the same token)
-            return True
-        if self.store.degraded and self.app.api != "stable_token":
-            # the fleet's coordination is down: candidates that refreshed on their own would
-            # retire each other's tokens, so wait until the token's last renew_before, then
-            # one jittered attempt per host (stable_token hands every caller the same token)
-            return self.degraded_due_at(record) <= now
-        return self.due_at(record, status) <= now
-
-    def degraded_due_at(self, record: TokenRecord) -> float:
-        """schedule.degraded_due_at, drawn once per record."""
-        key = (record.access_token, -float(record.refreshed_at))  # apart from due_at's draws
-        if self._due is None or self._due[:2] != key:
-            self._due = (*key, schedule.degraded_due_at(record, self.app.api,
-                                                        self.config.renew_before, self.rng))
-        return self._due[2]
-
-    def tickets_due_at(self, record: TokenRecord) -> float:
-        return self.tickets.due_at(record, schedule.lead(record, self.app.api,
-                                                          self.config.renew_before),
-                                   self.clock())
-
-    def _next_at(self, record: TokenRecord, status: AppStatus) -> float:
-        due = self.degraded_due_at(record) if self.store.degraded and \
-            self.app.api != "stable_token" else self.due_at(record, status)
-        return min(due, self.tickets_due_at(record))
+        return self.timing.due_at(record, status)
 
     # -- the scheduled run ------------------------------------------------------------------------
     def peek(self, first: bool = False) -> Outcome | None:
@@ -248,15 +189,15 @@ class Refresher:
         status = self.store.read_status()
         if checks is not None:
             checks.settle(status)
-        if record is None or record.expires_at <= now or self._is_due(record, status, now) \
-                or self.tickets_due_at(record) <= now:
+        if record is None or record.expires_at <= now or self.timing.is_due(record, status, now) \
+                or self.timing.tickets_due_at(record) <= now:
             return None
         self.record, self.status = record, status
         return self._reused(record, status, now, first)
 
     def _reused(self, record: TokenRecord, status: AppStatus, now: float,
                 first: bool) -> Outcome:
-        next_at = self._next_at(record, status)
+        next_at = self.timing.next_at(record, status)
         if first:
             # one line per app is noise past a hundred apps: daemon.ready counts them
             log = self.log.info if self.population() <= QUIET_ABOVE else self.log.debug
@@ -278,9 +219,9 @@ class Refresher:
         if record is not None and schedule.from_the_future(record.refreshed_at, now):
             self.log.warning("token.from_the_future", refreshed_in=int(record.refreshed_at - now),
                              reason="the clock stepped back: replacing the token now")
-        if record is not None and record.expires_at > now and not self._is_due(record, status,
+        if record is not None and record.expires_at > now and not self.timing.is_due(record, status,
                                                                                now):
-            if self.tickets_due_at(record) > now:
+            if self.timing.tickets_due_at(record) > now:
                 return self._reused(record, status, now, first)
             if (outcome := self._refresh_tickets(record, status, now)) is not None:
                 return outcome
@@ -304,23 +245,8 @@ class Refresher:
             return None
 
     def wait_end(self, status: AppStatus, now: float, calls: int) -> float:
-        """When the current wait ends (0: none), derived from the config and the day's counts:
-        the file's retry_at is believed only as far as the current config would have set it,
-        so a reload or restart that raises daily_budget, or shortens the waits, ends a wait
-        written under the old config."""
-        retry_at = schedule.wait_until(status.retry_at, status.last_attempt_at, now)
-        if retry_at <= now:
-            return 0.0
-        midnight = next_wechat_midnight(now) + 60  # waits to the WeChat day's end, jitter incl.
-        if status.last_result is LastResult.BUDGET:
-            if passive.calls_today(status, now) + calls <= self.config.daily_budget:
-                return 0.0
-            return min(retry_at, midnight)
-        if status.error_class is ErrorClass.QUOTA_EXHAUSTED:
-            return min(retry_at, midnight)
-        cap = self.hard_cap if status.error_class in HARD_ERRORS else self.valid_cap
-        # the wait was set when the call failed: at most hold_limit after the attempt began
-        return min(retry_at, status.last_attempt_at + self.hold_limit + cap)
+        """When the current wait ends (0: none): failures.py."""
+        return self.failures.wait_end(status, now, calls, self.hold_limit)
 
     def _waiting(self, record: TokenRecord | None, status: AppStatus, now: float,
                  first: bool) -> Outcome | None:
@@ -399,7 +325,7 @@ class Refresher:
         status.refreshed_at_exact = now
         status.last_result = LastResult.OK
         self.store.write_status(status)
-        next_at = self._next_at(new, status)
+        next_at = self.timing.next_at(new, status)
         self.log.info("token.refreshed", token=mask(new.access_token), forced=forced,
                       expires_in=fetched.expires_in, took_ms=fetched.took_ms,
                       calls_today=status.calls_today, next_in=int(next_at - done))
@@ -446,7 +372,7 @@ class Refresher:
         status.last_result = LastResult.OK
         status.refreshed_at_exact = float(pending.record.refreshed_at)
         self.store.write_status(status)
-        next_at = self._next_at(pending.record, status)
+        next_at = self.timing.next_at(pending.record, status)
         self.log.info("token.refreshed", token=mask(pending.record.access_token),
                       late_write=True, expires_in=int(pending.record.expires_at - now),
                       next_in=int(next_at - now))
@@ -477,7 +403,7 @@ class Refresher:
                 self.log.error("ticket.token_refused", action="backing off",
                                next_in=int(self.tickets.retry_at - now),
                                reason="the token was already replaced for this in its lifetime")
-        return Outcome(State.FRESH, self._next_at(tickets.record, status), record.expires_at)
+        return Outcome(State.FRESH, self.timing.next_at(tickets.record, status), record.expires_at)
 
     # -- failures -------------------------------------------------------------------------------
     def _still_holding(self) -> None:
@@ -494,113 +420,10 @@ class Refresher:
         return Outcome(State.FRESH, self.clock() + 1.0)
 
     def _store_failed(self, exc: StoreError) -> Outcome:
-        self.store_failures += 1
-        self.problem = str(exc)
-        delay = schedule.backoff(self.store_failures, TRANSIENT_BASE, self.transient_cap,
-                                 self.rng)
-        self.log.error("store.failed", error=str(exc), attempt=self.store_failures,
-                       next_in=round(delay, 1), token_pending=self.pending is not None)
-        return Outcome(State.FAILED, self.clock() + delay)
+        return self.failures.store(exc, self.clock(), token_pending=self.pending is not None)
 
     def _failed(self, exc: UpstreamError, status: AppStatus, record: TokenRecord | None,
                 now: float) -> Outcome:
-        now = max(now, self.clock())  # the wait runs from the failure, not the call's start
-        status.failures += 1
-        status.last_result = LastResult.ERROR
-        status.error_class = exc.kind
-        status.errcode, status.errmsg, status.error = exc.errcode, exc.errmsg, str(exc)
-        status.rid = exc.rid
-        if exc.kind is ErrorClass.QUOTA_EXHAUSTED:
-            delay = next_wechat_midnight(now) - now + self.rng.uniform(0, 60)
-        elif exc.kind in HARD_ERRORS:
-            delay = schedule.backoff(status.failures, self.hard_base, self.hard_cap, self.rng,
-                                     full_jitter=False)
-        else:
-            cap = self.transient_cap
-            if record is not None and record.expires_at > now:
-                # the closer the token in the file is to its end, the more often we try
-                cap = min(self.valid_cap, max(TRANSIENT_BASE, (record.expires_at - now) / 8))
-            delay = schedule.backoff(status.failures, TRANSIENT_BASE, cap, self.rng)
-        status.retry_at = now + delay
-        self.store.write_status(status)
-        fields: dict[str, Any] = {
-            "error": str(exc), "error_class": exc.kind.value, "attempt": status.failures,
-            "next_in": round(delay, 1),
-            "token_valid_for": max(0, int(record.expires_at - now)) if record else 0,
-        }
-        if exc.errcode is not None:
-            fields.update(errcode=exc.errcode, errmsg=exc.errmsg)
-        if exc.rid:
-            fields["rid"] = exc.rid  # `wxtoken rid APP <rid>` looks it up
-        if exc.waiting:
-            (self.log.debug if self.told_waiting else self.log.info)(
-                "refresh.waiting", reason=str(exc), next_in=fields["next_in"])
-            self.told_waiting = True
-        elif exc.kind is ErrorClass.TRANSIENT:
-            self.log.warning("refresh.failed", **fields)
-        else:
-            self.log.error("refresh.failed", **fields)
-        return Outcome(State.FAILED, status.retry_at, record.expires_at if record else None)
-
-    # -- passive refresh -------------------------------------------------------------------------
-    def _force_locked(self, invalid_token: str | None, privileged: bool) -> Forced:
-        now = self.clock()
-        record = self._read()
-        status = self.store.read_status()
-        self.record, self.status = record, status
-        valid = record is not None and record.expires_at > now
-        if invalid_token is not None and valid and record is not None and \
-                record.access_token != invalid_token:
-            return Forced(ForcedState.CURRENT, record)  # already replaced: no upstream call
-        if self.pending is not None and (written := self._write_pending(record, status, now)):
-            return Forced(ForcedState.REFRESHED, self.record, written)  # fetched already
-        if self.store.degraded:
-            self.log.warning("refresh.refused", state=ForcedState.WAITING,
-                             reason="the fleet's Redis is unreachable: no forced refresh (the "
-                             "day's counts live there)")
-            return Forced(ForcedState.WAITING, record, retry_after=10.0,
-                          reason="the fleet's Redis is unreachable: no forced refresh (the "
-                          "day's counts live there)")
-        # WeChat refused the file's token: if it cannot be replaced now (the call fails, or a
-        # quota or hard-error wait holds it back), the next run replaces it. Not for a report
-        # the spacing or the budget refuses: those limits hold back readers that report
-        # freshly issued tokens, and a restart must not make the call for them.
-        remember = invalid_token is not None and record is not None \
-            and self.app.api == "token" and record.access_token == invalid_token
-        calls = 1 + len(self.app.tickets)
-        refusal = passive.refusal(status, now, self.app.api, self.config.daily_budget, calls,
-                                  privileged, self.wait_end(status, now, calls))
-        if refusal is not None and refusal.state is ForcedState.WAITING and remember:
-            assert invalid_token is not None
-            status.refused_token = fingerprint(invalid_token)
-            self.store.write_status(status, durable=False)
-        if refusal is not None:
-            log = self.log.error if refusal.retry_after > 3600 else self.log.warning
-            log("refresh.refused", state=refusal.state, reason=refusal.reason,
-                retry_after=round(refusal.retry_after, 1))
-            return Forced(refusal.state, record, retry_after=refusal.retry_after,
-                          reason=refusal.reason)
-        passive.count_forced(status, now, calls, record.refreshed_at if record else None)
-        self.store.write_status(status, durable=False)
-        self.log.info("refresh.forced", reported=mask(invalid_token) or None,
-                      streak=status.forced_streak)
-        if status.forced_streak >= 2:
-            self.log.warning("refresh.reported_again", streak=status.forced_streak,
-                             next_spacing=schedule.force_spacing(status.forced_streak),
-                             reason="freshly issued tokens keep being reported invalid: a "
-                             "reader bug, or another process fetching tokens for this appid")
-        self._still_holding()
-        try:
-            fetched = self._fetch(self.app.api == "stable_token")
-        except UpstreamError as exc:
-            status.calls_today -= len(self.app.tickets)
-            if not exc.called:  # nothing reached WeChat: neither the budget nor its 20 a day
-                status.calls_today -= 1
-                status.forced_today -= 1
-            if remember:
-                assert invalid_token is not None
-                status.refused_token = fingerprint(invalid_token)
-            outcome = self._failed(exc, status, record, now)
-            return Forced(ForcedState.FAILED, record if valid else None, outcome, error=exc)
-        outcome = self._store_fetched(fetched, record, status, now, forced=True)
-        return Forced(ForcedState.REFRESHED, self.record, outcome)
+        """Record the failed call and the wait it sets (failures.py)."""
+        return self.failures.upstream(exc, status, record, max(now, self.clock()),
+                                      self.store.write_status)

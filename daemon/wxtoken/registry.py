@@ -25,7 +25,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from wxtoken.config import Config
 from wxtoken.logs import get_logger
-from wxtoken.refresher import Forced, Refresher
+from wxtoken.passive import Forced
+from wxtoken.refresher import Refresher
 from wxtoken.schedule import Outcome, State
 from wxtoken.upstream import WeChatClient
 

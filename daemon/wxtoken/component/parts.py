@@ -15,8 +15,9 @@ from wxtoken.component.store import ComponentFiles
 from wxtoken.config import Api, AppConfig, ComponentConfig, Config
 from wxtoken.errors import TokenUnavailable
 from wxtoken.logs import get_logger
+from wxtoken.passive import Forced
 from wxtoken.record import TokenRecord, load_record, token_path
-from wxtoken.refresher import Forced, Refresher
+from wxtoken.refresher import Refresher
 from wxtoken.upstream import WeChatClient
 
 if TYPE_CHECKING:

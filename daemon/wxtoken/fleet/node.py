@@ -32,9 +32,9 @@ from wxtoken.fleet.shared import Fleet
 from wxtoken.fleet.store import FleetStore
 from wxtoken.fleet.sync import Sync
 from wxtoken.logs import get_logger
-from wxtoken.passive import ForcedState
+from wxtoken.passive import Forced, ForcedState
 from wxtoken.record import TokenRecord
-from wxtoken.refresher import STORE_SLACK, Forced
+from wxtoken.refresher import STORE_SLACK
 from wxtoken.reload import Plan
 from wxtoken.schedule import Outcome, State
 from wxtoken.status import AppStatus, Role
