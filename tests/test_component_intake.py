@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from test_component import COMP, Platform, auth, wait_component
-from wxtoken.component.store import ticket_problem
+from wxtoken.component.ticket_file import ticket_problem
 from wxtoken.emulator import Emulator
 
 from helpers import DaemonProcess, read_json, run_cli, wait_until

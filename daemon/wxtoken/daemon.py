@@ -154,7 +154,7 @@ class Daemon:
         now = time.time()
         out = []
         for name, platform in self.platforms.items():
-            at = platform.files.newest_ticket_at()
+            at = platform.files.ticket.newest_at()
             out.append((name, None if at is None else max(0.0, now - at),
                         max(0, len(platform.keys) - 1), sorted(platform.needing_reauth())))
         return out

@@ -118,7 +118,8 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
     """An Open Platform component's health from its files: its token, the last ticket, every
     authorizer's token, and the authorizers that need a new authorization."""
     # filelock only for a component (`wxtoken status` of plain apps stays light)
-    from wxtoken.component.store import PLATFORM_FILE, component_dir, ticket_problem
+    from wxtoken.component.store import PLATFORM_FILE, component_dir
+    from wxtoken.component.ticket_file import ticket_problem
     directory = component_dir(config.state_dir, comp.name)
 
     def one(appid: str, role: Role) -> dict[str, Any]:

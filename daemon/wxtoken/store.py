@@ -22,13 +22,14 @@ import contextlib
 import errno
 import fcntl
 import grp
+import json
 import os
 import stat
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import filelock
 
@@ -185,6 +186,24 @@ def atomic_write(path: str, data: bytes, mode: int, gid: int | None = None,
         raise
     if durable:
         _fsync_dir(directory)
+
+
+def read_json_object(path: str) -> dict[str, Any] | None:
+    """A small JSON object file (1 MiB at most); None when missing; ValueError when damaged."""
+    try:
+        with open(path, "rb") as fh:
+            doc = json.loads(fh.read(1 << 20))
+    except FileNotFoundError:
+        return None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+def json_number(value: Any) -> float:
+    """A number of such a file (a time, a count); 0.0 for anything else."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else 0.0
 
 
 def store_error(action: str, path: str, exc: OSError) -> StoreError:

@@ -179,7 +179,7 @@ class PlatformFleet:
                 when = float(at) if at is not None else None
             except ValueError:
                 when = None
-            if ticket and when is not None and files.adopt_ticket(slot, ticket, when):
+            if ticket and when is not None and files.ticket.adopt(slot, ticket, when):
                 got = True
         return got
 

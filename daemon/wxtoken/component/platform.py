@@ -89,7 +89,7 @@ from wxtoken.component.reconcile import (
 )
 from wxtoken.component.resync import FleetResync
 from wxtoken.component.sources import AuthorizerFetcher, ComponentFetcher
-from wxtoken.component.store import ticket_problem
+from wxtoken.component.ticket_file import ticket_problem
 from wxtoken.config import AppConfig, ComponentConfig
 from wxtoken.errcodes import ErrorClass
 from wxtoken.errors import WxtokenError
@@ -200,9 +200,9 @@ class Platform:
 
     # -- the ticket and the component token ----------------------------------------------------
     def ticket_worked(self, ticket: str, now: float) -> None:
-        self.files.ticket_worked(ticket, now)
+        self.files.ticket.worked(ticket, now)
         if self.fleet is not None:
-            at = self.files.received_at(ticket)
+            at = self.files.ticket.received_at(ticket)
             if at is not None:
                 self.fleet.push_ticket("good", ticket, at)
 
@@ -230,8 +230,8 @@ class Platform:
         if not ticket or len(ticket) > 512 or not ticket.isprintable():
             raise WxtokenError("not a component_verify_ticket")
         now = self.clock()
-        before = self.files.newest_ticket_at()
-        stored = self.files.store_ticket(ticket, now)
+        before = self.files.ticket.newest_at()
+        stored = self.files.ticket.store(ticket, now)
         if self.fleet is not None:  # off the callback's thread (WeChat waits 5 s at most)
             fleet = self.fleet
 
@@ -313,6 +313,6 @@ class Platform:
         """The newest ticket's age counts from its first receipt; the last push (the same
         ticket again, or a new one) says whether pushes still come."""
         pushed = self.files.platform().get("ticket_pushed_at")
-        return ticket_problem(self.files.newest_ticket_at(),
+        return ticket_problem(self.files.ticket.newest_at(),
                               pushed if isinstance(pushed, (int, float)) else None, now,
-                              self.files.ticket_life)
+                              self.files.ticket.life)

@@ -17,8 +17,8 @@ from wxtoken.component.authorizers import Authorizers
 from wxtoken.component.cancel import Cancellations
 from wxtoken.component.fleet import Pushed
 from wxtoken.component.parts import Parts
-from wxtoken.component.store import as_number
 from wxtoken.record import APP_NAME_RE
+from wxtoken.store import json_number
 
 
 class FleetResync:
@@ -75,10 +75,10 @@ class FleetResync:
             if theirs is not None and (
                     theirs.get("refresh_token") == mine or not (
                         theirs.get("refresh_token") in (doc.get("previous"), doc.get("fleet"))
-                        or as_number(doc.get("authorized_at")) >
-                        as_number(theirs.get("authorized_at"))
-                        or (seeded and as_number(doc.get("updated_at")) >
-                            as_number(theirs.get("updated_at"))))):
+                        or json_number(doc.get("authorized_at")) >
+                        json_number(theirs.get("authorized_at"))
+                        or (seeded and json_number(doc.get("updated_at")) >
+                            json_number(theirs.get("updated_at"))))):
                 continue
             previous = doc.get("previous")
             result = self.fleet.push_refresh(
@@ -145,7 +145,7 @@ class FleetResync:
 
     def _authorized_at(self, appid: str) -> float:
         try:
-            return as_number((self.files.refresh(appid) or {}).get("authorized_at"))
+            return json_number((self.files.refresh(appid) or {}).get("authorized_at"))
         except ValueError:
             return 0.0
 

@@ -71,8 +71,8 @@ class ComponentFetcher:
         if p.fleet is not None:  # a ticket another host received
             p.fleet.pull_tickets(p.files)
         now = p.clock()
-        tickets = p.files.usable_tickets(now)
-        if not tickets and p.files.newest_ticket_at() is None:
+        tickets = p.files.ticket.usable(now)
+        if not tickets and p.files.ticket.newest_at() is None:
             # a platform just set up: nothing is wrong yet, the first push ends the wait
             raise UpstreamError(ErrorClass.PERMANENT, "waiting for the first "
                                 "component_verify_ticket: WeChat pushes one every 10 minutes "

@@ -26,37 +26,25 @@ import os
 import threading
 from typing import Any
 
-from wxtoken.clock import human_delta
+from wxtoken.component.ticket_file import TICKET_LIFE, TicketFile
 from wxtoken.errors import StoreError
 from wxtoken.record import APP_NAME_RE
-from wxtoken.store import atomic_write, held_temp_file, remove_if_unheld, store_error
+from wxtoken.store import (
+    atomic_write,
+    held_temp_file,
+    json_number,
+    read_json_object,
+    remove_if_unheld,
+    store_error,
+)
 
 COMPONENTS_DIR = "components"
-TICKET_LIFE = 12 * 3600.0  # WeChat: a component_verify_ticket is good for 12 hours
-PUSH_GAP = 1800.0  # no push for this long (three missed): pushes have stopped
 PRIVATE = ".private"
 PLATFORM_FILE = ".platform.json"
 
 
 def component_dir(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, COMPONENTS_DIR, name)
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    """A small JSON object file; None when missing; ValueError when damaged."""
-    try:
-        with open(path, "rb") as fh:
-            doc = json.loads(fh.read(1 << 20))
-    except FileNotFoundError:
-        return None
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
-    return doc
-
-
-def as_number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else 0.0
 
 
 def _reader_dir(path: str) -> None:
@@ -84,10 +72,9 @@ class ComponentFiles:
         self.dir = component_dir(state_dir, name)
         self.private = os.path.join(self.dir, PRIVATE)
         self.refresh_dir = os.path.join(self.private, "refresh")
-        self.ticket_path = os.path.join(self.private, "ticket.json")
         self.platform_path = os.path.join(self.dir, PLATFORM_FILE)
-        self.ticket_life = ticket_life
-        self._lock = threading.Lock()  # the ticket file and .platform.json
+        self._lock = threading.Lock()  # .platform.json's read-modify-writes
+        self.ticket = TicketFile(os.path.join(self.private, "ticket.json"), ticket_life, self)
         self._refresh_lock = threading.RLock()  # the refresh-token files' read-modify-writes
 
     def ensure(self) -> None:
@@ -99,91 +86,6 @@ class ComponentFiles:
         os.chmod(self.private, 0o700)
         os.chmod(self.refresh_dir, 0o700)
 
-    # -- the ticket ------------------------------------------------------------------------------
-    def tickets(self) -> dict[str, Any]:
-        try:
-            return _read_json(self.ticket_path) or {}
-        except ValueError:
-            return {}
-
-    def store_ticket(self, ticket: str, now: float) -> bool:
-        """Keep a pushed ticket (durably) as the newest; False when it is the one already kept
-        (WeChat pushes the same one again: only the push is noted, for health). The last one
-        that yielded a token stays, as the fallback."""
-        with self._lock:
-            doc = self.tickets()
-            latest = doc.get("latest") or {}
-            known = latest.get("ticket") == ticket
-            if not known:
-                doc["latest"] = {"ticket": ticket, "received_at": now}
-                atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
-        if known:  # pushed again: its age still counts from its first receipt
-            self.note(ticket_pushed_at=now)
-            return False
-        self.note(ticket_received_at=now, ticket_pushed_at=now)
-        return True
-
-    def ticket_worked(self, ticket: str, now: float) -> None:
-        """This ticket yielded a component token: it becomes the fallback."""
-        with self._lock:
-            doc = self.tickets()
-            for slot in ("latest", "good"):
-                entry = doc.get(slot) or {}
-                if entry.get("ticket") == ticket:
-                    doc["good"] = {**entry, "worked_at": now}
-                    break
-            else:
-                return
-            atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
-
-    def adopt_ticket(self, slot: str, ticket: str, received_at: float) -> bool:
-        """Take a ticket another host of the fleet received (``latest``) or found working
-        (``good``) when it is newer than this host's; True when the file changed."""
-        with self._lock:
-            doc = self.tickets()
-            entry = doc.get(slot) or {}
-            at = entry.get("received_at")
-            if entry.get("ticket") == ticket or (isinstance(at, (int, float))
-                                                  and at >= received_at):
-                return False
-            doc[slot] = {"ticket": ticket, "received_at": received_at}
-            if slot == "good":
-                doc[slot]["worked_at"] = received_at
-            atomic_write(self.ticket_path, json.dumps(doc).encode() + b"\n", 0o600)
-        if slot == "latest":  # pushed to another host then
-            pushed = as_number(self.platform().get("ticket_pushed_at"))
-            self.note(ticket_received_at=received_at,
-                      ticket_pushed_at=max(pushed, received_at))
-        return True
-
-    def received_at(self, ticket: str) -> float | None:
-        """When a kept ticket was received."""
-        doc = self.tickets()
-        for slot in ("latest", "good"):
-            entry = doc.get(slot) or {}
-            if entry.get("ticket") == ticket and isinstance(entry.get("received_at"),
-                                                            (int, float)):
-                return float(entry["received_at"])
-        return None
-
-    def usable_tickets(self, now: float) -> list[str]:
-        """The tickets to try, newest first: those pushed less than 12 h ago."""
-        doc = self.tickets()
-        out: list[str] = []
-        for slot in ("latest", "good"):
-            entry = doc.get(slot) or {}
-            ticket, at = entry.get("ticket"), entry.get("received_at")
-            if isinstance(ticket, str) and ticket and isinstance(at, (int, float)) \
-                    and now - at < self.ticket_life and ticket not in out:
-                out.append(ticket)
-        return out
-
-    def newest_ticket_at(self) -> float | None:
-        doc = self.tickets()
-        times = [e.get("received_at") for e in (doc.get("latest") or {}, doc.get("good") or {})]
-        valid = [t for t in times if isinstance(t, (int, float))]
-        return max(valid) if valid else None
-
     # -- refresh tokens --------------------------------------------------------------------------
     def refresh_path(self, appid: str) -> str:
         if not APP_NAME_RE.match(appid):
@@ -193,7 +95,7 @@ class ComponentFiles:
     def refresh(self, appid: str) -> dict[str, Any] | None:
         """The authorizer's stored refresh tokens: {"refresh_token", "previous", "listed",
         "updated_at"}; None when there are none. ValueError when the file is damaged."""
-        return _read_json(self.refresh_path(appid))
+        return read_json_object(self.refresh_path(appid))
 
     def refresh_candidates(self, appid: str) -> list[tuple[str, str]]:
         """The refresh tokens to try, best first, as (where it came from, token): the current
@@ -319,10 +221,10 @@ class ComponentFiles:
                 mine = {}
             if current in (mine.get("refresh_token"), mine.get("previous"), mine.get("fleet")):
                 return False
-            if as_number(mine.get("authorized_at")) > as_number(theirs.get("authorized_at")):
+            if json_number(mine.get("authorized_at")) > json_number(theirs.get("authorized_at")):
                 return False  # authorized (or imported) here since: this host's is the chain
             new: dict[str, Any] = {"appid": appid, "refresh_token": current,
-                                   "updated_at": as_number(theirs.get("updated_at")),
+                                   "updated_at": json_number(theirs.get("updated_at")),
                                    "fleet": current}
             if isinstance(previous, str) and previous and previous != current:
                 new["previous"] = previous
@@ -351,7 +253,7 @@ class ComponentFiles:
         if doc is None:
             return None
         wechat = doc.get("wechat_at")
-        return (as_number(doc.get("authorized_at")),
+        return (json_number(doc.get("authorized_at")),
                 float(wechat) if isinstance(wechat, (int, float))
                 and not isinstance(wechat, bool) else None)
 
@@ -412,7 +314,7 @@ class ComponentFiles:
     # -- what `wxtoken status` shows -------------------------------------------------------------
     def platform(self) -> dict[str, Any]:
         try:
-            return _read_json(self.platform_path) or {}
+            return read_json_object(self.platform_path) or {}
         except ValueError:
             return {}
 
@@ -456,28 +358,3 @@ class ComponentFiles:
     def _write_platform(self, doc: dict[str, Any], durable: bool) -> None:
         atomic_write(self.platform_path, json.dumps(doc, sort_keys=True).encode() + b"\n",
                      0o640, durable=durable)
-
-
-def ticket_problem(received_at: float | None, pushed_at: float | None, now: float,
-                   life: float = TICKET_LIFE) -> str | None:
-    """What health says of a component's ticket (None: nothing wrong). ``received_at``: when
-    the newest ticket first came; its age counts from then (whether WeChat's pushing the same
-    one again earns it a fresh 12 h is undocumented), and past ``life`` it is no longer used.
-    ``pushed_at``: when a push last came (that ticket again, or a new one): while pushes keep
-    coming, status says the ticket is old, not that none has come."""
-    if received_at is None:
-        return "no component_verify_ticket received yet"
-    age = now - received_at
-    if age < life:
-        return None
-    last = max(received_at, pushed_at or 0.0)
-    hours = f"{life / 3600:g} h"
-    if now - last < PUSH_GAP:
-        return (f"the component_verify_ticket WeChat pushes has not changed for "
-                f"{human_delta(age)} (pushed again {human_delta(now - last)} ago): older than "
-                f"{hours} since its first receipt, it is no longer used")
-    problem = (f"no component_verify_ticket for {human_delta(now - last)} (WeChat pushes one "
-               "every 10 minutes: is it reaching callback_listen?)")
-    if last > received_at:
-        problem += f"; the last one pushed had not changed for {human_delta(age)}"
-    return problem
