@@ -111,7 +111,11 @@ test)
     venv dev
     .venv/bin/ruff check daemon tests bench
     .venv/bin/mypy
-    exec .venv/bin/pytest -n 2 --dist loadfile "$@"
+    # the suite mostly waits (scaled clocks, backoffs, daemons starting): two workers per core
+    # (at most 8), each taking whole files, the longest first (tests/conftest.py)
+    workers=$(( $(nproc) * 2 ))
+    ((workers <= 8)) || workers=8
+    exec .venv/bin/pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
     ;;
 test-latest)
     # what `pip install wxtoken` users get tomorrow: the newest releases in pyproject's ranges
@@ -122,7 +126,7 @@ test-latest)
         '^(apscheduler|requests|filelock|structlog|prometheus.client|redis|cryptography|mypy|ruff)=' >&2
     .venv-latest/bin/ruff check daemon tests bench
     .venv-latest/bin/mypy
-    exec .venv-latest/bin/pytest -n 2 --dist loadfile -m 'not slow' "$@"
+    exec .venv-latest/bin/pytest -n 4 --dist loadfile --no-loadscope-reorder -m 'not slow' "$@"
     ;;
 lock)
     lock "$@"

@@ -13,11 +13,13 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from wxtoken.emulator import Emulator
 from wxtoken.record import TokenRecord, load_record, token_path
 
 APPID = "wx1111111111111111"
@@ -283,3 +285,12 @@ def token_of(config: Path, app: str = "main") -> str | None:
         return str(read_json(state_of(config) / f"{app}.json")["access_token"])
     except FileNotFoundError:
         return None
+
+
+def emulator_port(emulator: Emulator) -> int:
+    return int(emulator.url.rsplit(":", 1)[1])
+
+
+def iso(stamp: str) -> float:
+    """A log line's timestamp as epoch seconds."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

@@ -119,7 +119,7 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
     authorizer's token, and the authorizers that need a new authorization."""
     # filelock only for a component (`wxtoken status` of plain apps stays light)
     from wxtoken.component.store import PLATFORM_FILE, component_dir
-    from wxtoken.component.ticket_file import ticket_problem
+    from wxtoken.component.ticket_file import ticket_problem  # as above: status stays light
     directory = component_dir(config.state_dir, comp.name)
 
     def one(appid: str, role: Role) -> dict[str, Any]:
