@@ -58,7 +58,8 @@ def make(tmp_path: Path, client: WeChatClient, app: AppConfig = MAIN,
 def due(record: TokenRecord, api: Api = Api.TOKEN, interval: float = 3600,
         renew_before: float = 300, apps: int = 1, seed: int = 7) -> list[float]:
     rng = random.Random(seed)
-    return [schedule.jittered_due_at(record, api, interval, renew_before, apps, rng)
+    return [schedule.jittered_due_at(record, schedule.model_of(api), interval, renew_before,
+                                     apps, rng)
             for _ in range(200)]
 
 

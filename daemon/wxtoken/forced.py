@@ -15,6 +15,7 @@ from wxtoken import passive, schedule
 from wxtoken.errors import UpstreamError
 from wxtoken.logs import mask
 from wxtoken.passive import Forced, ForcedState
+from wxtoken.schedule import RefreshModel
 from wxtoken.status import fingerprint
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def forced_refresh(r: Refresher, invalid_token: str | None, privileged: bool) ->
     # the spacing or the budget refuses: those limits hold back readers that report
     # freshly issued tokens, and a restart must not make the call for them.
     remember = invalid_token is not None and record is not None \
-        and r.app.api == "token" and record.access_token == invalid_token
+        and r.model is RefreshModel.NEW_EACH_CALL and record.access_token == invalid_token
     calls = 1 + len(r.app.tickets)
     refusal = passive.refusal(status, now, r.app.api, r.config.daily_budget, calls,
                               privileged, r.wait_end(status, now, calls))
@@ -68,7 +69,7 @@ def forced_refresh(r: Refresher, invalid_token: str | None, privileged: bool) ->
                       "reader bug, or another process fetching tokens for this appid")
     r._still_holding()
     try:
-        fetched = r._fetch(r.app.api == "stable_token")
+        fetched = r._fetch(r.model is RefreshModel.FINAL_WINDOW)
     except UpstreamError as exc:
         status.calls_today -= len(r.app.tickets)
         if not exc.called:  # nothing reached WeChat: neither the budget nor its 20 a day

@@ -18,7 +18,7 @@ from wxtoken.clock import human_delta, wechat_day
 from wxtoken.config import Api, AppConfig, ComponentConfig, Config
 from wxtoken.errors import TokenMissing, TokenUnavailable
 from wxtoken.record import TokenRecord, load_record, token_path
-from wxtoken.schedule import overdue_by
+from wxtoken.schedule import model_of, overdue_by
 from wxtoken.status import FLEET_ROLES, AppStatus, LastResult, Role, read_status, status_path
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ def app_health(config: Config, app: AppConfig, record: TokenRecord | None, statu
                     expires_in=int(record.expires_at - now))
         if record.expires_at <= now:
             problems.append("token expired")
-        elif (late := overdue_by(record, app.api, config.refresh_interval, config.renew_before,
-                                 now)) > 0:
+        elif (late := overdue_by(record, model_of(app.api), config.refresh_interval,
+                                 config.renew_before, now)) > 0:
             problems.append(f"stale: refresh overdue by {human_delta(late)}" + (
                 "" if running else " (is the daemon running?)"))
     elif unusable:

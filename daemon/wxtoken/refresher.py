@@ -36,7 +36,7 @@ from wxtoken.forced import forced_refresh
 from wxtoken.logs import get_logger, mask
 from wxtoken.passive import Forced, ForcedState
 from wxtoken.record import TokenRecord
-from wxtoken.schedule import Outcome, State
+from wxtoken.schedule import Outcome, RefreshModel, State
 from wxtoken.source import TokenSource
 from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore, TokenStore
@@ -70,6 +70,7 @@ class Refresher:
         self.population = population or (lambda: len(self.config.apps))
         self.app = app
         self.client = client
+        self.model = client.model(app)  # what a call does to the last token (schedule.py)
         self.store: TokenStore = store or FileStore(config.state_dir, app.name, app.file_mode,
                                                     app.file_group)
         self.clock = clock
@@ -283,7 +284,7 @@ class Refresher:
                              "this host refreshes on its own")
         self._still_holding()
         try:
-            fetched = self._fetch(forced and self.app.api == "stable_token")
+            fetched = self._fetch(forced and self.model is RefreshModel.FINAL_WINDOW)
         except UpstreamError as exc:
             status.calls_today -= len(self.app.tickets)  # counted, never asked for
             if not exc.called:
@@ -295,7 +296,7 @@ class Refresher:
         """The token call; the store hears of every call WeChat may have answered (a fleet
         whose lease ran out meanwhile marks its record: this call may have retired it)."""
         # stable_token's normal mode and WeCom hand back the current token: nothing retired
-        retires = self.app.api == "token" or force_refresh
+        retires = self.model is RefreshModel.NEW_EACH_CALL or force_refresh
         try:
             fetched = self.client.fetch(self.app, force_refresh=force_refresh)
         except UpstreamError as exc:
@@ -343,7 +344,7 @@ class Refresher:
             self._write(record, replaces=record.access_token)
         status.last_result = LastResult.UNCHANGED
         self.store.write_status(status)
-        next_at = done + max(1.0, schedule.lead(record, self.app.api,
+        next_at = done + max(1.0, schedule.lead(record, self.model,
                                                 self.config.renew_before) / 4)
         self.log.info("token.unchanged", expires_in=int(expires_at - done),
                       took_ms=fetched.took_ms, next_in=int(next_at - done))
@@ -392,7 +393,7 @@ class Refresher:
         self.store.write_status(status, durable=False)
         if tickets.refused:
             lifetime = record.expires_at - record.refreshed_at
-            if self.app.api == "stable_token":
+            if self.model is RefreshModel.FINAL_WINDOW:
                 # replacing early would cost one of the 20 forced refreshes a day
                 self.log.warning("ticket.token_refused", action="waiting for the next window")
             elif schedule.elapsed(status.ticket_replaced_at, now) >= lifetime:

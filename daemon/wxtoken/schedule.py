@@ -35,6 +35,27 @@ class State(enum.StrEnum):
     BUDGET = "budget"  # the daily budget is spent
 
 
+class RefreshModel(enum.StrEnum):
+    """How an API hands out tokens: what a call does to the token before it. A token source
+    declares it (source.TokenSource.model); the schedule, the passive refresh and the fleet's
+    checks follow it."""
+
+    # every call issues a new token; the last one stays valid for WeChat's overlap (~5 min):
+    # cgi-bin/token, the Open Platform's component and authorizer tokens
+    NEW_EACH_CALL = "new_each_call"
+    # the same token until its final window, where a call gets the next; force_refresh issues
+    # a new one at once (20 a day): stable_token
+    FINAL_WINDOW = "final_window"
+    # the same token until it expires (it may be dropped early): WeCom's gettoken
+    SAME_UNTIL_EXPIRY = "same_until_expiry"
+
+
+def model_of(api: str) -> RefreshModel:
+    """The refresh model of an app's ``api`` (config.Api)."""
+    return {"stable_token": RefreshModel.FINAL_WINDOW,
+            "wecom": RefreshModel.SAME_UNTIL_EXPIRY}.get(api, RefreshModel.NEW_EACH_CALL)
+
+
 GOOD_STATES = frozenset({State.FRESH, State.REUSED, State.REFRESHED, State.UNCHANGED})
 
 
@@ -53,41 +74,41 @@ def call_deadline(renew_before: float) -> float:
     return min(20.0, max(1.0, renew_before / 4))
 
 
-def lead(record: TokenRecord, api: str, renew_before: float) -> float:
+def lead(record: TokenRecord, model: RefreshModel, renew_before: float) -> float:
     """How long before expiry the token must be replaced (never more than half its life; for
     stable_token never more than WeChat's window, where the next token is handed out)."""
     ahead = min(renew_before, (record.expires_at - record.refreshed_at) / 2)
-    return min(ahead, STABLE_WINDOW) if api == "stable_token" else ahead
+    return min(ahead, STABLE_WINDOW) if model is RefreshModel.FINAL_WINDOW else ahead
 
 
-def due_at(record: TokenRecord, api: str, refresh_interval: float, renew_before: float,
-           refreshed_at: float | None = None) -> float:
+def due_at(record: TokenRecord, model: RefreshModel, refresh_interval: float,
+           renew_before: float, refreshed_at: float | None = None) -> float:
     """The latest moment the record should be replaced (the refresher jitters earlier).
 
     ``refreshed_at`` may give the file's whole-second ``refreshed_at`` its fraction back.
     """
-    ahead = lead(record, api, renew_before)
-    if api == "stable_token":
+    ahead = lead(record, model, renew_before)
+    if model is RefreshModel.FINAL_WINDOW:
         return record.expires_at - ahead * STABLE_LATEST
     start = record.refreshed_at if refreshed_at is None else refreshed_at
     return min(start + refresh_interval, record.expires_at - ahead)
 
 
-def degraded_due_at(record: TokenRecord, api: str, renew_before: float,
+def degraded_due_at(record: TokenRecord, model: RefreshModel, renew_before: float,
                     rng: random.Random) -> float:
     """When a shared store's coordination is down (the fleet's Redis): candidates that
     refreshed on their own would retire each other's tokens, so each waits for the token's last
     lead, then makes one attempt, jittered over its second half."""
-    return record.expires_at - lead(record, api, renew_before) * rng.uniform(0.5, 1.0)
+    return record.expires_at - lead(record, model, renew_before) * rng.uniform(0.5, 1.0)
 
 
-def jittered_due_at(record: TokenRecord, api: str, refresh_interval: float,
+def jittered_due_at(record: TokenRecord, model: RefreshModel, refresh_interval: float,
                     renew_before: float, apps: int, rng: random.Random,
                     refreshed_at: float | None = None) -> float:
     """When to replace the record, jitter included (always earlier than due_at, never later)."""
-    latest = due_at(record, api, refresh_interval, renew_before, refreshed_at)
-    if api == "stable_token":
-        width = lead(record, api, renew_before) * (STABLE_EARLIEST - STABLE_LATEST)
+    latest = due_at(record, model, refresh_interval, renew_before, refreshed_at)
+    if model is RefreshModel.FINAL_WINDOW:
+        width = lead(record, model, renew_before) * (STABLE_EARLIEST - STABLE_LATEST)
         return latest - rng.uniform(0, width)
     start = record.refreshed_at if refreshed_at is None else refreshed_at
     return latest - rng.uniform(0, spread(max(0.0, latest - start), apps))
@@ -145,8 +166,8 @@ def freshly_issued(refreshed_at: float, streak: int, now: float) -> bool:
     return elapsed(refreshed_at, now) < max(FRESH_REPORT, 2 * force_spacing(streak))
 
 
-def overdue_by(record: TokenRecord, api: str, refresh_interval: float, renew_before: float,
-               now: float) -> float:
+def overdue_by(record: TokenRecord, model: RefreshModel, refresh_interval: float,
+               renew_before: float, now: float) -> float:
     """Seconds past the latest due time, beyond a grace of a quarter of the lead (<= 0: fine)."""
-    grace = max(1.0, lead(record, api, renew_before) / 4)
-    return now - due_at(record, api, refresh_interval, renew_before) - grace
+    grace = max(1.0, lead(record, model, renew_before) / 4)
+    return now - due_at(record, model, refresh_interval, renew_before) - grace

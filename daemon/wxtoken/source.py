@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from wxtoken.schedule import RefreshModel
+
 if TYPE_CHECKING:
     from wxtoken.config import AppConfig
     from wxtoken.upstream import Fetched
@@ -19,6 +21,10 @@ class TokenSource(Protocol):
 
     def fetch_ticket(self, app: AppConfig, access_token: str, kind: str) -> Fetched:
         """A jsapi or wx_card ticket with ``access_token``; UpstreamError."""
+
+    def model(self, app: AppConfig) -> RefreshModel:
+        """How this source's API hands out tokens (schedule.RefreshModel): whether a call
+        retires the last token, and whether a new one comes only in a final window."""
 
     def unpublished(self, appid: str) -> bool:
         """Whether a token WeChat handed out waits here, its durable credential (an

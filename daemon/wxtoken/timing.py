@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wxtoken import schedule
+from wxtoken.schedule import RefreshModel
 from wxtoken.status import AppStatus, fingerprint
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class Timing:
                  tickets: Tickets, rng: random.Random, clock: Callable[[], float],
                  population: Callable[[], int]) -> None:
         self.app, self.config, self.store, self.source = app, config, store, source
+        self.model = source.model(app)
         self.tickets, self.rng, self.clock, self.population = tickets, rng, clock, population
         self._due: tuple[str, float, float] | None = None  # (token, refreshed, jittered due)
 
@@ -46,7 +48,7 @@ class Timing:
             status.refreshed_at_exact) == record.refreshed_at else None
         key = (record.access_token, float(record.refreshed_at))
         if self._due is None or self._due[:2] != key:
-            due = schedule.jittered_due_at(record, self.app.api, self.config.refresh_interval,
+            due = schedule.jittered_due_at(record, self.model, self.config.refresh_interval,
                                            self.config.renew_before, self.population(),
                                            self.rng, exact)
             self._due = (*key, due)
@@ -63,7 +65,8 @@ class Timing:
             # writes it, then hands the token over without a call (WeChat retires the
             # file's token soon)
             return True
-        if self.app.api == "token" and status.refused_token == fingerprint(record.access_token):
+        if self.model is RefreshModel.NEW_EACH_CALL \
+                and status.refused_token == fingerprint(record.access_token):
             # a reader reported it and the forced refresh could not replace it then (a plain
             # call replaces it; stable_token and WeCom would hand back the same token)
             return True
@@ -78,18 +81,18 @@ class Timing:
     def degraded(self) -> bool:
         """Whether the degraded rule holds: the store's coordination is down, and this token's
         API issues a new token per call (stable_token hands every caller the same one)."""
-        return self.store.degraded and self.app.api != "stable_token"
+        return self.store.degraded and self.model is not RefreshModel.FINAL_WINDOW
 
     def degraded_due_at(self, record: TokenRecord) -> float:
         """schedule.degraded_due_at, drawn once per record."""
         key = (record.access_token, -float(record.refreshed_at))  # apart from due_at's draws
         if self._due is None or self._due[:2] != key:
-            self._due = (*key, schedule.degraded_due_at(record, self.app.api,
+            self._due = (*key, schedule.degraded_due_at(record, self.model,
                                                         self.config.renew_before, self.rng))
         return self._due[2]
 
     def tickets_due_at(self, record: TokenRecord) -> float:
-        return self.tickets.due_at(record, schedule.lead(record, self.app.api,
+        return self.tickets.due_at(record, schedule.lead(record, self.model,
                                                           self.config.renew_before),
                                    self.clock())
 

@@ -52,6 +52,7 @@ from wxtoken.errcodes import (
 from wxtoken.errors import UpstreamError
 from wxtoken.netcause import describe, where
 from wxtoken.record import MAX_TOKEN_LEN
+from wxtoken.schedule import RefreshModel, model_of
 
 WECHAT_BASE = "https://api.weixin.qq.com"
 WECOM_BASE = "https://qyapi.weixin.qq.com"
@@ -230,6 +231,9 @@ class WeChatClient:
 
     def unpublished(self, appid: str) -> bool:
         return False  # an app's token carries no credential to save
+
+    def model(self, app: AppConfig) -> RefreshModel:
+        return model_of(app.api)  # token, stable_token or WeCom's gettoken
 
     def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
         """Ask WeChat for the app's token; raise UpstreamError (classified) on any failure."""

@@ -27,6 +27,7 @@ from wxtoken.config import AppConfig
 from wxtoken.errcodes import TICKET_ERRCODES, ErrorClass
 from wxtoken.errors import StoreError, UpstreamError
 from wxtoken.logs import mask
+from wxtoken.schedule import RefreshModel
 from wxtoken.upstream import Fetched
 
 
@@ -65,6 +66,9 @@ class ComponentFetcher:
 
     def unpublished(self, appid: str) -> bool:
         return False  # the component token carries no credential to save
+
+    def model(self, app: AppConfig) -> RefreshModel:
+        return RefreshModel.NEW_EACH_CALL  # api_component_token: a new token every call
 
     def fetch(self, app: AppConfig, force_refresh: bool = False) -> Fetched:
         p = self.parts
@@ -255,6 +259,9 @@ class AuthorizerFetcher:
             raise UpstreamError(ErrorClass.PERMANENT, f"{appid} was removed from the fleet "
                                 "(unauthorized) during its refresh", called=True)
         self.side.authorizer_ok(appid)
+
+    def model(self, app: AppConfig) -> RefreshModel:
+        return RefreshModel.NEW_EACH_CALL  # api_authorizer_token: a new token every call
 
     def unpublished(self, appid: str) -> bool:
         """A token WeChat handed out is kept, its refresh token not yet written: the

@@ -22,7 +22,7 @@ from wxtoken.config import AppConfig
 from wxtoken.errors import UpstreamError
 from wxtoken.logs import mask
 from wxtoken.record import TokenRecord
-from wxtoken.schedule import Outcome, State
+from wxtoken.schedule import Outcome, RefreshModel, State
 from wxtoken.status import AppStatus, fingerprint
 from wxtoken.upstream import WeChatClient
 
@@ -69,8 +69,9 @@ class FleetChecks:
             return
         while self.verify_times and self.verify_times[0] <= now:
             self.verify_times.pop(0)
-        if self.store.degraded or app.api != "token" or record is None or \
-                record.expires_at <= now or not isinstance(client, WeChatClient):
+        if self.store.degraded or record is None or record.expires_at <= now or \
+                not isinstance(client, WeChatClient) or \
+                client.model(app) is not RefreshModel.NEW_EACH_CALL:
             return
         try:
             accepted = client.token_accepted(app, record.access_token)
@@ -97,8 +98,8 @@ class FleetChecks:
                      status: AppStatus, now: float) -> Outcome | None:
         """Just before a scheduled fetch: an Outcome when this host must not fetch (it is
         partitioned), None when the fetch may go ahead."""
-        if not self.store.degraded or app.api != "token" or \
-                not isinstance(client, WeChatClient):
+        if not self.store.degraded or not isinstance(client, WeChatClient) or \
+                client.model(app) is not RefreshModel.NEW_EACH_CALL:
             return None
         if status.partitioned_at:
             # known to be cut off: no fetch, not even once the token has expired (an expired

@@ -48,6 +48,7 @@ from wxtoken.fleet.lease import Lease
 from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
 from wxtoken.logs import get_logger, mask
 from wxtoken.record import TokenRecord
+from wxtoken.schedule import RefreshModel, model_of
 from wxtoken.status import AppStatus, fingerprint
 from wxtoken.store import FileStore, atomic_write
 
@@ -247,7 +248,7 @@ class FleetStore:
         if seed_gen is not None and self.seed(local, seed_gen):
             return self._fetch()
         if known is not None and self.memory.alone and record is not None and \
-                self.app.api == "token":
+                model_of(self.app.api) is RefreshModel.NEW_EACH_CALL:
             # a token this host fetched alone lost to a record written since: which WeChat
             # issued last is unknown, so the record's token may be retired: one more fetch
             # (stable_token's and WeCom's calls made alone retire nothing)
