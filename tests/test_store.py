@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from wxtoken.record import TokenRecord, parse_record
 from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore, atomic_write, clean_state_dir
 
-from helpers import stored
+from helpers import NOBODY, stored
 
 
 def record(token: str, refreshed_at: int | None = None) -> TokenRecord:
@@ -121,6 +122,30 @@ def test_a_start_leaves_the_temp_file_of_a_live_writer_alone(tmp_path: Path) -> 
         writer.kill()
         writer.wait()
     assert (tmp_path / "main.json").read_text() == "new"
+
+
+CLEAN = "import sys\nfrom wxtoken.store import clean_state_dir\n" \
+        "print(sorted(clean_state_dir(sys.argv[1])))\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv: a leftover of another user's run")
+def test_a_leftover_the_daemon_cannot_open_goes_once_it_is_old(tmp_path: Path) -> None:
+    """A crashed run as another user (root by hand, say) leaves a 0600 temp file the daemon's
+    user can neither open nor flock: removed once older than a minute, kept while it could
+    still be live. (The clean-up runs as root without CAP_DAC_OVERRIDE: as the daemon's user,
+    it owns the directory, not the file.)"""
+    old, fresh = tmp_path / ".main.json.old.tmp", tmp_path / ".main.json.new.tmp"
+    for path in (old, fresh):
+        path.write_text("x")
+        path.chmod(0o600)
+        os.chown(path, NOBODY, NOBODY)
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    out = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                          sys.executable, "-c", CLEAN, str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == repr([f"removed {old}"])
+    assert not old.exists() and fresh.exists()
 
 
 def test_a_temp_file_removed_before_its_writer_held_it_is_made_again(

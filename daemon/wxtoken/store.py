@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from wxtoken.schedule import Outcome
 
 LOCK_MODE = 0o600
+STALE_TEMP = 60.0  # a temp file this user cannot open is a crash's leftover after this long
 LOCKS_DIR = ".locks"
 
 
@@ -139,11 +140,23 @@ def held_temp_file(directory: str, prefix: str) -> tuple[int, str]:
     raise OSError(errno.EAGAIN, f"temp files in {directory} keep being removed")
 
 
-def remove_if_unheld(path: str) -> bool:
+def remove_if_unheld(path: str, now: float | None = None) -> bool:
     """Remove a temp file no writer holds (its writer died); False when one still does, or
-    when it is gone already."""
+    when it is gone already. One this user cannot open (a crashed run as root by hand left
+    it) is removed once it is older than STALE_TEMP: no write takes that long."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        # read-write: NFS emulates flock() with POSIX locks, which refuse an exclusive lock
+        # on a descriptor opened read-only
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError:
+        try:
+            if (now if now is not None else time.time()) - os.lstat(path).st_mtime \
+                    < STALE_TEMP:
+                return False
+            os.unlink(path)  # the directory is this user's: its entries are
+        except OSError:
+            return False
+        return True
     except OSError:
         return False
     try:
@@ -164,12 +177,16 @@ def atomic_write(path: str, data: bytes, mode: int, gid: int | None = None,
     """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never a part.
 
     temp file in the same directory (held: see held_temp_file) → write → fsync → chmod/chown →
-    os.replace → close → fsync directory. On any failure the temp file is removed and ``path``
+    close → os.replace → fsync directory. On any failure the temp file is removed and ``path``
     is untouched.
     """
     directory = os.path.dirname(path) or "."
     prefix = tmp_prefix or f".{os.path.basename(path)}."
     fd, tmp = held_temp_file(directory, prefix)
+    # the flock belongs to the open file, not the descriptor: a duplicate keeps it past the
+    # close (which reports a write NFS could not flush, before anything is published) until
+    # the rename is done
+    held = os.dup(fd)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -179,11 +196,13 @@ def atomic_write(path: str, data: bytes, mode: int, gid: int | None = None,
             os.fchmod(fh.fileno(), mode)  # explicit: the umask must not decide who reads tokens
             if gid is not None:
                 os.fchown(fh.fileno(), -1, gid)
-            os.replace(tmp, path)  # still held: the clean-up cannot take it meanwhile
+        os.replace(tmp, path)  # still held: the clean-up cannot take it meanwhile
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(held)
     if durable:
         _fsync_dir(directory)
 
