@@ -19,13 +19,14 @@ from wxtoken import schedule
 from wxtoken.clock import next_wechat_midnight
 from wxtoken.config import Api, AppConfig, Config
 from wxtoken.emulator import Emulator
+from wxtoken.passive import ForcedState
 from wxtoken.record import TokenRecord
 from wxtoken.refresher import Refresher
 from wxtoken.status import AppStatus
 from wxtoken.store import FileStore
 from wxtoken.upstream import WeChatClient
 
-from helpers import APPID, APPID2, SECRET, SECRET2, stored
+from helpers import APPID, APPID2, SECRET, SECRET2, read_json, stored
 
 MAIN = AppConfig(name="main", api=Api.TOKEN, appid=APPID, secret=SECRET)
 MINI = AppConfig(name="mini", api=Api.STABLE_TOKEN, appid=APPID2, secret=SECRET2)
@@ -620,3 +621,25 @@ def _failed_waits(r: Refresher, clock: Clock, runs: int) -> list[float]:
         waits.append(outcome.next_at - clock())
         clock.offset = outcome.next_at - time.time() + 0.01
     return waits
+
+
+def test_a_new_client_reaches_the_tickets_too(tmp_path: Path, client: WeChatClient,
+                                              emulator: Emulator) -> None:
+    """A reload hands a refresher it keeps a new WeChat client (registry.reconfigure): the
+    token and its tickets are both fetched with it from then on, never the ticket with the
+    old, closed one (another api_base, say)."""
+    app = AppConfig(name="main", api=Api.TOKEN, appid=APPID, secret=SECRET, tickets=("jsapi",))
+    r = make(tmp_path, client, app)
+    r.run(first=True)
+    assert emulator.calls(APPID, "ticket_jsapi") == 1
+    with Emulator({APPID: SECRET}) as other:
+        new = WeChatClient(other.url, timeout=(2.0, 2.0))
+        try:
+            r.client = new
+            forced = r.force(None, privileged=True)
+        finally:
+            new.close()
+        assert forced.state is ForcedState.REFRESHED, forced
+        assert (other.calls(APPID, "token"), other.calls(APPID, "ticket_jsapi")) == (1, 1)
+    assert emulator.calls(APPID, "ticket_jsapi") == 1
+    assert "jsapi_ticket" in read_json(tmp_path / "main.json")

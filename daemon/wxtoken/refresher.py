@@ -69,7 +69,7 @@ class Refresher:
         # jitter, and the quieter the per-app lines at start
         self.population = population or (lambda: len(self.config.apps))
         self.app = app
-        self.client = client
+        self._client = client
         self.model = client.model(app)  # what a call does to the last token (schedule.py)
         self.store: TokenStore = store or FileStore(config.state_dir, app.name, app.file_mode,
                                                     app.file_group)
@@ -85,6 +85,15 @@ class Refresher:
         # what the last run saw (the daemon's health and metrics read these, not the files)
         self.record: TokenRecord | None = None
         self.status = AppStatus()
+
+    @property
+    def client(self) -> TokenSource:
+        return self._client
+
+    @client.setter
+    def client(self, client: TokenSource) -> None:
+        """A reload's new WeChat client: the tickets and the timing take it too."""
+        self._client = self.tickets.client = self.timing.source = client
 
     @property
     def problem(self) -> str | None:
