@@ -63,8 +63,9 @@ other way round; none is held across a wait for another host but a token's lock)
 5. ``Parts.lock``: the platform's bookkeeping (registered keys, ``needs_reauth``, tombstones,
    pending cancellations, lost authorizations). Inside it: ``ComponentFiles``' own lock
    (``note``, ``note_entry``) and the registry's scheduler (``host.later``).
-6. ``ComponentFiles``' lock (the ticket file, ``.platform.json``) and
-   ``AuthorizerFetcher._lock`` (its kept refresh tokens): innermost, nothing inside.
+6. ``ComponentFiles``' lock (``.platform.json``), ``TicketFile``'s (the ticket file; it notes
+   a push in ``.platform.json`` after releasing its own) and ``AuthorizerFetcher._lock`` (its
+   kept refresh tokens): innermost, nothing inside.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class TicketFile:
         if slot == "latest":  # pushed to another host then
             pushed = json_number(self.notes.platform().get("ticket_pushed_at"))
             self.notes.note(ticket_received_at=received_at,
-                      ticket_pushed_at=max(pushed, received_at))
+                            ticket_pushed_at=max(pushed, received_at))
         return True
 
     def received_at(self, ticket: str) -> float | None:
@@ -117,6 +117,7 @@ class TicketFile:
         times = [e.get("received_at") for e in (doc.get("latest") or {}, doc.get("good") or {})]
         valid = [t for t in times if isinstance(t, (int, float))]
         return max(valid) if valid else None
+
 
 def ticket_problem(received_at: float | None, pushed_at: float | None, now: float,
                    life: float = TICKET_LIFE) -> str | None:
