@@ -300,6 +300,10 @@ def test_import_seeds_refresh_and_access_tokens_with_zero_calls_until_due(
     import; a token reader may not import."""
     for i in range(3):
         emulator.platforms.authorize(COMP, auth(i), push=False)
+    # the last reconcile was just now: one at start would find these three on WeChat's
+    # authorizer list and fetch them itself (as it should), racing the import this tests
+    platform.dir.mkdir(parents=True)
+    (platform.dir / ".platform.json").write_text(json.dumps({"last_reconcile": time.time()}))
     d = daemons(platform.config)
     wait_component(d, platform)
     existing: list[dict[str, Any]] = []

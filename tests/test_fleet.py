@@ -148,13 +148,18 @@ def test_the_daily_budget_holds_for_the_fleet_across_hosts_and_restarts(
     configs = [hosts(MAIN, refresh_interval=0.5, renew_before=4, daily_budget=4)
                for _ in range(3)]
     procs = [daemons(c) for c in configs]
-    time.sleep(6)
+    for d in procs:  # started (a SIGTERM while Python still imports kills it: -15)
+        d.wait_for("daemon.ready", timeout=15)
+    wait_until(lambda: any(e["event"] == "budget.exhausted" for d in procs for e in d.events()),
+               timeout=15)
+    time.sleep(2)  # four refresh periods in which a call past the budget would be made
     for d in procs:
         assert d.stop() == 0
     assert emulator.calls() == 4
-    assert any(e["event"] == "budget.exhausted" for d in procs for e in d.events())
     procs = [daemons(c) for c in configs]
-    time.sleep(3)
+    for d in procs:
+        d.wait_for("daemon.ready", timeout=15)
+    time.sleep(2)  # the same, after every host restarted
     for d in procs:
         assert d.stop() == 0
     assert emulator.calls() == 4
