@@ -114,7 +114,7 @@ test)
     # whole files to each worker, the longest first (tests/conftest.py). The suite mostly waits
     # and runs in about 7.5 minutes with two workers per core, but that contention brings out
     # a fleet race still open (test_component_fleet's cancellation while Redis hangs, about one
-    # run in seven): one worker per core until it is fixed. WXTOKEN_TEST_WORKERS overrides.
+    # run in six): one worker per core until it is fixed. WXTOKEN_TEST_WORKERS overrides.
     workers=${WXTOKEN_TEST_WORKERS:-$(nproc)}
     exec .venv/bin/pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
     ;;
