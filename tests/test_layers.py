@@ -19,7 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("wxtoken.clock", "wxtoken.config", "wxtoken.configcheck", "wxtoken.credentials",
              "wxtoken.schedule", "wxtoken.status", "wxtoken.store", "wxtoken.refresher",
              "wxtoken.tickets", "wxtoken.timing", "wxtoken.failures", "wxtoken.forced",
-             "wxtoken.upstream", "wxtoken.netcause", "wxtoken.passive",
+             "wxtoken.upstream", "wxtoken.deadline", "wxtoken.netcause", "wxtoken.passive",
              "wxtoken.logs", "wxtoken.httpbody", "wxtoken.journal", "wxtoken.sdnotify",
              "wxtoken.runinfo", "wxtoken.reload", "wxtoken.redis_config", "wxtoken.source"),
     "fleet": ("wxtoken.fleet",),

@@ -8,11 +8,10 @@ Two rules protect the secret and the schedule:
 
 - **No redirects.** A 3xx is an error: following it would send the request (the stable_token
   body holds the secret) to wherever the answer points.
-- **An overall deadline per call.** requests' timeouts bound each read, not the call: a server
-  that drips a byte every few seconds would keep it open for good. A timer shuts the call's
-  socket down when its deadline passes, so the blocked read returns and the call fails as a
-  transient error. (Name resolution happens before there is a socket; the daemon's watchdog
-  covers a hang there.)
+- **An overall deadline per call** (deadline.py). requests' timeouts bound each read, not the
+  call: a server that drips a byte every few seconds would keep it open for good. A timer
+  shuts the call's socket down when its deadline passes, so the blocked read returns and the
+  call fails as a transient error.
 
 Whether a failed call reached WeChat decides whether it counts against ``daily_budget``: a
 call counts once its connection was up (TCP, the proxy's CONNECT and the TLS handshake done),
@@ -24,23 +23,15 @@ timed-out connection, a failed TLS handshake or proxy CONNECT send no request by
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from wxtoken import __version__
 from wxtoken.config import AppConfig
+from wxtoken.deadline import Call, DeadlineAdapter, deadline
 from wxtoken.errcodes import (
     FETCH_ERRCODES,
     OPS_ERRCODES,
@@ -70,134 +61,6 @@ class Fetched:
     took_ms: int
 
 
-# -- the overall deadline --------------------------------------------------------------------
-class _Call:
-    """The sockets one call uses, so that a timer can cut them when its deadline passes."""
-
-    def __init__(self) -> None:
-        self.expired = False
-        self.connected = False  # a connection was up: the request may have reached WeChat
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def attach(self, sock: socket.socket | None) -> None:
-        """Watch ``sock`` through a duplicate descriptor of our own: shutting that down ends
-        any read or write on the socket, even after TLS has wrapped (and detached) the
-        original object, and closing it later never touches a descriptor number reused since."""
-        if sock is None:
-            return
-        try:
-            dup = socket.socket(fileno=os.dup(sock.fileno()))
-        except OSError:
-            return
-        with self._lock:
-            self._socks.append(dup)
-            if self.expired:
-                self._cut(dup)
-
-    def expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._socks:
-                self._cut(sock)
-
-    @staticmethod
-    def _cut(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        with self._lock:
-            for sock in self._socks:
-                sock.close()
-            self._socks.clear()
-
-
-_current = threading.local()
-
-
-def _attach(sock: socket.socket | None) -> None:
-    call: _Call | None = getattr(_current, "call", None)
-    if call is not None:
-        call.attach(sock)
-
-
-def _connected() -> None:
-    call: _Call | None = getattr(_current, "call", None)
-    if call is not None:
-        call.connected = True
-
-
-class _Connection(HTTPConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _attach(sock)
-        return sock
-
-    def connect(self) -> None:
-        super().connect()  # TCP, and through a proxy its CONNECT
-        _connected()
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self.sock)  # a kept-alive connection: its socket predates this call
-        if self.sock is not None:
-            _connected()
-        super().request(*args, **kwargs)
-
-
-class _TLSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _attach(sock)  # before the handshake, which can be dripped too
-        return sock
-
-    def connect(self) -> None:
-        super().connect()  # TCP, the proxy's CONNECT and the TLS handshake
-        _connected()
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self.sock)
-        if self.sock is not None:
-            _connected()
-        super().request(*args, **kwargs)
-
-
-class _Pool(HTTPConnectionPool):
-    ConnectionCls = _Connection
-
-
-class _TLSPool(HTTPSConnectionPool):
-    ConnectionCls = _TLSConnection
-
-
-class _DeadlineAdapter(HTTPAdapter):
-    """requests' adapter whose connections register their sockets with the current call."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
-
-    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> urllib3.PoolManager:
-        manager: urllib3.PoolManager = super().proxy_manager_for(proxy, **kwargs)
-        manager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
-        return manager
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[_Call]:
-    call = _Call()
-    timer = threading.Timer(seconds, call.expire)
-    timer.daemon = True
-    _current.call = call
-    timer.start()
-    try:
-        yield call
-    finally:
-        timer.cancel()
-        _current.call = None
-        call.close()
-
-
 # -- the client --------------------------------------------------------------------------------
 class WeChatClient:
     """Fetches tokens over one pooled, TLS-verifying HTTP session."""
@@ -212,7 +75,7 @@ class WeChatClient:
         self.timeout = (min(timeout[0], deadline), min(timeout[1], deadline))
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"wxtoken/{__version__}"
-        adapter = _DeadlineAdapter()
+        adapter = DeadlineAdapter()
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         # TLS is always verified; ca_bundle only changes which CAs are trusted. It is passed on
@@ -398,7 +261,7 @@ class WeChatClient:
         return answer, code
 
     def _request(self, method: str, url: str, path: str, kwargs: dict[str, Any]) -> Any:
-        with _deadline(self.deadline) as call:
+        with deadline(self.deadline) as call:
             try:
                 return self._send(method, url, path, kwargs, call)
             except UpstreamError as exc:
@@ -411,7 +274,7 @@ class WeChatClient:
                                     called=call.connected) from None
 
     def _send(self, method: str, url: str, path: str, kwargs: dict[str, Any],
-              call: _Call) -> Any:
+              call: Call) -> Any:
         try:
             resp = self.session.request(method, url, timeout=self.timeout, verify=self.verify,
                                         allow_redirects=False, **kwargs)
