@@ -377,3 +377,68 @@ def test_refresh_tokens_in_redis_follow_the_rotation_chain(
                            seeded=True) == Pushed.OLDER
     assert fleets() == "S2"
     fleet.client.close()
+
+
+def test_a_removed_authorizers_token_is_never_put_back_into_redis(
+        tmp_path: Path, emulator: Emulator, redis_server: RedisServer) -> None:
+    """A host whose authorizer was removed by another (an unauthorized event) still has its
+    valid file, and maybe a refresh in flight: neither a look at the record (which re-seeds an
+    empty Redis from a newer file) nor the refresh's write puts the token back into Redis or
+    rewrites the file, and the refresh makes no call; an authorization after the removal writes
+    again. (Found in a fleet test: a host back from a Redis hang re-seeded the record another
+    host had just removed, and kept the file.)"""
+    from wxtoken.component.fleet import PlatformFleet, Pushed
+    from wxtoken.config import Api, AppConfig, load_config
+    from wxtoken.errors import Superseded
+    from wxtoken.fleet.shared import Fleet
+    from wxtoken.fleet.store import FleetStore
+    from wxtoken.record import TokenRecord
+    from wxtoken.store import FileStore
+    host = Host(tmp_path / "h", emulator, redis_server.url, True, False)
+    config = load_config(str(host.config))
+    assert config.redis is not None
+    fleet = Fleet(config, config.redis)
+    comp = config.components[0]
+    pf = PlatformFleet(fleet, comp)
+    r = redis_server.client()
+    aid = auth(8)
+    host.dir.mkdir(parents=True)
+    app = AppConfig(name=aid, api=Api.TOKEN, appid=aid, secret="",  # as component/parts.py
+                    secret_source="component plat")
+    store = FleetStore(fleet, app, identity=pf.identity(aid),
+                       local=FileStore(str(host.dir), aid, 0o640, None), key=f"plat/{aid}")
+    record_key = f"wxtoken:{{{pf.identity(aid)}}}:record"
+
+    def file_token() -> str:
+        return str(read_json(host.dir / f"{aid}.json")["access_token"])
+
+    def token(name: str) -> TokenRecord:
+        now = int(time.time())
+        return TokenRecord(app=aid, appid=aid, access_token=name, expires_at=now + 7200,
+                           refreshed_at=now)
+
+    assert pf.push_refresh(aid, {"refresh_token": "R0", "authorized_at": 100.0},
+                           authorized=True) == Pushed.STORED
+    with store.locked(10):
+        assert store.holding()
+        store.write(token("T0"))
+    assert r.exists(record_key) and file_token() == "T0"
+    with store.locked(10):  # a refresh in flight on this host when another removes it
+        assert pf.remove(aid, 1000.0) is True
+        assert not r.exists(record_key)
+        assert store.read() is None  # no re-seed from this host's (newer) file
+        assert not r.exists(record_key)
+        assert not store.holding()  # no call for a removed authorizer
+        with pytest.raises(Superseded):
+            store.write(token("T1"))
+    assert not r.exists(record_key) and file_token() == "T0"
+    assert store.read() is None and not r.exists(record_key)  # the next look (no lock) either
+    # authorized again after the removal: its tokens are the fleet's again
+    assert pf.push_refresh(aid, {"refresh_token": "N0", "authorized_at": 2000.0},
+                           authorized=True) == Pushed.STORED
+    with store.locked(10):
+        assert store.holding()
+        store.write(token("T2"))
+    assert json.loads(r.get(record_key) or b"{}")["access_token"] == "T2"
+    assert file_token() == "T2"
+    fleet.client.close()

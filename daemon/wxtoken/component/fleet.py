@@ -16,6 +16,9 @@ one slot; no key name holds a secret:
     <prefix>:{<cid>:component}:claim:<h>   one host handles an authorization code (10 minutes)
     <prefix>:{<cid>:component}:reconciled  the fleet's last reconcile (expires after a day)
     <prefix>:{<aid>:authorizer:<cid>}:record (lease, gen, status)  an authorizer's token
+    <prefix>:{<aid>:authorizer:<cid>}:gone   set with the removal (its record deleted in the
+                                           same step): no host writes or re-seeds the record
+                                           until an authorization deletes it (7 days)
     <prefix>:requests:<cid>:component      an authorization that reached a follower, for the
                                            candidates
 
@@ -209,6 +212,12 @@ class PlatformFleet:
             return Pushed.FAILED
         self.fleet.mark_up()
         if result == 1:
+            # (back) in the set: authorized again after a removal, its tokens may be written
+            try:
+                self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).gone)
+            except ERRORS as exc:
+                self._trouble(exc)
+        if result == 1:
             self._announce(self.members_name)
         if result >= 0:
             self._in_step(appid, str(entry["refresh_token"]))
@@ -308,7 +317,7 @@ class PlatformFleet:
                       *seen])
             done = int(answer[0]) == Verdict.REMOVED
             if done:
-                self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).record)
+                self._remove_record(appid)
         except ERRORS as exc:
             self._trouble(exc)
             return None
@@ -316,6 +325,21 @@ class PlatformFleet:
         if done:
             self._announce(self.members_name)
         return list(answer)
+
+    def _remove_record(self, appid: str) -> None:
+        """The removed authorizer's record goes, and its identity is marked removed in one
+        step (its own slot): no host's file, nor a refresh of it in flight, puts it back
+        (fleet/store.py). An authorization that came in between is written again (its
+        host's file re-seeds the record)."""
+        keys = Keys(self.fleet.prefix, self.identity(appid))
+        pipe = self.fleet.client.pipeline(transaction=True)
+        pipe.set(keys.gone, "1", ex=GONE_FOR)
+        pipe.delete(keys.record)
+        pipe.execute()
+        if self.fleet.client.hexists(self.refresh_key, appid):
+            # authorized again since the removal (push_refresh stores, then deletes the mark
+            # this step may have set after it): its tokens may be written again
+            self.fleet.client.delete(keys.gone)
 
     def remove(self, appid: str, at: float | None,
                seen: tuple[str, str] | None = None) -> bool | None:

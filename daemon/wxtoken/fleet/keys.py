@@ -8,6 +8,9 @@ in braces), so they live in one slot; no key name ever holds a secret.
     <prefix>:{<identity>}:meta     what the hosts agree the identity is (api, appid, tickets)
     <prefix>:{<identity>}:fenced   the generation of a record a late fetch may have retired
                                    (a fenced host's, or one made while Redis was away)
+    <prefix>:{<identity>}:gone     the identity was removed (an Open Platform's authorizer
+                                   that cancelled): no record is written or re-seeded while it
+                                   is there (7 days; a new authorization deletes it)
     <prefix>:version               incremented on every record write (the followers' poll)
     <prefix>:events                pub/sub channel: "<identity> <version>" after a change
     <prefix>:requests:<identity>   pub/sub channel: a follower's passive refresh, heard by the
@@ -32,6 +35,7 @@ class Keys:
         self.status = f"{base}:status"
         self.meta = f"{base}:meta"
         self.fenced = f"{base}:fenced"
+        self.gone = f"{base}:gone"
 
 
 def version_key(prefix: str) -> str:

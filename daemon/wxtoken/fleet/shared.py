@@ -44,8 +44,12 @@ return gen
 # A record is written only if no record of a higher generation is there (fencing on the
 # generation alone, never on host clocks); the counter is kept at least at the written
 # generation (a flush during the refresh reset it); a fenced-fetch mark (KEYS[3]: the
-# generation of a record a late fetch retired) is cleared by any newer record.
+# generation of a record a late fetch retired) is cleared by any newer record. Nothing is
+# written for a removed identity (KEYS[4]: an authorizer that cancelled): {0, -1}.
 WRITE_RECORD = """
+if redis.call('exists', KEYS[4]) == 1 then
+  return {0, -1, 0}
+end
 local current = redis.call('get', KEYS[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)
@@ -68,8 +72,12 @@ return {1, tonumber(ARGV[2])}
 # token was written under, or one past the highest the host had seen for a token it fetched
 # while Redis was away): written only if Redis holds no record of that generation or higher
 # (tokens are ordered by generation, never by expiries written in different clocks); the
-# counter never goes below it nor below ARGV[3] (the highest the host has seen).
+# counter never goes below it nor below ARGV[3] (the highest the host has seen). Nothing is
+# seeded for a removed identity (KEYS[4]): -1.
 SEED_RECORD = """
+if redis.call('exists', KEYS[4]) == 1 then
+  return -1
+end
 local current = redis.call('get', KEYS[1])
 if current then
   local ok, doc = pcall(cjson.decode, current)

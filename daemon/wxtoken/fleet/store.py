@@ -5,15 +5,18 @@ the local file every host keeps (the contract readers rely on).
   it (lease.py). ``holding()`` says, just before the upstream call, whether the lease is still
   this host's.
 - ``read()``: the Redis record. Tokens are ordered by generation alone, never by host clocks
-  or expiries: this host remembers, in a private file beside its lock (``.locks/<app>.gen``),
-  the generation its file's token was written under and the highest it has seen, across
-  restarts. Its file re-seeds Redis (no upstream call) only when Redis has no record, when
-  Redis's generation is lower than the file's (a Redis restored from an old snapshot, a
-  lagging replica promoted), or with a token this host fetched itself while Redis was away and
-  nobody wrote since. Otherwise the record wins and the file follows it.
+  or expiries: this host remembers (memory.py, in ``.locks/<app>.gen``) the generation its
+  file's token was written under and the highest it has seen, across restarts. Its file
+  re-seeds Redis (no upstream call) only when Redis has no record, when Redis's generation is
+  lower than the file's (a Redis restored from an old snapshot, a lagging replica promoted),
+  or with a token this host fetched itself while Redis was away and nobody wrote since.
+  Otherwise the record wins and the file follows it.
 - ``write()``: a compare-and-set that refuses a lower generation than the record's, so a holder
   that lost its lease (paused, SIGSTOPped, a hung call) never overwrites a newer token; then the
   local file.
+- a removed identity (an Open Platform's authorizer that cancelled, ``keys.gone``) is never
+  written or re-seeded: a host that still has its file, or a refresh of it in flight, cannot
+  put it back, and ``holding()`` says no call is made for it.
 - ``fetched()``: after a token call WeChat may have answered, a lease found lost means that
   call may have retired the record's token: the record's generation is marked fenced
   (``retired()`` then says so to every host's refresher, and the next lease holder fetches
@@ -21,8 +24,9 @@ the local file every host keeps (the contract readers rely on).
   cannot re-seed Redis (another host wrote since) marks it too.
 - ``sync()``: the local file follows the record (followers, and candidates after another host's
   refresh), by the same rules as ``read()``.
-- the day's calls, forced refreshes and their spacing are counted in Redis, fleet-wide; the
-  rest of the bookkeeping (last result, backoff) is this host's own, in its status file.
+- the day's calls, forced refreshes and their spacing are counted in Redis, fleet-wide
+  (counts.py); the rest of the bookkeeping (last result, backoff) is this host's own, in its
+  status file.
 - While Redis is unreachable (``degraded``) all of it falls back to the local files; one command
   every few seconds tries Redis again.
 
@@ -32,56 +36,27 @@ Times in records are the fleet's (Redis TIME); local files are written in this h
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 
 from wxtoken.config import AppConfig
 from wxtoken.errors import Superseded, TokenCorrupt
 from wxtoken.fleet.checks import FleetChecks
-from wxtoken.fleet.connect import REDIS_ERRORS, text
+from wxtoken.fleet.connect import REDIS_ERRORS
+from wxtoken.fleet.counts import FleetCounts
 from wxtoken.fleet.events import Fenced
 from wxtoken.fleet.keys import Keys
 from wxtoken.fleet.lease import Lease
+from wxtoken.fleet.memory import Memory
 from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
 from wxtoken.logs import get_logger, mask
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import RefreshModel, model_of
 from wxtoken.status import AppStatus, fingerprint
-from wxtoken.store import FileStore, atomic_write
+from wxtoken.store import FileStore
 
-STATUS_TTL = 3 * 86400  # the fleet's counts outlive a WeChat day, and no more
-FLEET_FIELDS = {"calls_day": str, "calls_today": int, "forced_today": int,
-                "last_forced_at": float, "forced_streak": int, "ticket_replaced_at": float,
-                "refreshed_at_exact": float,  # the record's refreshed_at with its fraction
-                "refused_token": str}  # a reported token a forced refresh could not replace
 FENCED_TTL = 86400  # a fenced-fetch mark outlives any record it can concern
-
-
-@dataclass
-class Memory:
-    """What this host remembers of its file's token, on disk across restarts: the generation it
-    was written under (for a token fetched while Redis was away: the highest generation seen
-    then), a fingerprint of the token (a file changed behind the memory's back is of unknown
-    generation), whether this host fetched it alone, and the highest generation seen."""
-
-    seen: int = 0
-    gen: int = 0
-    token: str = ""
-    alone: bool = False
-
-    @classmethod
-    def load(cls, path: str) -> Memory:
-        try:
-            with open(path, "rb") as fh:
-                doc = json.loads(fh.read(4096))
-            memory = cls(int(doc["seen"]), int(doc["gen"]), str(doc["token"]),
-                         bool(doc["alone"]))
-        except (OSError, ValueError, TypeError, KeyError):
-            return cls()
-        return memory if memory.seen >= 0 and memory.gen >= 0 else cls()
 
 
 class FleetStore:
@@ -100,6 +75,7 @@ class FleetStore:
         self.keys = Keys(fleet.prefix, identity or app.identity)
         self.log = get_logger(app=self.key, appid=app.appid, api=app.api)
         self.lease = Lease(fleet, self.keys, self.log)
+        self.counts = FleetCounts(fleet, self.keys)
         # a lease whose holder died frees itself this late: waiting for it is not a stall
         self.extra_wait = self.lease.extra_wait
         self.memory_path = os.path.join(os.path.dirname(self.local.lock_path),
@@ -117,6 +93,7 @@ class FleetStore:
         self.by = ""  # who wrote the record last seen
         self._local = threading.Lock()  # orders this host's writes of its local file
         self.unannounced: TokenRecord | None = None  # written, but the fleet not yet told
+        self.removed = False  # Redis refused a write or seed: the identity was removed
 
     @property
     def degraded(self) -> bool:
@@ -143,6 +120,8 @@ class FleetStore:
         """Just before an upstream call: whether this host still holds the lease (a holder
         paused past it must not fetch: its fetch would retire the new leader's token). True
         when Redis is down (the host decides alone then)."""
+        if self.removed and self._still_removed():
+            return False
         lease = self.lease
         if not lease.held:
             return True
@@ -163,6 +142,25 @@ class FleetStore:
             self.log.warning("lease.lost", reason="the lease ran out before the upstream call: "
                              "no call")
         return bool(owned)
+
+    def _still_removed(self) -> bool:
+        """Whether the identity is still removed (an authorization since deletes the mark);
+        True while Redis cannot say."""
+        try:
+            self.removed = bool(self.fleet.client.exists(self.keys.gone))
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return True
+        if self.removed:
+            self.log.warning("fleet.removed_no_call", reason="removed from the fleet (the "
+                             "authorization was cancelled): no call")
+        return self.removed
+
+    def _refused_removed(self) -> None:
+        if not self.removed:
+            self.log.warning("fleet.removed", reason="removed from the fleet (the authorization "
+                             "was cancelled): its token is not written back to Redis")
+        self.removed = True
 
     # -- the record -----------------------------------------------------------------------------
     def _to_local(self, record: TokenRecord) -> TokenRecord:
@@ -276,9 +274,12 @@ class FleetStore:
     def seed(self, record: TokenRecord, gen: int) -> bool:
         """Put this host's valid record into Redis as generation ``gen``, unless Redis holds
         one of that generation or higher."""
-        done = bool(self.fleet.seed_record(
-            keys=[self.keys.record, self.keys.gen, self.keys.fenced],
+        answer = int(self.fleet.seed_record(
+            keys=[self.keys.record, self.keys.gen, self.keys.fenced, self.keys.gone],
             args=[record_json(record, 0, self.fleet.host), gen, self.seen_gen]))
+        if answer < 0:
+            self._refused_removed()
+        done = answer > 0
         if done:
             self.log.warning("fleet.reseeded", token=mask(record.access_token), generation=gen,
                              expires_in=int(record.expires_at - self.fleet.clock()),
@@ -330,7 +331,7 @@ class FleetStore:
             return
         try:
             written, theirs, *seeded = self.fleet.write_record(
-                keys=[self.keys.record, self.keys.gen, self.keys.fenced],
+                keys=[self.keys.record, self.keys.gen, self.keys.fenced, self.keys.gone],
                 args=[record_json(record, gen, self.fleet.host), gen])
         except REDIS_ERRORS as exc:
             # the token is the newest WeChat handed out: keep it here; when Redis is back, this
@@ -340,6 +341,10 @@ class FleetStore:
             return
         self._ok()
         retiring, self._retiring = self._retiring, False
+        if not written and theirs < 0:
+            self._refused_removed()
+            raise Superseded("removed from the fleet: the authorization was cancelled")
+        self.removed = False
         if not written:
             self.log.warning("fleet.fenced", generation=gen, theirs=theirs,
                              token=mask(record.access_token),
@@ -364,15 +369,7 @@ class FleetStore:
         """Keep what this host knows of its file's token (best effort: a memory lost or stale
         only makes the file's generation unknown, and Redis's record wins)."""
         self.memory = memory
-        data = json.dumps(asdict(memory), separators=(",", ":")).encode()
-        try:
-            atomic_write(self.memory_path, data, 0o600, durable=False)
-        except FileNotFoundError:  # a follower takes no lock: the private directory may not be
-            with contextlib.suppress(OSError):
-                os.makedirs(os.path.dirname(self.memory_path), 0o700, exist_ok=True)
-                atomic_write(self.memory_path, data, 0o600, durable=False)
-        except OSError:
-            pass
+        memory.save(self.memory_path)
 
     def _write_alone(self, record: TokenRecord, base: int) -> None:
         """A token fetched while Redis could not be written: this host's file, remembered as
@@ -422,32 +419,8 @@ class FleetStore:
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def read_status(self) -> AppStatus:
-        status = self.local.read_status()
-        if not self.fleet.may_try():
-            return status
-        try:
-            shared = self.fleet.client.hgetall(self.keys.status)
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
-            return status
-        self._ok()
-        for name, kind in FLEET_FIELDS.items():
-            value = shared.get(name.encode())
-            if value is not None:
-                with contextlib.suppress(ValueError):
-                    setattr(status, name, kind(text(value)))
-        return status
+        return self.counts.read(self.local.read_status())
 
     def write_status(self, status: AppStatus, durable: bool = True) -> None:
         self.local.write_status(status, durable)
-        if not self.fleet.may_try():
-            return
-        try:
-            pipe = self.fleet.client.pipeline(transaction=True)
-            pipe.hset(self.keys.status, mapping={k: str(getattr(status, k)) for k in FLEET_FIELDS})
-            pipe.expire(self.keys.status, STATUS_TTL)
-            pipe.execute()
-        except REDIS_ERRORS as exc:
-            self.fleet.mark_down(exc)
-            return
-        self._ok()
+        self.counts.write(status)
