@@ -312,3 +312,44 @@ def test_a_candidate_cut_off_from_redis_never_retires_the_fleets_token(
         assert host_a.stop() == 0 and host_p.stop() == 0
     finally:
         cut.close()
+
+
+def test_a_look_without_the_lock_changes_nothing_and_the_locked_read_reseeds(
+        hosts: Callable[..., Path], redis_server: RedisServer) -> None:
+    """The refresher's look without the lock (``look()``) is side-effect free: with Redis
+    emptied under a host whose file holds a newer token, it re-seeds nothing, writes no file
+    and announces nothing; the read under the lock (and the lease) re-seeds Redis from the
+    file, and only then does the file follow the record."""
+    from wxtoken.config import load_config
+    from wxtoken.fleet.shared import Fleet
+    from wxtoken.fleet.store import FleetStore
+    from wxtoken.record import TokenRecord
+    path = hosts(MAIN)
+    config = load_config(str(path))
+    assert config.redis is not None
+    fleet = Fleet(config, config.redis)
+    store = FleetStore(fleet, config.apps[0])
+    client = redis_server.client()
+    now = int(time.time())
+    with store.locked(10):
+        store.write(TokenRecord("main", APPID, "T1", now + 7200, now))
+    assert record_of(redis_server)["access_token"] == "T1"
+    state = Path(config.state_dir)
+    client.delete(RECORD)  # Redis lost it (flushed, restarted empty)
+    before = (state / "main.json").stat().st_mtime_ns
+    version = client.get("wxtoken:version")
+    assert store.look() is None
+    assert client.get(RECORD) is None and client.get("wxtoken:version") == version
+    assert (state / "main.json").stat().st_mtime_ns == before
+    with store.locked(10):
+        record = store.read()
+    assert record is not None and record.access_token == "T1"
+    assert record_of(redis_server)["access_token"] == "T1"
+    assert client.get("wxtoken:version") != version  # the re-seed was announced
+    # another host's newer record: a look returns it, and leaves the file to the sync thread
+    client.set(RECORD, json.dumps({**record_of(redis_server), "access_token": "T2",
+                                   "gen": record_of(redis_server)["gen"] + 1}))
+    looked = store.look()
+    assert looked is not None and looked.access_token == "T2"
+    assert token_of(path) == "T1"
+    fleet.client.close()

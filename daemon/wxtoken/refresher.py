@@ -193,7 +193,7 @@ class Refresher:
             return None
         now = self.clock()
         try:
-            record = self.store.read()
+            record = self.store.look()
         except TokenCorrupt:
             return None
         status = self.store.read_status()

@@ -91,7 +91,12 @@ class TokenStore(Protocol):
         out while its holder was paused)."""
 
     def read(self) -> TokenRecord | None:
-        """The current record; None when there is none; TokenCorrupt when it is unusable."""
+        """The current record, under the lock (a shared store brings the local file and the
+        shared record in step here); None when there is none; TokenCorrupt when unusable."""
+
+    def look(self) -> TokenRecord | None:
+        """The current record as it stands, without the lock and with no side effect: enough
+        to decide *not* to act; whatever needs doing is done under the lock, from read()."""
 
     def retired(self, record: TokenRecord) -> bool:
         """Whether ``record`` (as last read) may have been retired by a fetch made elsewhere
@@ -365,6 +370,8 @@ class FileStore:
             return load_record(self.path, self.app)[0]
         except TokenMissing:
             return None
+
+    look = read  # a file has nothing to bring in step
 
     def write(self, record: TokenRecord) -> None:
         if os.path.isdir(self.path) and not os.path.islink(self.path):

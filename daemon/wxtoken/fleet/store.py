@@ -4,13 +4,15 @@ the local file every host keeps (the contract readers rely on).
 - ``locked()``: the local writers' lock, then the fleet's lease and the generation taken with
   it (lease.py). ``holding()`` says, just before the upstream call, whether the lease is still
   this host's.
-- ``read()``: the Redis record. Tokens are ordered by generation alone, never by host clocks
-  or expiries: this host remembers (memory.py, in ``.locks/<app>.gen``) the generation its
-  file's token was written under and the highest it has seen, across restarts. Its file
-  re-seeds Redis (no upstream call) only when Redis has no record, when Redis's generation is
-  lower than the file's (a Redis restored from an old snapshot, a lagging replica promoted),
-  or with a token this host fetched itself while Redis was away and nobody wrote since.
-  Otherwise the record wins and the file follows it.
+- ``look()``: the Redis record as it stands, with no side effect (the refresher's look
+  without the lock).
+- ``read()``, under the lock: the Redis record. Tokens are ordered by generation alone,
+  never by host clocks or expiries: this host remembers (memory.py, in ``.locks/<app>.gen``)
+  the generation its file's token was written under and the highest it has seen, across
+  restarts. Its file re-seeds Redis (no upstream call) only when Redis has no record, when
+  Redis's generation is lower than the file's (a Redis restored from an old snapshot, a
+  lagging replica promoted), or with a token this host fetched itself while Redis was away and
+  nobody wrote since. Otherwise the record wins and the file follows it.
 - ``write()``: a compare-and-set that refuses a lower generation than the record's, so a holder
   that lost its lease (paused, SIGSTOPped, a hung call) never overwrites a newer token; then the
   local file.
@@ -270,6 +272,19 @@ class FleetStore:
         if record is not None:
             self._write_local(record, gen)
         return record
+
+    def look(self) -> TokenRecord | None:
+        """The Redis record as it stands (the local file while Redis is unreachable): no
+        re-seed, no file written, no announce. None when Redis has none: the refresher then
+        takes the lock (and the lease), and read() decides whether this host's file re-seeds
+        it."""
+        if not self.fleet.may_try():
+            return self._local_record()
+        try:
+            return self._fetch()[0]
+        except REDIS_ERRORS as exc:
+            self.fleet.mark_down(exc)
+            return self._local_record()
 
     def seed(self, record: TokenRecord, gen: int) -> bool:
         """Put this host's valid record into Redis as generation ``gen``, unless Redis holds
