@@ -275,7 +275,7 @@ def test_sigkill_across_rotating_refreshes_never_needs_a_human(
                timeout=20)
     rng = random.Random(7)
     for _ in range(12):
-        time.sleep(rng.uniform(0.2, 1.5))
+        time.sleep(rng.uniform(0.2, 1.5))  # a random moment of the refreshes to kill at
         d.stop(signal.SIGKILL)
         d = daemons(p.config)
         d.wait_for("daemon.ready", timeout=20)
@@ -418,7 +418,7 @@ def test_a_thousand_authorizers_discovered_refreshed_and_restarted_with_no_call(
     calls = emulator.calls()
     d = daemons(p.config)
     d.wait_for("daemon.ready", timeout=30)
-    time.sleep(2)
+    time.sleep(2)  # the restart's first runs (all within this) find every token fresh
     assert emulator.calls() == calls
     assert not any(e.get("event") == "authorizers.reconciled" for e in d.events())
     assert d.stop() == 0

@@ -204,7 +204,7 @@ def test_the_leader_killed_the_other_candidate_goes_on_with_the_fleets_refresh_t
     emulator.platforms.components[COMP].pushing = False
     before = emulator.calls(api="authorizer_token")
     components = emulator.calls(api="component_token")
-    time.sleep(12)
+    time.sleep(12)  # a few rotations more, by B alone
     assert emulator.calls(api="authorizer_token") >= before + n
     assert emulator.calls(api="component_token") > components
     for i in range(n):

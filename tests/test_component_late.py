@@ -129,7 +129,7 @@ def test_a_late_unauthorized_never_removes_a_later_authorization_even_after_a_re
     d.wait_for("daemon.ready", timeout=15)
     post(platform.url, late)  # the very same message again, within its 10 minutes
     d.wait_for("authorizer.unauthorized_ignored")
-    time.sleep(1)
+    time.sleep(1)  # a removal, were it coming, would be done by now
     assert kept(platform.dir, auth(1))
     assert emulator.token_status(platform.token(auth(1))) == 0
     assert not named(d, "authorizer.removed", auth(1))
@@ -267,7 +267,7 @@ def test_a_fleets_follower_hands_an_unordered_unauthorized_to_a_candidate_that_a
     else:
         wait_until(lambda: any(named(d, "authorizer.unauthorized_ignored", auth(1))
                                for d in (da, db)), timeout=20)
-        time.sleep(1)
+        time.sleep(1)  # a removal, were it coming, would be done by now
         assert all(h.has(auth(1)) for h in (a, b, c))
         assert r.sismember(f"{base}:authorizers", auth(1))
     for d in (da, db, dc):

@@ -93,7 +93,7 @@ def test_three_daemons_on_one_state_dir_make_one_call_per_refresh(
     for d in procs:
         d.wait_for("daemon.ready")
     start_calls = emulator.calls()
-    time.sleep(20)
+    time.sleep(20)  # the ten periods the count covers
     for d in procs:
         assert d.stop() == 0
     calls = emulator.calls() - start_calls
@@ -196,7 +196,7 @@ def test_sigterm_during_refreshes_stops_cleanly_and_leaves_no_partial_file(
     for sig in (signal.SIGTERM, signal.SIGINT):
         d = daemons(config)
         d.wait_for("daemon.ready")
-        time.sleep(1.1)
+        time.sleep(1.1)  # refreshes every 0.5 s: the signal lands among them
         assert d.stop(sig) == 0
         assert read_json(state / "main.json")["app"] == "main"
         assert [p for p in os.listdir(state) if p.endswith(".tmp")] == []
@@ -231,7 +231,7 @@ def test_permanent_error_is_logged_at_error_with_errcode_and_backs_off(
     failed = d.wait_for("refresh.failed")
     assert failed["level"] == "error" and failed["errcode"] == code and failed["errmsg"]
     assert "returned errcode" in failed["error"]
-    time.sleep(3)
+    time.sleep(3)  # a retry storm would have called several times by now
     assert emulator.calls() == 1  # hard backoff: 5 s or more at this refresh_interval
     assert d.stop() == 0
 

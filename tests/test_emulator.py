@@ -56,7 +56,7 @@ def test_stable_token_is_the_same_until_the_last_window(emulator: Emulator) -> N
     a = stable(emulator)
     assert stable(emulator)["access_token"] == a["access_token"]
     assert stable(emulator)["expires_in"] <= 3
-    time.sleep(2.2)
+    time.sleep(2.2)  # into the token's last second: its final window
     b = stable(emulator)
     assert b["access_token"] != a["access_token"] and b["expires_in"] == 3
     assert "ip_list" in business(emulator, a["access_token"])

@@ -38,7 +38,7 @@ def test_hard_errors_back_off_to_a_handful_of_calls_per_scaled_hour(
     config = make_config(refresh_interval=3)  # a scaled "hour" of 3 s
     d = daemons(config)
     d.wait_for("daemon.ready")
-    time.sleep(15)
+    time.sleep(15)  # five scaled hours: how many calls they cost is the point
     status = run_cli("status", "--config", str(config))
     assert d.stop() == 0
     calls = emulator.calls()  # after the stop: no attempt can fall between count and log
@@ -61,14 +61,14 @@ def test_daily_budget_stops_calls_across_a_restart(
     config = make_config(refresh_interval=0.3, daily_budget=3)
     d = daemons(config)
     d.wait_for("budget.exhausted", timeout=10)
-    time.sleep(1)
+    time.sleep(1)  # three periods of 0.3 s: a call past the budget would come within this
     assert d.stop() == 0
     assert emulator.calls() == 3
     exhausted = [e for e in d.events() if e["event"] == "budget.exhausted"]
     assert len(exhausted) == 1 and exhausted[0]["level"] == "error"
     again = daemons(config)
     again.wait_for("daemon.ready")
-    time.sleep(1.5)
+    time.sleep(1.5)  # a restarted daemon's calls, were it to make any, come within this
     assert again.stop() == 0
     assert emulator.calls() == 3
     status = run_cli("status", "--json", "--config", str(config))
@@ -89,7 +89,7 @@ def test_disk_full_keeps_the_old_token_and_recovers(
         filler = fill(state)
         failed = d.wait_for("store.failed", timeout=10)
         assert "no space left on device" in failed["error"] and failed["level"] == "error"
-        time.sleep(2)
+        time.sleep(2)  # retries keep failing meanwhile: the file must not change
         assert (state / "main.json").read_bytes() == before
         calls = emulator.calls()
         filler.unlink()
@@ -135,7 +135,7 @@ def test_read_only_state_dir_keeps_the_old_token_and_recovers(
         failed = d.wait_for("store.failed", timeout=10)
         assert "read-only file system" in failed["error"]
         calls = emulator.calls()
-        time.sleep(2)
+        time.sleep(2)  # retries of the write meanwhile must not call WeChat again
         assert emulator.calls() == calls == 1
         assert (state / "main.json").read_bytes() == before
         subprocess.run(["mount", "-o", "remount,rw", str(state)], check=True)

@@ -66,6 +66,11 @@ def test_three_hosts_make_one_call_per_refresh_and_every_file_follows(
     assert all(emulator.token_status(t) in (0, 42001) for t in seen)
 
 
+def calls_above(emulator: Emulator, n: int) -> Callable[[], bool]:
+    """A condition: the emulator has answered more than ``n`` token calls (a refresh more)."""
+    return lambda: emulator.calls(APPID, "token") > n
+
+
 def test_followers_without_a_secret_keep_current_files_and_call_nothing(
         emulator: Emulator, hosts: Callable[..., Path], daemons: Callable[..., DaemonProcess]
         ) -> None:
@@ -78,9 +83,10 @@ def test_followers_without_a_secret_keep_current_files_and_call_nothing(
     procs = [daemons(c) for c in candidates + followers]
     for d in procs:
         d.wait_for("daemon.ready", timeout=15)
-    time.sleep(8)
+    start = emulator.calls()
+    wait_until(lambda: emulator.calls() >= start + 3, timeout=20)  # three refreshes more
     current = read_json(state_of(candidates[0]) / "main.json")["access_token"]
-    time.sleep(0.5)
+    time.sleep(0.5)  # a refresh's file reaches the followers within this (pub/sub)
     tokens = {read_json(state_of(c) / "main.json")["access_token"]
               for c in candidates + followers}
     assert len(tokens) == 1 and emulator.token_status(tokens.pop()) == 0
@@ -271,7 +277,7 @@ def test_sdks_read_the_fleets_token_from_their_own_redis_keys(
     token_calls = emulator.calls(APPID, "token")
     for _ in range(4):  # across several refreshes
         assert client.misc.get_wechat_ips() == ["127.0.0.1"]
-        time.sleep(3.5)
+        wait_until(calls_above(emulator, emulator.calls(APPID, "token")), timeout=15)
     assert client.misc.get_wechat_ips() == ["127.0.0.1"]
     # stopped before counting and comparing: a refresh in flight is counted by the emulator
     # before its token.refreshed line, and writes the file before the SDK keys

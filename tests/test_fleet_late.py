@@ -94,7 +94,7 @@ def test_a_request_landing_after_the_fleet_fetched_once_more_is_caught_after_the
     retired = host_a.wait_for("fleet.token_retired", timeout=30)
     assert retired["level"] == "warning"
     wait_until(lambda: emulator.calls(APPID, "token") >= 4, timeout=10)
-    time.sleep(s.overlap + 1)
+    time.sleep(s.overlap + 1)  # past WeChat's overlap: a retired token is refused now
     final = record_of(redis_server)["access_token"]
     assert emulator.token_status(final) == 0
     wait_until(lambda: token_of(a) == token_of(b) == final, timeout=5)
@@ -128,7 +128,7 @@ def test_a_mark_is_not_cleared_by_a_write_from_a_fetch_made_before_it(
     host_b.wait_for("token.refreshed", timeout=20)
     s.latency = 0.0
     wait_until(lambda: emulator.calls(APPID, "token") >= 3, timeout=20)  # once more
-    time.sleep(s.overlap + 1)
+    time.sleep(s.overlap + 1)  # past WeChat's overlap: a retired token is refused now
     final = record_of(redis_server)["access_token"]
     assert emulator.token_status(final) == 0, "the fleet's record is a token WeChat refuses"
     wait_until(lambda: token_of(a) == token_of(b) == final, timeout=5)
@@ -172,7 +172,7 @@ def test_a_write_refused_by_a_reseeded_record_marks_it(
         wait_until(lambda: emulator.token_status(record_of(redis_server)["access_token"]) == 0
                    and token_of(ch) == token_of(cb) == record_of(redis_server)["access_token"],
                    timeout=15)
-        time.sleep(s.overlap + 1)
+        time.sleep(s.overlap + 1)  # past WeChat's overlap: a retired token is refused now
         final = record_of(redis_server)["access_token"]
         seen = [(e["event"], e.get("generation"), e.get("theirs"), e.get("token"))
                 for d in (h, b) for e in d.events()
@@ -208,7 +208,7 @@ def test_a_mark_left_by_a_host_that_died_is_acted_on_by_the_others(
     wait_until(lambda: redis_server.client().get(fenced) is not None, timeout=10, interval=0.001)
     os.kill(host_a.proc.pid, signal.SIGKILL)
     wait_until(lambda: emulator.calls(APPID, "token") >= 3, timeout=s.overlap)
-    time.sleep(s.overlap + 1)
+    time.sleep(s.overlap + 1)  # past WeChat's overlap: a retired token is refused now
     final = record_of(redis_server)["access_token"]
     assert emulator.token_status(final) == 0
     assert token_of(b) == final

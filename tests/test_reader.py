@@ -116,7 +116,7 @@ def test_corrupted_after_a_good_read_is_seen(tmp_path: Path) -> None:
     write_token(tmp_path, "tok-A")
     read_token("main", str(tmp_path))
     atomic_write(str(tmp_path / "main.json"), b"garbage", 0o640)
-    time.sleep(CHECK_EVERY + 0.01)
+    time.sleep(CHECK_EVERY + 0.01)  # the cache looks at the file again after this
     with pytest.raises(TokenCorrupt):
         read_token("main", str(tmp_path))
 

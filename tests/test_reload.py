@@ -89,7 +89,7 @@ def test_apps_added_removed_and_changed_under_a_running_daemon(
     assert data["access_token"] == main_token and "jsapi_ticket" in data
     assert emulator.calls(APPID, "token") == 1  # the ticket came with the token it had
     assert (state / "mini.json").exists()  # a removed app's file stays until it expires
-    time.sleep(1)
+    time.sleep(1)  # a call for a removed or unchanged app, were one coming, comes within this
     assert d.stop() == 0
     assert emulator.calls(APPID2) == 1
     reloaded = [e for e in d.events() if e["event"] == "config.reloaded"]

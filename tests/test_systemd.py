@@ -306,7 +306,7 @@ def test_wrong_secret_keeps_the_service_up_and_reports_the_errcode(
     status = box.run("wxtoken", "status", check=False)
     assert status.returncode == 1 and "bad" in status.stdout
     assert "wrong-s3cr3t-for-bad" not in errors + status.stdout
-    time.sleep(2)
+    time.sleep(2)  # a failing app must not make systemd restart the service meanwhile
     assert show(box, "ActiveState") == "active" and show(box, "NRestarts") == "0"
     assert re.match(r"1/2 apps fresh; failing: bad", show(box, "StatusText"))
     box.run("systemctl", "stop", "wxtoken")
@@ -321,7 +321,7 @@ def test_watchdog_is_fed_by_the_scheduler_and_a_hung_daemon_is_restarted(
     box.run("systemctl", "daemon-reload")
     box.run("systemctl", "start", "wxtoken")
     pid = show(box, "MainPID")
-    time.sleep(5)
+    time.sleep(5)  # two watchdog periods and more: a daemon that misses its pings is killed
     assert show(box, "ActiveState") == "active" and show(box, "MainPID") == pid
     assert show(box, "NRestarts") == "0"
     box.run("kill", "-STOP", pid)
