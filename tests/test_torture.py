@@ -75,7 +75,7 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(
         emulator: Emulator, make_config: Callable[..., Path], tmp_path: Path,
         daemons: Callable[..., DaemonProcess]) -> None:
     """200 SIGKILLs of daemons writing 4 files 10x/s (two at a time on one state dir, each
-    killed at its own random moments): readers never see a partial file."""
+    killed at a random moment once it writes): readers never see a partial file."""
     apps = {}
     for i in range(4):
         appid = f"wx{i:016d}"
@@ -84,17 +84,34 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(
     config = make_config(apps, refresh_interval=0.1)
     state = tmp_path / "state"
     stop = tmp_path / "stop"
+    files = [state / f"app{i}.json" for i in range(4)]
     # a short pause per round leaves CPU for the daemons being killed (2 cores in CI)
-    readers = start_readers(2, stop, 0, [state / f"app{i}.json" for i in range(4)], 0.0002)
+    readers = start_readers(2, stop, 0, files, 0.0002)
     leftovers = [0, 0]
+    writing = [0, 0]  # kills that landed once the daemon had written (not during its start)
+
+    def written() -> tuple[int, ...]:
+        stamps = []
+        for path in files:
+            try:
+                stamps.append(path.stat().st_mtime_ns)
+            except FileNotFoundError:
+                stamps.append(0)
+        return tuple(stamps)
 
     def kill_loop(lane: int) -> None:
         rng = random.Random(20261124 + lane)
         for _ in range(100):
+            before = written()
             proc = subprocess.Popen([sys.executable, "-m", "wxtoken", "run", "--config",
                                      str(config)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, 0.7))  # a random moment of its writes to kill at
+            # its start takes longer on a loaded machine: the kill comes once files change
+            deadline = time.monotonic() + 10
+            while written() == before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            writing[lane] += written() != before
+            time.sleep(rng.uniform(0.0, 0.25))  # a random moment of its writes to kill at
             proc.kill()
             proc.wait()
             leftovers[lane] += len([p for p in os.listdir(state) if p.endswith(".tmp")])
@@ -105,6 +122,7 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(
         lane.start()
     for lane in lanes:
         lane.join()
+    assert sum(writing) >= 150, writing  # the kills hit daemons at work
     stop.touch()
     results = collect(readers)
     for r in results:
@@ -118,8 +136,9 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(
     for i in range(4):
         data = json.loads((state / f"app{i}.json").read_text())
         assert emulator.token_status(data["access_token"]) == 0
-    print(f"kill -9 torture: {emulator.calls()} refreshes, temp files seen after kills: "
-          f"{sum(leftovers)}, reads: {sum(int(str(r['reads'])) for r in results)}")
+    print(f"kill -9 torture: {emulator.calls()} refreshes, {sum(writing)} kills while writing, "
+          f"temp files seen after kills: {sum(leftovers)}, "
+          f"reads: {sum(int(str(r['reads'])) for r in results)}")
 
 
 def test_100k_reads_during_continuous_refreshes_are_never_torn(
