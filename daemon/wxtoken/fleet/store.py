@@ -38,8 +38,6 @@ Times in records are the fleet's (Redis TIME); local files are written in this h
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 from collections.abc import Iterator
 
 from wxtoken.config import AppConfig
@@ -50,6 +48,7 @@ from wxtoken.fleet.counts import FleetCounts
 from wxtoken.fleet.events import Fenced
 from wxtoken.fleet.keys import Keys
 from wxtoken.fleet.lease import Lease
+from wxtoken.fleet.local import LocalCopy
 from wxtoken.fleet.memory import Memory
 from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
 from wxtoken.logs import get_logger, mask
@@ -80,11 +79,9 @@ class FleetStore:
         self.counts = FleetCounts(fleet, self.keys)
         # a lease whose holder died frees itself this late: waiting for it is not a stall
         self.extra_wait = self.lease.extra_wait
-        self.memory_path = os.path.join(os.path.dirname(self.local.lock_path),
-                                        f"{self.local.app}.gen")
-        self.memory = Memory.load(self.memory_path)
+        self.copy = LocalCopy(fleet, self.local)  # the file, and its token's generation
         # the highest generation this host has seen (a floor after a flush), across restarts
-        self.seen_gen = self.memory.seen
+        self.seen_gen = self.copy.memory.seen
         self._last: tuple[str, int] = ("", 0)  # the record last read: its token, generation
         self._fenced = 0  # the fenced-fetch mark read with it (0: none)
         self._retiring = False  # the last token call may have retired the previous token
@@ -93,7 +90,6 @@ class FleetStore:
         self.suspect = False
         self.checks: FleetChecks = FleetChecks(self)
         self.by = ""  # who wrote the record last seen
-        self._local = threading.Lock()  # orders this host's writes of its local file
         self.unannounced: TokenRecord | None = None  # written, but the fleet not yet told
         self.removed = False  # Redis refused a write or seed: the identity was removed
 
@@ -165,29 +161,6 @@ class FleetStore:
         self.removed = True
 
     # -- the record -----------------------------------------------------------------------------
-    def _to_local(self, record: TokenRecord) -> TokenRecord:
-        """The record in this host's time (the same times while the clocks agree; the
-        measurement's uncertainty counts against the token)."""
-        shift = self.fleet.offset + self.fleet.uncertainty
-        return record.replace(
-            expires_at=round(record.expires_at - shift),
-            refreshed_at=round(record.refreshed_at - shift),
-            tickets={k: (t, round(e - shift)) for k, (t, e) in record.tickets.items()})
-
-    def _to_fleet(self, record: TokenRecord | None) -> TokenRecord | None:
-        if record is None:
-            return None
-        shift = round(self.fleet.offset)
-        return record.replace(
-            expires_at=record.expires_at + shift, refreshed_at=record.refreshed_at + shift,
-            tickets={k: (t, e + shift) for k, (t, e) in record.tickets.items()})
-
-    def _local_record(self) -> TokenRecord | None:
-        try:
-            return self._to_fleet(self.local.read())
-        except TokenCorrupt:
-            return None
-
     def _fetch(self) -> tuple[TokenRecord | None, int]:
         """The Redis record and its generation (None, 0 when there is none usable), and the
         fenced-fetch mark beside it (one round trip)."""
@@ -221,56 +194,48 @@ class FleetStore:
         """Whether the record last read is marked fenced (its token may be retired)."""
         return self._fenced > 0 and bool(self._last[0]) and self._last[1] <= self._fenced
 
-    def _known_gen(self, local: TokenRecord) -> int | None:
-        """The generation this host's file's token was written under; None when unknown (the
-        file changed behind the memory's back, or an older version wrote it)."""
-        if self.memory.token != fingerprint(local.access_token):
-            return None
-        return self.memory.gen
-
     def _settle(self, record: TokenRecord | None, gen: int) -> tuple[TokenRecord | None, int]:
         """Decide between the Redis record (generation ``gen``) and this host's valid file by
         generation, and re-seed Redis from the file when the file is the newer; returns the
         record the fleet holds afterwards. Raises Redis's errors."""
-        local = self._local_record()
+        local = self.copy.record()
         if local is None or local.expires_at <= self.fleet.clock() or (
                 record is not None and local.access_token == record.access_token):
             return record, gen
-        known = self._known_gen(local)
+        known = self.copy.known_gen(local)
         seed_gen: int | None = None
         if record is None:
             # Redis restarted empty or was flushed: the file's generation orders the seeds
-            seed_gen = (known + 1 if self.memory.alone else known) if known is not None else 0
-        elif known is not None and self.memory.alone and gen <= known:
+            seed_gen = (known + 1 if self.copy.memory.alone else known) if known is not None else 0
+        elif known is not None and self.copy.memory.alone and gen <= known:
             seed_gen = known + 1  # fetched while Redis was away, and nobody wrote since
-        elif known is not None and not self.memory.alone and gen < known:
+        elif known is not None and not self.copy.memory.alone and gen < known:
             seed_gen = known  # Redis went back (an old snapshot, a lagging replica promoted)
         if seed_gen is not None and self.seed(local, seed_gen):
             return self._fetch()
-        if known is not None and self.memory.alone and record is not None and \
+        if known is not None and self.copy.memory.alone and record is not None and \
                 model_of(self.app.api) is RefreshModel.NEW_EACH_CALL:
             # a token this host fetched alone lost to a record written since: which WeChat
             # issued last is unknown, so the record's token may be retired: one more fetch
             # (stable_token's and WeCom's calls made alone retire nothing)
             self._mark_fenced("this host fetched a token while Redis was away, and another "
                               "host wrote one since")
-            with self._local:
-                self.memory = Memory(self.seen_gen)
+            self.copy.forget(self.seen_gen)
             return self._fetch()
         return record, gen
 
     def read(self) -> TokenRecord | None:
         if not self.fleet.may_try():
-            return self._local_record()
+            return self.copy.record()
         try:
             if self.unannounced is not None:  # Redis failed right after a write: tell now
                 self._announce(self.unannounced)
             record, gen = self._settle(*self._fetch())
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
-            return self._local_record()
+            return self.copy.record()
         if record is not None:
-            self._write_local(record, gen)
+            self.copy.follow(record, gen, self.seen_gen)
         return record
 
     def look(self) -> TokenRecord | None:
@@ -279,12 +244,12 @@ class FleetStore:
         takes the lock (and the lease), and read() decides whether this host's file re-seeds
         it."""
         if not self.fleet.may_try():
-            return self._local_record()
+            return self.copy.record()
         try:
             return self._fetch()[0]
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
-            return self._local_record()
+            return self.copy.record()
 
     def seed(self, record: TokenRecord, gen: int) -> bool:
         """Put this host's valid record into Redis as generation ``gen``, unless Redis holds
@@ -300,7 +265,7 @@ class FleetStore:
                              expires_in=int(record.expires_at - self.fleet.clock()),
                              reason="Redis had no record this new")
             self.seen_gen = max(self.seen_gen, gen)
-            self._remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
+            self.copy.remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
             self._announce(record)
         return done
 
@@ -342,7 +307,7 @@ class FleetStore:
     def write(self, record: TokenRecord) -> None:
         gen = self.lease.gen
         if not self.lease.held:  # Redis was down when the lock was taken: this host alone
-            self._write_alone(record, self.seen_gen)
+            self.copy.alone(record, self.seen_gen, self.seen_gen)
             return
         try:
             written, theirs, *seeded = self.fleet.write_record(
@@ -352,7 +317,7 @@ class FleetStore:
             # the token is the newest WeChat handed out: keep it here; when Redis is back, this
             # host's file re-seeds it (unless a host wrote a newer generation meanwhile)
             self.fleet.mark_down(exc)
-            self._write_alone(record, gen - 1)
+            self.copy.alone(record, gen - 1, self.seen_gen)
             return
         self._ok()
         retiring, self._retiring = self._retiring, False
@@ -377,42 +342,8 @@ class FleetStore:
                              f"generation {theirs}")
         self.by = self.fleet.host
         self._last = (record.access_token, gen)
-        self._write_local(record, gen)
+        self.copy.follow(record, gen, self.seen_gen)
         self._announce(record)
-
-    def _remember(self, memory: Memory) -> None:
-        """Keep what this host knows of its file's token (best effort: a memory lost or stale
-        only makes the file's generation unknown, and Redis's record wins)."""
-        self.memory = memory
-        memory.save(self.memory_path)
-
-    def _write_alone(self, record: TokenRecord, base: int) -> None:
-        """A token fetched while Redis could not be written: this host's file, remembered as
-        fetched alone after generation ``base``."""
-        with self._local:
-            self.local.write(self._to_local(record))
-            self._remember(Memory(self.seen_gen, max(0, base), fingerprint(record.access_token),
-                                  alone=True))
-
-    def _write_local(self, record: TokenRecord, gen: int) -> None:
-        """This host's file follows the fleet's record of generation ``gen``, unless the file's
-        token is known to be newer by generation (the sync thread and the refresher both write
-        it: a record read before another's write must not put an older token back)."""
-        with self._local:
-            local = self._local_record()
-            if local is not None and local.access_token == record.access_token and \
-                    local.expires_at == record.expires_at and local.tickets == record.tickets:
-                if self.memory.gen != gen or self.memory.alone or self.memory.seen < \
-                        self.seen_gen or self._known_gen(local) is None:
-                    self._remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
-                return
-            if local is not None and local.access_token != record.access_token and \
-                    local.expires_at > self.fleet.clock() and \
-                    (known := self._known_gen(local)) is not None and \
-                    (known >= gen if self.memory.alone else known > gen):
-                return
-            self.local.write(self._to_local(record))
-            self._remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
 
     def sync(self) -> bool:
         """Bring the local file up to the fleet's record (a follower's whole job; candidates
@@ -422,15 +353,11 @@ class FleetStore:
         if record is None:
             return False
         before = self.local_token()
-        self._write_local(record, gen)
+        self.copy.follow(record, gen, self.seen_gen)
         return self.local_token() != before
 
     def local_token(self) -> str | None:
-        try:
-            local = self.local.read()
-        except TokenCorrupt:
-            return None
-        return local.access_token if local else None
+        return self.copy.token()
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def read_status(self) -> AppStatus:
