@@ -291,6 +291,14 @@ def test_sigkill_across_rotating_refreshes_never_needs_a_human(
     assert d.stop() == 0
 
 
+def reconciled_just_now(platform: Platform) -> None:
+    """The platform's last reconcile was just now: one at start would find the authorizers a
+    test authorized on WeChat's list (not pushed) and fetch them itself (as it should), racing
+    the import the test is about (seen on a loaded machine)."""
+    platform.dir.mkdir(parents=True)
+    (platform.dir / ".platform.json").write_text(json.dumps({"last_reconcile": time.time()}))
+
+
 def test_import_seeds_refresh_and_access_tokens_with_zero_calls_until_due(
         platform: Platform, emulator: Emulator,
         daemons: Callable[..., DaemonProcess]) -> None:
@@ -300,10 +308,7 @@ def test_import_seeds_refresh_and_access_tokens_with_zero_calls_until_due(
     import; a token reader may not import."""
     for i in range(3):
         emulator.platforms.authorize(COMP, auth(i), push=False)
-    # the last reconcile was just now: one at start would find these three on WeChat's
-    # authorizer list and fetch them itself (as it should), racing the import this tests
-    platform.dir.mkdir(parents=True)
-    (platform.dir / ".platform.json").write_text(json.dumps({"last_reconcile": time.time()}))
+    reconciled_just_now(platform)
     d = daemons(platform.config)
     wait_component(d, platform)
     existing: list[dict[str, Any]] = []

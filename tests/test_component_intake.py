@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from test_component import COMP, Platform, auth, wait_component
+from test_component import COMP, Platform, auth, reconciled_just_now, wait_component
 from wxtoken.component.ticket_file import ticket_problem
 from wxtoken.emulator import Emulator
 
@@ -102,6 +102,7 @@ def test_import_refuses_the_whole_file_for_a_line_it_must_not_store(
     the first (good) line is stored, the component token's file is left alone and the component
     token is not refreshed; the good line alone is then taken."""
     emulator.platforms.authorize(COMP, auth(1), push=False)
+    reconciled_just_now(platform)
     d = daemons(platform.config)
     wait_component(d, platform)
     component_file = platform.dir / f"{COMP}.json"
@@ -133,6 +134,7 @@ def test_import_takes_an_expiry_within_a_tokens_life_and_a_past_one_as_no_token(
     is taken, the token fetched)."""
     for i in (1, 2):
         emulator.platforms.authorize(COMP, auth(i), push=False)
+    reconciled_just_now(platform)
     d = daemons(platform.config)
     wait_component(d, platform)
     refresh_token, access_token = issued(emulator, platform, auth(1))
