@@ -208,7 +208,14 @@ class Cancellations(Part):
         cannot be known now: the cancellation is tried again later."""
         token = self.parts.component_token()
         if token is None:
-            self.later(appid, 60.0, attempt + 1)
+            # at a start it comes within seconds (fetched, or followed from the fleet); a
+            # platform waiting for its ticket waits longer
+            wait = min(60.0, 2.0 * 2 ** attempt)
+            (self.log.info if attempt == 0 else self.log.debug)(
+                "authorizer.unauthorized_waits", app=appid, next_in=wait,
+                reason="no valid component_access_token yet to ask WeChat with: its files "
+                "stay meanwhile")
+            self.later(appid, wait, attempt + 1)
             return None
         with self._lock:
             since = self._since.get(appid)
