@@ -406,7 +406,8 @@ def test_a_removed_authorizers_token_is_never_put_back_into_redis(
     app = AppConfig(name=aid, api=Api.TOKEN, appid=aid, secret="",  # as component/parts.py
                     secret_source="component plat")
     store = FleetStore(fleet, app, identity=pf.identity(aid),
-                       local=FileStore(str(host.dir), aid, 0o640, None), key=f"plat/{aid}")
+                       local=FileStore(str(host.dir), aid, 0o640, None), key=f"plat/{aid}",
+                       still_removed=lambda: pf.still_removed(aid))  # as authorizers.py
     record_key = f"wxtoken:{{{pf.identity(aid)}}}:record"
 
     def file_token() -> str:
@@ -429,6 +430,9 @@ def test_a_removed_authorizers_token_is_never_put_back_into_redis(
         assert store.read() is None  # no re-seed from this host's (newer) file
         assert not r.exists(record_key)
         assert not store.holding()  # no call for a removed authorizer
+        status = store.read_status()
+        held = store.checks.before_fetch(app, None, None, status, time.time())
+        assert held is not None and held.next_at > time.time() + 60  # nothing counted: waits
         with pytest.raises(Superseded):
             store.write(token("T1"))
     assert not r.exists(record_key) and file_token() == "T0"
@@ -441,4 +445,12 @@ def test_a_removed_authorizers_token_is_never_put_back_into_redis(
         store.write(token("T2"))
     assert json.loads(r.get(record_key) or b"{}")["access_token"] == "T2"
     assert file_token() == "T2"
+    # the mark's deletion lost (a failure after the authorization's push): the authorizer is
+    # in the set, so the mark is stale, and the next write deletes it and goes through
+    gone_key = f"wxtoken:{{{pf.identity(aid)}}}:gone"
+    r.set(gone_key, "1")
+    with store.locked(10):
+        store.write(token("T3"))
+    assert json.loads(r.get(record_key) or b"{}")["access_token"] == "T3"
+    assert not r.exists(gone_key) and file_token() == "T3"
     fleet.client.close()

@@ -319,7 +319,8 @@ def test_a_look_without_the_lock_changes_nothing_and_the_locked_read_reseeds(
     """The refresher's look without the lock (``look()``) is side-effect free: with Redis
     emptied under a host whose file holds a newer token, it re-seeds nothing, writes no file
     and announces nothing; the read under the lock (and the lease) re-seeds Redis from the
-    file, and only then does the file follow the record."""
+    file, and only then does the file follow the record. A look does tell the fleet of this
+    host's own write when Redis failed to take the announce."""
     from wxtoken.config import load_config
     from wxtoken.fleet.shared import Fleet
     from wxtoken.fleet.store import FleetStore
@@ -352,4 +353,10 @@ def test_a_look_without_the_lock_changes_nothing_and_the_locked_read_reseeds(
     looked = store.look()
     assert looked is not None and looked.access_token == "T2"
     assert token_of(path) == "T1"
+    # the one thing a look does: tell the fleet of this host's own write that Redis failed
+    # to announce (the other hosts follow on the version)
+    version = client.get("wxtoken:version")
+    store.delivery.unannounced = looked
+    store.look()
+    assert store.delivery.unannounced is None and client.get("wxtoken:version") != version
     fleet.client.close()

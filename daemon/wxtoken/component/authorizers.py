@@ -61,9 +61,11 @@ class Authorizers(Part):
         """The token's FleetStore (record, lease, generation in Redis), followed by the sync
         thread: another host's refresh rewrites this host's file."""
         assert self.parts.node is not None and self.fleet is not None
+        fleet = self.fleet
         store = FleetStore(self.parts.node.fleet, self.parts.app(appid),
-                           identity=self.fleet.identity(appid), local=local,
-                           key=self.parts.key(appid))
+                           identity=fleet.identity(appid), local=local,
+                           key=self.parts.key(appid),
+                           still_removed=lambda: fleet.still_removed(appid))
         with self.tokens:
             old = self.stores.get(appid)
             if old is not None:

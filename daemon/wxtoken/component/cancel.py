@@ -210,7 +210,7 @@ class Cancellations(Part):
         if token is None:
             # at a start it comes within seconds (fetched, or followed from the fleet); a
             # platform waiting for its ticket waits longer
-            wait = min(60.0, 2.0 * 2 ** attempt)
+            wait = min(60.0, 2.0 * 2 ** min(attempt, 5))
             (self.log.info if attempt == 0 else self.log.debug)(
                 "authorizer.unauthorized_waits", app=appid, next_in=wait,
                 reason="no valid component_access_token yet to ask WeChat with: its files "
@@ -222,7 +222,7 @@ class Cancellations(Part):
         try:
             read = self.lists.read(token, newer_than=since)
         except UpstreamError as exc:
-            wait = max(self.lists.due(), min(CANCEL_BACKOFF, LIST_WINDOW * 2.0 ** attempt))
+            wait = max(self.lists.due(), min(CANCEL_BACKOFF, LIST_WINDOW * 2.0 ** min(attempt, 20)))
             self.log.warning("authorizer.unauthorized_unconfirmed", app=appid,
                              error=str(exc), errcode=exc.errcode, next_in=round(wait),
                              reason="the authorizer list could not be read to confirm the "
@@ -260,6 +260,7 @@ class Cancellations(Part):
         assert self.fleet is not None
         appid, ident = doc.get("unauthorized"), doc.get("id")
         if not isinstance(appid, str) or not APP_NAME_RE.match(appid) \
+                or appid == self.comp.component_appid \
                 or not isinstance(ident, str) or not ident \
                 or not self.fleet.claim(f"unauthorized:{ident}"):
             return

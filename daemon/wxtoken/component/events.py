@@ -85,6 +85,8 @@ class Authorizations(Part):
             appid = fields.get("AuthorizerAppid", "")
             if not APP_NAME_RE.match(appid):
                 raise WxtokenError("unauthorized without an AuthorizerAppid")
+            if appid == self.comp.component_appid:
+                raise WxtokenError("unauthorized naming the component itself")
             self.cancels.on_unauthorized(appid, self._event_time(fields))
             return info
         return "ignored"

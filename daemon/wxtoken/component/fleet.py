@@ -284,6 +284,18 @@ class PlatformFleet:
         self.fleet.mark_up()
         return found
 
+    def still_removed(self, appid: str) -> bool:
+        """Whether ``appid`` is out of the fleet's authorizers (an authorization since put it
+        back); True while Redis cannot say."""
+        if not self._ok():
+            return True
+        try:
+            member = bool(self.fleet.client.sismember(self.members_key, appid))
+        except ERRORS as exc:
+            self._trouble(exc)
+            return True
+        return not member
+
     def gone(self, appids: list[str]) -> dict[str, float]:
         """Which of ``appids`` were removed from the fleet (unauthorized) lately, and when."""
         if not appids or not self._ok():
@@ -331,6 +343,8 @@ class PlatformFleet:
         step (its own slot): no host's file, nor a refresh of it in flight, puts it back
         (fleet/store.py). An authorization that came in between is written again (its
         host's file re-seeds the record)."""
+        if appid == self.comp.component_appid:
+            return  # the component's own token is never removed
         keys = Keys(self.fleet.prefix, self.identity(appid))
         pipe = self.fleet.client.pipeline(transaction=True)
         pipe.set(keys.gone, "1", ex=GONE_FOR)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from wxtoken.fleet.store import FleetStore
 
 PARTITION_RECHECK = 300.0  # a partitioned host looks again this often (Redis back wakes it)
+REMOVED_RECHECK = 300.0  # a removed identity too (an authorization since wakes it)
 # after a late fetch, the fleet's token is asked about at these multiples of WeChat's overlap
 # (300 s: at 5.5, 11, 22 and 44 minutes), so a request answered later still is caught too
 VERIFY_AFTER = (1.1, 2.2, 4.4, 8.8)
@@ -97,7 +98,13 @@ class FleetChecks:
     def before_fetch(self, app: AppConfig, client: object, record: TokenRecord | None,
                      status: AppStatus, now: float) -> Outcome | None:
         """Just before a scheduled fetch: an Outcome when this host must not fetch (it is
-        partitioned), None when the fetch may go ahead."""
+        partitioned, or the identity was removed from the fleet), None when the fetch may go
+        ahead."""
+        if self.store.removed and self.store.still_removed(quiet=True):
+            # an authorizer that cancelled: its refresher goes with the platform's resync; no
+            # call and nothing counted meanwhile
+            return Outcome(State.WAITING, now + REMOVED_RECHECK,
+                           record.expires_at if record else None)
         if not self.store.degraded or not isinstance(client, WeChatClient) or \
                 client.model(app) is not RefreshModel.NEW_EACH_CALL:
             return None

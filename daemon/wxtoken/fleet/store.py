@@ -38,17 +38,17 @@ Times in records are the fleet's (Redis TIME); local files are written in this h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from wxtoken.config import AppConfig
 from wxtoken.errors import Superseded, TokenCorrupt
 from wxtoken.fleet.checks import FleetChecks
 from wxtoken.fleet.connect import REDIS_ERRORS
 from wxtoken.fleet.counts import FleetCounts
+from wxtoken.fleet.delivery import Delivery, LocalCopy
 from wxtoken.fleet.events import Fenced
 from wxtoken.fleet.keys import Keys
 from wxtoken.fleet.lease import Lease
-from wxtoken.fleet.local import LocalCopy
 from wxtoken.fleet.memory import Memory
 from wxtoken.fleet.shared import Fleet, parse_record_json, record_json
 from wxtoken.logs import get_logger, mask
@@ -64,9 +64,12 @@ class FleetStore:
     """One app's state in the fleet's Redis, with this host's local file beside it."""
 
     def __init__(self, fleet: Fleet, app: AppConfig, identity: str | None = None,
-                 local: FileStore | None = None, key: str | None = None) -> None:
+                 local: FileStore | None = None, key: str | None = None,
+                 still_removed: Callable[[], bool] | None = None) -> None:
         """``identity``, ``local`` and ``key`` (the name the daemon knows it by) default to
-        the app's; an Open Platform's tokens give their own."""
+        the app's; an Open Platform's tokens give their own. ``still_removed``: whether the
+        owner (the platform) still holds the identity removed; a removed mark it no longer
+        holds (authorized again, the mark's deletion lost to a failure) is deleted here."""
         self.fleet = fleet
         self.app = app
         self.key = key or app.name
@@ -80,6 +83,7 @@ class FleetStore:
         # a lease whose holder died frees itself this late: waiting for it is not a stall
         self.extra_wait = self.lease.extra_wait
         self.copy = LocalCopy(fleet, self.local)  # the file, and its token's generation
+        self.delivery = Delivery(fleet, self.keys, app.api, self.copy, mirrored=key is None)
         # the highest generation this host has seen (a floor after a flush), across restarts
         self.seen_gen = self.copy.memory.seen
         self._last: tuple[str, int] = ("", 0)  # the record last read: its token, generation
@@ -90,8 +94,8 @@ class FleetStore:
         self.suspect = False
         self.checks: FleetChecks = FleetChecks(self)
         self.by = ""  # who wrote the record last seen
-        self.unannounced: TokenRecord | None = None  # written, but the fleet not yet told
         self.removed = False  # Redis refused a write or seed: the identity was removed
+        self._still_removed_check = still_removed
 
     @property
     def degraded(self) -> bool:
@@ -118,7 +122,7 @@ class FleetStore:
         """Just before an upstream call: whether this host still holds the lease (a holder
         paused past it must not fetch: its fetch would retire the new leader's token). True
         when Redis is down (the host decides alone then)."""
-        if self.removed and self._still_removed():
+        if self.removed and self.still_removed():
             return False
         lease = self.lease
         if not lease.held:
@@ -141,21 +145,31 @@ class FleetStore:
                              "no call")
         return bool(owned)
 
-    def _still_removed(self) -> bool:
-        """Whether the identity is still removed (an authorization since deletes the mark);
-        True while Redis cannot say."""
+    def still_removed(self, quiet: bool = False) -> bool:
+        """Whether the identity is still removed: its mark is there, and the owner still holds
+        it removed (a stale mark is deleted); True while Redis cannot say."""
+        if not self.fleet.may_try():
+            return True
         try:
-            self.removed = bool(self.fleet.client.exists(self.keys.gone))
+            marked = bool(self.fleet.client.exists(self.keys.gone))
+            if marked and self._still_removed_check is not None and \
+                    not self._still_removed_check():
+                self.fleet.client.delete(self.keys.gone)
+                self.log.warning("fleet.removed_mark_cleared", reason="authorized again after "
+                                 "its removal: its token is written to the fleet again")
+                marked = False
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
             return True
-        if self.removed:
+        self.removed = marked
+        if marked and not quiet:
             self.log.warning("fleet.removed_no_call", reason="removed from the fleet (the "
                              "authorization was cancelled): no call")
-        return self.removed
+        return marked
 
-    def _refused_removed(self) -> None:
-        if not self.removed:
+    def _refused_removed(self, was: bool) -> None:
+        """Redis refused a write or seed of a removed identity (``was``: known before)."""
+        if not was:
             self.log.warning("fleet.removed", reason="removed from the fleet (the authorization "
                              "was cancelled): its token is not written back to Redis")
         self.removed = True
@@ -228,8 +242,7 @@ class FleetStore:
         if not self.fleet.may_try():
             return self.copy.record()
         try:
-            if self.unannounced is not None:  # Redis failed right after a write: tell now
-                self._announce(self.unannounced)
+            self.delivery.retry()  # Redis failed right after a write: tell now
             record, gen = self._settle(*self._fetch())
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
@@ -240,12 +253,13 @@ class FleetStore:
 
     def look(self) -> TokenRecord | None:
         """The Redis record as it stands (the local file while Redis is unreachable): no
-        re-seed, no file written, no announce. None when Redis has none: the refresher then
-        takes the lock (and the lease), and read() decides whether this host's file re-seeds
-        it."""
+        re-seed, no file written (only an announce of this host's own write that Redis failed
+        to take is made again). None when Redis has none: the refresher then takes the lock
+        (and the lease), and read() decides whether this host's file re-seeds it."""
         if not self.fleet.may_try():
             return self.copy.record()
         try:
+            self.delivery.retry()  # this host's own write, not yet told: tell now
             return self._fetch()[0]
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
@@ -254,11 +268,12 @@ class FleetStore:
     def seed(self, record: TokenRecord, gen: int) -> bool:
         """Put this host's valid record into Redis as generation ``gen``, unless Redis holds
         one of that generation or higher."""
-        answer = int(self.fleet.seed_record(
-            keys=[self.keys.record, self.keys.gen, self.keys.fenced, self.keys.gone],
-            args=[record_json(record, 0, self.fleet.host), gen, self.seen_gen]))
+        was = self.removed
+        answer = self._seed(record, gen)
+        if answer < 0 and not self.still_removed(quiet=True):
+            answer = self._seed(record, gen)  # the mark was stale (authorized again)
         if answer < 0:
-            self._refused_removed()
+            self._refused_removed(was)
         done = answer > 0
         if done:
             self.log.warning("fleet.reseeded", token=mask(record.access_token), generation=gen,
@@ -266,8 +281,13 @@ class FleetStore:
                              reason="Redis had no record this new")
             self.seen_gen = max(self.seen_gen, gen)
             self.copy.remember(Memory(self.seen_gen, gen, fingerprint(record.access_token)))
-            self._announce(record)
+            self.delivery.announce(record)
         return done
+
+    def _seed(self, record: TokenRecord, gen: int) -> int:
+        return int(self.fleet.seed_record(
+            keys=[self.keys.record, self.keys.gen, self.keys.fenced, self.keys.gone],
+            args=[record_json(record, 0, self.fleet.host), gen, self.seen_gen]))
 
     def _mark_fenced(self, why: str) -> None:
         """Mark every record written so far as possibly retired (Redis's errors propagate);
@@ -299,20 +319,21 @@ class FleetStore:
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
 
-    def _announce(self, record: TokenRecord) -> None:
-        # an Open Platform's tokens are not written into the SDKs' layouts
-        self.unannounced = None if self.fleet.announce(self.keys, record, self.app.api,
-                                                       mirrored=not self.platform) else record
+    def _write_record(self, record: TokenRecord, gen: int) -> list[int]:
+        return list(self.fleet.write_record(
+            keys=[self.keys.record, self.keys.gen, self.keys.fenced, self.keys.gone],
+            args=[record_json(record, gen, self.fleet.host), gen]))
 
     def write(self, record: TokenRecord) -> None:
         gen = self.lease.gen
         if not self.lease.held:  # Redis was down when the lock was taken: this host alone
             self.copy.alone(record, self.seen_gen, self.seen_gen)
             return
+        was = self.removed
         try:
-            written, theirs, *seeded = self.fleet.write_record(
-                keys=[self.keys.record, self.keys.gen, self.keys.fenced, self.keys.gone],
-                args=[record_json(record, gen, self.fleet.host), gen])
+            written, theirs, *seeded = self._write_record(record, gen)
+            if not written and theirs < 0 and not self.still_removed(quiet=True):
+                written, theirs, *seeded = self._write_record(record, gen)  # a stale mark
         except REDIS_ERRORS as exc:
             # the token is the newest WeChat handed out: keep it here; when Redis is back, this
             # host's file re-seeds it (unless a host wrote a newer generation meanwhile)
@@ -322,7 +343,7 @@ class FleetStore:
         self._ok()
         retiring, self._retiring = self._retiring, False
         if not written and theirs < 0:
-            self._refused_removed()
+            self._refused_removed(was)
             raise Superseded("removed from the fleet: the authorization was cancelled")
         self.removed = False
         if not written:
@@ -342,8 +363,7 @@ class FleetStore:
                              f"generation {theirs}")
         self.by = self.fleet.host
         self._last = (record.access_token, gen)
-        self.copy.follow(record, gen, self.seen_gen)
-        self._announce(record)
+        self.delivery.deliver(record, gen, self.seen_gen)
 
     def sync(self) -> bool:
         """Bring the local file up to the fleet's record (a follower's whole job; candidates

@@ -1,7 +1,12 @@
-"""A fleet host's copy of one token: its local file (the contract readers rely on, written in
-this host's time) and what the host remembers of that file's token (memory.py). FleetStore
-decides with Redis what the fleet's token is (coordination); this is where it is delivered on
-this host, and where a token fetched while Redis was away waits to re-seed it."""
+"""Where a token the fleet holds is delivered, apart from deciding it (FleetStore, with Redis:
+the lease, the compare-and-set, the generations):
+
+- ``LocalCopy``: this host's file (the contract readers rely on, written in this host's time)
+  and what the host remembers of that file's token (memory.py); a token fetched while Redis
+  was away waits here to re-seed it;
+- ``Delivery``: a committed record goes to the file, then to the other hosts (the fleet's
+  version and events channel) and the SDKs' keys (mirrors); an announce Redis did not take is
+  made again at the next look."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 import threading
 
 from wxtoken.errors import TokenCorrupt
+from wxtoken.fleet.keys import Keys
 from wxtoken.fleet.memory import Memory
 from wxtoken.fleet.shared import Fleet
 from wxtoken.record import TokenRecord
@@ -106,3 +112,32 @@ class LocalCopy:
                 return
             self.file.write(self._to_local(record))
             self.remember(Memory(seen, gen, fingerprint(record.access_token)))
+
+
+class Delivery:
+    """A committed record's way to its sinks: the file, the other hosts, the SDKs' keys."""
+
+    def __init__(self, fleet: Fleet, keys: Keys, api: str, copy: LocalCopy,
+                 mirrored: bool) -> None:
+        self.fleet = fleet
+        self.keys = keys
+        self.api = api
+        self.copy = copy
+        self.mirrored = mirrored  # an Open Platform's tokens are not written to the SDKs' keys
+        self.unannounced: TokenRecord | None = None  # delivered here, the fleet not yet told
+
+    def deliver(self, record: TokenRecord, gen: int, seen: int) -> None:
+        """``record``, just committed as generation ``gen``: this host's file, then the
+        announce."""
+        self.copy.follow(record, gen, seen)
+        self.announce(record)
+
+    def announce(self, record: TokenRecord) -> None:
+        """Tell the other hosts (and write the mirrors); kept for later when Redis fails."""
+        done = self.fleet.announce(self.keys, record, self.api, mirrored=self.mirrored)
+        self.unannounced = None if done else record
+
+    def retry(self) -> None:
+        """An announce Redis did not take, made again (Redis's errors propagate)."""
+        if self.unannounced is not None:
+            self.announce(self.unannounced)
