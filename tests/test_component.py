@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from wxtoken import read_token
+from wxtoken import TokenUnavailable, read_token
 from wxtoken.component.crypto import CryptoError, MessageCrypto
 from wxtoken.emulator import Emulator
 
@@ -472,6 +472,50 @@ def test_a_platform_waits_for_its_first_ticket_without_an_error(
     wait_until(lambda: (platform.dir / f"{COMP}.json").exists(), timeout=15)
     assert d.stop() == 0
     loud = [e for e in d.events() if e["level"] in ("warning", "error", "critical")]
+    assert not loud, loud
+
+
+def test_authorizers_wait_quietly_for_the_component_token_and_go_when_it_comes(
+        tmp_path: Path, emulator: Emulator, sock_dir: Path,
+        daemons: Callable[..., DaemonProcess]) -> None:
+    """An authorizer's token is fetched with the component's (its parent token). While there
+    is none (WeChat refuses api_component_token), a due authorizer waits: one info line
+    (refresh.waits_for), no warning per retry, no call; the component token's return wakes the
+    authorizers at once (not at their next look)."""
+    emulator.state.settings.token_ttl = 12
+    p = Platform(tmp_path, emulator, sock_dir, push_every=2, refresh_interval=600,
+                 renew_before=4)
+    for i in range(3):
+        emulator.platforms.authorize(COMP, auth(i))
+    d = daemons(p.config)
+    wait_until(lambda: all((p.dir / f"{auth(i)}.json").exists() for i in range(3)), timeout=20)
+    emulator.add_fault("5xx", api="component_token")
+    # the component token expires (12 s), then the authorizers fall due: they wait for it
+
+    def waiting() -> set[str]:
+        return {e["app"] for e in d.events() if e["event"] == "refresh.waits_for"}
+
+    wait_until(lambda: waiting() == {auth(i) for i in range(3)}, timeout=40)
+    calls = emulator.calls(api="authorizer_token")
+    time.sleep(3)  # a retry, were there one, would come within this (backoff of 1 s)
+    assert emulator.calls(api="authorizer_token") == calls
+    emulator.clear_faults()
+
+    def valid(appid: str) -> bool:
+        try:
+            return accepted(emulator, p, appid)
+        except TokenUnavailable:  # expired meanwhile, as it should be
+            return False
+
+    wait_until(lambda: valid(COMP), timeout=15)
+    # woken by the component token: at once, not a minute later
+    wait_until(lambda: all(valid(auth(i)) for i in range(3)), timeout=5)
+    assert d.stop() == 0
+    waits = [e for e in d.events() if e["event"] == "refresh.waits_for"]
+    assert all(e["level"] == "info" and e["parent"] == f"plat/{COMP}" for e in waits), waits
+    assert len(waits) == 3, waits  # one line per authorizer, not one per look
+    loud = [e for e in d.events() if e["level"] != "info" and e.get("app") in
+            {auth(i) for i in range(3)}]
     assert not loud, loud
 
 

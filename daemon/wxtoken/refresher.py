@@ -46,6 +46,7 @@ from wxtoken.upstream import Fetched
 
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
+PARENT_RECHECK = 60.0  # a token waiting for its parent looks again this often (or is woken)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Refresher:
                              self.population)
         self.reconfigure(config)
         self.pending: _Pending | None = None
+        self.parent_missing: str | None = None  # the parent token this one waits for
         # what the last run saw (the daemon's health and metrics read these, not the files)
         self.record: TokenRecord | None = None
         self.status = AppStatus()
@@ -241,6 +243,9 @@ class Refresher:
         if checks is not None and (
                 held := checks.before_fetch(self.app, self.client, record, status, now)):
             return held
+        if (parent := self.client.waiting_for(self.app)) is not None:
+            return self._waits_for(parent, record, now)
+        self.parent_missing = None
         if not self._spend(status, now, 1 + len(self.app.tickets)):
             return Outcome(State.BUDGET, status.retry_at, record.expires_at if record else None)
         return self._call(record, status, now, forced=False)
@@ -253,6 +258,17 @@ class Refresher:
             # cannot use (a file left by a run as another user, say)
             self.log.warning("token_file.unusable", reason=exc.reason)
             return None
+
+    def _waits_for(self, parent: str, record: TokenRecord | None, now: float) -> Outcome:
+        """The token it is fetched with is not there: no call, nothing counted; one info line
+        per wait (the registry wakes this refresher when the parent has a token)."""
+        if self.parent_missing != parent:
+            self.log.info("refresh.waits_for", parent=parent,
+                          reason="the token it is fetched with is not there yet: no call; it "
+                          "goes as soon as that one comes")
+        self.parent_missing = parent
+        return Outcome(State.WAITING, now + PARENT_RECHECK,
+                       record.expires_at if record else None)
 
     def wait_end(self, status: AppStatus, now: float, calls: int) -> float:
         """When the current wait ends (0: none): failures.py."""

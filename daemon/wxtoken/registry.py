@@ -66,6 +66,7 @@ class TokenRegistry:
         self._stopping = False
         # keys whose first outcome READY waits for (apps, and a platform's tokens at start)
         self._awaiting: set[str] = set(refreshers)
+        self._children: dict[str, set[str]] = {}  # parent key -> the keys waiting for it
         fetches = MAX_CONCURRENT_FETCHES if config.components else max(
             1, min(MAX_CONCURRENT_FETCHES, len(refreshers)))
         self.scheduler = BackgroundScheduler(
@@ -276,11 +277,18 @@ class TokenRegistry:
         """Reschedule the token's job, tell on_outcome, and on_all_tried once."""
         self._on_outcome(key, outcome)
         with self._lock:
-            if key not in self.refreshers:
+            refresher = self.refreshers.get(key)
+            if refresher is None:
                 return  # removed meanwhile (a reload, an authorizer gone)
             self.outcomes[key] = outcome
             self._awaiting.discard(key)
             all_tried = not self._awaiting
+            if refresher.parent_missing is not None:
+                self._children.setdefault(refresher.parent_missing, set()).add(key)
+            woken = self._children.pop(key, set()) if outcome.expires_at is not None and \
+                outcome.expires_at > self.clock() else set()
+        for child in sorted(woken):  # its parent has a token: they fetch with it now
+            self.wake(child)
         try:
             self.scheduler.modify_job(key, next_run_time=_utc(
                 self.wall(max(outcome.next_at, self.clock() + MIN_RESCHEDULE))))

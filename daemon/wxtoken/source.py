@@ -26,6 +26,12 @@ class TokenSource(Protocol):
         """How this source's API hands out tokens (schedule.RefreshModel): whether a call
         retires the last token, and whether a new one comes only in a final window."""
 
+    def waiting_for(self, app: AppConfig) -> str | None:
+        """The registry key of the token this one is fetched with (its parent: an
+        authorizer's component token) while that token is not there, so no call can be made:
+        the refresher waits, quietly, and the parent's next token wakes it. None when nothing
+        is missing (and for a token with no parent)."""
+
     def unpublished(self, appid: str) -> bool:
         """Whether a token WeChat handed out waits here, its durable credential (an
         authorizer's rotated refresh token) not saved yet: the refresher runs (backing off)

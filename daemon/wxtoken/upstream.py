@@ -95,6 +95,9 @@ class WeChatClient:
     def unpublished(self, appid: str) -> bool:
         return False  # an app's token carries no credential to save
 
+    def waiting_for(self, app: AppConfig) -> str | None:
+        return None  # an app's token is fetched with its secret alone
+
     def model(self, app: AppConfig) -> RefreshModel:
         return model_of(app.api)  # token, stable_token or WeCom's gettoken
 

@@ -67,6 +67,9 @@ class ComponentFetcher:
     def unpublished(self, appid: str) -> bool:
         return False  # the component token carries no credential to save
 
+    def waiting_for(self, app: AppConfig) -> str | None:
+        return None  # fetched with the ticket (a missing one: refresh.waiting, on its own)
+
     def model(self, app: AppConfig) -> RefreshModel:
         return RefreshModel.NEW_EACH_CALL  # api_component_token: a new token every call
 
@@ -262,6 +265,13 @@ class AuthorizerFetcher:
 
     def model(self, app: AppConfig) -> RefreshModel:
         return RefreshModel.NEW_EACH_CALL  # api_authorizer_token: a new token every call
+
+    def waiting_for(self, app: AppConfig) -> str | None:
+        """The component token, while there is no valid one (a token handed out at the last
+        attempt, its refresh token not yet written, needs none)."""
+        if self.unpublished(app.appid) or self.parts.component_token() is not None:
+            return None
+        return self.parts.component_key
 
     def unpublished(self, appid: str) -> bool:
         """A token WeChat handed out is kept, its refresh token not yet written: the
