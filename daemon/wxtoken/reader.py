@@ -1,10 +1,11 @@
 """``read_token``: what every consumer calls. Standard library only, so importing it is cheap.
 
-The hot path is one dict lookup and one monotonic clock read: the file is re-validated (stat of
-inode, mtime, size) at most every ``CHECK_EVERY`` seconds. That is safe because WeChat keeps a
+The hot path is one dict lookup and two clock reads: the file is re-validated (stat of inode,
+mtime, size) at most every ``CHECK_EVERY`` seconds. That is safe because WeChat keeps a
 routinely replaced token valid for about 5 minutes after its successor is issued, so a reader that
 hands out the previous token for up to 100 ms more is still handing out a working token. A token is
-never returned past its ``expires_at``: the cache entry's deadline is the earlier of the two.
+never returned past its ``expires_at``, by the wall clock, read on every call (a deadline on the
+monotonic clock alone overshoots by a rounding of the wall clock, or by a step of it).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR,
             raise TokenMissing(app, f"{component!r} is not a valid component name")
         state_dir = os.path.join(state_dir, "components", component)
     entry = _cache.get((state_dir, app))
-    if entry is not None and time.monotonic() < entry[1]:
+    if entry is not None and time.monotonic() < entry[1] and time.time() < entry[0].expires_at:
         return entry[0]
     return _revalidate(app, state_dir, entry)
 
