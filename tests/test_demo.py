@@ -90,7 +90,10 @@ def test_the_open_platform_is_quiet_until_its_first_ticket(story: str) -> None:
     events = [event for _, event, _ in lines]
     first_ticket = events.index("component.ticket_received")
     assert events.index("demo.platform_pushes") < first_ticket
-    before = [line for level, _, line in lines[:first_ticket] if level != "info"]
+    # clock.stepped is the host's news, not the platform's: a VM paused under the suite (seen
+    # once: by=6.4) steps the wall clock past the monotonic one, and the daemon rightly says so
+    before = [line for level, event, line in lines[:first_ticket]
+              if level != "info" and event != "clock.stepped"]
     assert not before, before
     assert not [line for level, _, line in lines if level in ("error", "critical")]
     assert "daemon running" not in story
