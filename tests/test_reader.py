@@ -171,3 +171,52 @@ def test_permission_denied_is_not_reported_as_missing(sock_dir: Path) -> None:
     result = run_as(NOBODY, [], code.replace("sys.argv[1]", repr(str(state))), lib)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("TokenCorrupt ") and "permission denied" in result.stdout
+
+
+STEPPING_READER = r"""
+import sys, time
+from pathlib import Path
+from wxtoken import read_token
+from wxtoken.record import TokenRecord
+from wxtoken.store import atomic_write
+state, offset = Path(sys.argv[1]), Path(sys.argv[2])
+
+def write(token, expires_in):
+    now = int(time.time())
+    atomic_write(str(state / "main.json"),
+                 TokenRecord("main", "wx1", token, now + expires_in, now).to_json(), 0o640)
+
+write("tok-before", 7200)
+assert read_token("main", str(state)) == "tok-before"  # cached for 100 ms
+offset.write_text("-3600\n")  # the wall clock steps back an hour
+write("tok-after", 7200 + 3600)
+seen = read_token("main", str(state))  # at once: the entry is from the clock's future
+offset.write_text("+0\n")
+write("tok-short", 30)
+assert read_token("main", str(state)) == "tok-short"  # cached
+offset.write_text("+60\n")  # a step forward past its expiry
+try:
+    late = str(read_token("main", str(state)))
+except LookupError as exc:
+    late = type(exc).__name__
+print(seen, late)
+"""
+
+
+def test_a_stepped_wall_clock_neither_keeps_an_old_token_nor_serves_an_expired_one(
+        tmp_path: Path) -> None:
+    """The cache's times are the wall clock's, as expires_at is: stepped back an hour, the
+    next read sees the replaced file at once (not an hour later); stepped forward past a
+    cached token's expiry, the next read raises TokenExpired. (libfaketime steps the reading
+    process's clock; the monotonic clock is left alone.)"""
+    from test_daemon import FAKETIME
+    if not FAKETIME:
+        pytest.skip("libfaketime is not installed (./dev.sh test installs the faketime package)")
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    env = {**os.environ, "LD_PRELOAD": FAKETIME[0], "FAKETIME_TIMESTAMP_FILE": str(offset),
+           "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    done = subprocess.run([sys.executable, "-c", STEPPING_READER, str(tmp_path), str(offset)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["tok-after", "TokenExpired"]

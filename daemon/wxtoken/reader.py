@@ -1,11 +1,12 @@
 """``read_token``: what every consumer calls. Standard library only, so importing it is cheap.
 
-The hot path is one dict lookup and two clock reads: the file is re-validated (stat of inode,
-mtime, size) at most every ``CHECK_EVERY`` seconds. That is safe because WeChat keeps a
+The hot path is one dict lookup and one wall clock read: the file is re-validated (stat of
+inode, mtime, size) at most every ``CHECK_EVERY`` seconds. That is safe because WeChat keeps a
 routinely replaced token valid for about 5 minutes after its successor is issued, so a reader that
 hands out the previous token for up to 100 ms more is still handing out a working token. A token is
-never returned past its ``expires_at``, by the wall clock, read on every call (a deadline on the
-monotonic clock alone overshoots by a rounding of the wall clock, or by a step of it).
+never returned past its ``expires_at`` by the same clock (a deadline on the monotonic clock
+overshot it by a rounding of the wall clock, or a step of it); a clock stepped back before the
+entry's time re-validates at once.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class Token(str):
         return f"<Token {self[:6]}… expires_at={self.expires_at}>"
 
 
-# (state_dir, app) -> (token, monotonic deadline, file identity). The deadline is the next
-# re-validation or the token's expiry, whichever comes first; the identity is (st_dev, st_ino,
-# st_mtime_ns, st_size). A plain tuple and a plain dict: single operations on them are atomic,
-# and neither typing nor threading needs importing (readers pay only for what they use).
-_Entry = tuple[Token, float, tuple[int, int, int, int]]
+# (state_dir, app) -> (token, when it was cached, deadline, file identity), times on the wall
+# clock. The deadline is the next re-validation or the token's expiry, whichever comes first;
+# the identity is (st_dev, st_ino, st_mtime_ns, st_size). A plain tuple and a plain dict:
+# single operations on them are atomic, and neither typing nor threading needs importing
+# (readers pay only for what they use).
+_Entry = tuple[Token, float, float, tuple[int, int, int, int]]
 _cache: dict[tuple[str, str], _Entry] = {}
 
 
@@ -72,7 +74,7 @@ def read_token(app: str, state_dir: str = DEFAULT_STATE_DIR,
             raise TokenMissing(app, f"{component!r} is not a valid component name")
         state_dir = os.path.join(state_dir, "components", component)
     entry = _cache.get((state_dir, app))
-    if entry is not None and time.monotonic() < entry[1] and time.time() < entry[0].expires_at:
+    if entry is not None and entry[1] <= time.time() < entry[2]:
         return entry[0]
     return _revalidate(app, state_dir, entry)
 
@@ -85,7 +87,7 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
         st: os.stat_result | None = os.stat(path)
     except OSError:
         st = None  # the loader says why
-    if entry is not None and st is not None and _identity(st) == entry[2]:
+    if entry is not None and st is not None and _identity(st) == entry[3]:
         token = entry[0]
     else:
         try:
@@ -95,13 +97,14 @@ def _revalidate(app: str, state_dir: str, entry: _Entry | None) -> Token:
             _cache.pop((state_dir, app), None)
             raise
         token = Token(record)
-    now = time.monotonic()  # before time.time(): the deadline below must not overshoot expiry
-    remaining = token.expires_at - time.time()
+    now = time.time()
+    remaining = token.expires_at - now
     if remaining <= 0:
         _cache.pop((state_dir, app), None)
         raise TokenExpired(app, f"token in {path} expired {int(-remaining)} s ago "
                                 "(is the wxtoken daemon running?)")
-    _cache[(state_dir, app)] = (token, now + min(CHECK_EVERY, remaining), _identity(st))
+    _cache[(state_dir, app)] = (token, now, min(now + CHECK_EVERY, token.expires_at),
+                                _identity(st))
     return token
 
 
