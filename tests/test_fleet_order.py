@@ -319,8 +319,9 @@ def test_a_look_without_the_lock_changes_nothing_and_the_locked_read_reseeds(
     """The refresher's look without the lock (``look()``) is side-effect free: with Redis
     emptied under a host whose file holds a newer token, it re-seeds nothing, writes no file
     and announces nothing; the read under the lock (and the lease) re-seeds Redis from the
-    file, and only then does the file follow the record. A look does tell the fleet of this
-    host's own write when Redis failed to take the announce."""
+    file. A record this host's file does not hold sends the run to the lock too, where the
+    file follows it. A look does tell the fleet of this host's own write when Redis failed to
+    take the announce."""
     from wxtoken.config import load_config
     from wxtoken.fleet.shared import Fleet
     from wxtoken.fleet.store import FleetStore
@@ -347,12 +348,15 @@ def test_a_look_without_the_lock_changes_nothing_and_the_locked_read_reseeds(
     assert record is not None and record.access_token == "T1"
     assert record_of(redis_server)["access_token"] == "T1"
     assert client.get("wxtoken:version") != version  # the re-seed was announced
-    # another host's newer record: a look returns it, and leaves the file to the sync thread
+    # another host's newer record: a look writes nothing, and says the run must take the lock
+    # (this host's file is not in step: a start with no file, a refresh not followed yet)
     client.set(RECORD, json.dumps({**record_of(redis_server), "access_token": "T2",
                                    "gen": record_of(redis_server)["gen"] + 1}))
-    looked = store.look()
-    assert looked is not None and looked.access_token == "T2"
-    assert token_of(path) == "T1"
+    assert store.look() is None and token_of(path) == "T1"
+    with store.locked(10):
+        looked = store.read()
+    assert looked is not None and looked.access_token == "T2" and token_of(path) == "T2"
+    assert store.look() == looked
     # the one thing a look does: tell the fleet of this host's own write that Redis failed
     # to announce (the other hosts follow on the version)
     version = client.get("wxtoken:version")

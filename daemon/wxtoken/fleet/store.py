@@ -254,16 +254,20 @@ class FleetStore:
     def look(self) -> TokenRecord | None:
         """The Redis record as it stands (the local file while Redis is unreachable): no
         re-seed, no file written (only an announce of this host's own write that Redis failed
-        to take is made again). None when Redis has none: the refresher then takes the lock
-        (and the lease), and read() decides whether this host's file re-seeds it."""
+        to take is made again). None when Redis has none, or when this host's file does not
+        hold its token (a start, another host's refresh the sync thread has not followed yet):
+        the refresher then takes the lock (and the lease), and read() decides."""
         if not self.fleet.may_try():
             return self.copy.record()
         try:
             self.delivery.retry()  # this host's own write, not yet told: tell now
-            return self._fetch()[0]
+            record = self._fetch()[0]
         except REDIS_ERRORS as exc:
             self.fleet.mark_down(exc)
             return self.copy.record()
+        if record is not None and self.copy.token() != record.access_token:
+            return None  # this host's file is not in step: the run brings it there, locked
+        return record
 
     def seed(self, record: TokenRecord, gen: int) -> bool:
         """Put this host's valid record into Redis as generation ``gen``, unless Redis holds
