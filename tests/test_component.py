@@ -480,7 +480,8 @@ def test_authorizers_wait_quietly_for_the_component_token_and_go_when_it_comes(
         daemons: Callable[..., DaemonProcess]) -> None:
     """An authorizer's token is fetched with the component's (its parent token). While there
     is none (WeChat refuses api_component_token), a due authorizer waits: one info line
-    (refresh.waits_for), no warning per retry, no call; the component token's return wakes the
+    (refresh.waits_for), no warning per retry, no call; an operator's `wxtoken refresh` of
+    one is refused with the reason and costs nothing; the component token's return wakes the
     authorizers at once (not at their next look)."""
     emulator.state.settings.token_ttl = 12
     p = Platform(tmp_path, emulator, sock_dir, push_every=2, refresh_interval=600,
@@ -497,6 +498,8 @@ def test_authorizers_wait_quietly_for_the_component_token_and_go_when_it_comes(
 
     wait_until(lambda: waiting() == {auth(i) for i in range(3)}, timeout=40)
     calls = emulator.calls(api="authorizer_token")
+    refused = run_cli("refresh", "--component", "plat", auth(0), "--config", str(p.config))
+    assert refused.returncode != 0 and f"plat/{COMP}" in refused.stderr, refused.stderr
     time.sleep(3)  # a retry, were there one, would come within this (backoff of 1 s)
     assert emulator.calls(api="authorizer_token") == calls
     emulator.clear_faults()
@@ -515,8 +518,8 @@ def test_authorizers_wait_quietly_for_the_component_token_and_go_when_it_comes(
     assert all(e["level"] == "info" and e["parent"] == f"plat/{COMP}" for e in waits), waits
     assert len(waits) == 3, waits  # one line per authorizer, not one per look
     loud = [e for e in d.events() if e["level"] != "info" and e.get("app") in
-            {auth(i) for i in range(3)}]
-    assert not loud, loud
+            {auth(i) for i in range(3)} and e["event"] != "refresh.refused"]
+    assert not loud, loud  # the operator's refused refresh aside
 
 
 def test_a_reload_reaches_the_component_and_authorizer_refreshers(

@@ -39,6 +39,12 @@ def forced_refresh(r: Refresher, invalid_token: str | None, privileged: bool) ->
     if r.store.degraded:
         r.log.warning("refresh.refused", state=ForcedState.WAITING, reason=FLEET_DOWN)
         return Forced(ForcedState.WAITING, record, retry_after=10.0, reason=FLEET_DOWN)
+    if (parent := r.parent.look()) is not None:
+        # no call can be made (and none is counted or failed): it goes when the parent comes
+        reason = f"the token it is fetched with ({parent}) is not there yet"
+        r.log.warning("refresh.refused", state=ForcedState.WAITING, reason=reason)
+        return Forced(ForcedState.WAITING, record, r.parent.waits(parent, record, now),
+                      retry_after=10.0, reason=reason)
     # WeChat refused the file's token: if it cannot be replaced now (the call fails, or a
     # quota or hard-error wait holds it back), the next run replaces it. Not for a report
     # the spacing or the budget refuses: those limits hold back readers that report

@@ -37,7 +37,7 @@ from wxtoken.logs import get_logger, mask
 from wxtoken.passive import Forced, ForcedState
 from wxtoken.record import TokenRecord
 from wxtoken.schedule import Outcome, RefreshModel, State
-from wxtoken.source import TokenSource
+from wxtoken.source import ParentWait, TokenSource
 from wxtoken.status import AppStatus, LastResult
 from wxtoken.store import FileStore, TokenStore
 from wxtoken.tickets import Tickets
@@ -46,7 +46,6 @@ from wxtoken.upstream import Fetched
 
 STORE_SLACK = 5.0  # seconds a holder of the lock may spend on disk I/O beyond its calls
 QUIET_ABOVE = 100  # with more apps than this, token.reused is a debug line
-PARENT_RECHECK = 60.0  # a token waiting for its parent looks again this often (or is woken)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class Refresher:
                              self.population)
         self.reconfigure(config)
         self.pending: _Pending | None = None
-        self.parent_missing: str | None = None  # the parent token this one waits for
+        self.parent = ParentWait(client, app, self.log)  # the token it is fetched with
         # what the last run saw (the daemon's health and metrics read these, not the files)
         self.record: TokenRecord | None = None
         self.status = AppStatus()
@@ -95,7 +94,7 @@ class Refresher:
     @client.setter
     def client(self, client: TokenSource) -> None:
         """A reload's new WeChat client: the tickets and the timing take it too."""
-        self._client = self.tickets.client = self.timing.source = client
+        self._client = self.tickets.client = self.timing.source = self.parent.source = client
 
     @property
     def problem(self) -> str | None:
@@ -124,6 +123,7 @@ class Refresher:
         A state that cannot be written (disk full, read-only, permissions) never loses the
         current token: the run is retried with backoff until the cause goes away.
         """
+        self.parent.missing = None
         if (idle := self.peek(first)) is not None:
             return self._checked(idle)
         try:
@@ -149,6 +149,7 @@ class Refresher:
         ``privileged`` (root or the daemon's own user) may call through a quota or hard-error
         wait and use the whole budget.
         """
+        self.parent.missing = None
         try:
             with self.store.locked(self.lock_timeout):
                 forced = forced_refresh(self, invalid_token, privileged)
@@ -201,8 +202,11 @@ class Refresher:
         status = self.store.read_status()
         if checks is not None:
             checks.settle(status)
-        if record is None or record.expires_at <= now or self.timing.is_due(record, status, now) \
-                or self.timing.tickets_due_at(record) <= now:
+        if record is None or record.expires_at <= now or self.timing.is_due(record, status, now):
+            if (parent := self.parent.look()) is not None:
+                return self.parent.waits(parent, record, now)  # no lock: no call can be made
+            return None
+        if self.timing.tickets_due_at(record) <= now:
             return None
         self.record, self.status = record, status
         return self._reused(record, status, now, first)
@@ -243,9 +247,9 @@ class Refresher:
         if checks is not None and (
                 held := checks.before_fetch(self.app, self.client, record, status, now)):
             return held
-        if (parent := self.client.waiting_for(self.app)) is not None:
-            return self._waits_for(parent, record, now)
-        self.parent_missing = None
+        if (parent := self.parent.look()) is not None:
+            return self.parent.waits(parent, record, now)
+        self.parent.there()
         if not self._spend(status, now, 1 + len(self.app.tickets)):
             return Outcome(State.BUDGET, status.retry_at, record.expires_at if record else None)
         return self._call(record, status, now, forced=False)
@@ -258,17 +262,6 @@ class Refresher:
             # cannot use (a file left by a run as another user, say)
             self.log.warning("token_file.unusable", reason=exc.reason)
             return None
-
-    def _waits_for(self, parent: str, record: TokenRecord | None, now: float) -> Outcome:
-        """The token it is fetched with is not there: no call, nothing counted; one info line
-        per wait (the registry wakes this refresher when the parent has a token)."""
-        if self.parent_missing != parent:
-            self.log.info("refresh.waits_for", parent=parent,
-                          reason="the token it is fetched with is not there yet: no call; it "
-                          "goes as soon as that one comes")
-        self.parent_missing = parent
-        return Outcome(State.WAITING, now + PARENT_RECHECK,
-                       record.expires_at if record else None)
 
     def wait_end(self, status: AppStatus, now: float, calls: int) -> float:
         """When the current wait ends (0: none): failures.py."""

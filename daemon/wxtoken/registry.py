@@ -67,6 +67,7 @@ class TokenRegistry:
         # keys whose first outcome READY waits for (apps, and a platform's tokens at start)
         self._awaiting: set[str] = set(refreshers)
         self._children: dict[str, set[str]] = {}  # parent key -> the keys waiting for it
+        self._valid_at: dict[str, float] = {}  # key -> when a run last ended with a valid token
         fetches = MAX_CONCURRENT_FETCHES if config.components else max(
             1, min(MAX_CONCURRENT_FETCHES, len(refreshers)))
         self.scheduler = BackgroundScheduler(
@@ -138,6 +139,9 @@ class TokenRegistry:
             self.refreshers.pop(key, None)
             self.outcomes.pop(key, None)
             self._awaiting.discard(key)
+            self._valid_at.pop(key, None)
+            for children in self._children.values():
+                children.discard(key)
 
     def reconfigure(self, config: Config, client: WeChatClient) -> None:
         """A reload: every refresher not rebuilt for it (an Open Platform's component and
@@ -280,13 +284,21 @@ class TokenRegistry:
             refresher = self.refreshers.get(key)
             if refresher is None:
                 return  # removed meanwhile (a reload, an authorizer gone)
+            woken: set[str] = set()
+            if outcome.expires_at is not None and outcome.expires_at > self.clock():
+                self._valid_at[key] = time.monotonic()
+                woken = self._children.pop(key, set())
+            parent = refresher.parent.missing
+            if parent is not None:
+                if self._valid_at.get(parent, -1.0) >= refresher.parent.checked_at:
+                    # the parent got a token after this run looked (its wake came before
+                    # this run was listed, or while it ran): once more, now
+                    outcome = Outcome(outcome.state, self.clock(), outcome.expires_at)
+                else:
+                    self._children.setdefault(parent, set()).add(key)
             self.outcomes[key] = outcome
             self._awaiting.discard(key)
             all_tried = not self._awaiting
-            if refresher.parent_missing is not None:
-                self._children.setdefault(refresher.parent_missing, set()).add(key)
-            woken = self._children.pop(key, set()) if outcome.expires_at is not None and \
-                outcome.expires_at > self.clock() else set()
         for child in sorted(woken):  # its parent has a token: they fetch with it now
             self.wake(child)
         try:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import time
+from typing import TYPE_CHECKING, Any, Protocol
 
-from wxtoken.schedule import RefreshModel
+from wxtoken.schedule import Outcome, RefreshModel, State
 
 if TYPE_CHECKING:
     from wxtoken.config import AppConfig
+    from wxtoken.record import TokenRecord
     from wxtoken.upstream import Fetched
+
+PARENT_RECHECK = 60.0  # a token waiting for its parent looks again this often (or is woken)
 
 
 class TokenSource(Protocol):
@@ -36,3 +40,36 @@ class TokenSource(Protocol):
         """Whether a token WeChat handed out waits here, its durable credential (an
         authorizer's rotated refresh token) not saved yet: the refresher runs (backing off)
         until it is, due or not, and the fetch hands it over without a call."""
+
+
+class ParentWait:
+    """A refresher's side of its source's parent token: whether the last run found it missing
+    (the registry then wakes the refresher when the parent's run ends with a valid token), when
+    it looked, and one log line per wait."""
+
+    def __init__(self, source: TokenSource, app: AppConfig, log: Any) -> None:
+        self.source = source
+        self.app = app
+        self.log = log
+        self.missing: str | None = None  # the parent the last run found missing
+        self.checked_at = 0.0  # when it looked (monotonic: the registry compares)
+        self._logged: str | None = None
+
+    def look(self) -> str | None:
+        """The parent's key when it is missing (no call can be made)."""
+        self.checked_at = time.monotonic()
+        return self.source.waiting_for(self.app)
+
+    def waits(self, parent: str, record: TokenRecord | None, now: float) -> Outcome:
+        """No call, nothing counted, no failure: the refresher waits (woken when it comes)."""
+        if self._logged != parent:
+            self.log.info("refresh.waits_for", parent=parent,
+                          reason="the token it is fetched with is not there yet: no call; it "
+                          "goes as soon as that one comes")
+        self._logged = self.missing = parent
+        return Outcome(State.WAITING, now + PARENT_RECHECK,
+                       record.expires_at if record else None)
+
+    def there(self) -> None:
+        """The run went on to a call: the next wait logs again."""
+        self._logged = None
