@@ -500,6 +500,11 @@ def test_authorizers_wait_quietly_for_the_component_token_and_go_when_it_comes(
     calls = emulator.calls(api="authorizer_token")
     refused = run_cli("refresh", "--component", "plat", auth(0), "--config", str(p.config))
     assert refused.returncode != 0 and f"plat/{COMP}" in refused.stderr, refused.stderr
+    wait_until(lambda: all(read_json(p.dir / f"{auth(i)}.json")["expires_at"] <= time.time()
+                           for i in range(3)), timeout=10)
+    status = json.loads(run_cli("status", "--json", "--config", str(p.config)).stdout)
+    for info in status["components"][0]["authorizers"]:  # expired: each says what it waits for
+        assert f"waiting for the component token (plat/{COMP})" in info["problems"], info
     time.sleep(3)  # a retry, were there one, would come within this (backoff of 1 s)
     assert emulator.calls(api="authorizer_token") == calls
     emulator.clear_faults()

@@ -162,6 +162,12 @@ def component_health_from_files(config: Config, comp: ComponentConfig,
     except OSError:
         names = []
     authorizers = [one(appid, Role.AUTHORIZER) for appid in names]
+    if token.get("expires_at", 0) <= now:  # no component token: what their refreshes wait for
+        for info in authorizers:
+            if info.get("expires_at", 0) <= now:
+                info["problems"].append(f"waiting for the component token "
+                                        f"({comp.name}/{comp.component_appid})")
+                info["healthy"] = False
     raw_needs = platform.get("needs_reauth")
     needs: dict[str, str] = raw_needs if isinstance(raw_needs, dict) else {}
     for appid, reason in sorted(needs.items()):

@@ -98,8 +98,9 @@ class Refresher:
 
     @property
     def problem(self) -> str | None:
-        """The state could not be read or written (the daemon's health shows it)."""
-        return self.failures.problem
+        """The state could not be read or written, or the token is gone and the one it is
+        fetched with is missing (the daemon's health shows it)."""
+        return self.failures.problem or self.parent.problem(self.record, self.clock())
 
     def reconfigure(self, config: Config) -> None:
         """Take the config's global settings (daily_budget, renew_before, refresh_interval):

@@ -70,6 +70,12 @@ class ParentWait:
         return Outcome(State.WAITING, now + PARENT_RECHECK,
                        record.expires_at if record else None)
 
+    def problem(self, record: TokenRecord | None, now: float) -> str | None:
+        """What health says of a token gone while its parent is missing."""
+        if self.missing is not None and (record is None or record.expires_at <= now):
+            return f"waiting for the token it is fetched with ({self.missing})"
+        return None
+
     def there(self) -> None:
         """The run went on to a call: the next wait logs again."""
         self._logged = None
