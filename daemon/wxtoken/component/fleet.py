@@ -217,7 +217,6 @@ class PlatformFleet:
                 self.fleet.client.delete(Keys(self.fleet.prefix, self.identity(appid)).gone)
             except ERRORS as exc:
                 self._trouble(exc)
-        if result == 1:
             self._announce(self.members_name)
         if result >= 0:
             self._in_step(appid, str(entry["refresh_token"]))

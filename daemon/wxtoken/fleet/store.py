@@ -83,7 +83,8 @@ class FleetStore:
         # a lease whose holder died frees itself this late: waiting for it is not a stall
         self.extra_wait = self.lease.extra_wait
         self.copy = LocalCopy(fleet, self.local)  # the file, and its token's generation
-        self.delivery = Delivery(fleet, self.keys, app.api, self.copy, mirrored=key is None)
+        self.delivery = Delivery(fleet, self.keys, app.api, self.copy,
+                                 mirrored=not self.platform)
         # the highest generation this host has seen (a floor after a flush), across restarts
         self.seen_gen = self.copy.memory.seen
         self._last: tuple[str, int] = ("", 0)  # the record last read: its token, generation
